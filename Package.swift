@@ -1,0 +1,95 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "vmpool",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vmpool", targets: ["vmpool"]),
+        .library(name: "VmpoolSpec", targets: ["VmpoolSpec"]),
+        .library(name: "VmpoolDriver", targets: ["VmpoolDriver"]),
+        .library(name: "VmpoolStore", targets: ["VmpoolStore"]),
+        .library(name: "VmpoolPlanner", targets: ["VmpoolPlanner"]),
+        .library(name: "VmpoolReconciler", targets: ["VmpoolReconciler"]),
+        .library(name: "VmpoolSim", targets: ["VmpoolSim"]),
+        .library(name: "VmpoolQEMU", targets: ["VmpoolQEMU"]),
+        .library(name: "VmpoolImage", targets: ["VmpoolImage"]),
+        .library(name: "VmpoolCLI", targets: ["VmpoolCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // Manifest model, loading and validation: YAML in, typed pool specs or located errors out.
+        .target(name: "VmpoolSpec", dependencies: [.product(name: "Yams", package: "Yams")]),
+        // The hypervisor seam: the driver protocol and the VM facts every driver reports.
+        .target(name: "VmpoolDriver", dependencies: ["VmpoolSpec"]),
+        // SQLite state: desired pools, VMs, templates, the operation journal, events, the state-dir lock.
+        .target(
+            name: "VmpoolStore",
+            dependencies: ["VmpoolSpec", "VmpoolDriver", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
+        // Pure planning: (desired, observed) -> ordered actions.
+        .target(name: "VmpoolPlanner", dependencies: ["VmpoolSpec", "VmpoolDriver"]),
+        // Observing, recovering, executing plans against a driver and the store.
+        .target(
+            name: "VmpoolReconciler",
+            dependencies: [
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The simulated hypervisor (CI fixtures, tests, dry experiments).
+        .target(
+            name: "VmpoolSim",
+            dependencies: ["VmpoolDriver", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
+        // Small C helpers for what Swift cannot spell on Linux (SCM_RIGHTS fd passing).
+        .target(name: "CVmpoolSys"),
+        // The real hypervisor: QEMU processes, QMP, the guest agent.
+        .target(
+            name: "VmpoolQEMU",
+            dependencies: [
+                "VmpoolDriver", "CVmpoolSys",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The default guest image: Debian kernel + busybox initramfs with the agent.
+        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver"], exclude: ["Resources"]),
+        // Commands: argument parsing and printing; everything else is a library call.
+        .target(
+            name: "VmpoolCLI",
+            dependencies: [
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
+                "VmpoolSim", "VmpoolQEMU", "VmpoolImage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(name: "vmpool", dependencies: ["VmpoolCLI"]),
+        // Builders and fakes shared by the test targets.
+        .target(
+            name: "VmpoolTestSupport",
+            dependencies: ["VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim"],
+            path: "Tests/VmpoolTestSupport"
+        ),
+        .testTarget(name: "VmpoolSpecTests", dependencies: ["VmpoolSpec", "VmpoolTestSupport"]),
+        .testTarget(name: "VmpoolPlannerTests", dependencies: ["VmpoolPlanner", "VmpoolTestSupport"]),
+        .testTarget(name: "VmpoolStoreTests", dependencies: ["VmpoolStore", "VmpoolTestSupport"]),
+        .testTarget(
+            name: "VmpoolReconcilerTests",
+            dependencies: ["VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport"]
+        ),
+        .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolTestSupport"]),
+        .testTarget(
+            name: "VmpoolQEMUTests",
+            dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolTestSupport"]
+        ),
+    ]
+)

@@ -1,0 +1,15 @@
+#ifndef CVMPOOLSYS_H
+#define CVMPOOLSYS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/// Sends `len` bytes of `data` on the Unix socket `sock` with the file descriptor `fd`
+/// attached (SCM_RIGHTS). Returns the bytes sent, or -1 with errno set.
+ssize_t vmpool_send_with_fd(int sock, const void *data, size_t len, int fd);
+
+/// Connects a new SOCK_STREAM Unix socket to `path` with O_CLOEXEC set. Returns the socket,
+/// or -1 with errno set (ENAMETOOLONG when the path does not fit sun_path).
+int vmpool_unix_connect(const char *path);
+
+#endif

@@ -1,0 +1,82 @@
+import ArgumentParser
+import Foundation
+import VmpoolPlanner
+import VmpoolReconciler
+import VmpoolSpec
+
+extension Vmpool {
+    /// Records the manifests as the desired state and converges the host to it.
+    struct Apply: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make the host match the manifests: create, clone, resume, pause, hotplug and stop VMs.")
+
+        @OptionGroup var options: GlobalOptions
+
+        @Option(name: .shortAndLong, help: "Manifest file or directory (repeatable).")
+        var file: [String] = []
+
+        @Flag(help: "Delete pools applied earlier but absent from the input.")
+        var prune = false
+
+        @Flag(name: .customLong("dry-run"), help: "Print the plan and change nothing.")
+        var dryRun = false
+
+        @Option(help: "Actions to run at once.")
+        var parallel: Int = 4
+
+        @Option(help: "Start no new action after this long (500ms, 30s, 5m); running actions finish.")
+        var timeout: String?
+
+        @Option(name: .shortAndLong, help: "Output format: text or json.")
+        var output: OutputFormat = .text
+
+        func validate() throws {
+            if file.isEmpty { throw ValidationError("give at least one manifest with -f PATH") }
+            if parallel < 1 || parallel > 256 { throw ValidationError("--parallel: expected 1 to 256, got \(parallel)") }
+            _ = try parseDuration(timeout, option: "--timeout")
+        }
+
+        func run() async throws {
+            let manifests = try loadManifests(file)
+            try checkImages(manifests)
+            if dryRun {
+                let session = try await Session(options, locking: nil)
+                let prunable = prune ? try pruneSet(session, keeping: manifests) : []
+                let plan = try await session.reconciler.preview(manifests.pools, prune: prunable)
+                switch output {
+                case .text: printOut(PlanRenderer.text(plan, pools: manifests.pools))
+                case .json: printOut(try PlanRenderer.json(plan, results: nil))
+                }
+                return
+            }
+            let session = try await Session(
+                options, locking: "apply", parallelism: parallel, timeout: try parseDuration(timeout, option: "--timeout"))
+            let prunable = prune ? try pruneSet(session, keeping: manifests) : []
+            let cancellation = Cancellation()
+            let reconciler = session.reconciler
+            let pools = manifests.pools
+            let result = try await withShutdownSignals(cancellation) {
+                try await reconciler.apply(pools, prune: prunable, cancellation: cancellation)
+            }
+            try report(result, output: output, pools: manifests.pools)
+        }
+    }
+}
+
+/// Prints a pass's outcome and fails (exit 1) unless it converged.
+func report(_ result: Reconciler.PassResult, output: OutputFormat, pools: [PoolSpec]) throws {
+    switch output {
+    case .text:
+        printOut(PlanRenderer.text(result))
+    case .json:
+        printOut(try PlanRenderer.json(result.plan, results: result.results))
+    }
+    if !result.converged {
+        let failed = result.results.filter { $0.outcome == .failed }.count
+        var parts: [String] = []
+        if failed > 0 { parts.append("\(failed) action\(failed == 1 ? "" : "s") failed") }
+        if !result.remaining.isEmpty { parts.append("\(result.remaining.actions.count) still to do") }
+        printError("not converged: \(parts.joined(separator: ", ")); the next apply or reconcile continues")
+        throw ExitCode.failure
+    }
+}

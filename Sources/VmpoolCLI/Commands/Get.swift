@@ -1,0 +1,120 @@
+import ArgumentParser
+import Foundation
+import VmpoolDriver
+import VmpoolPlanner
+import VmpoolReconciler
+import VmpoolSpec
+import VmpoolStore
+
+extension Vmpool {
+    /// Lists pools or VMs with what the hypervisor says about them.
+    struct Get: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List pools or VMs.", subcommands: [Pools.self, VMs.self])
+
+        struct Pools: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List applied pools with their readiness.")
+
+            @OptionGroup var options: GlobalOptions
+
+            @Argument(help: "Pool names (default: all).")
+            var names: [String] = []
+
+            @Option(name: .shortAndLong, help: "Output format: text or json.")
+            var output: OutputFormat = .text
+
+            func run() async throws {
+                let session = try await Session(options, locking: nil)
+                let observation = try await session.reconciler.observe()
+                var pools = observation.pools
+                if !names.isEmpty {
+                    let known = Set(pools.map(\.spec.name))
+                    if let missing = names.first(where: { !known.contains($0) }) {
+                        throw CommandFailure(description: "no pool named \"\(missing)\" has been applied")
+                    }
+                    pools = pools.filter { names.contains($0.spec.name) }
+                }
+                let rows = pools.map { pool in
+                    PoolRow(
+                        spec: pool.spec, generation: pool.generation, ready: observation.readyCount(pool: pool.spec),
+                        vms: observation.records.filter { $0.pool == pool.spec.name }.count)
+                }
+                switch output {
+                case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
+                case .text: printOut(TableRenderer.pools(rows))
+                }
+            }
+        }
+
+        struct VMs: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(commandName: "vms", abstract: "List VMs.")
+
+            @OptionGroup var options: GlobalOptions
+
+            @Option(help: "Only the VMs of this pool.")
+            var pool: String?
+
+            @Option(name: .shortAndLong, help: "Output format: text or json.")
+            var output: OutputFormat = .text
+
+            func run() async throws {
+                let session = try await Session(options, locking: nil)
+                let observation = try await session.reconciler.observe()
+                let conditions = Dictionary(uniqueKeysWithValues: observation.observedVMs.map { ($0.id, $0.condition) })
+                let records = observation.records.filter { pool == nil || $0.pool == pool }
+                let rows = records.map { record in
+                    VMRow(record: record, condition: conditions[record.id], driverName: session.reconciler.driver.name)
+                }
+                switch output {
+                case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
+                case .text: printOut(TableRenderer.vms(rows))
+                }
+            }
+        }
+    }
+}
+
+struct PoolRow {
+    var spec: PoolSpec
+    var generation: Int
+    var ready: Int
+    var vms: Int
+
+    var json: [String: JSONValue] {
+        [
+            "name": .string(spec.name), "size": .int(spec.size), "vcpus": .int(spec.vcpus),
+            "memoryMiB": .int(spec.memoryMiB), "maxVcpus": .int(spec.maxVcpus),
+            "maxMemoryMiB": .int(spec.maxMemoryMiB), "boot": .string(spec.boot.rawValue),
+            "state": .string(spec.state.rawValue), "warm": .int(spec.warm), "ready": .int(ready), "vms": .int(vms),
+            "generation": .int(generation), "labels": .object(spec.labels.mapValues { .string($0) }),
+        ]
+    }
+}
+
+struct VMRow {
+    var record: VMRecord
+    var condition: ObservedVM.Condition?
+    var driverName: String
+
+    /// The state users see: the recorded state, or `failed` when the VM is not usable.
+    var state: String {
+        if case .broken = condition, record.state == .running || record.state == .paused { return "failed" }
+        return record.state.rawValue
+    }
+
+    var problem: String? {
+        if case .broken(let why) = condition { return why }
+        return nil
+    }
+
+    var json: [String: JSONValue] {
+        [
+            "id": .string(record.id), "pool": .string(record.pool), "state": .string(state),
+            "vcpus": .int(record.shape.vcpus), "memoryMiB": .int(record.shape.memoryMiB),
+            "boot": .string(record.boot.rawValue), "pid": record.pid.map { .int(Int($0)) } ?? .null,
+            "createdAt": .string(JSONOutput.rfc3339(record.createdAt)),
+            "template": record.templateID.map { .string($0) } ?? .null,
+            "problem": problem.map { .string($0) } ?? .null,
+        ]
+    }
+}

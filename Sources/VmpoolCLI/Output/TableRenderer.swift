@@ -1,0 +1,46 @@
+import Foundation
+import VmpoolSpec
+
+/// Plain aligned tables, like `kubectl get`.
+enum TableRenderer {
+    static func table(_ header: [String], _ rows: [[String]]) -> String {
+        var widths = header.map(\.count)
+        for row in rows {
+            for (index, cell) in row.enumerated() { widths[index] = max(widths[index], cell.count) }
+        }
+        func render(_ row: [String]) -> String {
+            row.enumerated().map { index, cell in
+                index == row.count - 1 ? cell : cell.padding(toLength: widths[index] + 2, withPad: " ", startingAt: 0)
+            }.joined()
+        }
+        return ([render(header)] + rows.map(render)).joined(separator: "\n")
+    }
+
+    static func pools(_ rows: [PoolRow]) -> String {
+        if rows.isEmpty { return "No pools have been applied." }
+        return table(
+            ["NAME", "READY", "SIZE", "WARM", "VCPUS", "MEMORY", "BOOT", "STATE"],
+            rows.map { row in
+                [
+                    row.spec.name, "\(row.ready)/\(row.spec.totalVMs)", "\(row.spec.size)", "\(row.spec.warm)",
+                    "\(row.spec.vcpus)/\(row.spec.maxVcpus)",
+                    "\(MemoryQuantity.format(row.spec.memoryMiB))/\(MemoryQuantity.format(row.spec.maxMemoryMiB))",
+                    row.spec.boot.rawValue, row.spec.state.rawValue,
+                ]
+            })
+    }
+
+    static func vms(_ rows: [VMRow]) -> String {
+        if rows.isEmpty { return "No VMs." }
+        return table(
+            ["ID", "POOL", "STATE", "VCPUS", "MEMORY", "BOOT", "PID", "CREATED"],
+            rows.map { row in
+                [
+                    row.record.id, row.record.pool, row.state + (row.problem.map { " (\($0))" } ?? ""),
+                    "\(row.record.shape.vcpus)", MemoryQuantity.format(row.record.shape.memoryMiB),
+                    row.record.boot.rawValue, row.record.pid.map(String.init) ?? "-",
+                    JSONOutput.rfc3339(row.record.createdAt),
+                ]
+            })
+    }
+}

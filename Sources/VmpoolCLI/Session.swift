@@ -1,0 +1,108 @@
+import ArgumentParser
+import Foundation
+import Logging
+import VmpoolDriver
+import VmpoolImage
+import VmpoolReconciler
+import VmpoolSpec
+import VmpoolStore
+
+/// What a command needs to act on a state dir: store, driver, reconciler, and (for
+/// commands that change anything) the state dir lock.
+struct Session {
+    let options: GlobalOptions
+    let logger: Logger
+    let store: StateStore
+    let reconciler: Reconciler
+    /// Held for the session's lifetime when the command changes state.
+    let lock: StateLock?
+
+    /// Opens the state dir. `locking` names the command for the lock holder record.
+    init(
+        _ options: GlobalOptions, locking command: String?, parallelism: Int = 4, timeout: Duration? = nil
+    ) async throws {
+        self.options = options
+        let logger = try options.makeLogger()
+        self.logger = logger
+        let dir = options.resolvedStateDir
+        if let command {
+            lock = try StateLock.acquire(
+                directory: dir, command: command, timeout: try options.resolvedLockTimeout()
+            ) { holder in
+                let who = holder.map { "held by \($0)" } ?? "held by another vmpool"
+                logger.notice("waiting for the state dir lock (\(who))")
+            }
+        } else {
+            lock = nil
+        }
+        store = try StateStore(directory: dir)
+        let driver = try options.makeDriver(logger: logger)
+        let defaultImage: BootImage? =
+            driver.name == "sim" ? GuestImage.simDefault : GuestImage.installed(stateDirectory: dir)
+        reconciler = Reconciler(
+            store: store, driver: driver,
+            configuration: ReconcilerConfiguration(
+                parallelism: parallelism, defaultImage: defaultImage, timeout: timeout),
+            logger: logger)
+    }
+}
+
+/// Turns library errors into the one-line messages users see, and exit code 1.
+struct CommandFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// Loads manifests or prints every diagnostic and fails.
+func loadManifests(_ paths: [String]) throws -> ManifestSet {
+    do {
+        return try ManifestLoader.load(paths: paths)
+    } catch {
+        printDiagnostics(error.diagnostics)
+        throw ExitCode.failure
+    }
+}
+
+func printDiagnostics(_ diagnostics: [Diagnostic]) {
+    for diagnostic in diagnostics { printError(diagnostic.description) }
+    printError("\(diagnostics.count) error\(diagnostics.count == 1 ? "" : "s") in the input; nothing was changed")
+}
+
+/// Checks that the image files manifests name exist, reporting them at the pool's location.
+func checkImages(_ manifests: ManifestSet) throws {
+    var diagnostics: [Diagnostic] = []
+    for pool in manifests.pools {
+        guard let image = pool.image, let origin = manifests.origins[pool.name] else { continue }
+        for (field, path) in [("spec.image.kernel", image.kernel), ("spec.image.initrd", image.initrd)] {
+            guard let path, access(path, R_OK) != 0 else { continue }
+            diagnostics.append(
+                Diagnostic(.imageNotFound, at: origin, field: field, "file \(path) does not exist or is not readable"))
+        }
+    }
+    if !diagnostics.isEmpty {
+        printDiagnostics(diagnostics)
+        throw ExitCode.failure
+    }
+}
+
+func printError(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}
+
+func printOut(_ text: String) {
+    FileHandle.standardOutput.write(Data((text.hasSuffix("\n") ? text : text + "\n").utf8))
+}
+
+/// Output format of commands that print documents.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case text
+    case json
+}
+
+/// Parses `--parallel`, `--timeout` and `--every` style values.
+func parseDuration(_ text: String?, option: String) throws -> Duration? {
+    guard let text else { return nil }
+    guard let duration = DurationText.parse(text) else {
+        throw ValidationError("\(option): expected a duration like 500ms, 30s, 5m or 1h, got \"\(text)\"")
+    }
+    return duration
+}

@@ -1,0 +1,140 @@
+import Foundation
+import VmpoolDriver
+
+/// The default guest image: a Debian kernel and an initramfs of busybox plus the vmpool agent.
+public enum GuestImage {
+    /// Kernel command line of the default image: serial console, quiet, no swiotlb bounce
+    /// buffer (memory hotplug slots would otherwise reserve 64 MiB of every guest).
+    public static let defaultCmdline = "console=ttyS0 quiet loglevel=1 swiotlb=noforce"
+
+    /// The default image as the sim driver records it: nothing to read from disk.
+    public static let simDefault = BootImage(
+        kernel: "sim:default-kernel", initrd: "sim:default-initrd", cmdline: defaultCmdline)
+
+    public static func directory(stateDirectory: String) -> String { stateDirectory + "/image" }
+
+    /// The built default image of a state dir, or `nil` when `vmpool image build` has not run.
+    public static func installed(stateDirectory: String) -> BootImage? {
+        let dir = directory(stateDirectory: stateDirectory)
+        let kernel = dir + "/vmlinuz"
+        let initrd = dir + "/initrd.img"
+        guard access(kernel, R_OK) == 0, access(initrd, R_OK) == 0 else { return nil }
+        let cmdline = (try? String(contentsOfFile: dir + "/cmdline", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        return BootImage(kernel: kernel, initrd: initrd, cmdline: cmdline ?? defaultCmdline)
+    }
+
+    /// `$VMPOOL_KERNEL`, else `.cache/kernel` as scripts/fetch-kernel leaves it, else the newest `/boot/vmlinuz-*`.
+    public static func findKernel(environment: [String: String] = ProcessInfo.processInfo.environment) throws
+        -> String
+    {
+        if let path = environment["VMPOOL_KERNEL"], !path.isEmpty { return path }
+        let manager = FileManager.default
+        for dir in [".cache/kernel/boot", "/boot"] {
+            let kernels = ((try? manager.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix("vmlinuz-") }
+            if let newest = kernels.sorted(by: { $0.compare($1, options: .numeric) == .orderedAscending }).last {
+                return URL(fileURLWithPath: dir + "/" + newest).standardizedFileURL.path
+            }
+        }
+        throw ImageError(
+            "no kernel found: pass --kernel PATH, set VMPOOL_KERNEL, or fetch Debian's with scripts/fetch-kernel")
+    }
+
+    /// Writes `vmlinuz`, `initrd.img` and `cmdline` into `output` and returns the image.
+    public static func build(kernel: String, busybox: String, output: String) throws -> BootImage {
+        let manager = FileManager.default
+        guard manager.isReadableFile(atPath: kernel) else { throw ImageError("kernel \(kernel) is not readable") }
+        guard let busyboxData = manager.contents(atPath: busybox) else {
+            throw ImageError("busybox \(busybox) is not readable; install busybox-static")
+        }
+        guard isStaticELF(busyboxData) else {
+            throw ImageError("\(busybox) is dynamically linked; the initramfs needs busybox-static")
+        }
+        let applets = try listApplets(busybox)
+        do {
+            try manager.createDirectory(atPath: output, withIntermediateDirectories: true)
+            let initrd = initramfs(busybox: busyboxData, applets: applets)
+            try write(initrd, to: output + "/initrd.img")
+            try write(try Data(contentsOf: URL(fileURLWithPath: kernel)), to: output + "/vmlinuz")
+            try write(Data((defaultCmdline + "\n").utf8), to: output + "/cmdline")
+        } catch let error as ImageError {
+            throw error
+        } catch {
+            throw ImageError("cannot write the image to \(output): \(error.localizedDescription)")
+        }
+        return BootImage(kernel: output + "/vmlinuz", initrd: output + "/initrd.img", cmdline: defaultCmdline)
+    }
+
+    /// The initramfs: directories, console device, busybox with its applet links, init and agent.
+    static func initramfs(busybox: Data, applets: [String]) -> Data {
+        var cpio = CpioWriter()
+        for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "run"] {
+            cpio.add(dir, .directory)
+        }
+        cpio.add("dev/console", .characterDevice(major: 5, minor: 1))
+        cpio.add("dev/null", .characterDevice(major: 1, minor: 3))
+        cpio.add("bin/busybox", .file(busybox, executable: true))
+        for applet in applets where applet != "bin/busybox" {
+            let depth = applet.split(separator: "/").count - 1
+            cpio.add(applet, .symlink(String(repeating: "../", count: depth) + "bin/busybox"))
+        }
+        cpio.add("init", .file(Data(GuestScripts.initScript.utf8), executable: true))
+        cpio.add("bin/vmpool-agent", .file(Data(GuestScripts.agentScript.utf8), executable: true))
+        cpio.finish()
+        return cpio.data
+    }
+
+    /// Applet paths (`bin/sh`, `usr/bin/stty`) as busybox lists them.
+    static func listApplets(_ busybox: String) throws -> [String] {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: busybox)
+        process.arguments = ["--list-full"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = FileHandle.nullDevice
+        do {
+            try process.run()
+        } catch {
+            throw ImageError("cannot run \(busybox) --list-full: \(error.localizedDescription)")
+        }
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw ImageError("\(busybox) --list-full failed") }
+        return String(decoding: output, as: UTF8.self).split(separator: "\n").map(String.init)
+            .filter { !$0.isEmpty && !$0.contains("..") && !$0.hasPrefix("/") }
+    }
+
+    /// An ELF executable with no PT_INTERP program header runs without a dynamic loader.
+    static func isStaticELF(_ data: Data) -> Bool {
+        let bytes = [UInt8](data.prefix(64))
+        guard bytes.count == 64, bytes[0] == 0x7F, bytes[1] == 0x45, bytes[2] == 0x4C, bytes[3] == 0x46,
+            bytes[4] == 2
+        else { return false }
+        func u64(_ offset: Int) -> Int {
+            (0..<8).reduce(0) { $0 | Int(data[data.startIndex + offset + $1]) << (8 * $1) }
+        }
+        func u16(_ offset: Int) -> Int { Int(data[data.startIndex + offset]) | Int(data[data.startIndex + offset + 1]) << 8 }
+        let phoff = u64(32)
+        let phentsize = u16(54)
+        let phnum = u16(56)
+        guard phoff > 0, phentsize >= 4, phoff + phnum * phentsize <= data.count else { return false }
+        for index in 0..<phnum {
+            let type = u16(phoff + index * phentsize)
+            if type == 3 { return false }
+        }
+        return true
+    }
+
+    private static func write(_ data: Data, to path: String) throws {
+        let temporary = path + ".tmp"
+        guard FileManager.default.createFile(atPath: temporary, contents: data, attributes: [.posixPermissions: 0o600])
+        else { throw ImageError("cannot write \(temporary)") }
+        if rename(temporary, path) != 0 { throw ImageError("cannot rename \(temporary) to \(path)") }
+    }
+}
+
+/// Why an image could not be built.
+public struct ImageError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,271 @@
+import Foundation
+import VmpoolDriver
+import VmpoolSpec
+
+/// Decides what to do: a pure function from (desired pools, observed VMs) to a plan.
+///
+/// Level-based: it looks only at the current desired and observed state, so planning a
+/// converged system yields an empty plan, and a plan that was cut short is simply
+/// planned again from what it left.
+public enum Planner {
+    public static func plan(_ input: PlanInput) -> Plan {
+        var builder = PlanBuilder()
+        let vmsByPool = Dictionary(grouping: input.vms, by: \.pool)
+        let desiredNames = Set(input.desired.map(\.spec.name))
+        for pool in input.desired.sorted(by: { $0.spec.name < $1.spec.name }) {
+            var planner = PoolPlanner(
+                pool: pool, vms: vmsByPool[pool.spec.name] ?? [], template: input.templates[pool.spec.name])
+            planner.plan(into: &builder)
+        }
+        for name in input.prune.subtracting(desiredNames).sorted() {
+            let stops = (vmsByPool[name] ?? []).sorted(by: PoolPlanner.oldestFirst).map { vm in
+                builder.add(Action(.stop, pool: name, vm: vm.id, reason: "pool is deleted"))
+            }
+            builder.add(Action(.deletePool, pool: name, reason: "pool is not in the input", dependsOn: stops))
+        }
+        return builder.plan
+    }
+}
+
+/// Accumulates actions, handing out the indices dependencies refer to.
+struct PlanBuilder {
+    private(set) var plan = Plan()
+
+    @discardableResult
+    mutating func add(_ action: Action) -> Int {
+        plan.actions.append(action)
+        return plan.actions.count - 1
+    }
+}
+
+/// How well an existing VM fits the pool's shape.
+enum Fit: Hashable {
+    case exact
+    case hotplug(vcpus: Action.Change?, memoryMiB: Action.Change?)
+    case replace(String)
+
+    init(have: VMShape, want: VMShape) {
+        if have.image != want.image {
+            self = .replace("the image changed")
+        } else if have.maxVcpus != want.maxVcpus {
+            self = .replace("maxVcpus changes \(have.maxVcpus) → \(want.maxVcpus)")
+        } else if have.maxMemoryMiB != want.maxMemoryMiB {
+            self = .replace(
+                "maxMemory changes \(MemoryQuantity.format(have.maxMemoryMiB)) → "
+                    + MemoryQuantity.format(want.maxMemoryMiB))
+        } else if have.vcpus > want.vcpus {
+            self = .replace("vcpus \(have.vcpus) → \(want.vcpus) cannot shrink in place")
+        } else if have.memoryMiB > want.memoryMiB {
+            self = .replace(
+                "memory \(MemoryQuantity.format(have.memoryMiB)) → \(MemoryQuantity.format(want.memoryMiB))"
+                    + " cannot shrink in place")
+        } else if (want.memoryMiB - have.memoryMiB) % SpecLimits.memoryBlockMiB != 0 {
+            self = .replace(
+                "memory grows by \(want.memoryMiB - have.memoryMiB) MiB, not a multiple of the"
+                    + " \(SpecLimits.memoryBlockMiB) MiB hotplug block")
+        } else {
+            let cpu = have.vcpus < want.vcpus ? Action.Change(from: have.vcpus, to: want.vcpus) : nil
+            let memory =
+                have.memoryMiB < want.memoryMiB ? Action.Change(from: have.memoryMiB, to: want.memoryMiB) : nil
+            self = cpu == nil && memory == nil ? .exact : .hotplug(vcpus: cpu, memoryMiB: memory)
+        }
+    }
+
+    var needsReplace: Bool {
+        if case .replace = self { return true }
+        return false
+    }
+}
+
+/// Plans one pool.
+struct PoolPlanner {
+    let pool: DesiredPool
+    let vms: [ObservedVM]
+    let template: ObservedTemplate?
+    private var spec: PoolSpec { pool.spec }
+
+    init(pool: DesiredPool, vms: [ObservedVM], template: ObservedTemplate?) {
+        self.pool = pool
+        self.vms = vms
+        self.template = template
+    }
+
+    static func oldestFirst(_ a: ObservedVM, _ b: ObservedVM) -> Bool {
+        (a.createdAt, a.id) < (b.createdAt, b.id)
+    }
+
+    static func newestFirst(_ a: ObservedVM, _ b: ObservedVM) -> Bool {
+        oldestFirst(b, a)
+    }
+
+    mutating func plan(into builder: inout PlanBuilder) {
+        let name = spec.name
+        let total = spec.totalVMs
+        let wantPaused = spec.state == .paused ? total : spec.warm
+        let templateStep = planTemplate(into: &builder)
+        let newKind: Action.Kind = spec.boot == .template ? .clone : .create
+        let newDeps = templateStep.map { [$0] } ?? []
+
+        let broken = vms.filter(\.isBroken).sorted(by: Self.oldestFirst)
+        var fits: [String: Fit] = [:]
+        for vm in vms where !vm.isBroken { fits[vm.id] = Fit(have: vm.shape, want: pool.shape) }
+        let doomedFirst: (ObservedVM, ObservedVM) -> Bool = { a, b in
+            let ra = fits[a.id]?.needsReplace ?? false
+            let rb = fits[b.id]?.needsReplace ?? false
+            return ra != rb ? ra : Self.newestFirst(a, b)
+        }
+
+        // Scale down: paused VMs beyond the warm count first, then the newest.
+        var good = vms.filter { !$0.isBroken }
+        var stops: [(ObservedVM, String)] = []
+        if good.count > total {
+            var surplus = good.count - total
+            let paused = good.filter { $0.condition == .paused }.sorted(by: doomedFirst)
+            for vm in paused.prefix(min(surplus, max(0, paused.count - wantPaused))) {
+                stops.append((vm, "scale down: more than \(wantPaused) paused VMs"))
+                surplus -= 1
+            }
+            let stopped = Set(stops.map(\.0.id))
+            let rest = good.filter { !stopped.contains($0.id) }.sorted(by: doomedFirst)
+            for vm in rest.prefix(surplus) {
+                stops.append((vm, "scale down: \(good.count) → \(total) VMs"))
+            }
+            let allStopped = Set(stops.map(\.0.id))
+            good.removeAll { allStopped.contains($0.id) }
+        }
+
+        // Run states: which kept VMs resume or pause, and how many new VMs of each state.
+        let running = good.filter { $0.condition == .running }
+        let paused = good.filter { $0.condition == .paused }
+        var resumes: [ObservedVM] = []
+        var pauses: [ObservedVM] = []
+        var newRunning = 0
+        var newPaused = 0
+        switch spec.state {
+        case .running:
+            if running.count > spec.size {
+                pauses = Array(running.sorted(by: doomedFirst).prefix(running.count - spec.size))
+            } else if running.count < spec.size {
+                let need = spec.size - running.count
+                let readyFirst = paused.sorted { a, b in
+                    let ra = fits[a.id]?.needsReplace ?? false
+                    let rb = fits[b.id]?.needsReplace ?? false
+                    return ra != rb ? rb : Self.oldestFirst(a, b)
+                }
+                resumes = Array(readyFirst.prefix(need))
+                newRunning = need - resumes.count
+            }
+            newPaused = max(0, spec.warm - (paused.count - resumes.count + pauses.count))
+        case .paused:
+            pauses = running
+            newPaused = total - good.count
+        }
+
+        // New VMs: first as replacements of broken ones, the rest created.
+        var slots = Array(repeating: DesiredState.running, count: newRunning)
+            + Array(repeating: DesiredState.paused, count: newPaused)
+        for (vm, reason) in stops {
+            builder.add(Action(.stop, pool: name, vm: vm.id, reason: reason))
+        }
+        for vm in broken {
+            guard case .broken(let why) = vm.condition else { continue }
+            if slots.isEmpty {
+                builder.add(Action(.stop, pool: name, vm: vm.id, reason: "\(why); not needed"))
+            } else {
+                let state = slots.removeFirst()
+                builder.add(Action(.replace, pool: name, vm: vm.id, state: state, reason: why, dependsOn: newDeps))
+            }
+        }
+
+        // Kept VMs: replace what cannot be changed in place, else resume / hotplug / pause in that order.
+        let resumed = Set(resumes.map(\.id))
+        let toPause = Set(pauses.map(\.id))
+        for vm in good.sorted(by: Self.oldestFirst) {
+            let finalState: DesiredState =
+                resumed.contains(vm.id) ? .running
+                : toPause.contains(vm.id) ? .paused : (vm.condition == .running ? .running : .paused)
+            switch fits[vm.id] ?? .exact {
+            case .replace(let why):
+                builder.add(
+                    Action(.replace, pool: name, vm: vm.id, state: finalState, reason: why, dependsOn: newDeps))
+            case .exact:
+                if resumed.contains(vm.id) {
+                    builder.add(Action(.resume, pool: name, vm: vm.id, reason: resumeReason))
+                }
+                if toPause.contains(vm.id) {
+                    builder.add(Action(.pause, pool: name, vm: vm.id, reason: pauseReason))
+                }
+            case .hotplug(let cpu, let memory):
+                var previous: Int?
+                func chain(_ action: Action) {
+                    var action = action
+                    if let previous { action.dependsOn = [previous] }
+                    previous = builder.add(action)
+                }
+                if resumed.contains(vm.id) { chain(Action(.resume, pool: name, vm: vm.id, reason: resumeReason)) }
+                if let cpu {
+                    chain(
+                        Action(
+                            .hotplugCPU, pool: name, vm: vm.id, vcpus: cpu,
+                            reason: "vcpus \(cpu.from) → \(cpu.to) (ceiling \(spec.maxVcpus))"))
+                }
+                if let memory {
+                    chain(
+                        Action(
+                            .hotplugMemory, pool: name, vm: vm.id, memoryMiB: memory,
+                            reason: "memory \(MemoryQuantity.format(memory.from)) → "
+                                + "\(MemoryQuantity.format(memory.to)) (ceiling "
+                                + "\(MemoryQuantity.format(spec.maxMemoryMiB)))"))
+                }
+                if toPause.contains(vm.id) { chain(Action(.pause, pool: name, vm: vm.id, reason: pauseReason)) }
+            }
+        }
+
+        let before = good.count
+        for (offset, state) in slots.enumerated() {
+            let reason =
+                state == .running && spec.state == .running
+                ? "\(spec.size) running VMs wanted" : "\(wantPaused) paused VMs wanted"
+            builder.add(
+                Action(
+                    newKind, pool: name, state: state, reason: "\(reason) (\(before + offset + 1) of \(total))",
+                    dependsOn: newDeps))
+        }
+    }
+
+    private var resumeReason: String { "\(spec.size) running VMs wanted; a warm spare is resumed first" }
+    private var pauseReason: String {
+        spec.state == .paused ? "pool state is paused" : "\(spec.size) running VMs wanted; kept as a warm spare"
+    }
+
+    /// Plans a template (re)build for template pools; returns its index for clones to wait on.
+    private func planTemplate(into builder: inout PlanBuilder) -> Int? {
+        guard spec.boot == .template else { return nil }
+        let want = pool.shape.templateKey
+        let reason: String
+        if let template {
+            if template.usable && template.ref.key == want { return nil }
+            reason = template.usable ? "template is stale: " + Self.describe(template.ref.key, want)
+                : "template state is missing"
+        } else {
+            reason = "pool has no template yet"
+        }
+        return builder.add(Action(.buildTemplate, pool: spec.name, reason: reason))
+    }
+
+    static func describe(_ have: TemplateKey, _ want: TemplateKey) -> String {
+        var changes: [String] = []
+        if have.image != want.image { changes.append("image changed") }
+        if have.vcpus != want.vcpus { changes.append("vcpus \(have.vcpus) → \(want.vcpus)") }
+        if have.memoryMiB != want.memoryMiB {
+            changes.append(
+                "memory \(MemoryQuantity.format(have.memoryMiB)) → \(MemoryQuantity.format(want.memoryMiB))")
+        }
+        if have.maxVcpus != want.maxVcpus { changes.append("maxVcpus \(have.maxVcpus) → \(want.maxVcpus)") }
+        if have.maxMemoryMiB != want.maxMemoryMiB {
+            changes.append(
+                "maxMemory \(MemoryQuantity.format(have.maxMemoryMiB)) → \(MemoryQuantity.format(want.maxMemoryMiB))")
+        }
+        return changes.joined(separator: ", ")
+    }
+}

@@ -1,0 +1,116 @@
+import Foundation
+import VmpoolDriver
+
+/// Which accelerator QEMU uses.
+public enum Accelerator: String, Sendable, CaseIterable {
+    /// KVM where it really runs guests, else TCG; decided by a probe, cached per host boot.
+    case auto
+    case kvm
+    case tcg
+}
+
+/// How the qemu driver runs QEMU. Defaults suit a small host with TCG.
+public struct QemuConfiguration: Sendable {
+    /// The state dir: VM run dirs, template device state, the accelerator probe cache.
+    public var stateDirectory: String
+    /// QEMU binary (`VMPOOL_QEMU`; default `qemu-system-x86_64` from PATH).
+    public var binary: String
+    public var accelerator: Accelerator
+    /// Where template memory files live: a tmpfs (`VMPOOL_MEMORY_DIR`; default /dev/shm).
+    public var memoryRoot: String
+    /// Run QEMU with `-sandbox on` (seccomp) where QEMU supports it (`VMPOOL_QEMU_SANDBOX=0` turns it off).
+    public var sandbox: Bool
+    /// Drop QEMU's privileges to this user after start-up (`VMPOOL_QEMU_USER`).
+    public var runAs: String?
+    /// Longest wait for a cold-booted guest's agent.
+    public var bootTimeout: Duration
+    /// Longest wait for a clone's agent after restore.
+    public var restoreTimeout: Duration
+    /// How long `quit` may take before SIGKILL.
+    public var stopGrace: Duration
+    /// TCG translation cache per VM, MiB (QEMU's default is 1 GiB of address space).
+    public var tcgCacheMiB: Int
+
+    public init(
+        stateDirectory: String, binary: String = "qemu-system-x86_64", accelerator: Accelerator = .auto,
+        memoryRoot: String = "/dev/shm", sandbox: Bool = true, runAs: String? = nil,
+        bootTimeout: Duration = .seconds(180), restoreTimeout: Duration = .seconds(30),
+        stopGrace: Duration = .seconds(3), tcgCacheMiB: Int = 64
+    ) {
+        self.stateDirectory = stateDirectory
+        self.binary = binary
+        self.accelerator = accelerator
+        self.memoryRoot = memoryRoot
+        self.sandbox = sandbox
+        self.runAs = runAs
+        self.bootTimeout = bootTimeout
+        self.restoreTimeout = restoreTimeout
+        self.stopGrace = stopGrace
+        self.tcgCacheMiB = tcgCacheMiB
+    }
+
+    /// Reads the `VMPOOL_QEMU*` environment variables over the defaults.
+    public static func fromEnvironment(
+        stateDirectory: String, accelerator: Accelerator,
+        _ environment: [String: String] = ProcessInfo.processInfo.environment
+    ) -> QemuConfiguration {
+        var config = QemuConfiguration(stateDirectory: stateDirectory, accelerator: accelerator)
+        if let binary = environment["VMPOOL_QEMU"], !binary.isEmpty { config.binary = binary }
+        if let root = environment["VMPOOL_MEMORY_DIR"], !root.isEmpty { config.memoryRoot = root }
+        if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
+        if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.runAs = user }
+        return config
+    }
+}
+
+/// Where the qemu driver keeps each VM's and template's files.
+struct QemuPaths: Sendable {
+    let stateDirectory: String
+    let memoryRoot: String
+
+    init(configuration: QemuConfiguration) {
+        let absolute = URL(fileURLWithPath: configuration.stateDirectory).standardizedFileURL.path
+        stateDirectory = absolute
+        memoryRoot = configuration.memoryRoot + "/vmpool-\(getuid())-" + Self.hash(absolute, hexDigits: 12)
+    }
+
+    /// Parent of every VM run dir; its path in a QEMU command line marks the process as ours.
+    var runRoot: String { stateDirectory + "/run" }
+    var templateRoot: String { stateDirectory + "/templates" }
+
+    /// Per-VM dir, named by a hash of the id so socket paths stay under the 107-byte limit.
+    func vmDirectory(_ id: String) -> String { runRoot + "/" + Self.hash(id, hexDigits: 12) }
+    func qmpSocket(_ id: String) -> String { vmDirectory(id) + "/q" }
+    func agentSocket(_ id: String) -> String { vmDirectory(id) + "/a" }
+    func consoleLog(_ id: String) -> String { vmDirectory(id) + "/console.log" }
+    func pidFile(_ id: String) -> String { vmDirectory(id) + "/pid" }
+
+    /// A template's RAM, on tmpfs, shared by the template and mapped copy-on-write by clones.
+    func memoryFile(template id: String) -> String { memoryRoot + "/" + id + ".mem" }
+    /// A template's device state, as migrated out of the saved template VM.
+    func stateFile(template id: String) -> String { templateRoot + "/" + id + ".state" }
+
+    /// Longest socket path any VM id can produce; must fit `sun_path`.
+    var longestSocketPath: Int { (runRoot + "/" + String(repeating: "0", count: 12) + "/q").utf8.count }
+
+    /// FNV-1a 64-bit, as hex: stable across runs and platforms, unlike `hashValue`.
+    static func hash(_ text: String, hexDigits: Int) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in text.utf8 { hash = (hash ^ UInt64(byte)) &* 0x0100_0000_01b3 }
+        let hex = String(hash, radix: 16)
+        return String((String(repeating: "0", count: max(0, 16 - hex.count)) + hex).prefix(hexDigits))
+    }
+}
+
+/// QEMU's option syntax: in `key=value,key=value` lists a literal comma is written twice.
+enum QemuOpts {
+    static func escape(_ value: String) -> String {
+        value.replacingOccurrences(of: ",", with: ",,")
+    }
+
+    /// A JSON `-object`/`-device` argument: no comma parsing at all.
+    static func json(_ object: [String: Any]) -> String {
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}

@@ -1,0 +1,204 @@
+import Foundation
+import Logging
+import Synchronization
+import VmpoolDriver
+
+/// The real hypervisor: one QEMU process per VM, controlled over QMP, guests answering
+/// through the vmpool agent.
+public final class QemuDriver: HypervisorDriver {
+    public let name = "qemu"
+    public let configuration: QemuConfiguration
+    let paths: QemuPaths
+    let logger: Logger
+    private let accelerator = Mutex<ResolvedAccelerator?>(nil)
+
+    public init(configuration: QemuConfiguration, logger: Logger) throws(DriverError) {
+        self.configuration = configuration
+        self.paths = QemuPaths(configuration: configuration)
+        self.logger = logger
+        let longest = paths.longestSocketPath
+        guard longest <= 107 else {
+            throw DriverError(
+                .hostUnsupported,
+                "the state dir path is too long for QEMU's Unix sockets (\(longest) of 107 bytes);"
+                    + " use a state dir of at most \(107 - (longest - paths.stateDirectory.utf8.count)) characters")
+        }
+        for dir in [paths.runRoot, paths.templateRoot] {
+            try Self.makePrivateDirectory(dir)
+        }
+    }
+
+    static func makePrivateDirectory(_ path: String) throws(DriverError) {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
+            throw DriverError(.io, "cannot create \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// The accelerator, probed on first use.
+    var resolvedAccelerator: ResolvedAccelerator {
+        accelerator.withLock { value in
+            if let value { return value }
+            let resolved = AcceleratorProbe.resolve(
+                configuration.accelerator, binary: configuration.binary, stateDirectory: paths.stateDirectory)
+            logger.debug("accelerator: \(resolved.rawValue)")
+            value = resolved
+            return resolved
+        }
+    }
+
+    func vm(_ id: String, pid: Int32? = nil) -> QemuVM {
+        QemuVM(
+            id: id, paths: paths, configuration: configuration, accelerator: resolvedAccelerator,
+            pid: pid ?? QemuProcess.readPid(paths.pidFile(id)))
+    }
+
+    // MARK: - HypervisorDriver
+
+    public func create(_ request: LaunchRequest) async throws(DriverError) -> LaunchedVM {
+        let machine = vm(request.id)
+        let bootTimeout = configuration.bootTimeout
+        return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
+            var machine = machine
+            do throws(DriverError) {
+                try machine.start(shape: request.shape, memory: .anonymous, incoming: false)
+                let agent = try machine.agent()
+                defer { agent.close() }
+                try agent.waitReady(timeout: bootTimeout)
+                try agent.syncTime()
+                if request.state == .paused { try machine.pause() }
+            } catch {
+                machine.stop()
+                throw error
+            }
+            return LaunchedVM(pid: machine.pid, shape: request.shape)
+        }
+    }
+
+    public func buildTemplate(_ template: TemplateRef) async throws(DriverError) {
+        try Self.makePrivateDirectory(paths.memoryRoot)
+        let machine = vm(template.id)
+        let memoryFile = paths.memoryFile(template: template.id)
+        let stateFile = paths.stateFile(template: template.id)
+        let bootTimeout = configuration.bootTimeout
+        try await Blocking.run { () throws(DriverError) in
+            var machine = machine
+            defer { machine.stop() }
+            unlink(memoryFile)
+            do throws(DriverError) {
+                try machine.start(shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false)
+                let agent = try machine.agent()
+                defer { agent.close() }
+                try agent.waitReady(timeout: bootTimeout)
+                try machine.save(to: stateFile + ".tmp")
+                guard rename(stateFile + ".tmp", stateFile) == 0 else {
+                    throw DriverError(.io, "cannot move the template state into place", vm: template.id)
+                }
+            } catch {
+                unlink(memoryFile)
+                unlink(stateFile + ".tmp")
+                throw error
+            }
+        }
+    }
+
+    public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
+        let machine = vm(request.id)
+        let memoryFile = paths.memoryFile(template: template.id)
+        let stateFile = paths.stateFile(template: template.id)
+        guard access(memoryFile, R_OK) == 0, access(stateFile, R_OK) == 0 else {
+            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: request.id)
+        }
+        let timeout = configuration.restoreTimeout
+        return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
+            var machine = machine
+            do throws(DriverError) {
+                try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
+                try machine.restore(from: stateFile, timeout: timeout)
+                if request.state == .paused { try machine.pause() }
+            } catch {
+                machine.stop()
+                throw error
+            }
+            return LaunchedVM(pid: machine.pid, shape: template.key.shape)
+        }
+    }
+
+    public func pause(_ vm: VMRef) async throws(DriverError) {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        try await Blocking.run { () throws(DriverError) in try machine.pause() }
+    }
+
+    public func resume(_ vm: VMRef) async throws(DriverError) {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        try await Blocking.run { () throws(DriverError) in try machine.resume() }
+    }
+
+    public func hotplugCPUs(_ vm: VMRef, shape: VMShape, to vcpus: Int) async throws(DriverError) {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        try await Blocking.run { () throws(DriverError) in try machine.addCPUs(to: vcpus, maxVcpus: shape.maxVcpus) }
+    }
+
+    public func hotplugMemory(_ vm: VMRef, shape: VMShape, to memoryMiB: Int) async throws(DriverError) {
+        guard memoryMiB <= shape.maxMemoryMiB else {
+            throw DriverError(
+                .limitExceeded, "cannot grow memory to \(memoryMiB) MiB: the ceiling is \(shape.maxMemoryMiB) MiB",
+                vm: vm.id)
+        }
+        let machine = self.vm(vm.id, pid: vm.pid)
+        try await Blocking.run { () throws(DriverError) in
+            let current = machine.status().memoryMiB ?? shape.memoryMiB
+            try machine.addMemory(memoryMiB - current)
+        }
+    }
+
+    public func stop(_ vm: VMRef) async throws(DriverError) {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        await Blocking.runQuietly { machine.stop() }
+    }
+
+    public func deleteTemplate(_ template: TemplateRef) async throws(DriverError) {
+        unlink(paths.memoryFile(template: template.id))
+        unlink(paths.stateFile(template: template.id))
+        let machine = vm(template.id)
+        await Blocking.runQuietly { machine.stop() }
+    }
+
+    public func templateExists(_ template: TemplateRef) async -> Bool {
+        access(paths.memoryFile(template: template.id), R_OK) == 0
+            && access(paths.stateFile(template: template.id), R_OK) == 0
+    }
+
+    public func status(of vms: [VMRef]) async -> [String: VMStatus] {
+        await withTaskGroup(of: (String, VMStatus).self) { group in
+            for ref in vms {
+                let machine = vm(ref.id, pid: ref.pid)
+                group.addTask {
+                    let status = (try? await Blocking.run { () throws(DriverError) in machine.status() }) ?? .gone
+                    return (ref.id, status)
+                }
+            }
+            var result: [String: VMStatus] = [:]
+            for await (id, status) in group { result[id] = status }
+            return result
+        }
+    }
+
+    public func discover() async -> [DiscoveredVM] {
+        QemuProcess.discover(runRoot: paths.runRoot)
+    }
+
+    public func discoverTemplates() async -> [String] {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
+        let memory = (try? FileManager.default.contentsOfDirectory(atPath: paths.memoryRoot)) ?? []
+        let ids = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
+            + memory.filter { $0.hasSuffix(".mem") }.map { String($0.dropLast(4)) }
+        return Array(Set(ids)).sorted()
+    }
+}
+
+extension Blocking {
+    /// Runs non-throwing blocking work off the cooperative pool.
+    static func runQuietly(_ body: @escaping @Sendable () -> Void) async {
+        _ = try? await run { () throws(DriverError) in body() }
+    }
+}

@@ -1,0 +1,110 @@
+import Foundation
+import VmpoolDriver
+
+/// Starting, finding and ending QEMU processes.
+enum QemuProcess {
+    /// Runs QEMU with `-daemonize`: the call returns once QEMU has initialised (sockets
+    /// listening, pid file written) and the VM process lives on, re-parented away from vmpool.
+    static func launch(binary: String, arguments: [String], vm: String) throws(DriverError) {
+        let process = Process()
+        guard let path = resolve(binary) else {
+            throw DriverError(.hostUnsupported, "QEMU (\(binary)) is not installed; install qemu-system-x86", vm: vm)
+        }
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        do {
+            try process.run()
+        } catch {
+            throw DriverError(.launchFailed, "cannot start \(path): \(error.localizedDescription)", vm: vm)
+        }
+        let output = errors.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            let text = String(decoding: output, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            throw DriverError(.launchFailed, "QEMU exited with status \(process.terminationStatus): \(text)", vm: vm)
+        }
+    }
+
+    /// An executable path for `binary`, searching PATH when it has no slash.
+    static func resolve(_ binary: String) -> String? {
+        if binary.contains("/") { return access(binary, X_OK) == 0 ? binary : nil }
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
+        for dir in path.split(separator: ":") {
+            let candidate = "\(dir)/\(binary)"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
+    static func readPid(_ path: String) -> Int32? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// The NUL-separated command line of a process, or `nil` when it is gone.
+    static func commandLine(_ pid: Int32) -> [String]? {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !data.isEmpty else {
+            return nil
+        }
+        return data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// The VM id a QEMU command line was started for under `runRoot`, if it is one of ours.
+    static func vmID(in arguments: [String], runRoot: String) -> String? {
+        let marker = QemuOpts.escape(runRoot) + "/"
+        guard arguments.contains(where: { $0.contains(marker) }) else { return nil }
+        guard let index = arguments.firstIndex(of: "-name"), index + 1 < arguments.count else { return nil }
+        let value = arguments[index + 1]
+        guard value.hasPrefix("guest=") else { return nil }
+        return String(value.dropFirst(6).prefix { $0 != "," })
+    }
+
+    /// Whether `pid` is alive and is the QEMU of `vm` under `runRoot` (guards against pid reuse).
+    static func isRunning(_ pid: Int32, vm: String, runRoot: String) -> Bool {
+        guard let arguments = commandLine(pid) else { return false }
+        guard vmID(in: arguments, runRoot: runRoot) == vm else { return false }
+        return !isZombie(pid)
+    }
+
+    static func isZombie(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return true }
+        let rest = stat[stat.index(after: close)...].drop { $0 == " " }
+        return rest.first == "Z" || rest.first == "X"
+    }
+
+    /// Every QEMU process started for this state dir, found by its run dir in its command line.
+    static func discover(runRoot: String) -> [DiscoveredVM] {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        var found: [DiscoveredVM] = []
+        for entry in entries {
+            guard let pid = Int32(entry), pid != getpid(), let arguments = commandLine(pid),
+                let id = vmID(in: arguments, runRoot: runRoot), !isZombie(pid)
+            else { continue }
+            found.append(DiscoveredVM(id: id, pid: pid))
+        }
+        return found.sorted { $0.id < $1.id }
+    }
+
+    /// Waits for `pid` to go away; returns false at the deadline.
+    static func waitForExit(_ pid: Int32, vm: String, runRoot: String, timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while isRunning(pid, vm: vm, runRoot: runRoot) {
+            if ContinuousClock.now >= deadline { return false }
+            usleep(5_000)
+        }
+        return true
+    }
+
+    /// SIGKILL, only if `pid` is still this VM's QEMU.
+    static func kill(_ pid: Int32, vm: String, runRoot: String) {
+        guard isRunning(pid, vm: vm, runRoot: runRoot) else { return }
+        _ = Glibc.kill(pid, SIGKILL)
+        _ = waitForExit(pid, vm: vm, runRoot: runRoot, timeout: .seconds(5))
+    }
+}

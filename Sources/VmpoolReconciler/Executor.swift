@@ -1,0 +1,288 @@
+import Foundation
+import Logging
+import VmpoolDriver
+import VmpoolPlanner
+import VmpoolSpec
+import VmpoolStore
+
+/// The outcome of one action.
+public struct ActionResult: Sendable, Hashable {
+    public enum Outcome: String, Sendable, Hashable {
+        case ok
+        case failed
+    }
+
+    public var action: Action
+    public var outcome: Outcome
+    public var error: String?
+    /// The VM the action made (create, clone, replace).
+    public var createdVM: String?
+    /// The failure will not go away by retrying (a missing image file).
+    public var terminal: Bool
+
+    public init(
+        action: Action, outcome: Outcome, error: String? = nil, createdVM: String? = nil, terminal: Bool = false
+    ) {
+        self.action = action
+        self.outcome = outcome
+        self.error = error
+        self.createdVM = createdVM
+        self.terminal = terminal
+    }
+}
+
+extension Reconciler {
+    /// Runs a plan with bounded parallelism. An action whose dependency failed is not run;
+    /// every other action runs even when unrelated ones fail.
+    public func execute(_ plan: Plan, input: PlanInput, cancellation: Cancellation) async -> [ActionResult] {
+        let actions = plan.actions
+        guard !actions.isEmpty else { return [] }
+        let shapes = Dictionary(uniqueKeysWithValues: input.desired.map { ($0.spec.name, $0) })
+        let deadline = configuration.timeout.map { ContinuousClock.now.advanced(by: $0) }
+        var results = [ActionResult?](repeating: nil, count: actions.count)
+        var started = [Bool](repeating: false, count: actions.count)
+        var dependents = [[Int]](repeating: [], count: actions.count)
+        var waiting = actions.map { $0.dependsOn.count }
+        for (index, action) in actions.enumerated() {
+            for dep in action.dependsOn { dependents[dep].append(index) }
+        }
+        var ready = (0..<actions.count).filter { waiting[$0] == 0 }
+        ready.reverse()
+
+        await withTaskGroup(of: (Int, ActionResult).self) { group in
+            var running = 0
+            func finish(_ index: Int, _ result: ActionResult, skipping: inout [Int]) {
+                results[index] = result
+                for next in dependents[index] {
+                    if result.outcome == .failed {
+                        skipping.append(next)
+                    } else {
+                        waiting[next] -= 1
+                        if waiting[next] == 0 { ready.insert(next, at: 0) }
+                    }
+                }
+            }
+            func skipCascade(_ start: [Int], because why: String) {
+                var stack = start
+                while let index = stack.popLast() {
+                    guard results[index] == nil, !started[index] else { continue }
+                    started[index] = true
+                    var more: [Int] = []
+                    finish(index, ActionResult(action: actions[index], outcome: .failed, error: why), skipping: &more)
+                    stack += more
+                }
+            }
+            while true {
+                while running < configuration.parallelism, let index = ready.popLast() {
+                    guard !started[index] else { continue }
+                    started[index] = true
+                    let action = actions[index]
+                    if cancellation.isCancelled || deadline.map({ ContinuousClock.now >= $0 }) == true {
+                        var more: [Int] = []
+                        let why = cancellation.isCancelled ? "not started: shutting down" : "not started: --timeout reached"
+                        finish(index, ActionResult(action: action, outcome: .failed, error: why), skipping: &more)
+                        skipCascade(more, because: why)
+                        continue
+                    }
+                    running += 1
+                    let pool = shapes[action.pool]
+                    group.addTask { (index, await self.run(action, pool: pool)) }
+                }
+                guard let (index, result) = await group.next() else { break }
+                running -= 1
+                var skipped: [Int] = []
+                finish(index, result, skipping: &skipped)
+                skipCascade(skipped, because: "not run: an action it depends on failed")
+            }
+        }
+        return results.enumerated().map { index, result in
+            result ?? ActionResult(action: actions[index], outcome: .failed, error: "not run")
+        }
+    }
+
+    /// Runs one action, journaling each driver call before it happens.
+    func run(_ action: Action, pool: DesiredPool?) async -> ActionResult {
+        var logger = self.logger
+        logger[metadataKey: "pool"] = "\(action.pool)"
+        if let vm = action.vm { logger[metadataKey: "vm"] = "\(vm)" }
+        logger.info("\(action.kind.rawValue): \(action.reason)")
+        do {
+            let created = try await perform(action, pool: pool, logger: logger)
+            return ActionResult(action: action, outcome: .ok, createdVM: created)
+        } catch let error as DriverError {
+            logger.error("\(action.kind.rawValue) failed: \(error)")
+            return ActionResult(action: action, outcome: .failed, error: error.description, terminal: error.isTerminal)
+        } catch {
+            logger.error("\(action.kind.rawValue) failed: \(error)")
+            return ActionResult(action: action, outcome: .failed, error: "\(error)")
+        }
+    }
+
+    private func perform(_ action: Action, pool: DesiredPool?, logger: Logger) async throws -> String? {
+        switch action.kind {
+        case .create, .clone:
+            guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
+            return try await launch(pool, state: action.state ?? .running, logger: logger)
+        case .replace:
+            guard let pool, let old = try record(action.vm) else {
+                throw DriverError(.notFound, "VM \(action.vm ?? "?") is not recorded")
+            }
+            let created = try await launch(pool, state: action.state ?? .running, logger: logger)
+            try await stop(old, reason: "replaced by \(created)")
+            return created
+        case .buildTemplate:
+            guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
+            try await buildTemplate(pool)
+            return nil
+        case .resume, .pause:
+            guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
+            let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
+            do {
+                if action.kind == .resume { try await driver.resume(record.ref) } else { try await driver.pause(record.ref) }
+            } catch {
+                try store.finish(journal, outcome: .failed, error: error.description)
+                throw error
+            }
+            var updated = record
+            updated.state = action.kind == .resume ? .running : .paused
+            try store.finish(
+                journal, outcome: .ok, updating: updated,
+                event: Event(pool: record.pool, vm: record.id, kind: action.kind.rawValue, message: action.reason))
+            return nil
+        case .hotplugCPU, .hotplugMemory:
+            guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
+            let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
+            var updated = record
+            do {
+                if action.kind == .hotplugCPU, let change = action.vcpus {
+                    try await driver.hotplugCPUs(record.ref, shape: record.shape, to: change.to)
+                    updated.shape.vcpus = change.to
+                } else if let change = action.memoryMiB {
+                    try await driver.hotplugMemory(record.ref, shape: record.shape, to: change.to)
+                    updated.shape.memoryMiB = change.to
+                }
+            } catch {
+                try store.finish(journal, outcome: .failed, error: error.description)
+                throw error
+            }
+            try store.finish(
+                journal, outcome: .ok, updating: updated,
+                event: Event(pool: record.pool, vm: record.id, kind: action.kind.rawValue, message: action.reason))
+            return nil
+        case .stop:
+            guard let record = try record(action.vm) else { return nil }
+            try await stop(record, reason: action.reason)
+            return nil
+        case .deletePool:
+            for template in try store.templates() where template.ref.pool == action.pool {
+                try await driver.deleteTemplate(template.ref)
+            }
+            if try !store.vms(pool: action.pool).isEmpty {
+                throw DriverError(.invalidState, "pool \(action.pool) still has VMs")
+            }
+            try store.deletePool(action.pool)
+            return nil
+        }
+    }
+
+    private func record(_ id: String?) throws -> VMRecord? {
+        guard let id else { return nil }
+        return try store.vm(id)
+    }
+
+    /// Creates or clones one VM: recorded (state `creating`) and journaled before the driver
+    /// runs, so a crash at any instant leaves a record the next pass undoes.
+    private func launch(_ pool: DesiredPool, state: DesiredState, logger: Logger) async throws -> String {
+        var template: TemplateRef?
+        if pool.spec.boot == .template {
+            template = try store.templates().last {
+                $0.ref.pool == pool.spec.name && $0.state == .ready && $0.ref.key == pool.shape.templateKey
+            }?.ref
+            guard template != nil else { throw DriverError(.notFound, "pool \(pool.spec.name) has no usable template") }
+        }
+        var record: VMRecord
+        var journal: Int64?
+        repeat {
+            record = VMRecord(
+                id: Self.newID(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
+                shape: pool.shape, templateID: template?.id, createdAt: Date())
+            journal = try store.beginLaunch(record, operation: template == nil ? "create" : "clone")
+        } while journal == nil
+        guard let journal else { throw DriverError(.io, "unreachable: no journal entry") }
+        let id = record.id
+        let request = LaunchRequest(id: id, pool: pool.spec.name, shape: pool.shape, state: state)
+        let launched: LaunchedVM
+        do {
+            if let template {
+                launched = try await driver.clone(request, from: template)
+            } else {
+                launched = try await driver.create(request)
+            }
+        } catch {
+            try? await driver.stop(record.ref)
+            try store.finish(
+                journal, outcome: .failed, error: error.description, deletingVM: id,
+                event: Event(pool: record.pool, vm: id, kind: "launch-failed", message: error.description))
+            throw error
+        }
+        var done = record
+        done.state = state == .running ? .running : .paused
+        done.pid = launched.pid
+        done.shape = launched.shape
+        try store.finish(
+            journal, outcome: .ok, updating: done,
+            event: Event(
+                pool: record.pool, vm: id, kind: template == nil ? "created" : "cloned",
+                message: "\(done.state.rawValue), \(done.shape.vcpus) vcpus, \(done.shape.memoryMiB) MiB"))
+        logger.info("VM ready", metadata: ["vm": "\(id)", "pid": "\(launched.pid.map(String.init) ?? "-")"])
+        return id
+    }
+
+    private func stop(_ record: VMRecord, reason: String) async throws {
+        var stopping = record
+        stopping.state = .stopping
+        try store.saveVM(stopping)
+        let journal = try store.begin(operation: "stop", pool: record.pool, vm: record.id)
+        do {
+            try await driver.stop(record.ref)
+        } catch {
+            try store.finish(journal, outcome: .failed, error: error.description)
+            throw error
+        }
+        try store.finish(
+            journal, outcome: .ok, deletingVM: record.id,
+            event: Event(pool: record.pool, vm: record.id, kind: "stopped", message: reason))
+    }
+
+    /// Builds a new template, then retires the pool's older ones (running clones keep their
+    /// mapping of the old memory file; new clones use the new template).
+    private func buildTemplate(_ pool: DesiredPool) async throws {
+        let ref = TemplateRef(
+            id: Self.newID(pool: pool.spec.name + "-tmpl"), pool: pool.spec.name, key: pool.shape.templateKey)
+        let older = try store.templates().filter { $0.ref.pool == pool.spec.name }
+        let journal = try store.beginTemplate(TemplateRecord(ref: ref, state: .building, createdAt: Date()))
+        do {
+            try await driver.buildTemplate(ref)
+        } catch {
+            try? await driver.deleteTemplate(ref)
+            try store.deleteTemplate(ref.id)
+            try store.finish(journal, outcome: .failed, error: error.description)
+            throw error
+        }
+        try store.markTemplateReady(ref.id)
+        try store.finish(
+            journal, outcome: .ok,
+            event: Event(pool: pool.spec.name, kind: "template-built", message: "template \(ref.id) saved"))
+        for old in older {
+            try? await driver.deleteTemplate(old.ref)
+            try store.deleteTemplate(old.ref.id)
+        }
+    }
+
+    /// `<pool>-<6 hex digits>`: short, unique enough within a pool, safe in paths and QEMU options.
+    static func newID(pool: String) -> String {
+        let value = UInt32.random(in: 0...0xFF_FFFF)
+        let hex = String(value, radix: 16)
+        return pool + "-" + String(repeating: "0", count: 6 - hex.count) + hex
+    }
+}

@@ -1,0 +1,104 @@
+import Foundation
+import VmpoolDriver
+import VmpoolPlanner
+import VmpoolSpec
+import VmpoolStore
+
+/// The store's records together with what the hypervisor says about each.
+public struct Observation: Sendable {
+    public var pools: [StoredPool]
+    public var records: [VMRecord]
+    public var statuses: [String: VMStatus]
+    public var templates: [TemplateRecord]
+    /// Templates whose saved state the driver has.
+    public var templatesPresent: Set<String>
+
+    /// The planner's view of every recorded VM.
+    public var observedVMs: [ObservedVM] {
+        records.map { record in
+            let status = statuses[record.id] ?? .gone
+            var shape = record.shape
+            if status.liveness == .alive {
+                shape.vcpus = status.vcpus ?? shape.vcpus
+                shape.memoryMiB = status.memoryMiB ?? shape.memoryMiB
+            }
+            return ObservedVM(
+                id: record.id, pool: record.pool, condition: Self.condition(record, status), shape: shape,
+                boot: record.boot, createdAt: record.createdAt)
+        }
+    }
+
+    /// The current (newest ready) template of each pool.
+    public var observedTemplates: [String: ObservedTemplate] {
+        var result: [String: ObservedTemplate] = [:]
+        for template in templates where template.state == .ready {
+            result[template.ref.pool] = ObservedTemplate(
+                ref: template.ref, usable: templatesPresent.contains(template.ref.id))
+        }
+        return result
+    }
+
+    static func condition(_ record: VMRecord, _ status: VMStatus) -> ObservedVM.Condition {
+        switch record.state {
+        case .creating: return .broken("creation did not finish")
+        case .stopping: return .broken("a stop did not finish")
+        case .failed: return .broken(record.lastError ?? "an operation failed")
+        case .running, .paused: break
+        }
+        switch status.liveness {
+        case .gone: return .broken("the VM's process is gone")
+        case .hung: return .broken("the hypervisor does not answer")
+        case .alive: break
+        }
+        if status.running == false { return .paused }
+        if status.agentAnswers == false { return .broken("the guest agent does not answer") }
+        return .running
+    }
+
+    /// VMs of a pool in the pool's desired state and answering.
+    public func readyCount(pool: PoolSpec) -> Int {
+        observedVMs.filter { $0.pool == pool.name }.filter { vm in
+            switch vm.condition {
+            case .running: return pool.state == .running
+            case .paused: return true
+            case .broken: return false
+            }
+        }.count
+    }
+}
+
+extension Reconciler {
+    /// Reads the store and asks the driver about every recorded VM and template.
+    public func observe() async throws(StoreError) -> Observation {
+        let pools = try store.pools()
+        let records = try store.vms()
+        let templates = try store.templates()
+        let statuses = await driver.status(of: records.map(\.ref))
+        var present = Set<String>()
+        for template in templates where template.state == .ready {
+            if await driver.templateExists(template.ref) { present.insert(template.ref.id) }
+        }
+        return Observation(
+            pools: pools, records: records, statuses: statuses, templates: templates, templatesPresent: present)
+    }
+
+    /// The planner's input for `pools`, with images resolved, from an observation.
+    public func planInput(desired pools: [PoolSpec], prune: Set<String>, observation: Observation) -> PlanInput {
+        let desired = pools.compactMap { spec -> DesiredPool? in
+            guard let image = resolveImage(spec) else { return nil }
+            return DesiredPool(spec: spec, shape: VMShape(pool: spec, image: image))
+        }
+        return PlanInput(
+            desired: desired, vms: observation.observedVMs, templates: observation.observedTemplates, prune: prune)
+    }
+
+    /// The concrete image a pool boots: its own, or the default guest image.
+    public func resolveImage(_ spec: PoolSpec) -> BootImage? {
+        if let image = spec.image {
+            return BootImage(
+                kernel: image.kernel, initrd: image.initrd,
+                cmdline: image.cmdline ?? configuration.defaultImage?.cmdline ?? "console=ttyS0")
+        }
+        return configuration.defaultImage
+    }
+}

@@ -1,0 +1,82 @@
+import Foundation
+import Logging
+import VmpoolDriver
+import VmpoolStore
+
+/// What a recovery step found and did.
+public struct RecoveryReport: Sendable, Hashable {
+    /// Journal entries left open by a vmpool that died, now finished or undone.
+    public var unfinished: Int = 0
+    /// Half-made VMs stopped and forgotten.
+    public var undoneLaunches: [String] = []
+    /// Hypervisor VMs with no record, stopped.
+    public var orphansStopped: [String] = []
+    /// Templates whose build never finished, or whose saved state has no record, removed.
+    public var templatesRemoved: [String] = []
+
+    public var isEmpty: Bool {
+        unfinished == 0 && undoneLaunches.isEmpty && orphansStopped.isEmpty && templatesRemoved.isEmpty
+    }
+}
+
+extension Reconciler {
+    /// Finishes or undoes whatever a vmpool that died left behind. The caller holds the lock,
+    /// so every open journal entry belongs to a dead process.
+    public func recover() async throws(StoreError) -> RecoveryReport {
+        var report = RecoveryReport()
+        let open = try store.unfinishedOperations()
+        report.unfinished = open.count
+        var records = Dictionary(uniqueKeysWithValues: try store.vms().map { ($0.id, $0) })
+
+        // Launches that never reported back, and stops that never finished: the VM goes.
+        for record in records.values where record.state == .creating || record.state == .stopping {
+            try? await driver.stop(record.ref)
+            try store.deleteVM(record.id)
+            records[record.id] = nil
+            if record.state == .creating { report.undoneLaunches.append(record.id) }
+            try store.record(
+                Event(
+                    pool: record.pool, vm: record.id, kind: "recovered",
+                    message: record.state == .creating
+                        ? "launch interrupted by a crash; undone" : "stop interrupted by a crash; finished"))
+            logger.notice("recovered an interrupted operation", metadata: ["pool": "\(record.pool)", "vm": "\(record.id)"])
+        }
+        // Templates whose build never finished.
+        for template in try store.templates() where template.state == .building {
+            try? await driver.deleteTemplate(template.ref)
+            try store.deleteTemplate(template.ref.id)
+            report.templatesRemoved.append(template.ref.id)
+        }
+        for entry in open {
+            try store.finish(entry.id, outcome: .recovered, error: "vmpool pid \(entry.ownerPID) died during it")
+        }
+
+        // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
+        for found in await driver.discover() where records[found.id] == nil {
+            let pool = Self.pool(ofVM: found.id)
+            try? await driver.stop(VMRef(id: found.id, pool: pool, pid: found.pid))
+            report.orphansStopped.append(found.id)
+            try store.record(
+                Event(pool: pool, vm: found.id, kind: "orphan-stopped", message: "hypervisor VM had no record"))
+            logger.warning("stopped an orphan VM", metadata: ["vm": "\(found.id)", "pid": "\(found.pid ?? 0)"])
+        }
+        let knownTemplates = Set(try store.templates().map(\.ref.id))
+        for id in await driver.discoverTemplates() where !knownTemplates.contains(id) {
+            let pool = Self.pool(ofVM: id)
+            try? await driver.deleteTemplate(TemplateRef(id: id, pool: pool, key: Self.placeholderKey))
+            report.templatesRemoved.append(id)
+        }
+        return report
+    }
+
+    /// VM and template ids are `<pool>-<suffix>`; the pool is everything before the last dash.
+    static func pool(ofVM id: String) -> String {
+        guard let dash = id.lastIndex(of: "-") else { return id }
+        let pool = id[..<dash]
+        return pool.hasSuffix("-tmpl") ? String(pool.dropLast(5)) : String(pool)
+    }
+
+    /// Deleting a template needs only its id; drivers ignore the key then.
+    static let placeholderKey = TemplateKey(
+        vcpus: 1, memoryMiB: 64, maxVcpus: 1, maxMemoryMiB: 64, image: BootImage(kernel: "", initrd: nil, cmdline: ""))
+}

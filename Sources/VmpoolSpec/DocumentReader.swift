@@ -1,0 +1,328 @@
+import Yams
+
+/// Walks one composed YAML document into a `PoolSpec`, collecting every problem on the way.
+///
+/// The reader never descends into values it does not expect, so a hostile document costs
+/// no more than the fields a pool has.
+struct DocumentReader {
+    let file: String
+    /// Directory of the manifest, for resolving relative image paths.
+    let baseDirectory: String
+    private(set) var diagnostics: [Diagnostic] = []
+
+    init(file: String, baseDirectory: String) {
+        self.file = file
+        self.baseDirectory = baseDirectory
+    }
+
+
+    mutating func readPool(_ root: Node) -> (PoolSpec, SourceLocation)? {
+        let start = diagnostics.count
+        guard
+            let top = mapping(
+                root, path: "", allowed: ["apiVersion", "kind", "metadata", "spec"],
+                required: ["apiVersion", "kind", "metadata", "spec"])
+        else { return nil }
+        if let node = top["apiVersion"] { constant(node, path: "apiVersion", "vmpool/v1") }
+        if let node = top["kind"] { constant(node, path: "kind", "Pool") }
+
+        var name: String?
+        var labels: [String: String] = [:]
+        if let node = top["metadata"],
+            let meta = mapping(node, path: "metadata", allowed: ["name", "labels"], required: ["name"])
+        {
+            if let nameNode = meta["name"], let value = string(nameNode, path: "metadata.name") {
+                if Names.isValidPoolName(value) {
+                    name = value
+                } else {
+                    report(
+                        .badFormat, nameNode, "metadata.name",
+                        "expected a name of 1 to 63 lowercase letters, digits and '-', starting and ending"
+                            + " with a letter or digit, got \(Self.show(nameNode))")
+                }
+            }
+            if let labelsNode = meta["labels"] { labels = readLabels(labelsNode) }
+        }
+
+        var spec: PoolSpec?
+        if let node = top["spec"] { spec = readSpec(node, name: name ?? "", labels: labels) }
+        guard diagnostics.count == start, let spec, name != nil else { return nil }
+        return (spec, location(root))
+    }
+
+    private mutating func readLabels(_ node: Node) -> [String: String] {
+        guard let pairs = pairs(node, path: "metadata.labels") else { return [:] }
+        var labels: [String: String] = [:]
+        for (keyNode, valueNode) in pairs {
+            guard let key = keyNode.scalar?.string, keyNode.tagName == .str else {
+                report(.wrongType, keyNode, "metadata.labels", "expected string label keys, got \(Self.show(keyNode))")
+                continue
+            }
+            let path = "metadata.labels.\(key)"
+            guard Names.isValidLabelKey(key) else {
+                report(
+                    .badFormat, keyNode, path,
+                    "expected a label key of 1 to 63 letters, digits and '._/-', starting and ending with a"
+                        + " letter or digit")
+                continue
+            }
+            guard let value = string(valueNode, path: path) else { continue }
+            if value.unicodeScalars.count > SpecLimits.maxLabelValueLength || Self.hasControl(value) {
+                report(
+                    .badFormat, valueNode, path,
+                    "expected a label value of at most \(SpecLimits.maxLabelValueLength) characters without"
+                        + " control characters")
+                continue
+            }
+            labels[key] = value
+        }
+        return labels
+    }
+
+    private mutating func readSpec(_ node: Node, name: String, labels: [String: String]) -> PoolSpec? {
+        guard
+            let spec = mapping(
+                node, path: "spec",
+                allowed: ["size", "vcpus", "memory", "maxVcpus", "maxMemory", "boot", "state", "warm", "image"],
+                required: ["size", "vcpus", "memory"])
+        else { return nil }
+        let size = spec["size"].flatMap { integer($0, path: "spec.size", 0...SpecLimits.maxPoolSize) }
+        let vcpus = spec["vcpus"].flatMap { integer($0, path: "spec.vcpus", 1...SpecLimits.maxVcpus) }
+        let memory = spec["memory"].flatMap { quantity($0, path: "spec.memory") }
+        let maxVcpus = spec["maxVcpus"].flatMap { integer($0, path: "spec.maxVcpus", 1...SpecLimits.maxVcpus) }
+        let maxMemory = spec["maxMemory"].flatMap { quantity($0, path: "spec.maxMemory") }
+        let boot = spec["boot"].flatMap { choice($0, path: "spec.boot", BootMode.self) }
+        let state = spec["state"].flatMap { choice($0, path: "spec.state", DesiredState.self) }
+        let warm = spec["warm"].flatMap { integer($0, path: "spec.warm", 0...SpecLimits.maxWarm) }
+        let image = spec["image"].flatMap { readImage($0) }
+
+        if let vcpus, let maxVcpus, let node = spec["maxVcpus"], maxVcpus < vcpus {
+            report(
+                .crossField, node, "spec.maxVcpus",
+                "expected a CPU hotplug ceiling of at least vcpus (\(vcpus)), got \(maxVcpus)")
+        }
+        if let memory, let maxMemory, let node = spec["maxMemory"], maxMemory < memory {
+            report(
+                .crossField, node, "spec.maxMemory",
+                "expected a memory hotplug ceiling of at least memory (\(MemoryQuantity.format(memory)))"
+                    + ", got \(MemoryQuantity.format(maxMemory))")
+        }
+        guard let size, let vcpus, let memory else { return nil }
+        return PoolSpec(
+            name: name, labels: labels, size: size, vcpus: vcpus, memoryMiB: memory, maxVcpus: maxVcpus,
+            maxMemoryMiB: maxMemory, boot: boot ?? .cold, state: state ?? .running, warm: warm ?? 0,
+            image: image)
+    }
+
+    private mutating func readImage(_ node: Node) -> ImageSpec? {
+        guard
+            let image = mapping(
+                node, path: "spec.image", allowed: ["kernel", "initrd", "cmdline"], required: ["kernel"])
+        else { return nil }
+        let kernel = image["kernel"].flatMap { path($0, path: "spec.image.kernel") }
+        let initrd = image["initrd"].flatMap { path($0, path: "spec.image.initrd") }
+        var cmdline: String?
+        if let cmdNode = image["cmdline"], let value = string(cmdNode, path: "spec.image.cmdline") {
+            if value.unicodeScalars.count > SpecLimits.maxCmdlineLength || Self.hasControl(value) {
+                report(
+                    .badFormat, cmdNode, "spec.image.cmdline",
+                    "expected a kernel command line of at most \(SpecLimits.maxCmdlineLength) characters"
+                        + " without control characters")
+            } else {
+                cmdline = value
+            }
+        }
+        guard let kernel else { return nil }
+        if image["initrd"] != nil, initrd == nil { return nil }
+        return ImageSpec(kernel: kernel, initrd: initrd, cmdline: cmdline)
+    }
+
+    // MARK: - Typed readers
+
+    private mutating func path(_ node: Node, path field: String) -> String? {
+        guard let value = string(node, path: field) else { return nil }
+        let count = value.unicodeScalars.count
+        guard count >= 1, count <= SpecLimits.maxPathLength, !Self.hasControl(value) else {
+            report(
+                .badFormat, node, field,
+                "expected a file path of 1 to \(SpecLimits.maxPathLength) characters without control characters")
+            return nil
+        }
+        if value.hasPrefix("/") { return value }
+        return baseDirectory == "." ? value : baseDirectory + "/" + value
+    }
+
+    private mutating func constant(_ node: Node, path: String, _ expected: String) {
+        if node.scalar?.string != expected || node.tagName != .str {
+            report(.badValue, node, path, "expected \"\(expected)\", got \(Self.show(node))")
+        }
+    }
+
+    private mutating func string(_ node: Node, path: String) -> String? {
+        guard case .scalar(let scalar) = node, node.tagName == .str else {
+            report(.wrongType, node, path, "expected a string, got \(Self.show(node))")
+            return nil
+        }
+        return scalar.string
+    }
+
+    private mutating func choice<T: RawRepresentable & CaseIterable>(_ node: Node, path: String, _: T.Type) -> T?
+    where T.RawValue == String {
+        let options = T.allCases.map(\.rawValue).joined(separator: " or ")
+        guard case .scalar(let scalar) = node, node.tagName == .str, let value = T(rawValue: scalar.string) else {
+            report(.badValue, node, path, "expected \(options), got \(Self.show(node))")
+            return nil
+        }
+        return value
+    }
+
+    private mutating func integer(_ node: Node, path: String, _ range: ClosedRange<Int>) -> Int? {
+        let expectation = "expected an integer from \(range.lowerBound) to \(range.upperBound)"
+        guard let value = Self.integerValue(node) else {
+            report(.wrongType, node, path, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        guard range.contains(value) else {
+            report(.outOfRange, node, path, "\(expectation), got \(value)")
+            return nil
+        }
+        return value
+    }
+
+    private mutating func quantity(_ node: Node, path: String) -> Int? {
+        if let value = Self.integerValue(node) {
+            guard value >= SpecLimits.minMemoryMiB, value <= SpecLimits.maxMemoryMiB else {
+                report(.outOfRange, node, path, "\(MemoryQuantity.expectation), got \(value)")
+                return nil
+            }
+            return value
+        }
+        guard case .scalar(let scalar) = node, node.tagName == .str, let value = MemoryQuantity.parse(scalar.string)
+        else {
+            report(.badFormat, node, path, "\(MemoryQuantity.expectation), got \(Self.show(node))")
+            return nil
+        }
+        return value
+    }
+
+    /// YAML 1.1 integers, plus floats with an integral value (JSON Schema counts `3.0` as an integer).
+    static func integerValue(_ node: Node) -> Int? {
+        guard case .scalar(let scalar) = node else { return nil }
+        switch node.tagName {
+        case .int:
+            return Int.construct(from: scalar)
+        case .float:
+            let text = scalar.string
+            guard text.wholeMatch(of: /[-+]?[0-9]+\.0*/) != nil, let value = Double(text), value.magnitude < 1e15
+            else { return nil }
+            return Int(value)
+        default:
+            return nil
+        }
+    }
+
+    // MARK: - Mappings
+
+    /// The pairs of a mapping node, with `<<` merge keys applied (explicit keys win).
+    private mutating func pairs(_ node: Node, path: String, depth: Int = 0) -> [(Node, Node)]? {
+        guard case .mapping(let mapping) = node else {
+            report(.wrongType, node, path.isEmpty ? "(document)" : path, "expected a mapping, got \(Self.show(node))")
+            return nil
+        }
+        var explicit: [(Node, Node)] = []
+        var merged: [(Node, Node)] = []
+        for (key, value) in mapping {
+            guard key.tagName == .merge else {
+                explicit.append((key, value))
+                continue
+            }
+            guard depth < 8 else {
+                report(.tooDeep, key, path, "merge keys ('<<') nest deeper than 8 levels")
+                return nil
+            }
+            let sources: [Node]
+            if case .sequence(let sequence) = value { sources = Array(sequence) } else { sources = [value] }
+            for source in sources {
+                guard let more = pairs(source, path: path, depth: depth + 1) else { return nil }
+                merged.append(contentsOf: more)
+            }
+        }
+        let explicitKeys = Set(explicit.compactMap { $0.0.scalar?.string })
+        var seen = Set<String>()
+        var result = explicit
+        for (key, value) in merged {
+            guard let name = key.scalar?.string else {
+                result.append((key, value))
+                continue
+            }
+            if explicitKeys.contains(name) || !seen.insert(name).inserted { continue }
+            result.append((key, value))
+        }
+        return result
+    }
+
+    /// The value nodes of a mapping by key, reporting unknown and missing keys.
+    private mutating func mapping(_ node: Node, path: String, allowed: Set<String>, required: [String]) -> [String:
+        Node]?
+    {
+        guard let pairs = pairs(node, path: path) else { return nil }
+        var result: [String: Node] = [:]
+        let prefix = path.isEmpty ? "" : path + "."
+        for (key, value) in pairs {
+            guard case .scalar(let scalar) = key, key.tagName == .str else {
+                report(.wrongType, key, path.isEmpty ? "(document)" : path, "expected string keys, got \(Self.show(key))")
+                continue
+            }
+            guard allowed.contains(scalar.string) else {
+                let known = allowed.sorted().joined(separator: ", ")
+                report(.unknownField, key, prefix + scalar.string, "unknown field; expected one of \(known)")
+                continue
+            }
+            result[scalar.string] = value
+        }
+        for key in required where result[key] == nil {
+            report(.missingField, node, prefix + key, "required field is missing")
+        }
+        return result
+    }
+
+    // MARK: - Reporting
+
+    private func location(_ node: Node) -> SourceLocation {
+        let mark = node.mark
+        return SourceLocation(file: file, line: mark?.line ?? 1, column: mark?.column ?? 1)
+    }
+
+    private mutating func report(_ code: Diagnostic.Code, _ node: Node, _ field: String, _ message: String) {
+        diagnostics.append(Diagnostic(code, at: location(node), field: field, message))
+    }
+
+    static func hasControl(_ value: String) -> Bool {
+        value.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7F }
+    }
+
+    /// A short, safe rendering of what the user wrote.
+    static func show(_ node: Node) -> String {
+        switch node {
+        case .scalar(let scalar):
+            let text = scalar.string.count > 40 ? String(scalar.string.prefix(40)) + "…" : scalar.string
+            let quoted = "\"" + text.unicodeScalars.map { $0.value < 0x20 || $0 == "\"" || $0 == "\\" ?
+                $0.escaped(asASCII: false) : String($0) }.joined() + "\""
+            switch node.tagName {
+            case .str: return quoted
+            case .null: return "null"
+            case .bool: return "\(text) (a YAML boolean; quote it if you mean a string)"
+            case .int, .float: return text
+            default: return "\(quoted) (a YAML \(node.tag.rawValue.split(separator: ":").last ?? "value"))"
+            }
+        case .mapping: return "a mapping"
+        case .sequence: return "a sequence"
+        case .alias: return "an alias"
+        }
+    }
+}
+
+extension Node {
+    /// The resolved YAML tag (`str`, `int`, `bool`, ...); Yams keeps the name itself internal.
+    var tagName: Tag.Name { Tag.Name(rawValue: tag.rawValue) }
+}

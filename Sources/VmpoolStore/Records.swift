@@ -1,0 +1,137 @@
+import Foundation
+import VmpoolDriver
+import VmpoolSpec
+
+/// A pool as last applied.
+public struct StoredPool: Sendable, Hashable {
+    public var spec: PoolSpec
+    /// Bumped each time an apply changes the spec; VMs remember the generation they were made for.
+    public var generation: Int
+    public var updatedAt: Date
+
+    public init(spec: PoolSpec, generation: Int, updatedAt: Date) {
+        self.spec = spec
+        self.generation = generation
+        self.updatedAt = updatedAt
+    }
+}
+
+/// A VM as vmpool recorded it.
+public struct VMRecord: Sendable, Hashable {
+    public var id: String
+    public var pool: String
+    public var state: VMState
+    public var boot: BootMode
+    public var shape: VMShape
+    public var pid: Int32?
+    public var templateID: String?
+    public var createdAt: Date
+    public var updatedAt: Date
+    public var lastError: String?
+
+    public init(
+        id: String, pool: String, state: VMState, boot: BootMode, shape: VMShape, pid: Int32? = nil,
+        templateID: String? = nil, createdAt: Date, updatedAt: Date? = nil, lastError: String? = nil
+    ) {
+        self.id = id
+        self.pool = pool
+        self.state = state
+        self.boot = boot
+        self.shape = shape
+        self.pid = pid
+        self.templateID = templateID
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt ?? createdAt
+        self.lastError = lastError
+    }
+
+    public var ref: VMRef { VMRef(id: id, pool: pool, pid: pid) }
+}
+
+/// A pool's template as recorded.
+public struct TemplateRecord: Sendable, Hashable {
+    public enum State: String, Sendable, Hashable {
+        /// Recorded before the build started; not usable.
+        case building
+        case ready
+    }
+
+    public var ref: TemplateRef
+    public var state: State
+    public var createdAt: Date
+
+    public init(ref: TemplateRef, state: State, createdAt: Date) {
+        self.ref = ref
+        self.state = state
+        self.createdAt = createdAt
+    }
+}
+
+/// One driver call, written before the call and closed after it.
+public struct JournalEntry: Sendable, Hashable {
+    public enum Outcome: String, Sendable, Hashable {
+        case ok
+        case failed
+        /// A later pass found it unfinished and finished or undid it.
+        case recovered
+    }
+
+    public var id: Int64
+    public var operation: String
+    public var pool: String
+    public var vm: String?
+    public var template: String?
+    public var startedAt: Date
+    public var finishedAt: Date?
+    public var outcome: Outcome?
+    public var error: String?
+    /// The vmpool process that made the call.
+    public var ownerPID: Int32
+}
+
+/// Something that happened to a pool or VM, kept for `vmpool` users to read back.
+public struct Event: Sendable, Hashable {
+    public var at: Date
+    public var pool: String
+    public var vm: String?
+    public var kind: String
+    public var message: String
+
+    public init(at: Date = Date(), pool: String, vm: String? = nil, kind: String, message: String) {
+        self.at = at
+        self.pool = pool
+        self.vm = vm
+        self.kind = kind
+        self.message = message
+    }
+}
+
+/// Why a store operation failed.
+public struct StoreError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt }
+        private let kind: Kind
+        private init(_ kind: Kind) { self.kind = kind }
+
+        /// The state dir cannot be created or has the wrong owner or mode.
+        public static let stateDir = Code(.stateDir)
+        /// SQLite failed.
+        public static let database = Code(.database)
+        /// Another vmpool holds the state dir lock past the timeout.
+        public static let locked = Code(.locked)
+        /// A stored row cannot be decoded.
+        public static let corrupt = Code(.corrupt)
+
+        public var description: String { kind.rawValue }
+    }
+
+    public var code: Code
+    public var message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { message }
+}

@@ -1,0 +1,417 @@
+import Foundation
+import GRDB
+import VmpoolDriver
+import VmpoolSpec
+
+/// vmpool's memory: desired pools, VMs, templates, the operation journal and events, in SQLite.
+///
+/// One file in the state dir, WAL mode so that `get` and `plan` read while `apply` writes.
+/// Every method is one transaction.
+public final class StateStore: Sendable {
+    public let directory: String
+    private let db: DatabasePool
+
+    public static let fileName = "state.sqlite"
+
+    /// Opens (creating when absent) the store in `directory`, which is created mode 0700.
+    public init(directory: String) throws(StoreError) {
+        self.directory = directory
+        try StateDirectory.prepare(directory)
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+        }
+        do {
+            db = try DatabasePool(path: directory + "/" + Self.fileName, configuration: config)
+            try Self.migrator.migrate(db)
+        } catch {
+            throw StoreError(.database, "cannot open the state store in \(directory): \(error)")
+        }
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE pool (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        spec TEXT NOT NULL,
+                        generation INTEGER NOT NULL,
+                        updatedAt DOUBLE NOT NULL
+                    );
+                    CREATE TABLE vm (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        pool TEXT NOT NULL,
+                        state TEXT NOT NULL,
+                        boot TEXT NOT NULL,
+                        vcpus INTEGER NOT NULL,
+                        memoryMiB INTEGER NOT NULL,
+                        maxVcpus INTEGER NOT NULL,
+                        maxMemoryMiB INTEGER NOT NULL,
+                        kernel TEXT NOT NULL,
+                        initrd TEXT,
+                        cmdline TEXT NOT NULL,
+                        pid INTEGER,
+                        templateId TEXT,
+                        createdAt DOUBLE NOT NULL,
+                        updatedAt DOUBLE NOT NULL,
+                        lastError TEXT
+                    );
+                    CREATE INDEX vm_pool ON vm(pool);
+                    CREATE TABLE template (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        pool TEXT NOT NULL,
+                        key TEXT NOT NULL,
+                        state TEXT NOT NULL,
+                        createdAt DOUBLE NOT NULL
+                    );
+                    CREATE INDEX template_pool ON template(pool);
+                    CREATE TABLE journal (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        operation TEXT NOT NULL,
+                        pool TEXT NOT NULL,
+                        vm TEXT,
+                        template TEXT,
+                        startedAt DOUBLE NOT NULL,
+                        finishedAt DOUBLE,
+                        outcome TEXT,
+                        error TEXT,
+                        ownerPid INTEGER NOT NULL
+                    );
+                    CREATE INDEX journal_open ON journal(finishedAt) WHERE finishedAt IS NULL;
+                    CREATE TABLE event (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        at DOUBLE NOT NULL,
+                        pool TEXT NOT NULL,
+                        vm TEXT,
+                        kind TEXT NOT NULL,
+                        message TEXT NOT NULL
+                    );
+                    CREATE INDEX event_pool ON event(pool, id);
+                    """)
+        }
+        return migrator
+    }
+
+    private func read<T>(_ body: @Sendable (Database) throws -> T) throws(StoreError) -> T {
+        do {
+            return try db.read(body)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.database, "reading the state store failed: \(error)")
+        }
+    }
+
+    private func write<T>(_ body: @Sendable (Database) throws -> T) throws(StoreError) -> T {
+        do {
+            return try db.write(body)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.database, "writing the state store failed: \(error)")
+        }
+    }
+
+    // MARK: - Pools
+
+    /// Every pool last applied, by name.
+    public func pools() throws(StoreError) -> [StoredPool] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT name, spec, generation, updatedAt FROM pool ORDER BY name").map(
+                Self.pool)
+        }
+    }
+
+    /// Records the desired spec of each pool, bumping its generation where it changed.
+    /// Returns the names whose spec changed.
+    @discardableResult
+    public func applyDesired(_ specs: [PoolSpec]) throws(StoreError) -> [String] {
+        let now = Date().timeIntervalSince1970
+        let encoded = try specs.map { spec throws(StoreError) in (spec, try Self.encode(spec)) }
+        return try write { db in
+            var changed: [String] = []
+            for (spec, json) in encoded {
+                let existing = try Row.fetchOne(
+                    db, sql: "SELECT spec, generation FROM pool WHERE name = ?", arguments: [spec.name])
+                if let existing {
+                    if (existing["spec"] as String) == json { continue }
+                    try db.execute(
+                        sql: "UPDATE pool SET spec = ?, generation = generation + 1, updatedAt = ? WHERE name = ?",
+                        arguments: [json, now, spec.name])
+                } else {
+                    try db.execute(
+                        sql: "INSERT INTO pool (name, spec, generation, updatedAt) VALUES (?, ?, 1, ?)",
+                        arguments: [spec.name, json, now])
+                }
+                try Self.insertEvent(db, Event(pool: spec.name, kind: "applied", message: "desired spec recorded"))
+                changed.append(spec.name)
+            }
+            return changed
+        }
+    }
+
+    /// Forgets a pool. Its VMs and templates must be gone already.
+    public func deletePool(_ name: String) throws(StoreError) {
+        try write { db in
+            try db.execute(sql: "DELETE FROM pool WHERE name = ?", arguments: [name])
+            try db.execute(sql: "DELETE FROM template WHERE pool = ?", arguments: [name])
+            try Self.insertEvent(db, Event(pool: name, kind: "deleted", message: "pool forgotten"))
+        }
+    }
+
+    // MARK: - VMs
+
+    /// VMs of one pool, or of all pools, oldest first.
+    public func vms(pool: String? = nil) throws(StoreError) -> [VMRecord] {
+        try read { db in
+            let columns = Self.vmColumns
+            let cursor =
+                if let pool {
+                    try Row.fetchCursor(
+                        db, sql: "SELECT \(columns) FROM vm WHERE pool = ? ORDER BY createdAt, id", arguments: [pool])
+                } else {
+                    try Row.fetchCursor(db, sql: "SELECT \(columns) FROM vm ORDER BY createdAt, id")
+                }
+            var result: [VMRecord] = []
+            while let row = try cursor.next() { result.append(try Self.vm(row)) }
+            return result
+        }
+    }
+
+    /// Records a VM about to be launched (state `creating`) together with the journal entry
+    /// for the launch, so a crash between the two cannot happen. Returns `nil` when the id is
+    /// taken already; the caller picks another.
+    public func beginLaunch(_ record: VMRecord, operation: String) throws(StoreError) -> Int64? {
+        try write { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM vm WHERE id = ?", arguments: [record.id]) == true {
+                return nil
+            }
+            try Self.upsertVM(db, record)
+            return try Self.insertJournal(db, operation: operation, pool: record.pool, vm: record.id, template: nil)
+        }
+    }
+
+    /// One VM by id.
+    public func vm(_ id: String) throws(StoreError) -> VMRecord? {
+        try read { db in
+            try Row.fetchOne(db, sql: "SELECT \(Self.vmColumns) FROM vm WHERE id = ?", arguments: [id]).map(Self.vm)
+        }
+    }
+
+    /// Writes a VM's new facts and closes a journal entry in one transaction.
+    public func finish(
+        _ journal: Int64, outcome: JournalEntry.Outcome, error: String? = nil, updating record: VMRecord? = nil,
+        deletingVM: String? = nil, event: Event? = nil
+    ) throws(StoreError) {
+        try write { db in
+            if let record { try Self.upsertVM(db, record) }
+            if let deletingVM { try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [deletingVM]) }
+            try Self.closeJournal(db, journal, outcome: outcome, error: error)
+            if let event { try Self.insertEvent(db, event) }
+        }
+    }
+
+    /// Opens a journal entry for an operation on an existing VM or template.
+    public func begin(operation: String, pool: String, vm: String? = nil, template: String? = nil)
+        throws(StoreError) -> Int64
+    {
+        try write { db in try Self.insertJournal(db, operation: operation, pool: pool, vm: vm, template: template) }
+    }
+
+    /// Writes a VM record outside any operation (recovery, adoption).
+    public func saveVM(_ record: VMRecord) throws(StoreError) {
+        try write { db in try Self.upsertVM(db, record) }
+    }
+
+    public func deleteVM(_ id: String) throws(StoreError) {
+        try write { db in try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [id]) }
+    }
+
+    // MARK: - Templates
+
+    public func templates() throws(StoreError) -> [TemplateRecord] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT id, pool, key, state, createdAt FROM template ORDER BY createdAt")
+                .map(Self.template)
+        }
+    }
+
+    /// Records a template about to be built, with its journal entry.
+    public func beginTemplate(_ record: TemplateRecord) throws(StoreError) -> Int64 {
+        let key = try Self.encode(record.ref.key)
+        return try write { db in
+            try db.execute(
+                sql: "INSERT OR REPLACE INTO template (id, pool, key, state, createdAt) VALUES (?, ?, ?, ?, ?)",
+                arguments: [
+                    record.ref.id, record.ref.pool, key, record.state.rawValue,
+                    record.createdAt.timeIntervalSince1970,
+                ])
+            return try Self.insertJournal(
+                db, operation: "build-template", pool: record.ref.pool, vm: nil, template: record.ref.id)
+        }
+    }
+
+    public func markTemplateReady(_ id: String) throws(StoreError) {
+        try write { db in
+            try db.execute(sql: "UPDATE template SET state = 'ready' WHERE id = ?", arguments: [id])
+        }
+    }
+
+    public func deleteTemplate(_ id: String) throws(StoreError) {
+        try write { db in try db.execute(sql: "DELETE FROM template WHERE id = ?", arguments: [id]) }
+    }
+
+    // MARK: - Journal
+
+    /// Closes a journal entry without touching VM records.
+    public func finish(_ journal: Int64, outcome: JournalEntry.Outcome, error: String? = nil) throws(StoreError) {
+        try write { db in try Self.closeJournal(db, journal, outcome: outcome, error: error) }
+    }
+
+    /// Journal entries whose operation never reported back: a vmpool died during them.
+    public func unfinishedOperations() throws(StoreError) -> [JournalEntry] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM journal WHERE finishedAt IS NULL ORDER BY id").map(Self.journal)
+        }
+    }
+
+    /// The most recent journal entries, newest first.
+    public func journal(limit: Int = 100) throws(StoreError) -> [JournalEntry] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM journal ORDER BY id DESC LIMIT ?", arguments: [limit]).map(
+                Self.journal)
+        }
+    }
+
+    // MARK: - Events
+
+    public func record(_ event: Event) throws(StoreError) {
+        try write { db in try Self.insertEvent(db, event) }
+    }
+
+    /// Events of a pool (or all pools), newest first.
+    public func events(pool: String? = nil, limit: Int = 100) throws(StoreError) -> [Event] {
+        try read { db in
+            let rows =
+                if let pool {
+                    try Row.fetchAll(
+                        db, sql: "SELECT * FROM event WHERE pool = ? ORDER BY id DESC LIMIT ?",
+                        arguments: [pool, limit])
+                } else {
+                    try Row.fetchAll(db, sql: "SELECT * FROM event ORDER BY id DESC LIMIT ?", arguments: [limit])
+                }
+            return rows.map { row in
+                Event(
+                    at: Date(timeIntervalSince1970: row["at"]), pool: row["pool"], vm: row["vm"], kind: row["kind"],
+                    message: row["message"])
+            }
+        }
+    }
+
+    // MARK: - Rows
+
+    private static func insertJournal(_ db: Database, operation: String, pool: String, vm: String?, template: String?)
+        throws -> Int64
+    {
+        try db.execute(
+            sql: """
+                INSERT INTO journal (operation, pool, vm, template, startedAt, ownerPid) VALUES (?, ?, ?, ?, ?, ?)
+                """,
+            arguments: [operation, pool, vm, template, Date().timeIntervalSince1970, getpid()])
+        return db.lastInsertedRowID
+    }
+
+    private static func closeJournal(_ db: Database, _ id: Int64, outcome: JournalEntry.Outcome, error: String?)
+        throws
+    {
+        try db.execute(
+            sql: "UPDATE journal SET finishedAt = ?, outcome = ?, error = ? WHERE id = ?",
+            arguments: [Date().timeIntervalSince1970, outcome.rawValue, error, id])
+    }
+
+    private static func insertEvent(_ db: Database, _ event: Event) throws {
+        try db.execute(
+            sql: "INSERT INTO event (at, pool, vm, kind, message) VALUES (?, ?, ?, ?, ?)",
+            arguments: [event.at.timeIntervalSince1970, event.pool, event.vm, event.kind, event.message])
+    }
+
+    private static func upsertVM(_ db: Database, _ r: VMRecord) throws {
+        try db.execute(
+            sql: """
+                INSERT OR REPLACE INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
+                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+            arguments: [
+                r.id, r.pool, r.state.rawValue, r.boot.rawValue, r.shape.vcpus, r.shape.memoryMiB, r.shape.maxVcpus,
+                r.shape.maxMemoryMiB, r.shape.image.kernel, r.shape.image.initrd, r.shape.image.cmdline,
+                r.pid.map { Int64($0) }, r.templateID, r.createdAt.timeIntervalSince1970,
+                Date().timeIntervalSince1970, r.lastError,
+            ])
+    }
+
+    private static let vmColumns =
+        "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
+        + " createdAt, updatedAt, lastError"
+
+    private static func vm(_ row: Row) throws -> VMRecord {
+        guard let state = VMState(rawValue: row[2]), let boot = BootMode(rawValue: row[3]) else {
+            throw StoreError(.corrupt, "VM \(row[0] as String) has an unknown state or boot mode")
+        }
+        let image = BootImage(kernel: row[8], initrd: row[9], cmdline: row[10])
+        let shape = VMShape(vcpus: row[4], memoryMiB: row[5], maxVcpus: row[6], maxMemoryMiB: row[7], image: image)
+        let pid: Int64? = row[11]
+        return VMRecord(
+            id: row[0], pool: row[1], state: state, boot: boot, shape: shape, pid: pid.map { Int32($0) },
+            templateID: row[12], createdAt: Date(timeIntervalSince1970: row[13]),
+            updatedAt: Date(timeIntervalSince1970: row[14]), lastError: row[15])
+    }
+
+    private static func pool(_ row: Row) throws -> StoredPool {
+        let spec: PoolSpec = try decode(row["spec"])
+        return StoredPool(
+            spec: spec, generation: row["generation"], updatedAt: Date(timeIntervalSince1970: row["updatedAt"]))
+    }
+
+    private static func template(_ row: Row) throws -> TemplateRecord {
+        let key: TemplateKey = try decode(row["key"])
+        guard let state = TemplateRecord.State(rawValue: row["state"]) else {
+            throw StoreError(.corrupt, "template \(row["id"] as String) has an unknown state")
+        }
+        return TemplateRecord(
+            ref: TemplateRef(id: row["id"], pool: row["pool"], key: key), state: state,
+            createdAt: Date(timeIntervalSince1970: row["createdAt"]))
+    }
+
+    private static func journal(_ row: Row) -> JournalEntry {
+        let finished: Double? = row["finishedAt"]
+        let outcome: String? = row["outcome"]
+        return JournalEntry(
+            id: row["id"], operation: row["operation"], pool: row["pool"], vm: row["vm"], template: row["template"],
+            startedAt: Date(timeIntervalSince1970: row["startedAt"]),
+            finishedAt: finished.map { Date(timeIntervalSince1970: $0) },
+            outcome: outcome.flatMap(JournalEntry.Outcome.init(rawValue:)), error: row["error"],
+            ownerPID: Int32(row["ownerPid"] as Int64))
+    }
+
+    static func encode<T: Encodable>(_ value: T) throws(StoreError) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        do {
+            return String(decoding: try encoder.encode(value), as: UTF8.self)
+        } catch {
+            throw StoreError(.corrupt, "cannot encode \(T.self): \(error)")
+        }
+    }
+
+    static func decode<T: Decodable>(_ text: String) throws -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(text.utf8))
+        } catch {
+            throw StoreError(.corrupt, "cannot decode a stored \(T.self): \(error)")
+        }
+    }
+}
