@@ -55,6 +55,11 @@ public struct Observation: Sendable {
         return .running
     }
 
+    /// Those of `names` that are still applied pools.
+    public func storedNames(_ names: Set<String>) -> Set<String> {
+        names.intersection(pools.map(\.spec.name))
+    }
+
     /// VMs of a pool in the pool's desired state and answering.
     public func readyCount(pool: PoolSpec) -> Int {
         observedVMs.filter { $0.pool == pool.name }.filter { vm in

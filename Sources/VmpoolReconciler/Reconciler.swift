@@ -77,7 +77,7 @@ public final class Reconciler: Sendable {
         let plan = Planner.plan(input)
         let results = await execute(plan, input: input, cancellation: cancellation)
         let after = try await observe()
-        let remaining = Planner.plan(planInput(desired: [], prune: names, observation: after))
+        let remaining = Planner.plan(planInput(desired: [], prune: after.storedNames(names), observation: after))
         return PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
     }
 
@@ -99,7 +99,7 @@ public final class Reconciler: Sendable {
         results += unresolvedImages(pools)
         try await collectGarbage(pools)
         let after = try await observe()
-        let remaining = Planner.plan(planInput(desired: pools, prune: prune, observation: after))
+        let remaining = Planner.plan(planInput(desired: pools, prune: after.storedNames(prune), observation: after))
         return PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
     }
 

@@ -96,10 +96,8 @@ struct DocumentReader {
         let warm = spec["warm"].flatMap { integer($0, path: "spec.warm", 0...SpecLimits.maxWarm) }
         let image = spec["image"].flatMap { readImage($0) }
 
-        if let vcpus, let maxVcpus, let node = spec["maxVcpus"], maxVcpus < vcpus {
-            report(
-                .crossField, node, "spec.maxVcpus",
-                "expected a CPU hotplug ceiling of at least vcpus (\(vcpus)), got \(maxVcpus)")
+        if let vcpus, let maxVcpus, let node = spec["vcpus"], maxVcpus < vcpus {
+            report(.crossField, node, "spec.vcpus", "expected at most maxVcpus (\(maxVcpus)), got \(vcpus)")
         }
         if let memory, let maxMemory, let node = spec["maxMemory"], maxMemory < memory {
             report(
@@ -212,8 +210,10 @@ struct DocumentReader {
         case .int:
             return Int.construct(from: scalar)
         case .float:
-            let text = scalar.string
-            guard text.wholeMatch(of: /[-+]?[0-9]+\.0*/) != nil, let value = Double(text), value.magnitude < 1e15
+            // YAML 1.1 floats need a dot (`1e3` is a string there); underscores are digit separators.
+            let text = scalar.string.replacingOccurrences(of: "_", with: "")
+            guard text.wholeMatch(of: /[-+]?[0-9]*\.[0-9]*([eE][-+][0-9]+)?/) != nil, let value = Double(text),
+                value.isFinite, value.magnitude < 1e15, value == value.rounded()
             else { return nil }
             return Int(value)
         default:

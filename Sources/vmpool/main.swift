@@ -1,6 +1,0 @@
-import Foundation
-import VmpoolCLI
-
-// Everything vmpool creates (state files, sockets, memory files) is private to its user.
-umask(0o077)
-await Vmpool.main()
