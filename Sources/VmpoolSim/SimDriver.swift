@@ -214,7 +214,7 @@ public final class SimDriver: HypervisorDriver {
     }
 
     /// A reproducible number in [0, 1) from (seed, operation, n): SplitMix64 over their mix.
-    static func unitInterval(seed: UInt64, operation: SimOperation, n: UInt64) -> Double {
+    public static func unitInterval(seed: UInt64, operation: SimOperation, n: UInt64) -> Double {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in operation.rawValue.utf8 { hash = (hash ^ UInt64(byte)) &* 0x0100_0000_01b3 }
         var z = seed &+ hash &+ n &* 0x9E37_79B9_7F4A_7C15

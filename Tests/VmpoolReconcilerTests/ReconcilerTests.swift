@@ -1,0 +1,174 @@
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolPlanner
+import VmpoolReconciler
+import VmpoolSim
+import VmpoolSpec
+import VmpoolStore
+import VmpoolTestSupport
+
+@Suite("Reconciler on the sim driver")
+struct ReconcilerTests {
+    @Test func applyConvergesAndTheSecondApplyDoesNothing() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        let spec = pool(size: 5, warm: 2)
+        let first = try await h.reconciler.apply([spec], prune: [])
+        #expect(first.converged)
+        #expect(try h.states("web") == [.running: 5, .paused: 2])
+        let second = try await h.reconciler.apply([spec], prune: [])
+        #expect(second.plan.isEmpty)
+        #expect(second.converged)
+    }
+
+    @Test func templatePoolBuildsOneTemplateThenClones() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        let result = try await h.reconciler.apply([pool(size: 4, boot: .template)], prune: [])
+        #expect(result.converged)
+        #expect(result.plan.summary[.buildTemplate] == 1)
+        #expect(result.plan.summary[.clone] == 4)
+        let templates = try h.store.templates()
+        #expect(templates.count == 1)
+        #expect(try h.store.vms().allSatisfy { $0.templateID == templates.first?.ref.id })
+    }
+
+    @Test func aPartlyFailedApplyIsFinishedByTheNextPass() async throws {
+        let failing = try SimHarness(faults: [.create: 0.5], seed: 3)
+        defer { failing.directory.remove() }
+        let spec = pool(size: 10)
+        let first = try await failing.reconciler.apply([spec], prune: [])
+        let failed = first.results.filter { $0.outcome == .failed }.count
+        #expect(failed > 0, "the seed must fail some creates")
+        #expect(!first.converged)
+        #expect(try failing.store.vms().count == 10 - failed, "failed launches leave no record")
+        #expect(try failing.store.unfinishedOperations().isEmpty)
+        let healthy = try failing.reopened()
+        let second = try await healthy.reconciler.reconcile()
+        #expect(second.converged)
+        #expect(second.plan.summary[.create] == failed)
+        #expect(try healthy.store.vms().count == 10)
+    }
+
+    @Test func aFailedActionSkipsOnlyItsDependents() async throws {
+        let h = try SimHarness(faults: [.buildTemplate: 1])
+        defer { h.directory.remove() }
+        let result = try await h.reconciler.apply([pool("tpl", size: 2, boot: .template), pool("cold", size: 2)], prune: [])
+        let byPool = Dictionary(grouping: result.results, by: \.action.pool)
+        #expect(byPool["tpl"]?.allSatisfy { $0.outcome == .failed } == true)
+        #expect(byPool["tpl"]?.filter { $0.error?.contains("depends on failed") == true }.count == 2)
+        #expect(byPool["cold"]?.allSatisfy { $0.outcome == .ok } == true)
+        #expect(try h.store.vms(pool: "cold").count == 2)
+        #expect(try h.store.templates().isEmpty, "a failed build leaves no template record")
+    }
+
+    @Test func hotplugFailureLeavesTheRecordedShapeTrue() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 2)], prune: [])
+        let failing = try h.reopened(faults: [.hotplugCPU: 1])
+        let result = try await failing.reconciler.apply([pool(size: 2, vcpus: 2)], prune: [])
+        #expect(result.results.count == 2)
+        #expect(result.results.allSatisfy { $0.outcome == .failed })
+        #expect(try failing.store.vms().allSatisfy { $0.shape.vcpus == 1 })
+        let healed = try await h.reopened().reconciler.reconcile()
+        #expect(healed.converged)
+        #expect(try h.store.vms().allSatisfy { $0.shape.vcpus == 2 })
+    }
+
+    @Test func driftIsRepairedByTheNextPass() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 4, vcpus: 2)], prune: [])
+        let vms = try h.store.vms()
+        try h.driver.simulateCrash(vms[0].id)
+        try h.driver.simulateExternalPause(vms[1].id)
+        try h.driver.simulateResize(vms[2].id, vcpus: 1)
+        try h.driver.simulateAgentHang(vms[3].id)
+        let preview = try await h.reconciler.preview([pool(size: 4, vcpus: 2)], prune: [])
+        #expect(kinds(preview) == [.replace: 2, .resume: 1, .hotplugCPU: 1])
+        let result = try await h.reconciler.reconcile()
+        #expect(result.converged)
+        let after = try h.store.vms()
+        #expect(after.count == 4)
+        #expect(!after.contains { $0.id == vms[0].id || $0.id == vms[3].id })
+        #expect(after.allSatisfy { $0.state == .running && $0.shape.vcpus == 2 })
+    }
+
+    @Test func orphansAreStoppedAndInterruptedLaunchesUndone() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 2)], prune: [])
+        let shape = VMShape(pool: pool(), image: testImage)
+        try h.driver.simulateStray(id: "web-0rphan", pool: "web", shape: shape)
+        // A launch recorded and journaled whose vmpool died before the driver answered.
+        let half = VMRecord(id: "web-ha1f00", pool: "web", state: .creating, boot: .cold, shape: shape, createdAt: Date())
+        _ = try h.store.beginLaunch(half, operation: "create")
+        try h.driver.simulateStray(id: "web-ha1f00", pool: "web", shape: shape)
+        let result = try await h.reopened().reconciler.reconcile()
+        #expect(result.recovery.orphansStopped == ["web-0rphan"])
+        #expect(result.recovery.undoneLaunches == ["web-ha1f00"])
+        #expect(result.recovery.unfinished == 1)
+        #expect(result.converged)
+        let discovered = await h.driver.discover().map(\.id).sorted()
+        #expect(discovered == (try h.store.vms().map(\.id)).sorted())
+    }
+
+    @Test func pruneDeletesAbsentPoolsAndTheirTemplates() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool("a", size: 2, boot: .template), pool("b", size: 1)], prune: [])
+        let result = try await h.reconciler.apply([pool("b", size: 1)], prune: ["a"])
+        #expect(result.converged)
+        #expect(try h.store.pools().map(\.spec.name) == ["b"])
+        #expect(try h.store.vms().map(\.pool) == ["b"])
+        #expect(await h.driver.discoverTemplates().isEmpty)
+    }
+
+    @Test func switchingToColdBootRemovesTheTemplate() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 1, boot: .template)], prune: [])
+        let result = try await h.reconciler.apply([pool(size: 2, boot: .cold)], prune: [])
+        #expect(result.converged)
+        #expect(result.plan.summary[.create] == 1)
+        #expect(try h.store.templates().isEmpty)
+    }
+
+    @Test func cancellationStartsNothingNewAndTheNextPassFinishes() async throws {
+        let h = try SimHarness(parallelism: 1)
+        defer { h.directory.remove() }
+        let cancellation = Cancellation()
+        cancellation.cancel()
+        let result = try await h.reconciler.apply([pool(size: 3)], prune: [], cancellation: cancellation)
+        #expect(result.results.allSatisfy { $0.outcome == .failed && $0.error?.contains("shutting down") == true })
+        #expect(try h.store.vms().isEmpty)
+        #expect(try await h.reconciler.reconcile().converged)
+    }
+
+    @Test func simLimitsMatchQemu() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 1, vcpus: 1, memoryMiB: 256, maxVcpus: 2, maxMemoryMiB: 512)], prune: [])
+        let vm = try #require(try h.store.vms().first)
+        await #expect(throws: DriverError.self) { try await h.driver.hotplugCPUs(vm.ref, shape: vm.shape, to: 3) }
+        await #expect(throws: DriverError.self) { try await h.driver.hotplugMemory(vm.ref, shape: vm.shape, to: 300) }
+        await #expect(throws: DriverError.self) { try await h.driver.resume(vm.ref) }
+        try await h.driver.pause(vm.ref)
+        await #expect(throws: DriverError.self) { try await h.driver.pause(vm.ref) }
+        try await h.driver.hotplugMemory(vm.ref, shape: vm.shape, to: 512)
+    }
+
+    @Test func faultInjectionIsReproducibleFromTheSeed() {
+        let a = (0..<200).map { SimDriver.unitInterval(seed: 9, operation: .create, n: UInt64($0)) < 0.3 }
+        let b = (0..<200).map { SimDriver.unitInterval(seed: 9, operation: .create, n: UInt64($0)) < 0.3 }
+        let c = (0..<200).map { SimDriver.unitInterval(seed: 10, operation: .create, n: UInt64($0)) < 0.3 }
+        #expect(a == b)
+        #expect(a != c)
+        let rate = Double(a.filter { $0 }.count) / 200
+        #expect(rate > 0.15 && rate < 0.45)
+    }
+}
+
+func kinds(_ plan: Plan) -> [Action.Kind: Int] { plan.summary.filter { $0.value > 0 } }

@@ -1,0 +1,132 @@
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolSpec
+import VmpoolStore
+import VmpoolTestSupport
+
+@Suite("State store")
+struct StoreTests {
+    func record(_ id: String, pool: String = "web", state: VMState = .running) -> VMRecord {
+        VMRecord(
+            id: id, pool: pool, state: state, boot: .cold,
+            shape: VMShape(pool: VmpoolTestSupport.pool(pool), image: testImage), createdAt: Date())
+    }
+
+    @Test func stateDirAndFilesArePrivate() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let stateDir = dir.path + "/state"
+        let old = umask(0o077)
+        defer { umask(old) }
+        _ = try StateStore(directory: stateDir)
+        var info = stat()
+        #expect(stat(stateDir, &info) == 0)
+        #expect(info.st_mode & 0o777 == 0o700)
+        #expect(stat(stateDir + "/state.sqlite", &info) == 0)
+        #expect(info.st_mode & 0o077 == 0)
+    }
+
+    @Test func anExistingLooseStateDirIsTightened() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        chmod(dir.path, 0o755)
+        _ = try StateStore(directory: dir.path)
+        var info = stat()
+        stat(dir.path, &info)
+        #expect(info.st_mode & 0o777 == 0o700)
+    }
+
+    @Test func applyingBumpsTheGenerationOnlyOnChange() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        #expect(try store.applyDesired([pool("web"), pool("db")]) == ["web", "db"])
+        #expect(try store.applyDesired([pool("web"), pool("db", size: 5)]) == ["db"])
+        let pools = try store.pools()
+        #expect(pools.map(\.spec.name) == ["db", "web"])
+        #expect(pools.map(\.generation) == [2, 1])
+        #expect(pools.first?.spec.size == 5)
+    }
+
+    @Test func desiredStateSurvivesReopening() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        do {
+            let store = try StateStore(directory: dir.path)
+            try store.applyDesired([pool("web", size: 7, warm: 2)])
+            _ = try store.beginLaunch(record("web-000001"), operation: "create")
+        }
+        let reopened = try StateStore(directory: dir.path)
+        #expect(try reopened.pools().first?.spec == pool("web", size: 7, warm: 2))
+        #expect(try reopened.vms().map(\.id) == ["web-000001"])
+    }
+
+    @Test func aLaunchIsJournaledWithItsRecordAndClosedWithItsOutcome() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        var vm = record("web-000001", state: .creating)
+        let journal = try #require(try store.beginLaunch(vm, operation: "create"))
+        #expect(try store.unfinishedOperations().map(\.id) == [journal])
+        #expect(try store.vm("web-000001")?.state == .creating)
+        vm.state = .running
+        vm.pid = 4242
+        try store.finish(journal, outcome: .ok, updating: vm, event: Event(pool: "web", vm: vm.id, kind: "created", message: "ok"))
+        #expect(try store.unfinishedOperations().isEmpty)
+        #expect(try store.vm("web-000001")?.pid == 4242)
+        #expect(try store.journal().first?.outcome == .ok)
+        #expect(try store.events(pool: "web").first?.kind == "created")
+    }
+
+    @Test func aTakenIdIsRefused() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        #expect(try store.beginLaunch(record("web-000001"), operation: "create") != nil)
+        #expect(try store.beginLaunch(record("web-000001"), operation: "create") == nil)
+        #expect(try store.unfinishedOperations().count == 1)
+    }
+
+    @Test func templatesMoveFromBuildingToReady() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        let ref = TemplateRef(id: "web-tmpl-000001", pool: "web", key: VMShape(pool: pool(), image: testImage).templateKey)
+        let journal = try store.beginTemplate(TemplateRecord(ref: ref, state: .building, createdAt: Date()))
+        #expect(try store.templates().map(\.state) == [.building])
+        try store.markTemplateReady(ref.id)
+        try store.finish(journal, outcome: .ok)
+        #expect(try store.templates().map(\.state) == [.ready])
+        #expect(try store.templates().first?.ref == ref)
+        try store.deletePool("web")
+        #expect(try store.templates().isEmpty)
+    }
+
+    @Test func theLockNamesItsHolderAndTimesOut() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let held = try StateLock.acquire(directory: dir.path, command: "apply", timeout: 1)
+        var reported: LockHolder?
+        let started = Date()
+        do {
+            _ = try StateLock.acquire(directory: dir.path, command: "reconcile", timeout: 0.3) { reported = $0 }
+            Issue.record("a second lock was granted")
+        } catch {
+            #expect(error.code == .locked)
+            #expect(error.message.contains("pid \(getpid()) (apply)"))
+        }
+        #expect(Date().timeIntervalSince(started) >= 0.3)
+        #expect(reported?.pid == getpid())
+        #expect(reported?.command == "apply")
+        _ = held
+    }
+
+    @Test func aReleasedLockIsTakenAgain() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        do { _ = try StateLock.acquire(directory: dir.path, command: "apply", timeout: 1) }
+        let again = try StateLock.acquire(directory: dir.path, command: "apply", timeout: 0.1)
+        #expect(again.holder.command == "apply")
+    }
+}
