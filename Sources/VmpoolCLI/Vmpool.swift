@@ -6,7 +6,7 @@ public struct Vmpool: AsyncParsableCommand {
         commandName: "vmpool",
         abstract: "Provision pools of virtual machines from declarative manifests.",
         discussion: """
-            Manifests describe the pools a host should have; `apply` and `reconcile` create, clone,
+            Manifests describe the pools a host should have; `apply` and `reconcile` create, clone, \
             resume, pause, hotplug and stop VMs until the host matches them.
             """,
         version: "0.1.0",

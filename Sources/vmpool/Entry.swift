@@ -6,6 +6,6 @@ enum Entry {
     static func main() async {
         // Everything vmpool creates (state files, sockets, memory files) is private to its user.
         umask(0o077)
-        await Vmpool.main(nil)
+        exit(await Vmpool.runMain())
     }
 }

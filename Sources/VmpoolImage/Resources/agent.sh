@@ -42,7 +42,7 @@ count() {
 	done
 	IFS=$ifs
 	mem_mib=0
-	while read -r k v u; do
+	while read -r k v _; do
 		if [ "$k" = MemTotal: ]; then
 			mem_mib=$((v / 1024))
 			break
@@ -107,7 +107,7 @@ seed() {
 		esc="$esc\\x${h%"$r"}"
 		h=$r
 	done
-	printf "$esc" >/dev/urandom
+	printf %b "$esc" >/dev/urandom
 }
 
 IFS=$ifs
