@@ -59,7 +59,7 @@ let package = Package(
             ]
         ),
         // The default guest image: Debian kernel + busybox initramfs with the agent.
-        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver"], exclude: ["Resources"]),
+        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver"]),
         // Commands: argument parsing and printing; everything else is a library call.
         .target(
             name: "VmpoolCLI",

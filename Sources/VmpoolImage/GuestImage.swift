@@ -3,9 +3,10 @@ import VmpoolDriver
 
 /// The default guest image: a Debian kernel and an initramfs of busybox plus the vmpool agent.
 public enum GuestImage {
-    /// Kernel command line of the default image: serial console, quiet, no swiotlb bounce
-    /// buffer (memory hotplug slots would otherwise reserve 64 MiB of every guest).
-    public static let defaultCmdline = "console=ttyS0 quiet loglevel=1 swiotlb=noforce"
+    /// Kernel command line of the default image: serial console, quiet, no crypto self-tests
+    /// at boot (0.26 s under TCG), no swiotlb bounce buffer (memory hotplug slots would
+    /// otherwise reserve 64 MiB of every guest).
+    public static let defaultCmdline = "console=ttyS0 quiet cryptomgr.notests swiotlb=noforce"
 
     /// The default image as the sim driver records it: nothing to read from disk.
     public static let simDefault = BootImage(

@@ -53,8 +53,9 @@ enum GuestScripts {
     
     port=${1:-/dev/ttyS1}
     exec 0<>"$port" 1>&0 2>/dev/null || exit 1
-    # Raw, no echo; 115200 baud keeps the UART's receive timeout (4 character
-    # times) short, so a short request is delivered to the guest at once.
+    # Raw, no echo. The emulated UART paces its receive FIFO timeout by the baud
+    # rate; 115200 makes a 140-byte seed request arrive about twice as fast as
+    # the 9600 default.
     stty raw -echo -echoe -echok -echonl -icrnl -onlcr 115200 2>/dev/null
     
     cr=$(printf '\r')
@@ -79,7 +80,7 @@ enum GuestScripts {
     	done
     	IFS=$ifs
     	mem_mib=0
-    	while read -r k v u; do
+    	while read -r k v _; do
     		if [ "$k" = MemTotal: ]; then
     			mem_mib=$((v / 1024))
     			break
@@ -111,6 +112,8 @@ enum GuestScripts {
     	'' | .* | *[!0-9.]* | *.*.*) return 1 ;;
     	esac
     	sec=${1%%.*}
+    	sec=${sec#"${sec%%[!0]*}"}
+    	sec=${sec:-0}
     	frac=
     	case $1 in *.*) frac=${1#*.} ;; esac
     	frac=${frac}000000
@@ -144,7 +147,7 @@ enum GuestScripts {
     		esc="$esc\\x${h%"$r"}"
     		h=$r
     	done
-    	printf "$esc" >/dev/urandom
+    	printf %b "$esc" >/dev/urandom
     }
     
     IFS=$ifs

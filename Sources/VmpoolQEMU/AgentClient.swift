@@ -33,7 +33,9 @@ final class AgentClient {
         while true {
             let line = try socket.readLine(until: deadline)
             let parts = line.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: true)
-            guard parts.count >= 2, parts[0] == "\(id)" else { continue }
+            // Anything else is noise: a late answer to an earlier try, or the guest tty echoing
+            // a request before the agent has put it in raw mode.
+            guard parts.count >= 2, parts[0] == "\(id)", parts[1] == "ok" || parts[1] == "error" else { continue }
             let rest = parts.count > 2 ? String(parts[2]) : ""
             if parts[1] == "ok" { return rest }
             throw DriverError(.protocolError, "guest agent refused \(command.prefix(20)): \(rest)", vm: vm)

@@ -34,28 +34,32 @@ public final class QemuDriver: HypervisorDriver {
         }
     }
 
-    /// The accelerator, probed on first use.
-    var resolvedAccelerator: ResolvedAccelerator {
+    /// The accelerator, probed on first use with the kernel about to boot.
+    func accelerator(kernel: String) -> ResolvedAccelerator {
         accelerator.withLock { value in
             if let value { return value }
             let resolved = AcceleratorProbe.resolve(
-                configuration.accelerator, binary: configuration.binary, stateDirectory: paths.stateDirectory)
+                configuration.accelerator, binary: configuration.binary, stateDirectory: paths.stateDirectory,
+                kernel: kernel)
             logger.debug("accelerator: \(resolved.rawValue)")
             value = resolved
             return resolved
         }
     }
 
-    func vm(_ id: String, pid: Int32? = nil) -> QemuVM {
+    /// A handle on one VM. The accelerator matters only for starting; existing VMs get TCG's
+    /// value, which no other operation reads.
+    func vm(_ id: String, pid: Int32? = nil, kernel: String? = nil) -> QemuVM {
         QemuVM(
-            id: id, paths: paths, configuration: configuration, accelerator: resolvedAccelerator,
+            id: id, paths: paths, configuration: configuration,
+            accelerator: kernel.map { accelerator(kernel: $0) } ?? .tcg,
             pid: pid ?? QemuProcess.readPid(paths.pidFile(id)))
     }
 
     // MARK: - HypervisorDriver
 
     public func create(_ request: LaunchRequest) async throws(DriverError) -> LaunchedVM {
-        let machine = vm(request.id)
+        let machine = vm(request.id, kernel: request.shape.image.kernel)
         let bootTimeout = configuration.bootTimeout
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
             var machine = machine
@@ -76,7 +80,7 @@ public final class QemuDriver: HypervisorDriver {
 
     public func buildTemplate(_ template: TemplateRef) async throws(DriverError) {
         try Self.makePrivateDirectory(paths.memoryRoot)
-        let machine = vm(template.id)
+        let machine = vm(template.id, kernel: template.key.image.kernel)
         let memoryFile = paths.memoryFile(template: template.id)
         let stateFile = paths.stateFile(template: template.id)
         let bootTimeout = configuration.bootTimeout
@@ -102,7 +106,7 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
-        let machine = vm(request.id)
+        let machine = vm(request.id, kernel: template.key.image.kernel)
         let memoryFile = paths.memoryFile(template: template.id)
         let stateFile = paths.stateFile(template: template.id)
         guard access(memoryFile, R_OK) == 0, access(stateFile, R_OK) == 0 else {

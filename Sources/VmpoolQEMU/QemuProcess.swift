@@ -6,26 +6,13 @@ enum QemuProcess {
     /// Runs QEMU with `-daemonize`: the call returns once QEMU has initialised (sockets
     /// listening, pid file written) and the VM process lives on, re-parented away from vmpool.
     static func launch(binary: String, arguments: [String], vm: String) throws(DriverError) {
-        let process = Process()
         guard let path = resolve(binary) else {
             throw DriverError(.hostUnsupported, "QEMU (\(binary)) is not installed; install qemu-system-x86", vm: vm)
         }
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let errors = Pipe()
-        process.standardError = errors
-        process.standardOutput = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw DriverError(.launchFailed, "cannot start \(path): \(error.localizedDescription)", vm: vm)
-        }
-        let output = errors.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            let text = String(decoding: output, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            throw DriverError(.launchFailed, "QEMU exited with status \(process.terminationStatus): \(text)", vm: vm)
+        let (status, errors) = try Spawn.run(path, arguments)
+        guard status == 0 else {
+            let text = errors.trimmingCharacters(in: .whitespacesAndNewlines)
+            throw DriverError(.launchFailed, "QEMU exited with status \(status): \(text)", vm: vm)
         }
     }
 

@@ -12,4 +12,11 @@ ssize_t vmpool_send_with_fd(int sock, const void *data, size_t len, int fd);
 /// or -1 with errno set (ENAMETOOLONG when the path does not fit sun_path).
 int vmpool_unix_connect(const char *path);
 
+/// Starts `path` with `argv` (NULL-terminated) in a new session: stdin and stdout on
+/// /dev/null, stderr on `stderr_fd` (or /dev/null when -1), every other descriptor closed.
+/// Returns the child's pid, or -1 with errno set.
+int vmpool_spawn(const char *path, char *const argv[], int stderr_fd);
+
+/// pipe2(fds, O_CLOEXEC).
+int vmpool_pipe_cloexec(int fds[2]);
 #endif

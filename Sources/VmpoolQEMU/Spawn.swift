@@ -1,0 +1,64 @@
+import CVmpoolSys
+import Foundation
+import VmpoolDriver
+
+/// Child processes started with `posix_spawn`, reaped with `waitpid` by whoever started them.
+///
+/// Foundation's `Process` reaps children through a dispatch source that a busy or
+/// signal-trapping host process can starve; vmpool waits for its few short-lived children
+/// itself instead.
+enum Spawn {
+    /// A started child: its pid and the read end of its stderr pipe.
+    struct Child {
+        let pid: Int32
+        let stderr: Int32
+    }
+
+    static func start(_ path: String, _ arguments: [String]) throws(DriverError) -> Child {
+        var fds: [Int32] = [0, 0]
+        guard vmpool_pipe_cloexec(&fds) == 0 else {
+            throw DriverError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let pid = argv.withUnsafeBufferPointer { vmpool_spawn(path, $0.baseAddress, fds[1]) }
+        Glibc.close(fds[1])
+        guard pid > 0 else {
+            Glibc.close(fds[0])
+            throw DriverError(.launchFailed, "cannot start \(path): \(String(cString: strerror(errno)))")
+        }
+        return Child(pid: pid, stderr: fds[0])
+    }
+
+    /// Waits for the child to exit and returns its exit status (128+signal when killed) and stderr.
+    static func wait(_ child: Child) -> (status: Int32, stderr: String) {
+        var output: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = read(child.stderr, &chunk, chunk.count)
+            if count > 0 {
+                if output.count < 65536 { output += chunk[0..<count] }
+                continue
+            }
+            if count < 0 && errno == EINTR { continue }
+            break
+        }
+        Glibc.close(child.stderr)
+        return (reap(child.pid), String(decoding: output, as: UTF8.self))
+    }
+
+    /// `waitpid` until the child is gone; returns its exit status, or 128+signal.
+    static func reap(_ pid: Int32) -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            if errno != EINTR { return -1 }
+        }
+        let signal = status & 0x7F
+        return signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+    }
+
+    /// Runs `path ARGS` to completion.
+    static func run(_ path: String, _ arguments: [String]) throws(DriverError) -> (status: Int32, stderr: String) {
+        wait(try start(path, arguments))
+    }
+}
