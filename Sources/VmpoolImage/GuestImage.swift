@@ -25,13 +25,15 @@ public enum GuestImage {
         return BootImage(kernel: kernel, initrd: initrd, cmdline: cmdline ?? defaultCmdline)
     }
 
-    /// `$VMPOOL_KERNEL`, else `.cache/kernel` as scripts/fetch-kernel leaves it, else the newest `/boot/vmlinuz-*`.
+    /// `$VMPOOL_KERNEL`, else what scripts/fetch-kernel left in `.cache/kernel`, else the newest `/boot/vmlinuz-*`.
     public static func findKernel(environment: [String: String] = ProcessInfo.processInfo.environment) throws
         -> String
     {
         if let path = environment["VMPOOL_KERNEL"], !path.isEmpty { return path }
         let manager = FileManager.default
-        for dir in [".cache/kernel/boot", "/boot"] {
+        let cached = ((try? manager.contentsOfDirectory(atPath: ".cache/kernel")) ?? []).sorted()
+            .map { ".cache/kernel/\($0)/boot" }
+        for dir in cached.reversed() + ["/boot"] {
             let kernels = ((try? manager.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix("vmlinuz-") }
             if let newest = kernels.sorted(by: { $0.compare($1, options: .numeric) == .orderedAscending }).last {
                 return URL(fileURLWithPath: dir + "/" + newest).standardizedFileURL.path

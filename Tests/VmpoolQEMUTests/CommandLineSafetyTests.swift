@@ -1,0 +1,66 @@
+import Foundation
+import Testing
+import VmpoolDriver
+
+@testable import VmpoolQEMU
+
+/// Nothing from a manifest can add an option to QEMU's command line.
+@Suite("QEMU command line")
+struct CommandLineSafetyTests {
+    let hostile = [
+        "/k,readonly=on", "/k -append evil", "-monitor stdio", "/k\nmore", "/k,,x", "--", "/k;rm -rf /", "$(id)",
+    ]
+
+    func arguments(image: BootImage, stateDir: String = "/tmp/s", memory: MemoryMode = .anonymous) -> [String] {
+        let configuration = QemuConfiguration(stateDirectory: stateDir)
+        let vm = QemuVM(
+            id: "web-000001", paths: QemuPaths(configuration: configuration), configuration: configuration,
+            accelerator: .tcg, pid: nil)
+        let shape = VMShape(vcpus: 1, memoryMiB: 256, maxVcpus: 2, maxMemoryMiB: 512, image: image)
+        return vm.arguments(shape: shape, memory: memory, incoming: false)
+    }
+
+    @Test func manifestValuesAreWholeArgumentsNeverOptions() {
+        for value in hostile {
+            let args = arguments(image: BootImage(kernel: value, initrd: value, cmdline: value + ",x=y"))
+            let kernel = args.firstIndex(of: "-kernel").map { args[$0 + 1] }
+            let initrd = args.firstIndex(of: "-initrd").map { args[$0 + 1] }
+            let append = args.firstIndex(of: "-append").map { args[$0 + 1] }
+            #expect(kernel == value)
+            #expect(initrd == value)
+            #expect(append == value + ",x=y")
+            // The value appears nowhere else, so it cannot be read as an option.
+            #expect(args.filter { $0.contains(value) }.count == 3)
+        }
+    }
+
+    @Test func statePathsWithCommasAreEscapedInOptionLists() {
+        let args = arguments(image: BootImage(kernel: "/k", initrd: nil, cmdline: ""), stateDir: "/tmp/a,server=off")
+        let chardevs = args.enumerated().filter { $0.offset > 0 && args[$0.offset - 1] == "-chardev" }.map(\.element)
+        #expect(chardevs.count == 3)
+        for chardev in chardevs {
+            #expect(chardev.contains("/tmp/a,,server=off/run/"))
+            #expect(!chardev.contains("/tmp/a,server=off/"))
+        }
+    }
+
+    @Test func memoryBackendsAreJSONNotOptionLists() throws {
+        let args = arguments(
+            image: BootImage(kernel: "/k", initrd: nil, cmdline: ""), memory: .templateShared("/dev/shm/x,share=off"))
+        let object = try #require(args.firstIndex(of: "-object").map { args[$0 + 1] })
+        let parsed = try #require(try JSONSerialization.jsonObject(with: Data(object.utf8)) as? [String: Any])
+        #expect(parsed["mem-path"] as? String == "/dev/shm/x,share=off")
+        #expect(parsed["share"] as? Bool == true)
+    }
+
+    @Test func sandboxIsOnByDefault() {
+        let args = arguments(image: BootImage(kernel: "/k", initrd: nil, cmdline: ""))
+        #expect(args.firstIndex(of: "-sandbox").map { args[$0 + 1].hasPrefix("on,") } == true)
+    }
+
+    @Test func clonesDoNotReloadTheKernel() {
+        let args = arguments(image: BootImage(kernel: "/k", initrd: "/i", cmdline: "c"), memory: .clonePrivate("/m"))
+        #expect(!args.contains("-kernel"))
+        #expect(args.contains("-no-reboot"))
+    }
+}
