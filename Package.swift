@@ -76,7 +76,10 @@ let package = Package(
         // Builders and fakes shared by the test targets.
         .target(
             name: "VmpoolTestSupport",
-            dependencies: ["VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim"],
+            dependencies: [
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim", "VmpoolReconciler",
+                .product(name: "Logging", package: "swift-log"),
+            ],
             path: "Tests/VmpoolTestSupport"
         ),
         .testTarget(name: "VmpoolSpecTests", dependencies: ["VmpoolSpec", "VmpoolTestSupport"]),
