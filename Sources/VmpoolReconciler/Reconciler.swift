@@ -63,14 +63,17 @@ public final class Reconciler: Sendable {
     public func reconcile(
         only names: Set<String>? = nil, cancellation: Cancellation = Cancellation()
     ) async throws(StoreError) -> PassResult {
-        let pools = try store.pools().map(\.spec).filter { names?.contains($0.name) ?? true }
-        return try await converge(pools, prune: [], cancellation: cancellation)
+        let stored = try store.pools().filter { names?.contains($0.spec.name) ?? true }
+        let deleting = Set(stored.filter(\.deleting).map(\.spec.name))
+        let pools = stored.filter { !$0.deleting }.map(\.spec)
+        return try await converge(pools, prune: deleting, cancellation: cancellation)
     }
 
     /// Stops every VM of `names` and forgets the pools. The caller holds the state dir lock.
     public func delete(_ names: Set<String>, cancellation: Cancellation = Cancellation()) async throws(StoreError)
         -> PassResult
     {
+        try store.markDeleting(names)
         let recovery = try await recover()
         let observation = try await observe()
         let input = planInput(desired: [], prune: names, observation: observation)
@@ -90,6 +93,7 @@ public final class Reconciler: Sendable {
     private func converge(_ pools: [PoolSpec], prune: Set<String>, cancellation: Cancellation)
         async throws(StoreError) -> PassResult
     {
+        try store.markDeleting(prune)
         let recovery = try await recover()
         let observation = try await observe()
         try syncRecords(observation)

@@ -8,11 +8,14 @@ public struct StoredPool: Sendable, Hashable {
     /// Bumped each time an apply changes the spec; VMs remember the generation they were made for.
     public var generation: Int
     public var updatedAt: Date
+    /// A delete or prune of this pool started and has not finished.
+    public var deleting: Bool
 
-    public init(spec: PoolSpec, generation: Int, updatedAt: Date) {
+    public init(spec: PoolSpec, generation: Int, updatedAt: Date, deleting: Bool = false) {
         self.spec = spec
         self.generation = generation
         self.updatedAt = updatedAt
+        self.deleting = deleting
     }
 }
 

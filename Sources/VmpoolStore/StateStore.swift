@@ -39,7 +39,8 @@ public final class StateStore: Sendable {
                         name TEXT PRIMARY KEY NOT NULL,
                         spec TEXT NOT NULL,
                         generation INTEGER NOT NULL,
-                        updatedAt DOUBLE NOT NULL
+                        updatedAt DOUBLE NOT NULL,
+                        deleting INTEGER NOT NULL DEFAULT 0
                     );
                     CREATE TABLE vm (
                         id TEXT PRIMARY KEY NOT NULL,
@@ -120,8 +121,8 @@ public final class StateStore: Sendable {
     /// Every pool last applied, by name.
     public func pools() throws(StoreError) -> [StoredPool] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT name, spec, generation, updatedAt FROM pool ORDER BY name").map(
-                Self.pool)
+            try Row.fetchAll(db, sql: "SELECT name, spec, generation, updatedAt, deleting FROM pool ORDER BY name")
+                .map(Self.pool)
         }
     }
 
@@ -137,9 +138,13 @@ public final class StateStore: Sendable {
                 let existing = try Row.fetchOne(
                     db, sql: "SELECT spec, generation FROM pool WHERE name = ?", arguments: [spec.name])
                 if let existing {
-                    if (existing["spec"] as String) == json { continue }
+                    if (existing["spec"] as String) == json {
+                        try db.execute(sql: "UPDATE pool SET deleting = 0 WHERE name = ?", arguments: [spec.name])
+                        continue
+                    }
                     try db.execute(
-                        sql: "UPDATE pool SET spec = ?, generation = generation + 1, updatedAt = ? WHERE name = ?",
+                        sql: "UPDATE pool SET spec = ?, generation = generation + 1, updatedAt = ?, deleting = 0"
+                            + " WHERE name = ?",
                         arguments: [json, now, spec.name])
                 } else {
                     try db.execute(
@@ -150,6 +155,17 @@ public final class StateStore: Sendable {
                 changed.append(spec.name)
             }
             return changed
+        }
+    }
+
+    /// Records that pools are being deleted, so that a pass interrupted halfway is finished
+    /// by the next one instead of bringing the pools back.
+    public func markDeleting(_ names: Set<String>) throws(StoreError) {
+        guard !names.isEmpty else { return }
+        try write { db in
+            for name in names {
+                try db.execute(sql: "UPDATE pool SET deleting = 1 WHERE name = ?", arguments: [name])
+            }
         }
     }
 
@@ -373,7 +389,8 @@ public final class StateStore: Sendable {
     private static func pool(_ row: Row) throws -> StoredPool {
         let spec: PoolSpec = try decode(row["spec"])
         return StoredPool(
-            spec: spec, generation: row["generation"], updatedAt: Date(timeIntervalSince1970: row["updatedAt"]))
+            spec: spec, generation: row["generation"], updatedAt: Date(timeIntervalSince1970: row["updatedAt"]),
+            deleting: row["deleting"])
     }
 
     private static func template(_ row: Row) throws -> TemplateRecord {

@@ -172,3 +172,28 @@ struct ReconcilerTests {
 }
 
 func kinds(_ plan: Plan) -> [Action.Kind: Int] { plan.summary.filter { $0.value > 0 } }
+
+@Suite("Interrupted deletes")
+struct InterruptedDeleteTests {
+    @Test func anInterruptedDeleteIsFinishedByReconcileNotUndone() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool("a", size: 2), pool("b", size: 1)], prune: [])
+        // A delete that died right after marking the pool, before stopping anything.
+        try h.store.markDeleting(["a"])
+        let result = try await h.reopened().reconciler.reconcile()
+        #expect(result.converged)
+        #expect(try h.store.pools().map(\.spec.name) == ["b"])
+        #expect(try h.store.vms().map(\.pool) == ["b"])
+    }
+
+    @Test func reapplyingAPoolCancelsItsDeletion() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool("a", size: 2)], prune: [])
+        try h.store.markDeleting(["a"])
+        _ = try await h.reconciler.apply([pool("a", size: 2)], prune: [])
+        #expect(try h.store.pools().map(\.deleting) == [false])
+        #expect(try await h.reconciler.reconcile().plan.isEmpty)
+    }
+}

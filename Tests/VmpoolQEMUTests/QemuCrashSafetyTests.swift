@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+import VmpoolStore
+import VmpoolTestSupport
+
+@testable import VmpoolQEMU
+
+/// `vmpool apply` on real QEMU killed with SIGKILL at many instants; one `vmpool reconcile`
+/// must leave exactly the desired VMs: no QEMU without a record, no record without a QEMU, no
+/// stale socket dir, memory file or template state.
+@Suite(
+    "Crash safety on real QEMU", .serialized,
+    .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
+struct QemuCrashSafetyTests {
+    static let killPoints = Int(ProcessInfo.processInfo.environment["VMPOOL_QEMU_KILL_POINTS"] ?? "") ?? 30
+
+    func manifest(size: Int, vcpus: Int, memory: String) -> String {
+        """
+        apiVersion: vmpool/v1
+        kind: Pool
+        metadata: {name: crash}
+        spec: {size: \(size), vcpus: \(vcpus), memory: \(memory), maxVcpus: 2, maxMemory: 512Mi, boot: template}
+        """
+    }
+
+    @Test func applyKilledAtAnyInstantIsRepairedByOneReconcile() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        // Shapes to move between: scale up from few, a new template (memory change), scale down.
+        let files = [
+            box.write(manifest(size: 8, vcpus: 1, memory: "256Mi"), as: "a.yaml"),
+            box.write(manifest(size: 3, vcpus: 1, memory: "256Mi"), as: "b.yaml"),
+            box.write(manifest(size: 8, vcpus: 1, memory: "384Mi"), as: "c.yaml"),
+        ]
+        let started = Date()
+        #expect(try box.run(["apply", "-f", files[0]]).status == 0)
+        let duration = Date().timeIntervalSince(started)
+        #expect(try box.run(["apply", "-f", files[1]]).status == 0)
+
+        var interrupted = 0
+        for point in 0..<Self.killPoints {
+            let file = files[(point + 2) % files.count]
+            let delay = duration * Double(point % 10 + 1) / 11
+            let apply = try box.binary.start(["apply", "-f", file, "--state-dir", box.state])
+            usleep(useconds_t(delay * 1_000_000))
+            apply.kill(SIGKILL)
+            _ = apply.wait()
+            let repair = try box.run(["reconcile"])
+            #expect(repair.status == 0, "kill point \(point): \(repair.stdout)\n\(repair.stderr)")
+            if !repair.stdout.contains("No changes") { interrupted += 1 }
+            try expectConsistent(box, point: point)
+        }
+        #expect(interrupted >= Self.killPoints / 2)
+        print(
+            "crash safety (qemu): \(Self.killPoints) kill points survived, \(interrupted) interrupted work,"
+                + " spread over \(String(format: "%.2f", duration)) s")
+    }
+
+    func expectConsistent(_ box: QemuSandbox, point: Int) throws {
+        let store = try StateStore(directory: box.state)
+        #expect(try store.unfinishedOperations().isEmpty, "kill point \(point): open journal entries")
+        let records = try store.vms()
+        let desired = try #require(try store.pools().first?.spec)
+        #expect(records.count == desired.size, "kill point \(point): \(records.count) VMs of \(desired.size)")
+        #expect(records.allSatisfy { $0.state == .running && $0.shape.memoryMiB == desired.memoryMiB })
+        let processes = Set(box.qemuProcesses())
+        #expect(processes == Set(records.compactMap(\.pid)), "kill point \(point): processes \(processes) vs records")
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        let runDirs = Set((try? FileManager.default.contentsOfDirectory(atPath: paths.runRoot)) ?? [])
+        let expectedDirs = Set(records.map { URL(fileURLWithPath: paths.vmDirectory($0.id)).lastPathComponent })
+        #expect(runDirs == expectedDirs, "kill point \(point): stale run dirs \(runDirs.subtracting(expectedDirs))")
+        let templates = try store.templates()
+        #expect(templates.count == 1 && templates.allSatisfy { $0.state == .ready })
+        let memory = Set((try? FileManager.default.contentsOfDirectory(atPath: paths.memoryRoot)) ?? [])
+        #expect(memory == Set(templates.map { $0.ref.id + ".mem" }), "kill point \(point): memory files \(memory)")
+        let states = Set((try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? [])
+        #expect(states == Set(templates.map { $0.ref.id + ".state" }), "kill point \(point): template states \(states)")
+    }
+}
