@@ -1,0 +1,81 @@
+import Foundation
+import Testing
+import VmpoolSim
+import VmpoolStore
+import VmpoolTestSupport
+
+@testable import VmpoolCLI
+
+@Suite("reconcile --every", .serialized)
+struct ReconcileServiceTests {
+    @Test func sigtermFinishesInFlightActionsAndLeavesNoHalfMadeVM() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        // Record the desired pool without creating anything.
+        let file = box.write(pool(size: 8))
+        let recorded = try box.run("apply", "-f", file, environment: ["VMPOOL_SIM_FAIL": "create:1"])
+        #expect(recorded.status == 1)
+        let service = try box.binary.start(
+            ["reconcile", "--every", "200ms", "--parallel", "2", "--state-dir", box.state],
+            environment: ["VMPOOL_SIM_LATENCY": "300ms", "VMPOOL_LOG_LEVEL": "info"])
+        usleep(800_000)
+        let signalled = Date()
+        service.kill(SIGTERM)
+        let result = service.wait()
+        let stopping = Date().timeIntervalSince(signalled)
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(stopping < 2, "shutdown took \(stopping) s")
+        let store = try StateStore(directory: box.state)
+        let records = try store.vms()
+        #expect(!records.isEmpty && records.count < 8, "the pass was cut short: \(records.count) VMs")
+        #expect(records.allSatisfy { $0.state == .running }, "a half-made VM was left")
+        #expect(try store.unfinishedOperations().isEmpty)
+        let sim = try SimDriver(stateDirectory: box.state)
+        #expect(Set(awaitSync { await sim.discover() }.map(\.id)) == Set(records.map(\.id)))
+        #expect(result.stderr.contains("pool=web"), "logs carry pool metadata")
+        #expect(try box.run("reconcile").status == 0)
+        #expect(try box.vmStates() == ["running": 8])
+    }
+
+    @Test func oneBrokenPoolDoesNotHoldUpTheOthers() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let broken = box.dir.write("broken.yaml", manifest(pool("broken", size: 1)).replacingOccurrences(
+            of: "  warm: 0\n", with: "  warm: 0\n  image: {kernel: \(box.dir.path)/vmlinuz}\n"))
+        _ = FileManager.default.createFile(atPath: box.dir.path + "/vmlinuz", contents: Data())
+        let healthy = box.write(pool("healthy", size: 2), as: "healthy.yaml")
+        #expect(try box.run("apply", "-f", broken, "-f", healthy).status == 0)
+        // The kernel disappears behind vmpool's back; the healthy pool drifts too.
+        unlink(box.dir.path + "/vmlinuz")
+        let sim = try SimDriver(stateDirectory: box.state)
+        for vm in try box.json("get", "vms") { try sim.simulateCrash(vm["id"] as? String ?? "") }
+        let service = try box.binary.start(
+            ["reconcile", "--every", "100ms", "--state-dir", box.state], environment: ["VMPOOL_LOG_LEVEL": "info"])
+        usleep(1_500_000)
+        service.kill(SIGTERM)
+        let result = service.wait()
+        #expect(result.status == 0)
+        #expect(try box.vmStates(pool: "healthy") == ["running": 2])
+        let retries = result.stderr.components(separatedBy: "\n").filter {
+            $0.contains("pool=broken") && $0.contains("retrying later")
+        }
+        #expect(retries.count == 1, "a terminal failure is not retried in a hot loop: \(retries.count) retries")
+        #expect(retries.first?.contains("retry_in=10m") == true)
+    }
+
+    @Test func backoffDoublesPerFailureUpToTheCeiling() {
+        var backoff = Backoff(interval: .seconds(1), maximum: .seconds(60))
+        let now = ContinuousClock.now
+        #expect(backoff.isDue("a", now: now))
+        #expect(backoff.failed("a", terminal: false, now: now) == .seconds(2))
+        #expect(!backoff.isDue("a", now: now.advanced(by: .seconds(1))))
+        #expect(backoff.isDue("a", now: now.advanced(by: .seconds(2))))
+        #expect(backoff.failed("a", terminal: false, now: now) == .seconds(4))
+        for _ in 0..<10 { _ = backoff.failed("a", terminal: false, now: now) }
+        #expect(backoff.failed("a", terminal: false, now: now) == .seconds(60))
+        #expect(backoff.failed("b", terminal: true, now: now) == .seconds(60))
+        #expect(backoff.isDue("c", now: now))
+        backoff.succeeded("a")
+        #expect(backoff.isDue("a", now: now))
+    }
+}
