@@ -54,7 +54,7 @@ struct DocumentReader {
         guard let pairs = pairs(node, path: "metadata.labels") else { return [:] }
         var labels: [String: String] = [:]
         for (keyNode, valueNode) in pairs {
-            guard let key = keyNode.scalar?.string, keyNode.tagName == .str else {
+            guard let key = keyNode.scalar?.string, keyNode.keyTagName == .str else {
                 report(.wrongType, keyNode, "metadata.labels", "expected string label keys, got \(Self.show(keyNode))")
                 continue
             }
@@ -232,7 +232,7 @@ struct DocumentReader {
         var explicit: [(Node, Node)] = []
         var merged: [(Node, Node)] = []
         for (key, value) in mapping {
-            guard key.tagName == .merge else {
+            guard key.keyTagName == .merge else {
                 explicit.append((key, value))
                 continue
             }
@@ -269,7 +269,7 @@ struct DocumentReader {
         var result: [String: Node] = [:]
         let prefix = path.isEmpty ? "" : path + "."
         for (key, value) in pairs {
-            guard case .scalar(let scalar) = key, key.tagName == .str else {
+            guard case .scalar(let scalar) = key, key.keyTagName == .str else {
                 report(.wrongType, key, path.isEmpty ? "(document)" : path, "expected string keys, got \(Self.show(key))")
                 continue
             }
@@ -323,6 +323,25 @@ struct DocumentReader {
 }
 
 extension Node {
-    /// The resolved YAML tag (`str`, `int`, `bool`, ...); Yams keeps the name itself internal.
-    var tagName: Tag.Name { Tag.Name(rawValue: tag.rawValue) }
+    /// The YAML 1.1 type of a value node (`str`, `int`, `bool`, ...).
+    ///
+    /// Documents are parsed with Yams' rule-less resolver (see `ScalarResolver`): an untagged
+    /// plain scalar is typed here from its text; an explicit tag (`!!str 5`) is kept.
+    var tagName: Tag.Name {
+        guard case .scalar(let scalar) = self else { return Tag.Name(rawValue: tag.rawValue) }
+        let name = Tag.Name(rawValue: scalar.tag.rawValue)
+        guard scalar.style == .plain || scalar.style == .any, name == .implicit else {
+            return name == .implicit ? .str : name
+        }
+        return ScalarResolver.resolve(scalar.string)
+    }
+
+    /// The YAML 1.1 type of a mapping key. Yams has already resolved key tags in place while
+    /// checking for duplicates, so an explicit `!!str` on a plain key cannot be told from none
+    /// and plain keys are always typed from their text.
+    var keyTagName: Tag.Name {
+        guard case .scalar(let scalar) = self, scalar.style == .plain || scalar.style == .any else { return tagName }
+        let name = Tag.Name(rawValue: scalar.tag.rawValue)
+        return name == .implicit || name == .str ? ScalarResolver.resolve(scalar.string) : name
+    }
 }

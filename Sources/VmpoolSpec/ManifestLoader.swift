@@ -64,7 +64,7 @@ public enum ManifestLoader {
         var reader = DocumentReader(file: file, baseDirectory: baseDirectory)
         var pools: [(PoolSpec, SourceLocation)] = []
         do {
-            let parser = try Parser(yaml: text, resolver: .default, constructor: .default, encoding: .utf8)
+            let parser = try Parser(yaml: text, resolver: .basic, constructor: .default, encoding: .utf8)
             while let root = try parser.nextRoot() {
                 if case .scalar = root, root.tagName == .null { continue }
                 if let pool = reader.readPool(root) { pools.append(pool) }

@@ -22,7 +22,7 @@ public struct TemporaryDirectory: Sendable {
         let file = path + "/" + name
         try? FileManager.default.createDirectory(
             atPath: (file as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: file, contents: Data(contents.utf8))
+        _ = FileManager.default.createFile(atPath: file, contents: Data(contents.utf8))
         return file
     }
 
