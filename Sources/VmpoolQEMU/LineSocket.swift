@@ -72,14 +72,16 @@ final class LineSocket {
                 throw DriverError(.io, "poll on \(path) failed: \(String(cString: strerror(errno)))")
             }
             if ready == 0 { continue }
-            var chunk = [UInt8](repeating: 0, count: 65536)
-            let count = recv(fd, &chunk, chunk.count, 0)
+            let count = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 8192) { chunk in
+                let count = recv(fd, chunk.baseAddress, chunk.count, 0)
+                if count > 0 { buffer.append(contentsOf: chunk[0..<count]) }
+                return count
+            }
             if count < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
                 throw DriverError(.io, "read on \(path) failed: \(String(cString: strerror(errno)))")
             }
             if count == 0 { throw DriverError(.io, "\(path) closed the connection") }
-            buffer.append(contentsOf: chunk[0..<count])
         }
     }
 

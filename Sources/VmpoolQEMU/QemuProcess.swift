@@ -28,16 +28,46 @@ enum QemuProcess {
     }
 
     static func readPid(_ path: String) -> Int32? {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-        return Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        guard let bytes = readProcFile(path, limit: 64) else { return nil }
+        return Int32(String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
     }
 
     /// The NUL-separated command line of a process, or `nil` when it is gone.
     static func commandLine(_ pid: Int32) -> [String]? {
-        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !data.isEmpty else {
-            return nil
+        guard let bytes = readProcFile("/proc/\(pid)/cmdline"), !bytes.isEmpty else { return nil }
+        return bytes.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Reads a small /proc file with plain read(2). /proc files report size 0, and
+    /// Foundation's file readers kept memory per call when polled every second from a
+    /// long-running reconcile; this reader keeps nothing.
+    static func readProcFile(_ path: String, limit: Int = 1 << 20) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while result.count < limit {
+            let count = read(fd, &chunk, chunk.count)
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { break }
+            result += chunk[0..<count]
         }
-        return data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        return result
+    }
+
+    /// Numeric entries of /proc: every process id.
+    static func processIDs() -> [Int32] {
+        guard let dir = opendir("/proc") else { return [] }
+        defer { closedir(dir) }
+        var pids: [Int32] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if let pid = Int32(name) { pids.append(pid) }
+        }
+        return pids
     }
 
     /// The VM id a QEMU command line was started for under `runRoot`, if it is one of ours.
@@ -58,19 +88,18 @@ enum QemuProcess {
     }
 
     static func isZombie(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-            let close = stat.lastIndex(of: ")")
-        else { return true }
-        let rest = stat[stat.index(after: close)...].drop { $0 == " " }
-        return rest.first == "Z" || rest.first == "X"
+        guard let stat = readProcFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: UInt8(ascii: ")")) else {
+            return true
+        }
+        let state = stat[(close + 1)...].first { $0 != UInt8(ascii: " ") }
+        return state == UInt8(ascii: "Z") || state == UInt8(ascii: "X")
     }
 
     /// Every QEMU process started for this state dir, found by its run dir in its command line.
     static func discover(runRoot: String) -> [DiscoveredVM] {
-        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
         var found: [DiscoveredVM] = []
-        for entry in entries {
-            guard let pid = Int32(entry), pid != getpid(), let arguments = commandLine(pid),
+        for pid in processIDs() {
+            guard pid != getpid(), let arguments = commandLine(pid),
                 let id = vmID(in: arguments, runRoot: runRoot), !isZombie(pid)
             else { continue }
             found.append(DiscoveredVM(id: id, pid: pid))
