@@ -5,8 +5,9 @@
 /// exhaust the composer's recursion, and aliases used as mapping keys (hashing an
 /// alias-expanded key is exponential in the alias depth: the "billion laughs" attack).
 struct PreScan {
-    /// Manifests are a few KiB; a megabyte is far beyond any real pool list.
-    static let maxBytes = 1 << 20
+    /// A pool is about 130 bytes of YAML: 4 MiB holds a fleet of 30,000 pools in one file,
+    /// and keeps the parsed tree of the largest accepted file around 100 MB.
+    static let maxBytes = 4 << 20
     /// An over-estimate of nesting depth; real manifests stay under 10.
     static let maxDepth = 200
     /// Aliases are legitimate (shared labels) but hundreds of them are not.

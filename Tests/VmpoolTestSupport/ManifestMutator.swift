@@ -89,7 +89,7 @@ public struct ManifestMutator {
             Array((0..<3000).map { String(repeating: " ", count: $0) + "k\($0):" }.joined(separator: "\n").utf8)
         ))
         result.append(("10 MB file", Array(repeating: UInt8(ascii: "a"), count: 10 << 20)))
-        result.append(("just under the size limit", Array(("#" + String(repeating: "x", count: (1 << 20) - 10) + "\n").utf8)))
+        result.append(("just under the size limit", Array(("#" + String(repeating: "x", count: (4 << 20) - 10) + "\n").utf8)))
         result.append(("invalid UTF-8", Array("apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: \"".utf8) + [0xC3, 0x28, 0xFF] + Array("\"}\n".utf8)))
         result.append(("overlong UTF-8", [0xC0, 0xAF, 0x0A]))
         result.append(("UTF-16 bytes", [0xFF, 0xFE, 0x61, 0x00, 0x3A, 0x00]))
