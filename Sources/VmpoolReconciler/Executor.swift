@@ -106,8 +106,16 @@ extension Reconciler {
         logger[metadataKey: "pool"] = "\(action.pool)"
         if let vm = action.vm { logger[metadataKey: "vm"] = "\(vm)" }
         logger.info("\(action.kind.rawValue): \(action.reason)")
+        let started = ContinuousClock.now
         do {
             let created = try await perform(action, pool: pool, logger: logger)
+            let took = ContinuousClock.now - started
+            logger.info(
+                "\(action.kind.rawValue) done",
+                metadata: [
+                    "took_ms": "\(took.components.seconds * 1000 + took.components.attoseconds / 1_000_000_000_000_000)",
+                    "created": "\(created ?? "-")",
+                ])
             return ActionResult(action: action, outcome: .ok, createdVM: created)
         } catch let error as DriverError {
             logger.error("\(action.kind.rawValue) failed: \(error)")
@@ -234,7 +242,6 @@ extension Reconciler {
             event: Event(
                 pool: record.pool, vm: id, kind: template == nil ? "created" : "cloned",
                 message: "\(done.state.rawValue), \(done.shape.vcpus) vcpus, \(done.shape.memoryMiB) MiB"))
-        logger.info("VM ready", metadata: ["vm": "\(id)", "pid": "\(launched.pid.map(String.init) ?? "-")"])
         return id
     }
 
