@@ -59,7 +59,7 @@ let package = Package(
             ]
         ),
         // The default guest image: Debian kernel + busybox initramfs with the agent.
-        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver"]),
+        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver", "CVmpoolSys"]),
         // Commands: argument parsing and printing; everything else is a library call.
         .target(
             name: "VmpoolCLI",
@@ -77,7 +77,7 @@ let package = Package(
         .target(
             name: "VmpoolTestSupport",
             dependencies: [
-                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim", "VmpoolReconciler",
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim", "VmpoolReconciler", "CVmpoolSys",
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Tests/VmpoolTestSupport"

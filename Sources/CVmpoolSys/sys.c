@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -61,7 +62,8 @@ int vmpool_unix_connect(const char *path) {
     return sock;
 }
 
-int vmpool_spawn(const char *path, char *const argv[], int stderr_fd) {
+static int spawn(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd,
+                 short flags) {
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attr;
     if (posix_spawn_file_actions_init(&actions) != 0) return -1;
@@ -70,21 +72,25 @@ int vmpool_spawn(const char *path, char *const argv[], int stderr_fd) {
         return -1;
     }
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    if (stdout_fd >= 0) {
+        posix_spawn_file_actions_adddup2(&actions, stdout_fd, 1);
+    } else {
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    }
     if (stderr_fd >= 0) {
         posix_spawn_file_actions_adddup2(&actions, stderr_fd, 2);
     } else {
         posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
     }
     posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setflags(&attr, flags | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     sigset_t none, all;
     sigemptyset(&none);
     sigfillset(&all);
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setsigdefault(&attr, &all);
     pid_t pid = -1;
-    int rc = posix_spawn(&pid, path, &actions, &attr, argv, environ);
+    int rc = posix_spawn(&pid, path, &actions, &attr, argv, envp ? envp : environ);
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attr);
     if (rc != 0) {
@@ -94,4 +100,22 @@ int vmpool_spawn(const char *path, char *const argv[], int stderr_fd) {
     return pid;
 }
 
+int vmpool_spawn(const char *path, char *const argv[], int stderr_fd) {
+    return spawn(path, argv, NULL, -1, stderr_fd, POSIX_SPAWN_SETSID);
+}
+
+int vmpool_spawn_env(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd) {
+    return spawn(path, argv, envp, stdout_fd, stderr_fd, 0);
+}
+
 int vmpool_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int vmpool_open_pty(char *name, size_t size) {
+    int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0) return -1;
+    if (grantpt(master) != 0 || unlockpt(master) != 0 || ptsname_r(master, name, size) != 0) {
+        close(master);
+        return -1;
+    }
+    return master;
+}

@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -44,7 +45,10 @@ public enum GuestImage {
     }
 
     /// Writes `vmlinuz`, `initrd.img` and `cmdline` into `output` and returns the image.
-    public static func build(kernel: String, busybox: String, output: String) throws -> BootImage {
+    /// `compiler` builds the agent (`$CC`, else `cc`); it must be able to link statically.
+    public static func build(kernel: String, busybox: String, output: String, compiler: String? = nil) throws
+        -> BootImage
+    {
         let manager = FileManager.default
         guard manager.isReadableFile(atPath: kernel) else { throw ImageError("kernel \(kernel) is not readable") }
         guard let busyboxData = manager.contents(atPath: busybox) else {
@@ -54,9 +58,10 @@ public enum GuestImage {
             throw ImageError("\(busybox) is dynamically linked; the initramfs needs busybox-static")
         }
         let applets = try listApplets(busybox)
+        let agent = try compileAgent(compiler: compiler ?? ProcessInfo.processInfo.environment["CC"] ?? "cc")
         do {
             try manager.createDirectory(atPath: output, withIntermediateDirectories: true)
-            let initrd = initramfs(busybox: busyboxData, applets: applets)
+            let initrd = initramfs(busybox: busyboxData, applets: applets, agent: agent)
             try write(initrd, to: output + "/initrd.img")
             try write(try Data(contentsOf: URL(fileURLWithPath: kernel)), to: output + "/vmlinuz")
             try write(Data((defaultCmdline + "\n").utf8), to: output + "/cmdline")
@@ -69,7 +74,7 @@ public enum GuestImage {
     }
 
     /// The initramfs: directories, console device, busybox with its applet links, init and agent.
-    static func initramfs(busybox: Data, applets: [String]) -> Data {
+    static func initramfs(busybox: Data, applets: [String], agent: Data) -> Data {
         var cpio = CpioWriter()
         for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "run"] {
             cpio.add(dir, .directory)
@@ -82,29 +87,59 @@ public enum GuestImage {
             cpio.add(applet, .symlink(String(repeating: "../", count: depth) + "bin/busybox"))
         }
         cpio.add("init", .file(Data(GuestScripts.initScript.utf8), executable: true))
-        cpio.add("bin/vmpool-agent", .file(Data(GuestScripts.agentScript.utf8), executable: true))
+        cpio.add("bin/vmpool-agent", .file(agent, executable: true))
         cpio.finish()
         return cpio.data
     }
 
+    /// Compiles the agent into a static, stripped executable and returns its bytes.
+    static func compileAgent(compiler: String) throws -> Data {
+        let dir = NSTemporaryDirectory() + "vmpool-agent-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = dir + "/agent.c"
+        let binary = dir + "/vmpool-agent"
+        guard FileManager.default.createFile(atPath: source, contents: Data(GuestAgentSource.c.utf8)) else {
+            throw ImageError("cannot write the agent source to \(source)")
+        }
+        let (status, output) = try run(compiler, ["-static", "-Os", "-s", "-o", binary, source])
+        guard status == 0, let data = FileManager.default.contents(atPath: binary), isStaticELF(data) else {
+            throw ImageError(
+                "cannot compile the guest agent with \(compiler) (install gcc and libc6-dev, or set CC):\n\(output)")
+        }
+        return data
+    }
+
+    /// Runs a helper program (found on PATH) to completion; returns its status and combined output.
+    static func run(_ program: String, _ arguments: [String]) throws -> (Int32, String) {
+        let path = program.contains("/") ? program : searchPath(program)
+        guard let path, access(path, X_OK) == 0 else { throw ImageError("\(program) is not installed") }
+        let log = NSTemporaryDirectory() + "vmpool-image-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
+        let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw ImageError("cannot create \(log)") }
+        defer { unlink(log) }
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let pid = argv.withUnsafeBufferPointer { vmpool_spawn_env(path, $0.baseAddress, nil, fd, fd) }
+        close(fd)
+        guard pid > 0 else { throw ImageError("cannot run \(program): \(String(cString: strerror(errno)))") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return (status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F), output)
+    }
+
+    static func searchPath(_ program: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
+        return path.split(separator: ":").map { "\($0)/\(program)" }.first { access($0, X_OK) == 0 }
+    }
+
     /// Applet paths (`bin/sh`, `usr/bin/stty`) as busybox lists them.
     static func listApplets(_ busybox: String) throws -> [String] {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: busybox)
-        process.arguments = ["--list-full"]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw ImageError("cannot run \(busybox) --list-full: \(error.localizedDescription)")
-        }
-        let output = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else { throw ImageError("\(busybox) --list-full failed") }
-        return String(decoding: output, as: UTF8.self).split(separator: "\n").map(String.init)
-            .filter { !$0.isEmpty && !$0.contains("..") && !$0.hasPrefix("/") }
+        let (status, output) = try run(busybox, ["--list-full"])
+        guard status == 0 else { throw ImageError("\(busybox) --list-full failed: \(output)") }
+        return output.split(separator: "\n").map(String.init)
+            .filter { !$0.isEmpty && !$0.contains("..") && !$0.hasPrefix("/") && !$0.contains(" ") }
     }
 
     /// An ELF executable with no PT_INTERP program header runs without a dynamic loader.

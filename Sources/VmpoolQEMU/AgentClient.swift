@@ -22,6 +22,8 @@ final class AgentClient {
     struct Info: Equatable {
         var cpus: Int
         var memoryMiB: Int
+        /// The guest's clock, seconds since the epoch, when it answered.
+        var time: Double?
     }
 
     /// Sends one request and waits for its answer.
@@ -43,7 +45,7 @@ final class AgentClient {
     }
 
     /// Pings until the agent answers or `timeout` passes; each try waits `interval`.
-    func waitReady(timeout: Duration, interval: Duration = .milliseconds(250)) throws(DriverError) {
+    func waitReady(timeout: Duration, interval: Duration = .milliseconds(100)) throws(DriverError) {
         let deadline = ContinuousClock.now + timeout
         while true {
             do {
@@ -66,6 +68,31 @@ final class AgentClient {
         try Self.parseInfo(try request("online", timeout: timeout), vm: vm)
     }
 
+    /// Sets the guest clock and adds host entropy in one round trip, as a clone needs right
+    /// after restore: it runs with its template's clock and RNG state.
+    /// Retried every `interval` until `timeout`; repeating it is harmless.
+    func hello(timeout: Duration, interval: Duration = .milliseconds(250)) throws(DriverError) {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let now = Date().timeIntervalSince1970
+            do {
+                _ = try request(
+                    String(format: "hello %.6f %@", now, Self.entropyHex(bytes: 16)),
+                    timeout: min(interval, max(deadline - .now, .milliseconds(1))))
+                return
+            } catch where error.code == .timeout {
+                if ContinuousClock.now >= deadline {
+                    throw DriverError(.timeout, "the guest agent did not answer within \(timeout)", vm: vm)
+                }
+            }
+        }
+    }
+
+    static func entropyHex(bytes count: Int) -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<count).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+    }
+
     /// Steps the guest clock to the host's.
     func syncTime(timeout: Duration = .seconds(5)) throws(DriverError) {
         let now = Date().timeIntervalSince1970
@@ -74,21 +101,18 @@ final class AgentClient {
 
     /// Mixes 64 bytes of host entropy into the guest RNG, so clones of one template diverge.
     func reseedRNG(timeout: Duration = .seconds(5)) throws(DriverError) {
-        var bytes = [UInt8](repeating: 0, count: 64)
-        var generator = SystemRandomNumberGenerator()
-        for index in bytes.indices { bytes[index] = generator.next() }
-        _ = try request("seed " + bytes.map { String(format: "%02x", $0) }.joined(), timeout: timeout)
+        _ = try request("seed " + Self.entropyHex(bytes: 32), timeout: timeout)
     }
 
     static func parseInfo(_ text: String, vm: String?) throws(DriverError) -> Info {
-        var values: [String: Int] = [:]
+        var values: [String: Substring] = [:]
         for pair in text.split(separator: " ") {
             let kv = pair.split(separator: "=", maxSplits: 1)
-            if kv.count == 2, let value = Int(kv[1]) { values[String(kv[0])] = value }
+            if kv.count == 2 { values[String(kv[0])] = kv[1] }
         }
-        guard let cpus = values["cpus"], let memory = values["memMiB"] else {
+        guard let cpus = values["cpus"].flatMap({ Int($0) }), let memory = values["memMiB"].flatMap({ Int($0) }) else {
             throw DriverError(.protocolError, "guest agent info unreadable: \(text)", vm: vm)
         }
-        return Info(cpus: cpus, memoryMiB: memory)
+        return Info(cpus: cpus, memoryMiB: memory, time: values["time"].flatMap { Double($0) })
     }
 }

@@ -113,11 +113,16 @@ public final class QemuDriver: HypervisorDriver {
             throw DriverError(.notFound, "template \(template.id) has no saved state", vm: request.id)
         }
         let timeout = configuration.restoreTimeout
+        let logger = self.logger
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
             var machine = machine
             do throws(DriverError) {
+                var phases = PhaseClock()
                 try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
-                try machine.restore(from: stateFile, timeout: timeout)
+                phases.mark("qemu")
+                let restored = try machine.restore(from: stateFile, timeout: timeout)
+                logger.debug(
+                    "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
                 if request.state == .paused { try machine.pause() }
             } catch {
                 machine.stop()
@@ -163,6 +168,7 @@ public final class QemuDriver: HypervisorDriver {
     public func deleteTemplate(_ template: TemplateRef) async throws(DriverError) {
         unlink(paths.memoryFile(template: template.id))
         unlink(paths.stateFile(template: template.id))
+        unlink(paths.stateFile(template: template.id) + ".tmp")
         let machine = vm(template.id)
         await Blocking.runQuietly { machine.stop() }
     }
@@ -195,6 +201,7 @@ public final class QemuDriver: HypervisorDriver {
         let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
         let memory = (try? FileManager.default.contentsOfDirectory(atPath: paths.memoryRoot)) ?? []
         let ids = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
+            + files.filter { $0.hasSuffix(".state.tmp") }.map { String($0.dropLast(10)) }
             + memory.filter { $0.hasSuffix(".mem") }.map { String($0.dropLast(4)) }
         return Array(Set(ids)).sorted()
     }

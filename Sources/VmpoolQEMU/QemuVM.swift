@@ -163,7 +163,9 @@ struct QemuVM {
     /// Restores device state from `stateFile` into a VM started with `-incoming defer`,
     /// then runs it and refreshes what a clone must not share with its template: the
     /// clock and the RNG.
-    func restore(from stateFile: String, timeout: Duration) throws(DriverError) {
+    @discardableResult
+    func restore(from stateFile: String, timeout: Duration) throws(DriverError) -> [(String, Duration)] {
+        var phases = PhaseClock()
         let qmp = try qmp()
         defer { qmp.close() }
         try qmp.execute(
@@ -175,6 +177,7 @@ struct QemuVM {
         defer { close(fd) }
         let agent = try agent()
         defer { agent.close() }
+        phases.mark("connect")
         try qmp.execute("getfd", ["fdname": "vmpool-migration"], attaching: fd)
         try qmp.execute("migrate-incoming", ["uri": "fd:vmpool-migration"])
         let deadline = ContinuousClock.now + timeout
@@ -192,10 +195,11 @@ struct QemuVM {
             }
             usleep(1_000)
         }
+        phases.mark("restore")
         try qmp.execute("cont")
-        try agent.waitReady(timeout: timeout, interval: .milliseconds(50))
-        try agent.syncTime()
-        try agent.reseedRNG()
+        try agent.hello(timeout: timeout)
+        phases.mark("agent")
+        return phases.phases
     }
 
     private func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) {
@@ -355,5 +359,23 @@ struct QemuVM {
             }
         }
         try? FileManager.default.removeItem(atPath: paths.vmDirectory(id))
+    }
+}
+
+/// Durations of the named phases of an operation, for debug logs.
+struct PhaseClock {
+    private var last = ContinuousClock.now
+    private(set) var phases: [(String, Duration)] = []
+
+    mutating func mark(_ name: String) {
+        let now = ContinuousClock.now
+        phases.append((name, now - last))
+        last = now
+    }
+
+    static func describe(_ phases: [(String, Duration)]) -> String {
+        phases.map { name, duration in
+            "\(name)=\(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)ms"
+        }.joined(separator: " ")
     }
 }

@@ -10,7 +10,7 @@ import VmpoolTestSupport
 struct CrashSafetyTests {
     static let killPoints = Int(ProcessInfo.processInfo.environment["VMPOOL_KILL_POINTS"] ?? "") ?? 30
 
-    @Test func applyKilledAtAnyInstantIsRepairedByOneReconcile() throws {
+    @Test func applyKilledAtAnyInstantIsRepairedByOneReconcile() async throws {
         let box = Sandbox()
         defer { box.dir.remove() }
         let latency = ["VMPOOL_SIM_LATENCY": "40ms"]
@@ -41,7 +41,7 @@ struct CrashSafetyTests {
 
             let repair = try box.run("reconcile")
             #expect(repair.status == 0, "kill point \(point) (\(delay)s): \(repair.stdout)\n\(repair.stderr)")
-            try expectConsistent(box, point: point)
+            try await expectConsistent(box, point: point)
             survived += 1
             if !repair.stdout.contains("No changes") { interrupted += 1 }
         }
@@ -53,7 +53,7 @@ struct CrashSafetyTests {
     }
 
     /// The store's desired pools are met exactly, and store and hypervisor agree on every VM.
-    func expectConsistent(_ box: Sandbox, point: Int) throws {
+    func expectConsistent(_ box: Sandbox, point: Int) async throws {
         let store = try StateStore(directory: box.state)
         #expect(try store.unfinishedOperations().isEmpty, "kill point \(point): open journal entries")
         let records = try store.vms()
@@ -64,9 +64,9 @@ struct CrashSafetyTests {
             #expect(vms.allSatisfy { $0.shape.vcpus == stored.spec.vcpus && $0.shape.memoryMiB == stored.spec.memoryMiB })
         }
         let sim = try SimDriver(stateDirectory: box.state)
-        let running = Set(awaitSync { await sim.discover() }.map(\.id))
+        let running = Set(await sim.discover().map(\.id))
         #expect(running == Set(records.map(\.id)), "kill point \(point): sim and store disagree")
-        let templates = Set(awaitSync { await sim.discoverTemplates() })
+        let templates = Set(await sim.discoverTemplates())
         #expect(templates.isSubset(of: Set(try store.templates().map(\.ref.id))), "kill point \(point): stray template")
     }
 }

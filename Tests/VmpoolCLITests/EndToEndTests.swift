@@ -232,7 +232,7 @@ struct EndToEndTests {
         #expect(try box.run("get", "pools", "--driver", "xen").status == 1)
     }
 
-    @Test func concurrentAppliesCreateNoDuplicates() throws {
+    @Test func concurrentAppliesCreateNoDuplicates() async throws {
         let box = Sandbox()
         defer { box.dir.remove() }
         let file = box.write(pool(size: 6))
@@ -246,7 +246,7 @@ struct EndToEndTests {
         #expect(results.filter { $0.status != 0 }.allSatisfy { $0.stderr.contains("not converged") || $0.stderr.isEmpty })
         #expect(try box.vmStates() == ["running": 6])
         let sim = try SimDriver(stateDirectory: box.state)
-        let simVMs = awaitSync { await sim.discover() }
+        let simVMs = await sim.discover()
         #expect(simVMs.count == 6)
     }
 
@@ -273,18 +273,3 @@ struct EndToEndTests {
     }
 }
 
-/// Runs an async closure from synchronous test code.
-func awaitSync<T: Sendable>(_ body: @escaping @Sendable () async -> T) -> T {
-    let box = ResultBox<T>()
-    let semaphore = DispatchSemaphore(value: 0)
-    Task {
-        box.value = await body()
-        semaphore.signal()
-    }
-    semaphore.wait()
-    return box.value!
-}
-
-final class ResultBox<T>: @unchecked Sendable {
-    var value: T?
-}

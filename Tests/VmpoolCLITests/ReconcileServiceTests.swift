@@ -8,7 +8,7 @@ import VmpoolTestSupport
 
 @Suite("reconcile --every", .serialized)
 struct ReconcileServiceTests {
-    @Test func sigtermFinishesInFlightActionsAndLeavesNoHalfMadeVM() throws {
+    @Test func sigtermFinishesInFlightActionsAndLeavesNoHalfMadeVM() async throws {
         let box = Sandbox()
         defer { box.dir.remove() }
         // Record the desired pool without creating anything.
@@ -31,7 +31,7 @@ struct ReconcileServiceTests {
         #expect(records.allSatisfy { $0.state == .running }, "a half-made VM was left")
         #expect(try store.unfinishedOperations().isEmpty)
         let sim = try SimDriver(stateDirectory: box.state)
-        #expect(Set(awaitSync { await sim.discover() }.map(\.id)) == Set(records.map(\.id)))
+        #expect(Set(await sim.discover().map(\.id)) == Set(records.map(\.id)))
         #expect(result.stderr.contains("pool=web"), "logs carry pool metadata")
         #expect(try box.run("reconcile").status == 0)
         #expect(try box.vmStates() == ["running": 8])

@@ -89,7 +89,11 @@ struct QemuIntegrationTests {
             let maps = try String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)
             #expect(maps.contains(memoryFile), "clone \(pid) does not map \(memoryFile)")
             let id = try #require(vm["id"] as? String)
-            #expect(try agentInfo(box, vm: id).cpus == 1)
+            let info = try agentInfo(box, vm: id)
+            #expect(info.cpus == 1)
+            // The clone's clock was set from the host, not left at the template's save time.
+            let skew = abs((info.time ?? 0) - Date().timeIntervalSince1970)
+            #expect(skew < 1, "clone clock is \(skew) s off")
         }
         let again = try box.run(["plan", "-f", box.write(manifest("tpl", size: 3, boot: "template")), "--detailed-exitcode"])
         #expect(again.status == 0)

@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 
 /// The result of running the built `vmpool` binary.
@@ -11,6 +12,10 @@ public struct CommandResult: Sendable {
 }
 
 /// Runs the `vmpool` executable the test build produced, the way users run it.
+///
+/// Children are started with posix_spawn and reaped with waitpid, their output going to
+/// files: Foundation's Process reaps through dispatch sources, which tests that block
+/// cooperative threads can starve.
 public struct VmpoolBinary: Sendable {
     public let path: String
     public var environment: [String: String]
@@ -28,7 +33,7 @@ public struct VmpoolBinary: Sendable {
         }
         path = candidate
         var env = ProcessInfo.processInfo.environment
-        for key in env.keys where key.hasPrefix("VMPOOL_") { env[key] = nil }
+        for key in env.keys where key.hasPrefix("VMPOOL_") && key != "VMPOOL_TEST_KERNEL" { env[key] = nil }
         env["VMPOOL_LOG_LEVEL"] = "warning"
         for (key, value) in environment { env[key] = value }
         self.environment = env
@@ -39,61 +44,62 @@ public struct VmpoolBinary: Sendable {
     /// Runs `vmpool ARGS` to completion.
     @discardableResult
     public func run(_ arguments: [String], environment extra: [String: String] = [:]) throws -> CommandResult {
-        let process = try start(arguments, environment: extra)
-        return process.wait()
+        try start(arguments, environment: extra).wait()
     }
 
     /// Starts `vmpool ARGS` without waiting (for kill and concurrency tests).
     public func start(_ arguments: [String], environment extra: [String: String] = [:]) throws -> RunningCommand {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
         var env = environment
         for (key, value) in extra { env[key] = value }
-        process.environment = env
-        let out = Pipe()
-        let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        return RunningCommand(process: process, out: out, err: err)
+        return try RunningCommand(path: path, arguments: arguments, environment: env)
     }
 }
 
-/// A `vmpool` process started by a test.
+/// A child process started by a test, its output captured in files.
 public final class RunningCommand: @unchecked Sendable {
-    public let process: Process
-    private let out: Pipe
-    private let err: Pipe
-    private var outData = Data()
-    private var errData = Data()
-    private let group = DispatchGroup()
+    public let pid: Int32
+    private let outPath: String
+    private let errPath: String
+    private var result: CommandResult?
 
-    init(process: Process, out: Pipe, err: Pipe) {
-        self.process = process
-        self.out = out
-        self.err = err
-        group.enter()
-        DispatchQueue.global().async {
-            self.outData = out.fileHandleForReading.readDataToEndOfFile()
-            self.group.leave()
+    public init(path: String, arguments: [String], environment: [String: String]) throws {
+        let base = NSTemporaryDirectory() + "vmpool-cmd-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        outPath = base + ".out"
+        errPath = base + ".err"
+        let out = open(outPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer {
+            close(out)
+            close(err)
         }
-        group.enter()
-        DispatchQueue.global().async {
-            self.errData = err.fileHandleForReading.readDataToEndOfFile()
-            self.group.leave()
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
         }
+        let pid = argv.withUnsafeBufferPointer { args in
+            envp.withUnsafeBufferPointer { env in vmpool_spawn_env(path, args.baseAddress, env.baseAddress, out, err) }
+        }
+        guard pid > 0 else { throw CocoaError(.executableLoad) }
+        self.pid = pid
     }
 
-    public var pid: Int32 { process.processIdentifier }
+    public func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(pid, signal) }
 
-    public func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(process.processIdentifier, signal) }
-
+    /// Waits for the child and returns its exit status (128+signal when killed) and output.
     public func wait() -> CommandResult {
-        process.waitUntilExit()
-        group.wait()
-        return CommandResult(
-            status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-            stderr: String(decoding: errData, as: UTF8.self))
+        if let result { return result }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let signal = status & 0x7F
+        let code = signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+        let stdout = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+        let stderr = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
+        unlink(outPath)
+        unlink(errPath)
+        let result = CommandResult(status: code, stdout: stdout, stderr: stderr)
+        self.result = result
+        return result
     }
 }

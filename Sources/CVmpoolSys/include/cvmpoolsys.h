@@ -17,6 +17,13 @@ int vmpool_unix_connect(const char *path);
 /// Returns the child's pid, or -1 with errno set.
 int vmpool_spawn(const char *path, char *const argv[], int stderr_fd);
 
+/// Like vmpool_spawn, with an environment (NULL: this process's), stdout on `stdout_fd` and
+/// stderr on `stderr_fd` (-1: /dev/null), in this process's session.
+int vmpool_spawn_env(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd);
+
+/// Opens a pseudo-terminal pair; returns the master and writes the slave's path into `name`.
+int vmpool_open_pty(char *name, size_t size);
+
 /// pipe2(fds, O_CLOEXEC).
 int vmpool_pipe_cloexec(int fds[2]);
 #endif
