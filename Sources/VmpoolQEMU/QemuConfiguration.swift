@@ -63,6 +63,9 @@ public struct QemuConfiguration: Sendable {
         if let root = environment["VMPOOL_MEMORY_DIR"], !root.isEmpty { config.memoryRoot = root }
         if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
         if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.runAs = user }
+        if let text = environment["VMPOOL_TCG_CACHE_MIB"], let mib = Int(text), (1...2048).contains(mib) {
+            config.tcgCacheMiB = mib
+        }
         return config
     }
 }

@@ -169,6 +169,7 @@ public final class QemuDriver: HypervisorDriver {
         unlink(paths.memoryFile(template: template.id))
         unlink(paths.stateFile(template: template.id))
         unlink(paths.stateFile(template: template.id) + ".tmp")
+        rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
         let machine = vm(template.id)
         await Blocking.runQuietly { machine.stop() }
     }

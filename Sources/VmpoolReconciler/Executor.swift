@@ -110,12 +110,11 @@ extension Reconciler {
         do {
             let created = try await perform(action, pool: pool, logger: logger)
             let took = ContinuousClock.now - started
-            logger.info(
-                "\(action.kind.rawValue) done",
-                metadata: [
-                    "took_ms": "\(took.components.seconds * 1000 + took.components.attoseconds / 1_000_000_000_000_000)",
-                    "created": "\(created ?? "-")",
-                ])
+            var metadata: Logger.Metadata = [
+                "took_ms": "\(took.components.seconds * 1000 + took.components.attoseconds / 1_000_000_000_000_000)"
+            ]
+            if let created { metadata["created"] = "\(created)" }
+            logger.info("\(action.kind.rawValue) done", metadata: metadata)
             return ActionResult(action: action, outcome: .ok, createdVM: created)
         } catch let error as DriverError {
             logger.error("\(action.kind.rawValue) failed: \(error)")

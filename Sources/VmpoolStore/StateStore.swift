@@ -39,8 +39,7 @@ public final class StateStore: Sendable {
                         name TEXT PRIMARY KEY NOT NULL,
                         spec TEXT NOT NULL,
                         generation INTEGER NOT NULL,
-                        updatedAt DOUBLE NOT NULL,
-                        deleting INTEGER NOT NULL DEFAULT 0
+                        updatedAt DOUBLE NOT NULL
                     );
                     CREATE TABLE vm (
                         id TEXT PRIMARY KEY NOT NULL,
@@ -92,6 +91,10 @@ public final class StateStore: Sendable {
                     );
                     CREATE INDEX event_pool ON event(pool, id);
                     """)
+        }
+        // A delete interrupted halfway is finished by the next pass, not undone.
+        migrator.registerMigration("v2-pool-deleting") { db in
+            try db.execute(sql: "ALTER TABLE pool ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0")
         }
         return migrator
     }
