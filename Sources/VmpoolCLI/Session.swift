@@ -39,10 +39,11 @@ struct Session {
         let driver = try options.makeDriver(logger: logger)
         let defaultImage: BootImage? =
             driver.name == "sim" ? GuestImage.simDefault : GuestImage.installed(stateDirectory: dir)
+        let standbys = options.environment["VMPOOL_STANDBY"].flatMap { Int($0) } ?? 2
         reconciler = Reconciler(
             store: store, driver: driver,
             configuration: ReconcilerConfiguration(
-                parallelism: parallelism, defaultImage: defaultImage, timeout: timeout),
+                parallelism: parallelism, defaultImage: defaultImage, timeout: timeout, standbys: standbys),
             logger: logger)
     }
 }

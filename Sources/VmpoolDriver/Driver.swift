@@ -113,7 +113,12 @@ public protocol HypervisorDriver: Sendable {
     /// Boots a VM to be a template, saves it, and stops it; its memory file stays for clones.
     func buildTemplate(_ template: TemplateRef) async throws(DriverError)
     /// Restores a VM from a template and waits until its agent answers (clock and RNG refreshed).
+    /// When a standby was prestarted under `request.id`, it is used instead of starting anew.
     func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM
+    /// Starts a standby for a template: the hypervisor process of a future clone, waiting with
+    /// nothing restored yet, so that `clone` under the same id skips the hypervisor's start-up
+    /// (Kata's VM cache). Returns its process id, where there is a process.
+    func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32?
     func pause(_ vm: VMRef) async throws(DriverError)
     /// Resumes a paused VM and refreshes its clock.
     func resume(_ vm: VMRef) async throws(DriverError)

@@ -118,8 +118,12 @@ public final class QemuDriver: HypervisorDriver {
             var machine = machine
             do throws(DriverError) {
                 var phases = PhaseClock()
-                try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
-                phases.mark("qemu")
+                if let pid = machine.pid, QemuProcess.isRunning(pid, vm: machine.id, runRoot: machine.paths.runRoot) {
+                    phases.mark("standby")
+                } else {
+                    try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
+                    phases.mark("qemu")
+                }
                 let restored = try machine.restore(from: stateFile, timeout: timeout)
                 logger.debug(
                     "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
@@ -129,6 +133,24 @@ public final class QemuDriver: HypervisorDriver {
                 throw error
             }
             return LaunchedVM(pid: machine.pid, shape: template.key.shape)
+        }
+    }
+
+    public func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32? {
+        let machine = vm(id, kernel: template.key.image.kernel)
+        let memoryFile = paths.memoryFile(template: template.id)
+        guard access(memoryFile, R_OK) == 0, access(paths.stateFile(template: template.id), R_OK) == 0 else {
+            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: id)
+        }
+        return try await Blocking.run { () throws(DriverError) -> Int32? in
+            var machine = machine
+            do throws(DriverError) {
+                try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
+            } catch {
+                machine.stop()
+                throw error
+            }
+            return machine.pid
         }
     }
 

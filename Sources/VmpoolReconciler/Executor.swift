@@ -181,6 +181,9 @@ extension Reconciler {
             try await stop(record, reason: action.reason)
             return nil
         case .deletePool:
+            for standby in try store.standbys() where standby.pool == action.pool {
+                await stopStandby(standby, reason: "pool is deleted")
+            }
             for template in try store.templates() where template.ref.pool == action.pool {
                 try await driver.deleteTemplate(template.ref)
             }
@@ -207,15 +210,7 @@ extension Reconciler {
             }?.ref
             guard template != nil else { throw DriverError(.notFound, "pool \(pool.spec.name) has no usable template") }
         }
-        var record: VMRecord
-        var journal: Int64?
-        repeat {
-            record = VMRecord(
-                id: Self.newID(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
-                shape: pool.shape, templateID: template?.id, createdAt: Date())
-            journal = try store.beginLaunch(record, operation: template == nil ? "create" : "clone")
-        } while journal == nil
-        guard let journal else { throw DriverError(.io, "unreachable: no journal entry") }
+        let (record, journal) = try recordLaunch(pool, template: template)
         let id = record.id
         let request = LaunchRequest(id: id, pool: pool.spec.name, shape: pool.shape, state: state)
         let launched: LaunchedVM
@@ -242,6 +237,23 @@ extension Reconciler {
                 pool: record.pool, vm: id, kind: template == nil ? "created" : "cloned",
                 message: "\(done.state.rawValue), \(done.shape.vcpus) vcpus, \(done.shape.memoryMiB) MiB"))
         return id
+    }
+
+    /// Records the VM about to be launched, with its journal entry: a ready standby of the
+    /// template when there is one (the VM takes its id and process), else a fresh id.
+    private func recordLaunch(_ pool: DesiredPool, template: TemplateRef?) throws -> (VMRecord, Int64) {
+        var record = VMRecord(
+            id: Self.newID(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
+            shape: pool.shape, templateID: template?.id, createdAt: Date())
+        if let template, let claimed = try store.claimStandby(template: template.id, for: record) {
+            return claimed
+        }
+        while true {
+            if let journal = try store.beginLaunch(record, operation: template == nil ? "create" : "clone") {
+                return (record, journal)
+            }
+            record.id = Self.newID(pool: pool.spec.name)
+        }
     }
 
     private func stop(_ record: VMRecord, reason: String) async throws {

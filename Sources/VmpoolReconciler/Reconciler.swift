@@ -14,11 +14,15 @@ public struct ReconcilerConfiguration: Sendable {
     public var defaultImage: BootImage?
     /// No new action starts after this much time (`--timeout`); running ones finish.
     public var timeout: Duration?
+    /// Standbys kept per template pool: hypervisor processes started ahead of clones, so
+    /// that a clone skips the hypervisor's start-up (`VMPOOL_STANDBY`; 0 turns it off).
+    public var standbys: Int
 
-    public init(parallelism: Int = 4, defaultImage: BootImage? = nil, timeout: Duration? = nil) {
+    public init(parallelism: Int = 4, defaultImage: BootImage? = nil, timeout: Duration? = nil, standbys: Int = 2) {
         self.parallelism = max(1, parallelism)
         self.defaultImage = defaultImage
         self.timeout = timeout
+        self.standbys = max(0, standbys)
     }
 }
 
@@ -101,6 +105,7 @@ public final class Reconciler: Sendable {
         let plan = Planner.plan(input)
         var results = await execute(plan, input: input, cancellation: cancellation)
         results += unresolvedImages(pools)
+        if !cancellation.isCancelled { try await refillStandbys(input.desired) }
         try await collectGarbage(pools)
         let after = try await observe()
         let remaining = Planner.plan(planInput(desired: pools, prune: after.storedNames(prune), observation: after))

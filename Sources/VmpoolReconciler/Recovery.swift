@@ -51,8 +51,20 @@ extension Reconciler {
             try store.finish(entry.id, outcome: .recovered, error: "vmpool pid \(entry.ownerPID) died during it")
         }
 
+        // Standbys whose start was interrupted, or whose process is gone.
+        let discovered = await driver.discover()
+        let alive = Set(discovered.map(\.id))
+        var standbys = Set<String>()
+        for standby in try store.standbys() {
+            if standby.ready && alive.contains(standby.id) {
+                standbys.insert(standby.id)
+            } else {
+                await stopStandby(standby, reason: standby.ready ? "its process is gone" : "its start was interrupted")
+            }
+        }
+
         // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
-        for found in await driver.discover() where records[found.id] == nil {
+        for found in discovered where records[found.id] == nil && !standbys.contains(found.id) {
             let pool = Self.pool(ofVM: found.id)
             try? await driver.stop(VMRef(id: found.id, pool: pool, pid: found.pid))
             report.orphansStopped.append(found.id)

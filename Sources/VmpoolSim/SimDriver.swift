@@ -42,6 +42,11 @@ public final class SimDriver: HypervisorDriver {
                             maxMemoryMiB INTEGER NOT NULL,
                             template TEXT
                         );
+                        CREATE TABLE IF NOT EXISTS simstandby (
+                            id TEXT PRIMARY KEY NOT NULL,
+                            pool TEXT NOT NULL,
+                            template TEXT NOT NULL
+                        );
                         CREATE TABLE IF NOT EXISTS simtemplate (
                             id TEXT PRIMARY KEY NOT NULL,
                             pool TEXT NOT NULL,
@@ -82,8 +87,22 @@ public final class SimDriver: HypervisorDriver {
         guard stored == request.shape.templateKey else {
             throw DriverError(.invalidState, "template \(template.id) has another shape than the clone", vm: request.id)
         }
+        try write { db in try db.execute(sql: "DELETE FROM simstandby WHERE id = ?", arguments: [request.id]) }
         try insert(request, template: template.id)
         return LaunchedVM(pid: nil, shape: request.shape)
+    }
+
+    public func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32? {
+        try await step(.clone, vm: id)
+        guard try storedTemplateKey(template.id) != nil else {
+            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: id)
+        }
+        try write { db in
+            try db.execute(
+                sql: "INSERT OR REPLACE INTO simstandby (id, pool, template) VALUES (?, ?, ?)",
+                arguments: [id, pool, template.id])
+        }
+        return nil
     }
 
     public func pause(_ vm: VMRef) async throws(DriverError) {
@@ -133,7 +152,10 @@ public final class SimDriver: HypervisorDriver {
 
     public func stop(_ vm: VMRef) async throws(DriverError) {
         try await step(.stop, vm: vm.id)
-        try write { db in try db.execute(sql: "DELETE FROM simvm WHERE id = ?", arguments: [vm.id]) }
+        try write { db in
+            try db.execute(sql: "DELETE FROM simvm WHERE id = ?", arguments: [vm.id])
+            try db.execute(sql: "DELETE FROM simstandby WHERE id = ?", arguments: [vm.id])
+        }
     }
 
     public func deleteTemplate(_ template: TemplateRef) async throws(DriverError) {
@@ -162,7 +184,9 @@ public final class SimDriver: HypervisorDriver {
 
     public func discover() async -> [DiscoveredVM] {
         guard let rows = try? allRows() else { return [] }
-        return rows.values.filter(\.alive).map { DiscoveredVM(id: $0.id, pid: nil) }.sorted { $0.id < $1.id }
+        let standbys = (try? await db.read { db in try String.fetchAll(db, sql: "SELECT id FROM simstandby") }) ?? []
+        return (rows.values.filter(\.alive).map(\.id) + standbys).map { DiscoveredVM(id: $0, pid: nil) }
+            .sorted { $0.id < $1.id }
     }
 
     public func discoverTemplates() async -> [String] {

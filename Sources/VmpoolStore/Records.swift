@@ -138,3 +138,16 @@ public struct StoreError: Error, Sendable, CustomStringConvertible {
 
     public var description: String { message }
 }
+
+/// A hypervisor process started ahead of a clone, waiting for a template's state.
+public struct StandbyRecord: Sendable, Hashable {
+    public var id: String
+    public var pool: String
+    public var template: String
+    public var pid: Int32?
+    /// Started and waiting; a standby recorded but not ready was interrupted while starting.
+    public var ready: Bool
+    public var createdAt: Date
+
+    public var ref: VMRef { VMRef(id: id, pool: pool, pid: pid) }
+}

@@ -96,6 +96,21 @@ public final class StateStore: Sendable {
         migrator.registerMigration("v2-pool-deleting") { db in
             try db.execute(sql: "ALTER TABLE pool ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0")
         }
+        // Standbys: hypervisor processes started ahead of clones (the VM cache).
+        migrator.registerMigration("v3-standby") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE standby (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        pool TEXT NOT NULL,
+                        template TEXT NOT NULL,
+                        pid INTEGER,
+                        ready INTEGER NOT NULL DEFAULT 0,
+                        createdAt DOUBLE NOT NULL
+                    );
+                    CREATE INDEX standby_template ON standby(template, ready);
+                    """)
+        }
         return migrator
     }
 
@@ -281,6 +296,67 @@ public final class StateStore: Sendable {
 
     public func deleteTemplate(_ id: String) throws(StoreError) {
         try write { db in try db.execute(sql: "DELETE FROM template WHERE id = ?", arguments: [id]) }
+    }
+
+    // MARK: - Standbys
+
+    /// Every standby, oldest first.
+    public func standbys() throws(StoreError) -> [StandbyRecord] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM standby ORDER BY createdAt, id").map { row in
+                let pid: Int64? = row["pid"]
+                return StandbyRecord(
+                    id: row["id"], pool: row["pool"], template: row["template"], pid: pid.map { Int32($0) },
+                    ready: row["ready"], createdAt: Date(timeIntervalSince1970: row["createdAt"]))
+            }
+        }
+    }
+
+    /// Records a standby about to be started; `false` when the id is taken by a VM or standby.
+    public func beginStandby(id: String, pool: String, template: String) throws(StoreError) -> Bool {
+        try write { db in
+            let taken =
+                try Bool.fetchOne(
+                    db, sql: "SELECT 1 FROM vm WHERE id = ? UNION SELECT 1 FROM standby WHERE id = ?",
+                    arguments: [id, id]) == true
+            if taken { return false }
+            try db.execute(
+                sql: "INSERT INTO standby (id, pool, template, createdAt) VALUES (?, ?, ?, ?)",
+                arguments: [id, pool, template, Date().timeIntervalSince1970])
+            return true
+        }
+    }
+
+    public func markStandbyReady(_ id: String, pid: Int32?) throws(StoreError) {
+        try write { db in
+            try db.execute(
+                sql: "UPDATE standby SET ready = 1, pid = ? WHERE id = ?", arguments: [pid.map { Int64($0) }, id])
+        }
+    }
+
+    public func deleteStandby(_ id: String) throws(StoreError) {
+        try write { db in try db.execute(sql: "DELETE FROM standby WHERE id = ?", arguments: [id]) }
+    }
+
+    /// Turns a ready standby of `template` into the VM `record` describes (taking the
+    /// standby's id), journaled as a clone, in one transaction. `nil` when none is ready.
+    public func claimStandby(template: String, for record: VMRecord) throws(StoreError) -> (VMRecord, Int64)? {
+        try write { db in
+            guard
+                let row = try Row.fetchOne(
+                    db, sql: "SELECT id, pid FROM standby WHERE template = ? AND ready = 1 ORDER BY createdAt LIMIT 1",
+                    arguments: [template])
+            else { return nil }
+            var claimed = record
+            claimed.id = row["id"]
+            let pid: Int64? = row["pid"]
+            claimed.pid = pid.map { Int32($0) }
+            try db.execute(sql: "DELETE FROM standby WHERE id = ?", arguments: [claimed.id])
+            try Self.upsertVM(db, claimed)
+            let journal = try Self.insertJournal(
+                db, operation: "clone", pool: claimed.pool, vm: claimed.id, template: template)
+            return (claimed, journal)
+        }
     }
 
     // MARK: - Journal

@@ -65,7 +65,10 @@ struct CrashSafetyTests {
         }
         let sim = try SimDriver(stateDirectory: box.state)
         let running = Set(await sim.discover().map(\.id))
-        #expect(running == Set(records.map(\.id)), "kill point \(point): sim and store disagree")
+        let standbys = try store.standbys()
+        #expect(standbys.allSatisfy { $0.ready }, "kill point \(point): a standby start was left half done")
+        #expect(
+            running == Set(records.map(\.id) + standbys.map(\.id)), "kill point \(point): sim and store disagree")
         let templates = Set(await sim.discoverTemplates())
         #expect(templates.isSubset(of: Set(try store.templates().map(\.ref.id))), "kill point \(point): stray template")
     }

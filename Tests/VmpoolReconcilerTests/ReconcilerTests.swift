@@ -197,3 +197,55 @@ struct InterruptedDeleteTests {
         #expect(try await h.reconciler.reconcile().plan.isEmpty)
     }
 }
+
+@Suite("Standbys")
+struct StandbyTests {
+    @Test func templatePoolsKeepStandbysAndClonesClaimThem() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 2, boot: .template)], prune: [])
+        let standbys = try h.store.standbys()
+        #expect(standbys.count == 2)
+        #expect(standbys.allSatisfy { $0.ready && $0.template == (try? h.store.templates().first?.ref.id) })
+        let grown = try await h.reconciler.apply([pool(size: 3, boot: .template)], prune: [])
+        #expect(grown.converged)
+        let vms = Set(try h.store.vms().map(\.id))
+        #expect(vms.contains(standbys[0].id), "the new clone took the oldest standby's id and process")
+        let refilled = try h.store.standbys()
+        #expect(refilled.count == 2)
+        #expect(!refilled.contains { vms.contains($0.id) })
+        let running = Set(await h.driver.discover().map(\.id))
+        #expect(running == vms.union(refilled.map(\.id)))
+    }
+
+    @Test func standbysGoWithTheirTemplateAndPool() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool("a", size: 1, boot: .template), pool("b", size: 1, boot: .template)], prune: [])
+        #expect(try h.store.standbys().count == 4)
+        // A new template: a's standbys are replaced by ones for the new template.
+        let before = Set(try h.store.standbys().filter { $0.pool == "a" }.map(\.id))
+        _ = try await h.reconciler.apply([pool("a", size: 1, memoryMiB: 512, boot: .template)], prune: [])
+        let after = try h.store.standbys().filter { $0.pool == "a" }
+        #expect(after.count == 2 && before.isDisjoint(with: after.map(\.id)))
+        // Cold boot: no standbys. Deleted: none either, and nothing left running.
+        _ = try await h.reconciler.apply([pool("a", size: 1, boot: .cold)], prune: [])
+        #expect(try h.store.standbys().map(\.pool) == ["b", "b"])
+        _ = try await h.reconciler.delete(["a", "b"])
+        #expect(try h.store.standbys().isEmpty)
+        #expect(await h.driver.discover().isEmpty)
+    }
+
+    @Test func aStandbyWhoseStartWasInterruptedIsCleanedUp() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 1, boot: .template)], prune: [])
+        let template = try #require(try h.store.templates().first?.ref)
+        #expect(try h.store.beginStandby(id: "web-5ta1e0", pool: "web", template: template.id))
+        _ = try await h.driver.prestart(id: "web-5ta1e0", pool: "web", from: template)
+        let result = try await h.reopened().reconciler.reconcile()
+        #expect(result.converged)
+        #expect(!(try h.store.standbys().map(\.id)).contains("web-5ta1e0"))
+        #expect(!(await h.driver.discover().map(\.id)).contains("web-5ta1e0"))
+    }
+}
