@@ -60,15 +60,21 @@ public struct Observation: Sendable {
         names.intersection(pools.map(\.spec.name))
     }
 
-    /// VMs of a pool in the pool's desired state and answering.
-    public func readyCount(pool: PoolSpec) -> Int {
-        observedVMs.filter { $0.pool == pool.name }.filter { vm in
+    /// Per pool: VMs in the pool's desired state and answering (paused warm spares count), and
+    /// VMs recorded. One pass over the VMs, whatever the number of pools.
+    public func readiness() -> [String: (ready: Int, vms: Int)] {
+        let states = Dictionary(uniqueKeysWithValues: pools.map { ($0.spec.name, $0.spec.state) })
+        var result: [String: (ready: Int, vms: Int)] = [:]
+        for vm in observedVMs {
+            var counts = result[vm.pool] ?? (0, 0)
+            counts.vms += 1
             switch vm.condition {
-            case .running: return pool.state == .running
-            case .paused: return true
-            case .broken: return false
+            case .running where states[vm.pool] == .running, .paused: counts.ready += 1
+            case .running, .broken: break
             }
-        }.count
+            result[vm.pool] = counts
+        }
+        return result
     }
 }
 

@@ -34,10 +34,11 @@ extension Vmpool {
                     }
                     pools = pools.filter { names.contains($0.spec.name) }
                 }
+                let readiness = observation.readiness()
                 let rows = pools.map { pool in
                     PoolRow(
-                        spec: pool.spec, generation: pool.generation, ready: observation.readyCount(pool: pool.spec),
-                        vms: observation.records.filter { $0.pool == pool.spec.name }.count)
+                        spec: pool.spec, generation: pool.generation, ready: readiness[pool.spec.name]?.ready ?? 0,
+                        vms: readiness[pool.spec.name]?.vms ?? 0)
                 }
                 switch output {
                 case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
