@@ -77,15 +77,7 @@ public final class Reconciler: Sendable {
     public func delete(_ names: Set<String>, cancellation: Cancellation = Cancellation()) async throws(StoreError)
         -> PassResult
     {
-        try store.markDeleting(names)
-        let recovery = try await recover()
-        let observation = try await observe()
-        let input = planInput(desired: [], prune: names, observation: observation)
-        let plan = Planner.plan(input)
-        let results = await execute(plan, input: input, cancellation: cancellation)
-        let after = try await observe()
-        let remaining = Planner.plan(planInput(desired: [], prune: after.storedNames(names), observation: after))
-        return PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
+        try await converge([], prune: names, cancellation: cancellation)
     }
 
     /// What `plan` shows: a read-only plan from the current state. Takes no lock.
