@@ -34,7 +34,13 @@ struct QemuVM {
         var args = ["-name", "guest=\(id)", "-nodefaults", "-no-user-config", "-display", "none"]
         switch accelerator {
         case .tcg:
-            args += ["-accel", "tcg,tb-size=\(configuration.tcgCacheMiB)", "-cpu", "qemu64"]
+            // qemu64 with an Intel family 6 identity: Linux then trusts the TSC as constant and
+            // skips the delay-loop calibration on every hotplugged CPU (TCG refuses +invtsc).
+            // Measured: CPU hotplug 238/140/151 ms with plain qemu64, 155/48/58 ms with this.
+            args += [
+                "-accel", "tcg,tb-size=\(configuration.tcgCacheMiB)", "-cpu",
+                "qemu64,vendor=GenuineIntel,family=6,model=15",
+            ]
         case .kvm:
             args += ["-accel", "kvm", "-cpu", "host"]
         }
