@@ -1,0 +1,62 @@
+import ArgumentParser
+import Testing
+
+@testable import VmpoolCLI
+
+/// The help users read, pinned as exact text.
+@Suite("Help text")
+struct HelpTests {
+    @Test func rootHelpListsEveryCommand() {
+        #expect(
+            Vmpool.helpMessage(columns: 80) == """
+                OVERVIEW: Provision pools of virtual machines from declarative manifests.
+
+                Manifests describe the pools a host should have; `apply` and `reconcile`
+                create, clone, resume, pause, hotplug and stop VMs until the host matches them.
+
+                USAGE: vmpool <subcommand>
+
+                OPTIONS:
+                  --version               Show the version.
+                  -h, --help              Show help information.
+
+                SUBCOMMANDS:
+                  validate                Check manifests and report every error with its file,
+                                          line and column.
+                  plan                    Show the actions apply would take, without taking
+                                          them.
+                  apply                   Make the host match the manifests: create, clone,
+                                          resume, pause, hotplug and stop VMs.
+                  reconcile               Converge the host to the pools last applied (one
+                                          pass, or a loop with --every).
+                  get                     List pools or VMs.
+                  delete                  Stop the VMs of pools and forget the pools.
+                  image                   Build the default guest image.
+
+                  See 'vmpool help <subcommand>' for detailed help.
+                """)
+    }
+
+    @Test func planHelpShowsTheDetailedExitCode() {
+        let help = Vmpool.helpMessage(for: Vmpool.PlanCommand.self, columns: 80)
+        #expect(help.hasPrefix("OVERVIEW: Show the actions apply would take, without taking them.\n"))
+        #expect(
+            help.contains(
+                """
+                  --detailed-exitcode     Exit 2 when the plan has changes, 0 when it has none.
+                """))
+        #expect(help.contains("  -o, --output <output>   Output format: text or json. (values: text, json;\n"))
+    }
+
+    @Test func everyCommandTakesTheGlobalOptions() {
+        for command in [
+            Vmpool.Validate.self, Vmpool.PlanCommand.self, Vmpool.Apply.self, Vmpool.Reconcile.self,
+            Vmpool.Get.Pools.self, Vmpool.Get.VMs.self, Vmpool.Delete.self, Vmpool.Image.Build.self,
+        ] as [any ParsableCommand.Type] {
+            let help = Vmpool.helpMessage(for: command, columns: 120)
+            for option in ["--state-dir", "--driver", "--log-level", "--accel", "--lock-timeout"] {
+                #expect(help.contains(option), "\(command) lacks \(option)")
+            }
+        }
+    }
+}
