@@ -11,6 +11,7 @@ public final class QemuDriver: HypervisorDriver {
     let paths: QemuPaths
     let logger: Logger
     private let accelerator = Mutex<ResolvedAccelerator?>(nil)
+    private let sandboxSupport = Mutex<Bool?>(nil)
 
     public init(configuration: QemuConfiguration, logger: Logger) throws(DriverError) {
         self.configuration = configuration
@@ -47,13 +48,30 @@ public final class QemuDriver: HypervisorDriver {
         }
     }
 
-    /// A handle on one VM. The accelerator matters only for starting; existing VMs get TCG's
-    /// value, which no other operation reads.
+    /// Whether this QEMU accepts vmpool's `-sandbox` options (it lacks them when built without
+    /// seccomp); asked once, with `-version`, which QEMU handles after parsing the options before it.
+    var sandboxSupported: Bool {
+        sandboxSupport.withLock { value in
+            if let value { return value }
+            let supported =
+                QemuProcess.resolve(configuration.binary).map { path in
+                    (try? Spawn.run(path, ["-sandbox", QemuVM.sandboxOptions, "-version"]))?.status == 0
+                } ?? false
+            if !supported { logger.notice("this QEMU has no seccomp sandbox; starting VMs without -sandbox") }
+            value = supported
+            return supported
+        }
+    }
+
+    /// A handle on one VM. The accelerator and sandbox matter only for starting (`kernel`
+    /// given); other operations read neither.
     func vm(_ id: String, pid: Int32? = nil, kernel: String? = nil) -> QemuVM {
-        QemuVM(
+        var machine = QemuVM(
             id: id, paths: paths, configuration: configuration,
             accelerator: kernel.map { accelerator(kernel: $0) } ?? .tcg,
             pid: pid ?? QemuProcess.readPid(paths.pidFile(id)))
+        machine.sandbox = kernel != nil && configuration.sandbox && sandboxSupported
+        return machine
     }
 
     // MARK: - HypervisorDriver

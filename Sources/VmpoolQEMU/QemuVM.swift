@@ -22,6 +22,11 @@ struct QemuVM {
     let accelerator: ResolvedAccelerator
     /// Known once started.
     var pid: Int32?
+    /// Start QEMU with `-sandbox` (configured on, and this QEMU has seccomp).
+    var sandbox = false
+
+    /// seccomp filter options: spawn and elevateprivileges stay allowed (see `arguments`).
+    static let sandboxOptions = "on,obsolete=deny,resourcecontrol=deny"
 
     /// The RAM block id shared by template and clones; migration matches blocks by it.
     static let ramID = "vmpool.ram"
@@ -87,10 +92,10 @@ struct QemuVM {
             "-pidfile", paths.pidFile(id), "-daemonize",
         ]
         if incoming { args += ["-S", "-incoming", "defer"] }
-        if configuration.sandbox {
+        if sandbox {
             // spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid after
             // the filter is installed, and -runas drops privileges then.
-            args += ["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]
+            args += ["-sandbox", Self.sandboxOptions]
         }
         if let user = configuration.runAs { args += ["-runas", user] }
         return args

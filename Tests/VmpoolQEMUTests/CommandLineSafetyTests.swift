@@ -1,6 +1,8 @@
 import Foundation
 import Testing
+import Logging
 import VmpoolDriver
+import VmpoolTestSupport
 
 @testable import VmpoolQEMU
 
@@ -13,9 +15,10 @@ struct CommandLineSafetyTests {
 
     func arguments(image: BootImage, stateDir: String = "/tmp/s", memory: MemoryMode = .anonymous) -> [String] {
         let configuration = QemuConfiguration(stateDirectory: stateDir)
-        let vm = QemuVM(
+        var vm = QemuVM(
             id: "web-000001", paths: QemuPaths(configuration: configuration), configuration: configuration,
             accelerator: .tcg, pid: nil)
+        vm.sandbox = true
         let shape = VMShape(vcpus: 1, memoryMiB: 256, maxVcpus: 2, maxMemoryMiB: 512, image: image)
         return vm.arguments(shape: shape, memory: memory, incoming: false)
     }
@@ -53,9 +56,21 @@ struct CommandLineSafetyTests {
         #expect(parsed["share"] as? Bool == true)
     }
 
-    @Test func sandboxIsOnByDefault() {
+    @Test func sandboxIsOnWhereQEMUSupportsIt() throws {
         let args = arguments(image: BootImage(kernel: "/k", initrd: nil, cmdline: ""))
         #expect(args.firstIndex(of: "-sandbox").map { args[$0 + 1].hasPrefix("on,") } == true)
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let driver = try QemuDriver(
+            configuration: QemuConfiguration(stateDirectory: dir.path), logger: Logger(label: "test"))
+        if QemuEnvironment.qemuInstalled {
+            // Debian's QEMU is built with seccomp.
+            #expect(driver.sandboxSupported)
+        }
+        let missing = try QemuDriver(
+            configuration: QemuConfiguration(stateDirectory: dir.path, binary: "/nonexistent/qemu"),
+            logger: Logger(label: "test"))
+        #expect(!missing.sandboxSupported)
     }
 
     @Test func clonesDoNotReloadTheKernel() {
