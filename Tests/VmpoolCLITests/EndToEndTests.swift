@@ -161,6 +161,7 @@ struct EndToEndTests {
         #expect(actions.allSatisfy { $0["result"] as? String == "ok" })
         #expect((document?["summary"] as? [String: Any])?["clone"] as? Int == 4)
         #expect(try box.plan(file).status == 0)
+        #expect(try box.json("get", "pools").first?["standbys"] as? Int == 2)
     }
 
     @Test func pruneDeletesPoolsAbsentFromTheInput() throws {

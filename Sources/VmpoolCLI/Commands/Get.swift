@@ -35,10 +35,12 @@ extension Vmpool {
                     pools = pools.filter { names.contains($0.spec.name) }
                 }
                 let readiness = observation.readiness()
+                var standbys: [String: Int] = [:]
+                for standby in try session.store.standbys() where standby.ready { standbys[standby.pool, default: 0] += 1 }
                 let rows = pools.map { pool in
                     PoolRow(
                         spec: pool.spec, generation: pool.generation, ready: readiness[pool.spec.name]?.ready ?? 0,
-                        vms: readiness[pool.spec.name]?.vms ?? 0)
+                        vms: readiness[pool.spec.name]?.vms ?? 0, standbys: standbys[pool.spec.name] ?? 0)
                 }
                 switch output {
                 case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
@@ -80,6 +82,8 @@ struct PoolRow {
     var generation: Int
     var ready: Int
     var vms: Int
+    /// Hypervisor processes started ahead of clones (template pools).
+    var standbys: Int
 
     var json: [String: JSONValue] {
         [
@@ -88,6 +92,7 @@ struct PoolRow {
             "maxMemoryMiB": .int(spec.maxMemoryMiB), "boot": .string(spec.boot.rawValue),
             "state": .string(spec.state.rawValue), "warm": .int(spec.warm), "ready": .int(ready), "vms": .int(vms),
             "generation": .int(generation), "labels": .object(spec.labels.mapValues { .string($0) }),
+            "standbys": .int(standbys),
         ]
     }
 }
