@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -118,4 +119,12 @@ int vmpool_open_pty(char *name, size_t size) {
         return -1;
     }
     return master;
+}
+
+int vmpool_wait(int pid) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
 }

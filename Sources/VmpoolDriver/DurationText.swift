@@ -15,10 +15,17 @@ public enum DurationText {
 
     /// `1.5s`, `250ms`, `2m`: the form `parse` reads back.
     public static func format(_ duration: Duration) -> String {
-        let ms = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        let ms = duration.milliseconds
         if ms % 3_600_000 == 0, ms > 0 { return "\(ms / 3_600_000)h" }
         if ms % 60_000 == 0, ms > 0 { return "\(ms / 60_000)m" }
         if ms % 1000 == 0 { return "\(ms / 1000)s" }
         return "\(ms)ms"
+    }
+}
+
+extension Duration {
+    /// Whole milliseconds, rounded down: the unit of logs and timeouts.
+    public var milliseconds: Int64 {
+        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
     }
 }

@@ -123,10 +123,8 @@ public enum GuestImage {
         let pid = argv.withUnsafeBufferPointer { vmpool_spawn_env(path, $0.baseAddress, nil, fd, fd) }
         close(fd)
         guard pid > 0 else { throw ImageError("cannot run \(program): \(String(cString: strerror(errno)))") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        return (status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F), output)
+        let status = vmpool_wait(pid)
+        return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
     }
 
     static func searchPath(_ program: String) -> String? {

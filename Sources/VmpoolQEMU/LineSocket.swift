@@ -64,8 +64,7 @@ final class LineSocket {
             let remaining = deadline - .now
             guard remaining > .zero else { throw DriverError(.timeout, "no answer on \(path) in time") }
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(clamping: remaining.components.seconds * 1000
-                + remaining.components.attoseconds / 1_000_000_000_000_000 + 1)
+            let ms = Int32(clamping: remaining.milliseconds + 1)
             let ready = poll(&pfd, 1, ms)
             if ready < 0 {
                 if errno == EINTR { continue }

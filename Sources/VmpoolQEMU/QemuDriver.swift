@@ -125,11 +125,7 @@ public final class QemuDriver: HypervisorDriver {
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
         let machine = vm(request.id, kernel: template.key.image.kernel)
-        let memoryFile = paths.memoryFile(template: template.id)
-        let stateFile = paths.stateFile(template: template.id)
-        guard access(memoryFile, R_OK) == 0, access(stateFile, R_OK) == 0 else {
-            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: request.id)
-        }
+        let (memoryFile, stateFile) = try savedFiles(of: template, for: request.id)
         let timeout = configuration.restoreTimeout
         let logger = self.logger
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
@@ -156,10 +152,7 @@ public final class QemuDriver: HypervisorDriver {
 
     public func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32? {
         let machine = vm(id, kernel: template.key.image.kernel)
-        let memoryFile = paths.memoryFile(template: template.id)
-        guard access(memoryFile, R_OK) == 0, access(paths.stateFile(template: template.id), R_OK) == 0 else {
-            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: id)
-        }
+        let (memoryFile, _) = try savedFiles(of: template, for: id)
         return try await Blocking.run { () throws(DriverError) -> Int32? in
             var machine = machine
             do throws(DriverError) {
@@ -170,6 +163,18 @@ public final class QemuDriver: HypervisorDriver {
             }
             return machine.pid
         }
+    }
+
+    /// A template's memory and device-state files, which a clone or standby needs present.
+    private func savedFiles(of template: TemplateRef, for vm: String) throws(DriverError)
+        -> (memory: String, state: String)
+    {
+        let memory = paths.memoryFile(template: template.id)
+        let state = paths.stateFile(template: template.id)
+        guard access(memory, R_OK) == 0, access(state, R_OK) == 0 else {
+            throw DriverError(.notFound, "template \(template.id) has no saved state", vm: vm)
+        }
+        return (memory, state)
     }
 
     public func pause(_ vm: VMRef) async throws(DriverError) {
@@ -215,8 +220,7 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func templateExists(_ template: TemplateRef) async -> Bool {
-        access(paths.memoryFile(template: template.id), R_OK) == 0
-            && access(paths.stateFile(template: template.id), R_OK) == 0
+        (try? savedFiles(of: template, for: template.id)) != nil
     }
 
     public func status(of vms: [VMRef]) async -> [String: VMStatus] {

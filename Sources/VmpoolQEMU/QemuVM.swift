@@ -386,7 +386,7 @@ struct PhaseClock {
 
     static func describe(_ phases: [(String, Duration)]) -> String {
         phases.map { name, duration in
-            "\(name)=\(duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)ms"
+            "\(name)=\(duration.milliseconds)ms"
         }.joined(separator: " ")
     }
 }

@@ -44,17 +44,7 @@ enum Spawn {
             break
         }
         Glibc.close(child.stderr)
-        return (reap(child.pid), String(decoding: output, as: UTF8.self))
-    }
-
-    /// `waitpid` until the child is gone; returns its exit status, or 128+signal.
-    static func reap(_ pid: Int32) -> Int32 {
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 {
-            if errno != EINTR { return -1 }
-        }
-        let signal = status & 0x7F
-        return signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+        return (vmpool_wait(child.pid), String(decoding: output, as: UTF8.self))
     }
 
     /// Runs `path ARGS` to completion.

@@ -109,10 +109,7 @@ extension Reconciler {
         let started = ContinuousClock.now
         do {
             let created = try await perform(action, pool: pool, logger: logger)
-            let took = ContinuousClock.now - started
-            var metadata: Logger.Metadata = [
-                "took_ms": "\(took.components.seconds * 1000 + took.components.attoseconds / 1_000_000_000_000_000)"
-            ]
+            var metadata: Logger.Metadata = ["took_ms": "\((ContinuousClock.now - started).milliseconds)"]
             if let created { metadata["created"] = "\(created)" }
             logger.info("\(action.kind.rawValue) done", metadata: metadata)
             return ActionResult(action: action, outcome: .ok, createdVM: created)
@@ -205,9 +202,7 @@ extension Reconciler {
     private func launch(_ pool: DesiredPool, state: DesiredState, logger: Logger) async throws -> String {
         var template: TemplateRef?
         if pool.spec.boot == .template {
-            template = try store.templates().last {
-                $0.ref.pool == pool.spec.name && $0.state == .ready && $0.ref.key == pool.shape.templateKey
-            }?.ref
+            template = Self.currentTemplate(of: pool, among: try store.templates())
             guard template != nil else { throw DriverError(.notFound, "pool \(pool.spec.name) has no usable template") }
         }
         let (record, journal) = try recordLaunch(pool, template: template)

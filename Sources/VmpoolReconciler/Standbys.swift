@@ -14,14 +14,14 @@ extension Reconciler {
     /// template pool in `desired`, and stops the standbys of other templates and of pools that
     /// no longer boot from a template.
     func refillStandbys(_ desired: [DesiredPool]) async throws(StoreError) {
-        let templates = try store.templates().filter { $0.state == .ready }
+        let templates = try store.templates()
         var standbys = try store.standbys()
         var starts: [(pool: String, template: TemplateRef)] = []
         for pool in desired {
             let name = pool.spec.name
             let current =
                 pool.spec.boot == .template && configuration.standbys > 0
-                ? templates.last { $0.ref.pool == name && $0.ref.key == pool.shape.templateKey }?.ref : nil
+                ? Self.currentTemplate(of: pool, among: templates) : nil
             for standby in standbys where standby.pool == name && standby.template != current?.id {
                 await stopStandby(standby, reason: "its template is no longer current")
             }
@@ -43,6 +43,13 @@ extension Reconciler {
                 group.addTask { await self.startStandby(pool: start.pool, template: start.template) }
             }
         }
+    }
+
+    /// The newest ready template that matches the pool's shape: what clones restore from.
+    static func currentTemplate(of pool: DesiredPool, among templates: [TemplateRecord]) -> TemplateRef? {
+        templates.last {
+            $0.ref.pool == pool.spec.name && $0.state == .ready && $0.ref.key == pool.shape.templateKey
+        }?.ref
     }
 
     private func startStandby(pool: String, template: TemplateRef) async {

@@ -90,10 +90,7 @@ public final class RunningCommand: @unchecked Sendable {
     /// Waits for the child and returns its exit status (128+signal when killed) and output.
     public func wait() -> CommandResult {
         if let result { return result }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let signal = status & 0x7F
-        let code = signal == 0 ? (status >> 8) & 0xFF : 128 + signal
+        let code = vmpool_wait(pid)
         let stdout = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
         let stderr = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
         unlink(outPath)

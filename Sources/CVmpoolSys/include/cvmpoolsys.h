@@ -21,6 +21,10 @@ int vmpool_spawn(const char *path, char *const argv[], int stderr_fd);
 /// stderr on `stderr_fd` (-1: /dev/null), in this process's session.
 int vmpool_spawn_env(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd);
 
+/// Waits for child `pid` to exit (retrying on EINTR); returns its exit status, 128 + the signal
+/// that killed it, or -1 when it cannot be waited for.
+int vmpool_wait(int pid);
+
 /// Opens a pseudo-terminal pair; returns the master and writes the slave's path into `name`.
 int vmpool_open_pty(char *name, size_t size);
 
