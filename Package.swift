@@ -58,8 +58,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The default guest image: Debian kernel + busybox initramfs with the agent.
-        .target(name: "VmpoolImage", dependencies: ["VmpoolDriver", "CVmpoolSys"]),
+        // The default guest image: Debian kernel + busybox initramfs with the agent, and the
+        // Debian root disk. The guest's own files (agent source, init, root disk builder) are
+        // files of their own, embedded in the binary so that `image build` works anywhere.
+        .target(
+            name: "VmpoolImage", dependencies: ["VmpoolDriver", "CVmpoolSys"],
+            resources: [
+                .embedInCode("Guest/vmpool-agent.c"), .embedInCode("Guest/guest-init.sh"),
+                .embedInCode("Guest/debian-rootfs.sh"),
+            ]
+        ),
         // Commands: argument parsing and printing; everything else is a library call.
         .target(
             name: "VmpoolCLI",

@@ -38,14 +38,16 @@ ssize_t vmpool_send_with_fd(int sock, const void *data, size_t len, int fd) {
     return sent;
 }
 
-int vmpool_unix_connect(const char *path) {
+int vmpool_unix_connect(const char *path) { return vmpool_unix_connect_flags(path, 0); }
+
+int vmpool_unix_connect_flags(const char *path, int flags) {
     struct sockaddr_un addr;
     size_t len = strlen(path);
     if (len >= sizeof(addr.sun_path)) {
         errno = ENAMETOOLONG;
         return -1;
     }
-    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | flags, 0);
     if (sock < 0) return -1;
     memset(&addr, 0, sizeof(addr));
     addr.sun_family = AF_UNIX;
@@ -63,8 +65,8 @@ int vmpool_unix_connect(const char *path) {
     return sock;
 }
 
-static int spawn(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd,
-                 short flags) {
+static int spawn(const char *path, char *const argv[], char *const envp[], int stdin_fd, int stdout_fd,
+                 int stderr_fd, short flags) {
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attr;
     if (posix_spawn_file_actions_init(&actions) != 0) return -1;
@@ -72,7 +74,11 @@ static int spawn(const char *path, char *const argv[], char *const envp[], int s
         posix_spawn_file_actions_destroy(&actions);
         return -1;
     }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    if (stdin_fd >= 0) {
+        posix_spawn_file_actions_adddup2(&actions, stdin_fd, 0);
+    } else {
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    }
     if (stdout_fd >= 0) {
         posix_spawn_file_actions_adddup2(&actions, stdout_fd, 1);
     } else {
@@ -102,11 +108,16 @@ static int spawn(const char *path, char *const argv[], char *const envp[], int s
 }
 
 int vmpool_spawn(const char *path, char *const argv[], int stderr_fd) {
-    return spawn(path, argv, NULL, -1, stderr_fd, POSIX_SPAWN_SETSID);
+    return spawn(path, argv, NULL, -1, -1, stderr_fd, POSIX_SPAWN_SETSID);
 }
 
 int vmpool_spawn_env(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd) {
-    return spawn(path, argv, envp, stdout_fd, stderr_fd, 0);
+    return spawn(path, argv, envp, -1, stdout_fd, stderr_fd, 0);
+}
+
+int vmpool_spawn_io(const char *path, char *const argv[], char *const envp[], int stdin_fd, int stdout_fd,
+                    int stderr_fd) {
+    return spawn(path, argv, envp, stdin_fd, stdout_fd, stderr_fd, 0);
 }
 
 int vmpool_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
@@ -127,4 +138,21 @@ int vmpool_wait(int pid) {
         if (errno != EINTR) return -1;
     }
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]) {
+    posix_spawn_file_actions_t actions;
+    if (posix_spawn_file_actions_init(&actions) != 0) return -1;
+    // keep[0] and keep[1] become the child's 3 and 4; everything else above 4 is closed.
+    posix_spawn_file_actions_adddup2(&actions, keep[0], 3);
+    posix_spawn_file_actions_adddup2(&actions, keep[1], 4);
+    posix_spawn_file_actions_addclosefrom_np(&actions, 5);
+    pid_t pid = -1;
+    int rc = posix_spawn(&pid, path, &actions, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) {
+        errno = rc;
+        return -1;
+    }
+    return pid;
 }

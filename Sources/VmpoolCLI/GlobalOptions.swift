@@ -33,10 +33,54 @@ public struct GlobalOptions: ParsableArguments {
 
     var environment: [String: String] { ProcessInfo.processInfo.environment }
 
-    var resolvedStateDir: String {
+    /// The state dir as the user spelled it (option, environment or default).
+    var givenStateDir: String {
         if let stateDir, !stateDir.isEmpty { return stateDir }
         if let value = environment["VMPOOL_STATE_DIR"], !value.isEmpty { return value }
         return StateDirectory.defaultPath()
+    }
+
+    /// The state dir resolved once to its real path, so that `/x/state/`, `/x//state`, a
+    /// relative path or a symlink all name the same VMs, templates and processes.
+    /// `create` makes it (mode 0700) when absent; otherwise an absent state dir is an error.
+    func stateDirectory(create: Bool) throws -> String {
+        let given = givenStateDir
+        if create {
+            try StateDirectory.prepare(given)
+        } else if access(given, F_OK) != 0 {
+            throw CommandFailure(
+                description: "the state dir \(given) does not exist: nothing has been applied there"
+                    + " (check --state-dir or VMPOOL_STATE_DIR)")
+        }
+        guard let real = realpath(given, nil) else {
+            throw CommandFailure(description: "cannot resolve the state dir \(given): \(String(cString: strerror(errno)))")
+        }
+        defer { free(real) }
+        return String(cString: real)
+    }
+
+    /// Standbys per template pool (`VMPOOL_STANDBY`, default 2, 0 turns them off).
+    func resolvedStandbys() throws -> Int {
+        try Self.integer(environment, "VMPOOL_STANDBY", 0...64) ?? 2
+    }
+
+    /// An integer environment variable in `range`, or `nil` when unset; anything else is an
+    /// error that names the variable.
+    static func integer(_ environment: [String: String], _ name: String, _ range: ClosedRange<Int>) throws -> Int? {
+        guard let text = environment[name], !text.isEmpty else { return nil }
+        guard let value = Int(text), range.contains(value) else {
+            throw ValidationError("\(name): expected an integer from \(range.lowerBound) to \(range.upperBound), got \"\(text)\"")
+        }
+        return value
+    }
+
+    func resolvedAccelerator() throws -> Accelerator {
+        if let accel { return accel }
+        guard let text = environment["VMPOOL_ACCEL"], !text.isEmpty else { return .auto }
+        guard let value = Accelerator(rawValue: text) else {
+            throw ValidationError("VMPOOL_ACCEL: expected auto, kvm or tcg, got \"\(text)\"")
+        }
+        return value
     }
 
     func resolvedDriver() throws -> DriverKind {
@@ -70,6 +114,9 @@ public struct GlobalOptions: ParsableArguments {
         _ = try resolvedDriver()
         _ = try resolvedLogLevel()
         _ = try resolvedLockTimeout()
+        _ = try resolvedStandbys()
+        _ = try resolvedAccelerator()
+        _ = try Self.integer(environment, "VMPOOL_TCG_CACHE_MIB", 1...2048)
     }
 
     /// A logger writing to stderr at the chosen level. Logging is bootstrapped once per process.
@@ -81,15 +128,13 @@ public struct GlobalOptions: ParsableArguments {
         return logger
     }
 
-    /// The driver for this state dir.
-    func makeDriver(logger: Logger) throws -> any HypervisorDriver {
-        let dir = resolvedStateDir
+    /// The driver for the state dir `dir` (resolved by `stateDirectory(create:)`).
+    func makeDriver(stateDirectory dir: String, logger: Logger) throws -> any HypervisorDriver {
         switch try resolvedDriver() {
         case .sim:
-            try StateDirectory.prepare(dir)
             return try SimDriver(stateDirectory: dir, configuration: SimConfiguration.fromEnvironment(environment))
         case .qemu:
-            let accel = accel ?? environment["VMPOOL_ACCEL"].flatMap(Accelerator.init(rawValue:)) ?? .auto
+            let accel = try resolvedAccelerator()
             return try QemuDriver(
                 configuration: QemuConfiguration.fromEnvironment(stateDirectory: dir, accelerator: accel, environment),
                 logger: logger)

@@ -3,9 +3,12 @@ import Logging
 import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
+import VmpoolStore
 
 /// `reconcile --every`: a pass per interval until graceful shutdown.
 ///
+/// The state dir lock is held only while a pass runs, so `apply`, `delete` and `lease` work
+/// meanwhile; they wake the service (`Wake`), whose next pass then starts at once.
 /// A pool whose pass fails is retried with exponential backoff (interval × 2ⁿ, at most 10
 /// minutes); a terminal failure (a missing image file) waits the full 10 minutes. Other
 /// pools keep their own schedule, so one broken pool never holds up the rest.
@@ -13,6 +16,9 @@ struct ReconcileService: Service {
     let reconciler: Reconciler
     let interval: Duration
     let logger: Logger
+    /// Where the lock lives.
+    let stateDirectory: String
+    let wake: Wake.Listener
     static let maxBackoff: Duration = .seconds(600)
 
     func run() async throws {
@@ -20,17 +26,46 @@ struct ReconcileService: Service {
         let cancellation = Cancellation()
         while !Task.isShuttingDownGracefully {
             let started = ContinuousClock.now
+            wake.drain()
             await withGracefulShutdownHandler {
+                guard let lock = await takeLock() else { return }
                 await pass(&backoff, cancellation: cancellation)
+                withExtendedLifetime(lock) {}
             } onGracefulShutdown: {
                 cancellation.cancel()
             }
+            if Task.isShuttingDownGracefully || Task.isCancelled { break }
             let elapsed = ContinuousClock.now - started
             guard elapsed < interval else { continue }
-            try? await Task.sleep(for: interval - elapsed)
-            if Task.isCancelled { break }
+            if await wake.wait(upTo: interval - elapsed, stop: { Task.isShuttingDownGracefully }) {
+                // Woken: every pool is due again (a change may have fixed a failing one).
+                backoff.reset()
+                logger.debug("woken: running a pass now")
+            }
         }
         logger.notice("reconcile loop stopped")
+    }
+
+    /// Waits for the state dir lock, without blocking a thread, until shutdown.
+    private func takeLock() async -> StateLock? {
+        var reported = false
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                switch try StateLock.tryAcquire(directory: stateDirectory, command: "reconcile --every") {
+                case .success(let lock): return lock
+                case .failure(let busy):
+                    if !reported {
+                        logger.info("waiting for the state dir lock (held by \(busy.holder.map { "\($0)" } ?? "another vmpool"))")
+                        reported = true
+                    }
+                }
+            } catch {
+                logger.error("cannot take the state dir lock: \(error)")
+                return nil
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return nil
     }
 
     private func pass(_ backoff: inout Backoff, cancellation: Cancellation) async {
@@ -97,4 +132,7 @@ struct Backoff {
         failures[pool] = nil
         notBefore[pool] = nil
     }
+
+    /// Makes every pool due now, keeping failure counts.
+    mutating func reset() { notBefore = [:] }
 }

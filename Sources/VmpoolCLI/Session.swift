@@ -17,29 +17,27 @@ struct Session {
     /// Held for the session's lifetime when the command changes state.
     let lock: StateLock?
 
-    /// Opens the state dir. `locking` names the command for the lock holder record.
+    /// The state dir, resolved to its real path.
+    let stateDirectory: String
+
+    /// Opens the state dir. `locking` names the command for the lock holder record; such a
+    /// session holds the lock until it ends. `create` makes an absent state dir, else an
+    /// absent one is an error (observers never create one).
     init(
-        _ options: GlobalOptions, locking command: String?, parallelism: Int = 4, timeout: Duration? = nil
+        _ options: GlobalOptions, locking command: String?, create: Bool = true, parallelism: Int = 4,
+        timeout: Duration? = nil
     ) async throws {
         self.options = options
         let logger = try options.makeLogger()
         self.logger = logger
-        let dir = options.resolvedStateDir
-        if let command {
-            lock = try StateLock.acquire(
-                directory: dir, command: command, timeout: try options.resolvedLockTimeout()
-            ) { holder in
-                let who = holder.map { "held by \($0)" } ?? "held by another vmpool"
-                logger.notice("waiting for the state dir lock (\(who))")
-            }
-        } else {
-            lock = nil
-        }
+        let dir = try options.stateDirectory(create: create || command != nil)
+        stateDirectory = dir
+        lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
         store = try StateStore(directory: dir)
-        let driver = try options.makeDriver(logger: logger)
+        let driver = try options.makeDriver(stateDirectory: dir, logger: logger)
         let defaultImage: BootImage? =
             driver.name == "sim" ? GuestImage.simDefault : GuestImage.installed(stateDirectory: dir)
-        let standbys = options.environment["VMPOOL_STANDBY"].flatMap { Int($0) } ?? 2
+        let standbys = try options.resolvedStandbys()
         reconciler = Reconciler(
             store: store, driver: driver,
             configuration: ReconcilerConfiguration(
@@ -48,19 +46,42 @@ struct Session {
     }
 }
 
+extension Session {
+    /// Takes the state dir lock for `command`, waiting up to `--lock-timeout`.
+    static func lock(_ dir: String, command: String, options: GlobalOptions, logger: Logger) throws -> StateLock {
+        try StateLock.acquire(directory: dir, command: command, timeout: try options.resolvedLockTimeout()) {
+            holder in
+            let who = holder.map { "held by \($0)" } ?? "held by another vmpool"
+            logger.notice("waiting for the state dir lock (\(who))")
+        }
+    }
+}
+
 /// Turns library errors into the one-line messages users see, and exit code 1.
 struct CommandFailure: Error, CustomStringConvertible {
     let description: String
 }
 
-/// Loads manifests or prints every diagnostic and fails.
-func loadManifests(_ paths: [String]) throws -> ManifestSet {
+/// Loads manifests or prints every diagnostic and fails. Directories without manifests are
+/// named on stderr; `--prune` with no pools at all is refused unless `allowEmpty`, since it
+/// would delete every pool (as kubectl refuses an empty prune).
+func loadManifests(_ paths: [String], prune: Bool = false, allowEmpty: Bool = false) throws -> ManifestSet {
+    let manifests: ManifestSet
     do {
-        return try ManifestLoader.load(paths: paths)
+        manifests = try ManifestLoader.load(paths: paths)
     } catch {
         printDiagnostics(error.diagnostics)
         throw ExitCode.failure
     }
+    for directory in manifests.emptyDirectories {
+        printError("warning: \(directory) holds no *.yaml or *.yml file")
+    }
+    if prune && manifests.pools.isEmpty && !allowEmpty {
+        throw CommandFailure(
+            description: "refusing --prune with no pools in the input: it would delete every applied pool;"
+                + " pass --allow-empty if that is what you want")
+    }
+    return manifests
 }
 
 func printDiagnostics(_ diagnostics: [Diagnostic]) {
@@ -68,7 +89,7 @@ func printDiagnostics(_ diagnostics: [Diagnostic]) {
     printError("\(diagnostics.count) error\(diagnostics.count == 1 ? "" : "s") in the input; nothing was changed")
 }
 
-/// Checks that the image files manifests name exist, reporting them at the pool's location.
+/// Checks that the image files manifests name exist, reporting each at its field.
 func checkImages(_ manifests: ManifestSet) throws {
     var diagnostics: [Diagnostic] = []
     for pool in manifests.pools {
@@ -76,7 +97,9 @@ func checkImages(_ manifests: ManifestSet) throws {
         for (field, path) in [("spec.image.kernel", image.kernel), ("spec.image.initrd", image.initrd)] {
             guard let path, access(path, R_OK) != 0 else { continue }
             diagnostics.append(
-                Diagnostic(.imageNotFound, at: origin, field: field, "file \(path) does not exist or is not readable"))
+                Diagnostic(
+                    .imageNotFound, at: origin.location(of: field), field: field,
+                    "file \(path) does not exist or is not readable"))
         }
     }
     if !diagnostics.isEmpty {

@@ -65,27 +65,44 @@ public struct VMStatus: Sendable, Hashable {
         case hung
     }
 
+    /// Whether the guest agent answered, when it was asked.
+    public enum Agent: Sendable, Hashable {
+        case answers
+        /// Another client holds the agent's channel: not a sign of a dead guest.
+        case busy
+        case silent
+    }
+
     public var liveness: Liveness
     /// `running` or `paused` as the hypervisor reports it; `nil` when not alive.
     public var running: Bool?
-    /// The guest agent answered (only asked of running VMs; paused VMs cannot answer).
-    public var agentAnswers: Bool?
-    /// CPUs and memory the hypervisor has plugged, when it can tell.
+    /// The guest agent's answer (only asked of running VMs at `.guest` depth; paused VMs cannot answer).
+    public var agent: Agent?
+    /// CPUs and memory the VM has: what the guest has online where the agent told (`.guest`),
+    /// else what the hypervisor plugged, when it can tell.
     public var vcpus: Int?
     public var memoryMiB: Int?
 
     public init(
-        liveness: Liveness, running: Bool? = nil, agentAnswers: Bool? = nil, vcpus: Int? = nil,
-        memoryMiB: Int? = nil
+        liveness: Liveness, running: Bool? = nil, agent: Agent? = nil, vcpus: Int? = nil, memoryMiB: Int? = nil
     ) {
         self.liveness = liveness
         self.running = running
-        self.agentAnswers = agentAnswers
+        self.agent = agent
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
     }
 
     public static let gone = VMStatus(liveness: .gone)
+}
+
+/// How far a status query reaches.
+public enum StatusDepth: Sendable, Hashable {
+    /// Process and hypervisor only, through an observer's channel: what `get` and `plan` use,
+    /// never disturbing a running apply.
+    case hypervisor
+    /// Also the guest agent: CPUs and memory the guest has online, and whether it answers.
+    case guest
 }
 
 /// A hypervisor process or VM the driver finds on the host for this state dir.
@@ -128,12 +145,15 @@ public protocol HypervisorDriver: Sendable {
     func hotplugMemory(_ vm: VMRef, shape: VMShape, to memoryMiB: Int) async throws(DriverError)
     /// Stops a VM and removes everything it left; succeeds when it is already gone.
     func stop(_ vm: VMRef) async throws(DriverError)
-    /// Removes a template's saved state; succeeds when it is already gone.
-    func deleteTemplate(_ template: TemplateRef) async throws(DriverError)
+    /// Removes a template's saved state (by id alone, so that recovery can remove state that
+    /// has no record); succeeds when it is already gone.
+    func deleteTemplate(id: String) async throws(DriverError)
     /// Whether a template's saved state is present and usable.
     func templateExists(_ template: TemplateRef) async -> Bool
-    /// The hypervisor's view of each VM, keyed by id.
-    func status(of vms: [VMRef]) async -> [String: VMStatus]
+    /// The hypervisor's view of each VM, keyed by id. `.guest` also asks each running guest's
+    /// agent what it has online; only the holder of the state dir lock asks that, since the
+    /// agent's channel is its own. `.hypervisor` uses only channels that observers may share.
+    func status(of vms: [VMRef], depth: StatusDepth) async -> [String: VMStatus]
     /// VMs this driver started for this state dir, whether or not the store knows them.
     func discover() async -> [DiscoveredVM]
     /// Ids of the templates whose saved state this driver finds for this state dir.
@@ -146,7 +166,7 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Kind: String, Hashable, Sendable {
             case launchFailed, timeout, protocolError, notFound, invalidState, limitExceeded, injectedFault
-            case imageMissing, hostUnsupported, io
+            case imageMissing, hostUnsupported, io, busy, cancelled
         }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
@@ -171,6 +191,10 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
         public static let hostUnsupported = Code(.hostUnsupported)
         /// A file or socket operation failed.
         public static let io = Code(.io)
+        /// Another client holds a channel that serves one at a time; not a sign of a dead VM.
+        public static let busy = Code(.busy)
+        /// The operation was interrupted (shutdown, `--timeout`) and undone.
+        public static let cancelled = Code(.cancelled)
 
         public var description: String { kind.rawValue }
     }
@@ -189,4 +213,78 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
     public var isTerminal: Bool { code == .imageMissing || code == .hostUnsupported }
 
     public var description: String { vm.map { "\($0): \(message)" } ?? message }
+}
+
+/// A command to run in a guest (`vmpool exec`): an argument vector, never a shell line.
+public struct ExecRequest: Sendable {
+    public var argv: [String]
+    /// `KEY=VALUE` pairs added to the guest's default environment.
+    public var environment: [String]
+    /// Working directory in the guest; `nil`: `/`.
+    public var directory: String?
+    /// Forward the caller's standard input.
+    public var stdin: Bool
+    /// A pseudo-terminal of this size (rows, columns); `nil`: pipes, stdout and stderr apart.
+    public var tty: (rows: Int, columns: Int)?
+    /// Kill the command (SIGKILL) after this long.
+    public var timeout: Duration?
+
+    public init(
+        argv: [String], environment: [String] = [], directory: String? = nil, stdin: Bool = false,
+        tty: (rows: Int, columns: Int)? = nil, timeout: Duration? = nil
+    ) {
+        self.argv = argv
+        self.environment = environment
+        self.directory = directory
+        self.stdin = stdin
+        self.tty = tty
+        self.timeout = timeout
+    }
+}
+
+/// Where a guest command's streams go on the host: file descriptors the caller owns.
+public struct ExecStreams: Sendable {
+    public var stdin: Int32
+    public var stdout: Int32
+    public var stderr: Int32
+
+    public init(stdin: Int32 = 0, stdout: Int32 = 1, stderr: Int32 = 2) {
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+    }
+}
+
+/// How a guest command ended.
+public enum ExecOutcome: Sendable, Hashable {
+    case exited(Int32)
+    case signalled(Int32)
+    /// It could not run: 126 (not executable), 127 (not found), 125 (the agent failed).
+    case notRun(code: Int32, message: String)
+    /// Killed at its `timeout`.
+    case timedOut
+
+    /// The exit status `vmpool exec` reports, as `docker exec` does.
+    public var exitStatus: Int32 {
+        switch self {
+        case .exited(let code): code
+        case .signalled(let signal): 128 + signal
+        case .notRun(let code, _): code
+        case .timedOut: 128 + 9
+        }
+    }
+}
+
+/// What is inside a VM: commands through the guest agent, the serial console's output, the
+/// interactive console. A driver without guests (sim) does not conform.
+public protocol GuestAccess: Sendable {
+    /// Runs `request` in the running VM `vm`, streaming its output to `streams` as it comes.
+    func exec(_ vm: VMRef, _ request: ExecRequest, streams: ExecStreams) async throws(DriverError) -> ExecOutcome
+    /// The serial console's output kept on disk (bounded), after taking in what is new.
+    func consoleLog(_ vm: VMRef) async throws(DriverError) -> [UInt8]
+    /// Takes in the serial console's new output and returns it (for `logs --follow`).
+    func consoleDrain(_ vm: VMRef) async throws(DriverError) -> [UInt8]
+    /// Connects `streams` to the VM's interactive console until `detach` is read from
+    /// `streams.stdin` or the VM goes away.
+    func attachConsole(_ vm: VMRef, streams: ExecStreams, detach: UInt8) async throws(DriverError)
 }

@@ -15,15 +15,33 @@ public enum GuestImage {
 
     public static func directory(stateDirectory: String) -> String { stateDirectory + "/image" }
 
-    /// The built default image of a state dir, or `nil` when `vmpool image build` has not run.
+    /// The version of the guest side (agent protocol, init, device layout) this vmpool speaks.
+    /// An image built by another version is not used: `image build` must run again.
+    public static let version = 2
+
+    /// The built default image of a state dir, or `nil` when `vmpool image build` has not run
+    /// (or ran with a vmpool whose guest side differs).
     public static func installed(stateDirectory: String) -> BootImage? {
         let dir = directory(stateDirectory: stateDirectory)
         let kernel = dir + "/vmlinuz"
         let initrd = dir + "/initrd.img"
-        guard access(kernel, R_OK) == 0, access(initrd, R_OK) == 0 else { return nil }
+        guard access(kernel, R_OK) == 0, access(initrd, R_OK) == 0, builtVersion(dir) == version else { return nil }
         let cmdline = (try? String(contentsOfFile: dir + "/cmdline", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines)
         return BootImage(kernel: kernel, initrd: initrd, cmdline: cmdline ?? defaultCmdline)
+    }
+
+    /// The guest-side version an image directory was built for; `nil` when it has none.
+    public static func builtVersion(_ directory: String) -> Int? {
+        (try? String(contentsOfFile: directory + "/version", encoding: .utf8))
+            .flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    /// The virtio modules that go with `kernel`: `modules/` next to its `boot/` directory, as
+    /// scripts/fetch-kernel unpacks them, with an `order` file listing them dependencies first.
+    public static func modulesDirectory(forKernel kernel: String) -> String {
+        URL(fileURLWithPath: kernel).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("modules").path
     }
 
     /// `$VMPOOL_KERNEL`, else what scripts/fetch-kernel left in `.cache/kernel`, else the newest `/boot/vmlinuz-*`.
@@ -44,13 +62,16 @@ public enum GuestImage {
             "no kernel found: pass --kernel PATH, set VMPOOL_KERNEL, or fetch Debian's with scripts/fetch-kernel")
     }
 
-    /// Writes `vmlinuz`, `initrd.img` and `cmdline` into `output` and returns the image.
+    /// Writes `vmlinuz`, `initrd.img`, `cmdline` and `version` into `output` and returns the image.
+    /// `modules` holds the kernel's virtio modules (default: next to the kernel).
     /// `compiler` builds the agent (`$CC`, else `cc`); it must be able to link statically.
-    public static func build(kernel: String, busybox: String, output: String, compiler: String? = nil) throws
-        -> BootImage
-    {
+    public static func build(
+        kernel: String, busybox: String, output: String, modules: String? = nil, compiler: String? = nil
+    ) throws -> BootImage {
         let manager = FileManager.default
         guard manager.isReadableFile(atPath: kernel) else { throw ImageError("kernel \(kernel) is not readable") }
+        let modulesDir = modules ?? modulesDirectory(forKernel: kernel)
+        let moduleFiles = try loadModules(modulesDir)
         guard let busyboxData = manager.contents(atPath: busybox) else {
             throw ImageError("busybox \(busybox) is not readable; install busybox-static")
         }
@@ -61,10 +82,13 @@ public enum GuestImage {
         let agent = try compileAgent(compiler: compiler ?? ProcessInfo.processInfo.environment["CC"] ?? "cc")
         do {
             try manager.createDirectory(atPath: output, withIntermediateDirectories: true)
-            let initrd = initramfs(busybox: busyboxData, applets: applets, agent: agent)
+            unlink(output + "/version")
+            let initrd = initramfs(busybox: busyboxData, applets: applets, agent: agent, modules: moduleFiles)
             try write(initrd, to: output + "/initrd.img")
             try write(try Data(contentsOf: URL(fileURLWithPath: kernel)), to: output + "/vmlinuz")
             try write(Data((defaultCmdline + "\n").utf8), to: output + "/cmdline")
+            try write(agent, to: output + "/vmpool-agent")
+            try write(Data("\(version)\n".utf8), to: output + "/version")
         } catch let error as ImageError {
             throw error
         } catch {
@@ -73,12 +97,37 @@ public enum GuestImage {
         return BootImage(kernel: output + "/vmlinuz", initrd: output + "/initrd.img", cmdline: defaultCmdline)
     }
 
-    /// The initramfs: directories, console device, busybox with its applet links, init and agent.
-    static func initramfs(busybox: Data, applets: [String], agent: Data) -> Data {
+    /// The kernel modules in `directory`, in the order its `order` file gives.
+    static func loadModules(_ directory: String) throws -> [(name: String, data: Data)] {
+        guard let order = try? String(contentsOfFile: directory + "/order", encoding: .utf8) else {
+            throw ImageError(
+                "the guest kernel's modules are missing (\(directory)/order): fetch the kernel with"
+                    + " scripts/fetch-kernel, or pass --modules DIR")
+        }
+        return try order.split(separator: "\n").map(String.init).filter { !$0.isEmpty }.map { name in
+            guard !name.contains("/"), name.hasSuffix(".ko"),
+                let data = FileManager.default.contents(atPath: directory + "/" + name)
+            else { throw ImageError("module \(name) listed in \(directory)/order cannot be read") }
+            return (name, data)
+        }
+    }
+
+    /// The initramfs: directories, console device, busybox with its applet links, the virtio
+    /// modules, init and agent.
+    static func initramfs(busybox: Data, applets: [String], agent: Data, modules: [(name: String, data: Data)])
+        -> Data
+    {
         var cpio = CpioWriter()
-        for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "run"] {
+        for dir in [
+            "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "lib",
+            "lib/modules", "lib/modules/vmpool",
+        ] {
             cpio.add(dir, .directory)
         }
+        for module in modules { cpio.add("lib/modules/vmpool/" + module.name, .file(module.data, executable: false)) }
+        cpio.add(
+            "lib/modules/vmpool/order",
+            .file(Data(modules.map { $0.name + "\n" }.joined().utf8), executable: false))
         cpio.add("dev/console", .characterDevice(major: 5, minor: 1))
         cpio.add("dev/null", .characterDevice(major: 1, minor: 3))
         cpio.add("bin/busybox", .file(busybox, executable: true))
@@ -86,7 +135,7 @@ public enum GuestImage {
             let depth = applet.split(separator: "/").count - 1
             cpio.add(applet, .symlink(String(repeating: "../", count: depth) + "bin/busybox"))
         }
-        cpio.add("init", .file(Data(GuestScripts.initScript.utf8), executable: true))
+        cpio.add("init", .file(Data(PackageResources.guest_init_sh), executable: true))
         cpio.add("bin/vmpool-agent", .file(agent, executable: true))
         cpio.finish()
         return cpio.data
@@ -99,7 +148,7 @@ public enum GuestImage {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let source = dir + "/agent.c"
         let binary = dir + "/vmpool-agent"
-        guard FileManager.default.createFile(atPath: source, contents: Data(GuestAgentSource.c.utf8)) else {
+        guard FileManager.default.createFile(atPath: source, contents: Data(PackageResources.vmpool_agent_c)) else {
             throw ImageError("cannot write the agent source to \(source)")
         }
         let (status, output) = try run(compiler, ["-static", "-Os", "-s", "-o", binary, source])

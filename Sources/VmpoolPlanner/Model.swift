@@ -64,18 +64,24 @@ public struct PlanInput: Sendable {
     public var desired: [DesiredPool]
     /// Every VM of every pool the store knows, with its observed condition.
     public var vms: [ObservedVM]
-    /// Templates by pool name.
+    /// The current (newest ready) template of each pool, by pool name.
     public var templates: [String: ObservedTemplate]
+    /// Every recorded template of each pool, ready or not, oldest first: those of a pool that
+    /// no longer boots from a template are removed.
+    public var allTemplates: [String: [String]]
     /// Pools to delete (applied earlier, absent from the input, `--prune` given).
     public var prune: Set<String>
+    /// Why they are deleted, in the words `plan` shows.
+    public var pruneReason: String = "pool is not in the input (--prune)"
 
     public init(
         desired: [DesiredPool], vms: [ObservedVM], templates: [String: ObservedTemplate] = [:],
-        prune: Set<String> = []
+        allTemplates: [String: [String]]? = nil, prune: Set<String> = []
     ) {
         self.desired = desired
         self.vms = vms
         self.templates = templates
+        self.allTemplates = allTemplates ?? templates.mapValues { [$0.ref.id] }
         self.prune = prune
     }
 }
@@ -93,6 +99,8 @@ public struct Action: Sendable, Hashable, Codable {
         case replace
         case stop
         case deletePool = "delete-pool"
+        /// Removes a template (and its standbys) that the pool no longer boots from.
+        case deleteTemplate = "delete-template"
     }
 
     /// A change of an amount, for hotplug actions.
@@ -110,6 +118,8 @@ public struct Action: Sendable, Hashable, Codable {
     public var pool: String
     /// The existing VM the action touches; `nil` for create, clone, build-template, delete-pool.
     public var vm: String?
+    /// The template a delete-template removes.
+    public var template: String?
     /// The state a VM made by this action ends in (create, clone, replace).
     public var state: DesiredState?
     /// CPU count before and after (hotplug-cpu).
@@ -122,12 +132,13 @@ public struct Action: Sendable, Hashable, Codable {
     public var dependsOn: [Int]
 
     public init(
-        _ kind: Kind, pool: String, vm: String? = nil, state: DesiredState? = nil, vcpus: Change? = nil,
-        memoryMiB: Change? = nil, reason: String, dependsOn: [Int] = []
+        _ kind: Kind, pool: String, vm: String? = nil, template: String? = nil, state: DesiredState? = nil,
+        vcpus: Change? = nil, memoryMiB: Change? = nil, reason: String, dependsOn: [Int] = []
     ) {
         self.kind = kind
         self.pool = pool
         self.vm = vm
+        self.template = template
         self.state = state
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB

@@ -16,12 +16,20 @@ public enum Planner {
             var planner = PoolPlanner(
                 pool: pool, vms: vmsByPool[pool.spec.name] ?? [], template: input.templates[pool.spec.name])
             planner.plan(into: &builder)
+            if pool.spec.boot != .template {
+                for id in input.allTemplates[pool.spec.name] ?? [] {
+                    builder.add(
+                        Action(
+                            .deleteTemplate, pool: pool.spec.name, template: id,
+                            reason: "the pool boots cold now; its template and standbys go"))
+                }
+            }
         }
         for name in input.prune.subtracting(desiredNames).sorted() {
             let stops = (vmsByPool[name] ?? []).sorted(by: PoolPlanner.oldestFirst).map { vm in
-                builder.add(Action(.stop, pool: name, vm: vm.id, reason: "pool is deleted"))
+                builder.add(Action(.stop, pool: name, vm: vm.id, reason: input.pruneReason))
             }
-            builder.add(Action(.deletePool, pool: name, reason: "pool is not in the input", dependsOn: stops))
+            builder.add(Action(.deletePool, pool: name, reason: input.pruneReason, dependsOn: stops))
         }
         return builder.plan
     }
@@ -238,9 +246,10 @@ struct PoolPlanner {
         spec.state == .paused ? "pool state is paused" : "\(spec.size) running VMs wanted; kept as a warm spare"
     }
 
-    /// Plans a template (re)build for template pools; returns its index for clones to wait on.
+    /// Plans a template (re)build for template pools that need a VM; returns its index for
+    /// clones to wait on. A pool of no VMs builds nothing (templates are built on first need).
     private func planTemplate(into builder: inout PlanBuilder) -> Int? {
-        guard spec.boot == .template else { return nil }
+        guard spec.boot == .template, spec.totalVMs > 0 else { return nil }
         let want = pool.shape.templateKey
         let reason: String
         if let template {

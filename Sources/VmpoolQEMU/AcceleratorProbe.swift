@@ -17,8 +17,12 @@ enum ResolvedAccelerator: String, Sendable {
 enum AcceleratorProbe {
     static let probeTime: Duration = .milliseconds(1500)
 
+    /// The probe runs like a VM of this state dir (its run dir is in its command line), so a
+    /// vmpool killed while probing leaves a process the next run finds and stops as an orphan.
+    static let probeID = "kvm-probe"
+
     static func resolve(
-        _ requested: Accelerator, binary: String, stateDirectory: String, kernel: String
+        _ requested: Accelerator, binary: String, paths: QemuPaths, kernel: String
     ) -> ResolvedAccelerator {
         switch requested {
         case .kvm: return .kvm
@@ -26,7 +30,7 @@ enum AcceleratorProbe {
         case .auto: break
         }
         guard access("/dev/kvm", R_OK | W_OK) == 0, let path = QemuProcess.resolve(binary) else { return .tcg }
-        let cache = stateDirectory + "/accel"
+        let cache = paths.stateDirectory + "/accel"
         let bootID = (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
         let key = bootID + " " + QemuPaths.hash(kernel, hexDigits: 12)
@@ -38,22 +42,25 @@ enum AcceleratorProbe {
                 return value
             }
         }
-        let result: ResolvedAccelerator = kvmBootsKernel(qemu: path, kernel: kernel) ? .kvm : .tcg
+        let result: ResolvedAccelerator = kvmBootsKernel(qemu: path, kernel: kernel, paths: paths) ? .kvm : .tcg
         try? "\(result.rawValue) \(key)\n".write(toFile: cache, atomically: true, encoding: .utf8)
         return result
     }
 
     /// Boots `kernel` under KVM for at most `probeTime`, watching for "Linux version".
-    static func kvmBootsKernel(qemu: String, kernel: String) -> Bool {
-        let log = NSTemporaryDirectory() + "vmpool-kvm-probe-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
-        defer { unlink(log) }
+    static func kvmBootsKernel(qemu: String, kernel: String, paths: QemuPaths) -> Bool {
+        let dir = paths.vmDirectory(probeID)
+        try? FileManager.default.removeItem(atPath: dir)
+        guard mkdir(dir, 0o700) == 0 else { return false }
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let log = dir + "/log"
         guard
             let child = try? Spawn.start(
                 qemu,
                 [
-                    "-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-nodefaults", "-no-user-config",
-                    "-display", "none", "-m", "256", "-kernel", kernel,
-                    "-append", "earlyprintk=ttyS0 console=ttyS0", "-serial", "file:" + log,
+                    "-name", "guest=\(probeID)", "-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-nodefaults",
+                    "-no-user-config", "-display", "none", "-m", "256", "-kernel", kernel,
+                    "-append", "earlyprintk=ttyS0 console=ttyS0", "-serial", "file:" + QemuOpts.escape(log),
                 ])
         else { return false }
         defer {

@@ -3,79 +3,177 @@ import VmpoolDriver
 
 /// A QMP (QEMU Machine Protocol) session on a Unix socket.
 ///
-/// Connects, reads the greeting, negotiates capabilities, then runs commands one at a time,
-/// matching each answer by its `id` and keeping asynchronous events for `waitForEvent`.
+/// Connects, reads the greeting, negotiates capabilities, then runs commands, matching each
+/// answer by its `id` and decoding its `return` into the caller's `Decodable` type (as Kata's
+/// govmm decodes `query-status` into `StatusInfo`). Commands may be pipelined: `send` several,
+/// then `receive` each, for one round trip.
 final class QMPClient {
-    private let socket: LineSocket
+    private let channel: Channel
     private var nextID = 1
-    private(set) var events: [[String: Any]] = []
     let vm: String?
 
     /// Connects and negotiates; `timeout` bounds the whole handshake.
     init(path: String, vm: String?, timeout: Duration = .seconds(5)) throws(DriverError) {
         self.vm = vm
-        socket = try LineSocket(path: path)
         let deadline = ContinuousClock.now + timeout
-        let greeting = try Self.parse(try socket.readLine(until: deadline), vm: vm)
-        guard greeting["QMP"] != nil else {
-            throw DriverError(.protocolError, "QMP greeting expected, got \(greeting)", vm: vm)
+        channel = try Channel(path: path, deadline: deadline)
+        let greeting = try Self.decode(QMPGreeting.self, try channel.readLine(until: deadline), vm: vm)
+        guard greeting.QMP != nil else {
+            throw DriverError(.protocolError, "QMP greeting expected on \(path)", vm: vm)
         }
-        _ = try execute("qmp_capabilities", timeout: timeout)
+        try execute("qmp_capabilities", timeout: timeout)
     }
 
-    func close() { socket.close() }
+    func close() { channel.close() }
 
-    /// Runs one command and returns its `return` value; a QMP `error` becomes a DriverError.
-    @discardableResult
-    func execute(
+    /// Sends a command without waiting; returns the id to `receive` its answer by.
+    func send(
         _ command: String, _ arguments: [String: Any]? = nil, attaching fd: Int32? = nil,
         timeout: Duration = .seconds(10)
-    ) throws(DriverError) -> Any {
+    ) throws(DriverError) -> String {
         let id = "v\(nextID)"
         nextID += 1
         var message: [String: Any] = ["execute": command, "id": id]
         if let arguments { message["arguments"] = arguments }
-        let text: String
+        let data: Data
         do {
-            text = String(decoding: try JSONSerialization.data(withJSONObject: message), as: UTF8.self)
+            data = try JSONSerialization.data(withJSONObject: message)
         } catch {
             throw DriverError(.protocolError, "cannot encode QMP command \(command): \(error)", vm: vm)
         }
-        try socket.send(text + "\n", attach: fd)
+        try channel.send(Array(data) + [0x0A], attach: fd, deadline: .now + timeout)
+        return id
+    }
+
+    /// Waits for the answer to `id` and decodes its `return`; events and late answers are skipped.
+    func receive<R: Decodable>(_ id: String, as type: R.Type, command: String, timeout: Duration = .seconds(10))
+        throws(DriverError) -> R
+    {
         let deadline = ContinuousClock.now + timeout
         while true {
-            let reply = try Self.parse(try socket.readLine(until: deadline), vm: vm)
-            if reply["event"] != nil {
-                events.append(reply)
-                continue
+            let line = try channel.readLine(until: deadline)
+            let header = try Self.decode(QMPHeader.self, line, vm: vm)
+            guard header.event == nil, header.id == id else { continue }
+            let reply = try Self.decode(QMPReply<R>.self, line, vm: vm)
+            if let error = reply.error {
+                throw DriverError(.protocolError, "QMP \(command) failed: \(error.desc)", vm: vm)
             }
-            guard (reply["id"] as? String) == id else { continue }
-            if let error = reply["error"] as? [String: Any] {
-                let desc = error["desc"] as? String ?? "\(error)"
-                throw DriverError(.protocolError, "QMP \(command) failed: \(desc)", vm: vm)
+            guard let value = reply.return else {
+                throw DriverError(.protocolError, "QMP \(command) answered without a return value", vm: vm)
             }
-            return reply["return"] ?? [:]
+            return value
         }
     }
 
-    /// Waits for an event named `name` (already received ones count) that satisfies `match`.
-    func waitForEvent(
-        _ name: String, timeout: Duration, match: ([String: Any]) -> Bool = { _ in true }
-    ) throws(DriverError) -> [String: Any] {
-        let deadline = ContinuousClock.now + timeout
-        while true {
-            if let index = events.firstIndex(where: { ($0["event"] as? String) == name && match($0) }) {
-                return events.remove(at: index)
-            }
-            let message = try Self.parse(try socket.readLine(until: deadline), vm: vm)
-            if message["event"] != nil { events.append(message) }
-        }
+    /// Runs one command and decodes its `return`.
+    @discardableResult
+    func execute<R: Decodable>(
+        _ command: String, _ arguments: [String: Any]? = nil, attaching fd: Int32? = nil, returning: R.Type,
+        timeout: Duration = .seconds(10)
+    ) throws(DriverError) -> R {
+        let id = try send(command, arguments, attaching: fd, timeout: timeout)
+        return try receive(id, as: R.self, command: command, timeout: timeout)
     }
 
-    private static func parse(_ line: String, vm: String?) throws(DriverError) -> [String: Any] {
-        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
-            throw DriverError(.protocolError, "QMP sent something that is not a JSON object: \(line.prefix(200))", vm: vm)
-        }
-        return object
+    /// Runs one command whose answer carries nothing the caller needs.
+    func execute(
+        _ command: String, _ arguments: [String: Any]? = nil, attaching fd: Int32? = nil,
+        timeout: Duration = .seconds(10)
+    ) throws(DriverError) {
+        _ = try execute(command, arguments, attaching: fd, returning: QMPIgnored.self, timeout: timeout)
     }
+
+    private static func decode<T: Decodable>(_ type: T.Type, _ line: String, vm: String?) throws(DriverError) -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(line.utf8))
+        } catch {
+            throw DriverError(.protocolError, "QMP sent something unexpected: \(line.prefix(200))", vm: vm)
+        }
+    }
+}
+
+// MARK: - Replies
+
+private struct QMPGreeting: Decodable {
+    struct Info: Decodable {}
+    var QMP: Info?
+}
+
+private struct QMPHeader: Decodable {
+    var id: String?
+    var event: String?
+}
+
+private struct QMPReply<R: Decodable>: Decodable {
+    struct Failure: Decodable {
+        var desc: String
+    }
+    var `return`: R?
+    var error: Failure?
+}
+
+/// Any `return` value, unread.
+struct QMPIgnored: Decodable {
+    init(from decoder: Decoder) throws {}
+}
+
+/// `query-status`.
+struct StatusInfo: Decodable {
+    var running: Bool
+    var status: String
+}
+
+/// One entry of `query-hotpluggable-cpus`.
+struct HotpluggableCPU: Decodable {
+    var type: String
+    /// `socket-id`, `core-id`, `thread-id` (and `node-id` on NUMA machines).
+    var props: [String: Int]
+    /// Set when a CPU is plugged into the slot.
+    var qomPath: String?
+
+    enum CodingKeys: String, CodingKey {
+        case type, props
+        case qomPath = "qom-path"
+    }
+
+    /// Slots ordered by socket, core, thread.
+    var order: [Int] { ["socket-id", "core-id", "thread-id"].map { props[$0] ?? 0 } }
+
+    /// `s1-c0-t0`: unique per slot, so device ids never collide with earlier plugs.
+    var slotName: String {
+        zip(["s", "c", "t"], order).map { "\($0)\($1)" }.joined(separator: "-")
+    }
+}
+
+/// `query-memory-size-summary`.
+struct MemorySizeSummary: Decodable {
+    var baseMemory: Int
+    var pluggedMemory: Int?
+
+    enum CodingKeys: String, CodingKey {
+        case baseMemory = "base-memory"
+        case pluggedMemory = "plugged-memory"
+    }
+
+    var totalMiB: Int { (baseMemory + (pluggedMemory ?? 0)) >> 20 }
+}
+
+/// `query-migrate`.
+struct MigrationInfo: Decodable {
+    var status: String?
+    var errorDesc: String?
+
+    enum CodingKeys: String, CodingKey {
+        case status
+        case errorDesc = "error-desc"
+    }
+}
+
+/// One entry of `query-chardev`.
+struct ChardevInfo: Decodable {
+    var label: String
+    /// `disconnected:unix:...` while no client is connected to a server socket.
+    var filename: String
+
+    var hasClient: Bool { !filename.hasPrefix("disconnected:") }
 }

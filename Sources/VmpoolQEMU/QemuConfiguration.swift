@@ -30,8 +30,9 @@ public struct QemuConfiguration: Sendable {
     public var stopGrace: Duration
     /// TCG translation cache per VM, MiB (QEMU's default is 1 GiB of address space).
     public var tcgCacheMiB: Int
-    /// Firmware for `-bios`: qboot where installed (boots 0.1 s sooner than SeaBIOS), else
-    /// QEMU's default. Templates and clones must use the same one.
+    /// Firmware for `-bios`; `nil`: QEMU's default (SeaBIOS). qboot boots 0.1 s sooner but
+    /// hangs with a vmgenid device (it does not run QEMU's ACPI table loader), and every VM has
+    /// one. Templates and clones must use the same firmware.
     public var firmware: String?
 
     public init(
@@ -50,7 +51,7 @@ public struct QemuConfiguration: Sendable {
         self.restoreTimeout = restoreTimeout
         self.stopGrace = stopGrace
         self.tcgCacheMiB = tcgCacheMiB
-        self.firmware = ["/usr/share/qemu/qboot.rom"].first { access($0, R_OK) == 0 }
+        self.firmware = nil
     }
 
     /// Reads the `VMPOOL_QEMU*` environment variables over the defaults.
@@ -63,6 +64,7 @@ public struct QemuConfiguration: Sendable {
         if let root = environment["VMPOOL_MEMORY_DIR"], !root.isEmpty { config.memoryRoot = root }
         if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
         if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.runAs = user }
+        // Validated by the command line (an invalid value is an error there).
         if let text = environment["VMPOOL_TCG_CACHE_MIB"], let mib = Int(text), (1...2048).contains(mib) {
             config.tcgCacheMiB = mib
         }
@@ -87,10 +89,26 @@ struct QemuPaths: Sendable {
 
     /// Per-VM dir, named by a hash of the id so socket paths stay under the 107-byte limit.
     func vmDirectory(_ id: String) -> String { runRoot + "/" + Self.hash(id, hexDigits: 12) }
+    /// The control monitor (the state dir lock holder's).
     func qmpSocket(_ id: String) -> String { vmDirectory(id) + "/q" }
-    func agentSocket(_ id: String) -> String { vmDirectory(id) + "/a" }
+    /// The observers' monitor (`get`, `plan`, `logs`), shared under `o.lock`.
+    func observerSocket(_ id: String) -> String { vmDirectory(id) + "/o" }
+    /// The agent's control port.
+    func agentSocket(_ id: String) -> String { vmDirectory(id) + "/c" }
+    /// The agent's exec ports, one exec or copy each at a time.
+    func execSocket(_ id: String, port: Int) -> String { vmDirectory(id) + "/x\(port)" }
+    /// The interactive console (hvc0 in the guest).
+    func consoleSocket(_ id: String) -> String { vmDirectory(id) + "/h" }
+    /// The serial console's output as drained from QEMU's ring, capped (`console.log.1` holds
+    /// the previous part).
     func consoleLog(_ id: String) -> String { vmDirectory(id) + "/console.log" }
     func pidFile(_ id: String) -> String { vmDirectory(id) + "/pid" }
+
+    /// Files QEMU creates in a VM's run dir (its umask is 027; vmpool makes them 0600).
+    func createdByQEMU(_ id: String) -> [String] {
+        [qmpSocket(id), observerSocket(id), agentSocket(id), consoleSocket(id), pidFile(id)]
+            + (0..<QemuVM.execPorts).map { execSocket(id, port: $0) }
+    }
 
     /// A template's RAM, on tmpfs, shared by the template and mapped copy-on-write by clones.
     func memoryFile(template id: String) -> String { memoryRoot + "/" + id + ".mem" }

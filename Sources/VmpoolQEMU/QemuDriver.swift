@@ -25,23 +25,17 @@ public final class QemuDriver: HypervisorDriver {
                     + " use a state dir of at most \(107 - (longest - paths.stateDirectory.utf8.count)) characters")
         }
         for dir in [paths.runRoot, paths.templateRoot] {
-            try Self.makePrivateDirectory(dir)
+            try PrivateDirectory.make(dir)
         }
     }
 
-    static func makePrivateDirectory(_ path: String) throws(DriverError) {
-        if mkdir(path, 0o700) != 0 && errno != EEXIST {
-            throw DriverError(.io, "cannot create \(path): \(String(cString: strerror(errno)))")
-        }
-    }
-
-    /// The accelerator, probed on first use with the kernel about to boot.
+    /// The accelerator, probed on first use with the kernel about to boot. Blocking (the
+    /// probe boots a kernel): call it from `Blocking.run` only.
     func accelerator(kernel: String) -> ResolvedAccelerator {
         accelerator.withLock { value in
             if let value { return value }
             let resolved = AcceleratorProbe.resolve(
-                configuration.accelerator, binary: configuration.binary, stateDirectory: paths.stateDirectory,
-                kernel: kernel)
+                configuration.accelerator, binary: configuration.binary, paths: paths, kernel: kernel)
             logger.debug("accelerator: \(resolved.rawValue)")
             value = resolved
             return resolved
@@ -50,6 +44,7 @@ public final class QemuDriver: HypervisorDriver {
 
     /// Whether this QEMU accepts vmpool's `-sandbox` options (it lacks them when built without
     /// seccomp); asked once, with `-version`, which QEMU handles after parsing the options before it.
+    /// Blocking (it runs QEMU): call it from `Blocking.run` only.
     var sandboxSupported: Bool {
         sandboxSupport.withLock { value in
             if let value { return value }
@@ -63,8 +58,8 @@ public final class QemuDriver: HypervisorDriver {
         }
     }
 
-    /// A handle on one VM. The accelerator and sandbox matter only for starting (`kernel`
-    /// given); other operations read neither.
+    /// A handle on one VM. Starting a VM needs the accelerator and sandbox (`kernel` given),
+    /// which may probe the host: then this blocks and must run inside `Blocking.run`.
     func vm(_ id: String, pid: Int32? = nil, kernel: String? = nil) -> QemuVM {
         var machine = QemuVM(
             id: id, paths: paths, configuration: configuration,
@@ -74,22 +69,24 @@ public final class QemuDriver: HypervisorDriver {
         return machine
     }
 
+    /// The name, machine id and network a VM's guest is given at boot or after a clone.
+    static func identity(of id: String) -> AgentClient.Identity {
+        AgentClient.Identity(
+            hostname: VMID.hostname(of: id), machineID: AgentClient.entropyHex(bytes: 16), network: nil)
+    }
+
     // MARK: - HypervisorDriver
 
     public func create(_ request: LaunchRequest) async throws(DriverError) -> LaunchedVM {
-        let machine = vm(request.id, kernel: request.shape.image.kernel)
         let bootTimeout = configuration.bootTimeout
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
-            var machine = machine
+            var machine = self.vm(request.id, kernel: request.shape.image.kernel)
             do throws(DriverError) {
-                try machine.start(shape: request.shape, memory: .anonymous, incoming: false)
-                let agent = try machine.agent()
-                defer { agent.close() }
-                try agent.waitReady(timeout: bootTimeout)
-                try agent.syncTime()
+                try machine.start(MachineSpec(shape: request.shape, memory: .anonymous, incoming: false))
+                try machine.awaitBoot(identity: Self.identity(of: request.id), timeout: bootTimeout)
                 if request.state == .paused { try machine.pause() }
             } catch {
-                machine.stop()
+                Undo.run { machine.stop() }
                 throw error
             }
             return LaunchedVM(pid: machine.pid, shape: request.shape)
@@ -97,20 +94,21 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func buildTemplate(_ template: TemplateRef) async throws(DriverError) {
-        try Self.makePrivateDirectory(paths.memoryRoot)
-        let machine = vm(template.id, kernel: template.key.image.kernel)
+        try PrivateDirectory.make(paths.memoryRoot)
         let memoryFile = paths.memoryFile(template: template.id)
         let stateFile = paths.stateFile(template: template.id)
         let bootTimeout = configuration.bootTimeout
         try await Blocking.run { () throws(DriverError) in
-            var machine = machine
-            defer { machine.stop() }
+            var machine = self.vm(template.id, kernel: template.key.image.kernel)
+            defer { Undo.run { machine.stop() } }
             unlink(memoryFile)
             do throws(DriverError) {
-                try machine.start(shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false)
+                try machine.start(
+                    MachineSpec(shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false))
                 let agent = try machine.agent()
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
+                agent.close()
                 try machine.save(to: stateFile + ".tmp")
                 guard rename(stateFile + ".tmp", stateFile) == 0 else {
                     throw DriverError(.io, "cannot move the template state into place", vm: template.id)
@@ -124,26 +122,27 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
-        let machine = vm(request.id, kernel: template.key.image.kernel)
         let (memoryFile, stateFile) = try savedFiles(of: template, for: request.id)
         let timeout = configuration.restoreTimeout
         let logger = self.logger
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
-            var machine = machine
+            var machine = self.vm(request.id, kernel: template.key.image.kernel)
             do throws(DriverError) {
                 var phases = PhaseClock()
                 if let pid = machine.pid, QemuProcess.isRunning(pid, vm: machine.id, runRoot: machine.paths.runRoot) {
                     phases.mark("standby")
                 } else {
-                    try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
+                    try machine.start(
+                        MachineSpec(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true))
                     phases.mark("qemu")
                 }
-                let restored = try machine.restore(from: stateFile, timeout: timeout)
+                let restored = try machine.restore(
+                    from: stateFile, identity: Self.identity(of: request.id), timeout: timeout)
                 logger.debug(
                     "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
                 if request.state == .paused { try machine.pause() }
             } catch {
-                machine.stop()
+                Undo.run { machine.stop() }
                 throw error
             }
             return LaunchedVM(pid: machine.pid, shape: template.key.shape)
@@ -151,14 +150,14 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32? {
-        let machine = vm(id, kernel: template.key.image.kernel)
         let (memoryFile, _) = try savedFiles(of: template, for: id)
         return try await Blocking.run { () throws(DriverError) -> Int32? in
-            var machine = machine
+            var machine = self.vm(id, kernel: template.key.image.kernel)
             do throws(DriverError) {
-                try machine.start(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true)
+                try machine.start(
+                    MachineSpec(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true))
             } catch {
-                machine.stop()
+                Undo.run { machine.stop() }
                 throw error
             }
             return machine.pid
@@ -199,36 +198,34 @@ public final class QemuDriver: HypervisorDriver {
                 vm: vm.id)
         }
         let machine = self.vm(vm.id, pid: vm.pid)
-        try await Blocking.run { () throws(DriverError) in
-            let current = machine.status().memoryMiB ?? shape.memoryMiB
-            try machine.addMemory(memoryMiB - current)
-        }
+        try await Blocking.run { () throws(DriverError) in try machine.addMemory(to: memoryMiB) }
     }
 
     public func stop(_ vm: VMRef) async throws(DriverError) {
         let machine = self.vm(vm.id, pid: vm.pid)
-        await Blocking.runQuietly { machine.stop() }
+        await Blocking.runQuietly { Undo.run { machine.stop() } }
     }
 
-    public func deleteTemplate(_ template: TemplateRef) async throws(DriverError) {
-        unlink(paths.memoryFile(template: template.id))
-        unlink(paths.stateFile(template: template.id))
-        unlink(paths.stateFile(template: template.id) + ".tmp")
+    public func deleteTemplate(id: String) async throws(DriverError) {
+        unlink(paths.memoryFile(template: id))
+        unlink(paths.stateFile(template: id))
+        unlink(paths.stateFile(template: id) + ".tmp")
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
-        let machine = vm(template.id)
-        await Blocking.runQuietly { machine.stop() }
+        let machine = vm(id)
+        await Blocking.runQuietly { Undo.run { machine.stop() } }
     }
 
     public func templateExists(_ template: TemplateRef) async -> Bool {
         (try? savedFiles(of: template, for: template.id)) != nil
     }
 
-    public func status(of vms: [VMRef]) async -> [String: VMStatus] {
+    public func status(of vms: [VMRef], depth: StatusDepth) async -> [String: VMStatus] {
         await withTaskGroup(of: (String, VMStatus).self) { group in
             for ref in vms {
                 let machine = vm(ref.id, pid: ref.pid)
                 group.addTask {
-                    let status = (try? await Blocking.run { () throws(DriverError) in machine.status() }) ?? .gone
+                    let status =
+                        (try? await Blocking.run { () throws(DriverError) in machine.status(depth: depth) }) ?? .gone
                     return (ref.id, status)
                 }
             }
@@ -239,7 +236,12 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func discover() async -> [DiscoveredVM] {
-        QemuProcess.discover(runRoot: paths.runRoot)
+        let paths = self.paths
+        let binary = QemuProcess.resolve(configuration.binary)
+        let runAs = configuration.runAs
+        return (try? await Blocking.run { () throws(DriverError) in
+            QemuProcess.discover(runRoot: paths.runRoot, binary: binary, runAs: runAs)
+        }) ?? []
     }
 
     public func discoverTemplates() async -> [String] {
@@ -252,9 +254,37 @@ public final class QemuDriver: HypervisorDriver {
     }
 }
 
-extension Blocking {
-    /// Runs non-throwing blocking work off the cooperative pool.
-    static func runQuietly(_ body: @escaping @Sendable () -> Void) async {
-        _ = try? await run { () throws(DriverError) in body() }
+/// Undo work runs to the end even when the job that needs it was interrupted: a VM that was
+/// being started is stopped and its files removed, never left half made.
+enum Undo {
+    static func run(_ body: () -> Void) {
+        let interrupt = Interrupt.current
+        Interrupt.current = nil
+        defer { Interrupt.current = interrupt }
+        body()
+    }
+}
+
+/// Directories only this user may enter, checked before use: a directory another local user
+/// created in its place (on a shared /dev/shm), or a symlink, is refused, not used.
+enum PrivateDirectory {
+    static func make(_ path: String) throws(DriverError) {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
+            throw DriverError(.io, "cannot create \(path): \(String(cString: strerror(errno)))")
+        }
+        var info = stat()
+        guard lstat(path, &info) == 0 else {
+            throw DriverError(.io, "cannot inspect \(path): \(String(cString: strerror(errno)))")
+        }
+        guard info.st_mode & S_IFMT == S_IFDIR else {
+            throw DriverError(.hostUnsupported, "\(path) is not a directory (a symlink?); refusing to use it")
+        }
+        guard info.st_uid == geteuid() else {
+            throw DriverError(
+                .hostUnsupported, "\(path) belongs to uid \(info.st_uid), not to this user; refusing to use it")
+        }
+        if info.st_mode & 0o7777 != 0o700, chmod(path, 0o700) != 0 {
+            throw DriverError(.io, "cannot make \(path) private: \(String(cString: strerror(errno)))")
+        }
     }
 }

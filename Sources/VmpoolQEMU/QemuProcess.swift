@@ -95,16 +95,46 @@ enum QemuProcess {
         return state == UInt8(ascii: "Z") || state == UInt8(ascii: "X")
     }
 
-    /// Every QEMU process started for this state dir, found by its run dir in its command line.
-    static func discover(runRoot: String) -> [DiscoveredVM] {
+    /// Every QEMU process started for this state dir: its run dir is in its command line, it
+    /// runs as this user (or the `-runas` user) and its executable is `binary`. A process of
+    /// another user or program that merely mentions the path is never taken for one of ours.
+    static func discover(runRoot: String, binary: String?, runAs: String?) -> [DiscoveredVM] {
+        var uids: Set<uid_t> = [geteuid()]
+        if let runAs, let entry = getpwnam(runAs) { uids.insert(entry.pointee.pw_uid) }
+        let executable = binary.flatMap(realPath)
         var found: [DiscoveredVM] = []
         for pid in processIDs() {
             guard pid != getpid(), let arguments = commandLine(pid),
-                let id = vmID(in: arguments, runRoot: runRoot), !isZombie(pid)
+                let id = vmID(in: arguments, runRoot: runRoot), !isZombie(pid),
+                let uid = owner(pid), uids.contains(uid)
             else { continue }
+            if let executable, let exe = self.executable(pid), exe != executable { continue }
             found.append(DiscoveredVM(id: id, pid: pid))
         }
         return found.sorted { $0.id < $1.id }
+    }
+
+    /// The real uid of a process, from /proc/PID/status.
+    static func owner(_ pid: Int32) -> uid_t? {
+        guard let bytes = readProcFile("/proc/\(pid)/status", limit: 8192) else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Uid:") }) else { return nil }
+        return line.split(whereSeparator: { $0 == "\t" || $0 == " " }).dropFirst().first.flatMap { uid_t($0) }
+    }
+
+    /// The executable of a process (without a " (deleted)" suffix left by a package upgrade).
+    static func executable(_ pid: Int32) -> String? {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let count = readlink("/proc/\(pid)/exe", &buffer, buffer.count - 1)
+        guard count > 0 else { return nil }
+        let path = String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return path.hasSuffix(" (deleted)") ? String(path.dropLast(10)) : path
+    }
+
+    static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     /// Waits for `pid` to go away; returns false at the deadline.

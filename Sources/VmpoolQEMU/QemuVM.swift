@@ -9,6 +9,39 @@ enum MemoryMode {
     case templateShared(String)
     /// The template's file mapped private, copy-on-write: a clone.
     case clonePrivate(String)
+
+    var isClone: Bool {
+        if case .clonePrivate = self { return true }
+        return false
+    }
+}
+
+/// A disk as QEMU opens it: the VM's own copy-on-write overlay.
+struct DiskAttachment: Sendable, Hashable {
+    /// The overlay (qcow2) the VM writes to.
+    var path: String
+}
+
+/// A NIC as QEMU sees it.
+struct NICAttachment: Sendable, Hashable {
+    enum Backend: Sendable, Hashable {
+        /// QEMU user-mode networking; forwards are added over QMP once the VM runs.
+        case user
+        /// A tap device vmpool created, by name.
+        case tap(String)
+    }
+    var backend: Backend
+    var mac: String
+}
+
+/// Everything QEMU's command line is built from, apart from the VM's identity and paths.
+struct MachineSpec {
+    var shape: VMShape
+    var memory: MemoryMode
+    /// Started with `-S -incoming defer`, to receive a template's state.
+    var incoming: Bool
+    var disks: [DiskAttachment] = []
+    var nic: NICAttachment?
 }
 
 /// One QEMU VM and the operations Kata's virtcontainers VM offers: start, pause, save,
@@ -31,24 +64,47 @@ struct QemuVM {
     /// The RAM block id shared by template and clones; migration matches blocks by it.
     static let ramID = "vmpool.ram"
 
-    // MARK: - Start
+    /// Exec ports per VM: execs and copies that can run at once (more wait for a free one).
+    static let execPorts = 8
 
-    /// The QEMU argument vector. Every value from a manifest is its own argv element or a
-    /// JSON value; paths inside `key=value` option lists are comma-escaped.
-    func arguments(shape: VMShape, memory: MemoryMode, incoming: Bool) -> [String] {
-        var args = ["-name", "guest=\(id)", "-nodefaults", "-no-user-config", "-display", "none"]
+    /// The device layout's version. A template saved with another layout cannot be restored
+    /// into this one, so it is part of every template's key.
+    static let layout = 2
+
+    /// Size of the console ring that keeps a VM's latest serial output in QEMU's memory.
+    static let consoleRingBytes = 256 << 10
+
+    // MARK: - Command line
+
+    /// The QEMU argument vector, from small parts. Every value from a manifest is its own argv
+    /// element or a JSON value; paths inside `key=value` option lists are comma-escaped.
+    func arguments(_ machine: MachineSpec) -> [String] {
+        identityArguments() + acceleratorArguments() + memoryArguments(machine.shape, machine.memory)
+            + bootArguments(machine.shape, machine.memory) + channelArguments() + consoleArguments()
+            + diskArguments(machine.disks) + nicArguments(machine.nic) + processArguments(incoming: machine.incoming)
+    }
+
+    func identityArguments() -> [String] {
+        ["-name", "guest=\(id)", "-nodefaults", "-no-user-config", "-display", "none"]
+    }
+
+    func acceleratorArguments() -> [String] {
         switch accelerator {
         case .tcg:
             // qemu64 with an Intel family 6 identity: Linux then trusts the TSC as constant and
             // skips the delay-loop calibration on every hotplugged CPU (TCG refuses +invtsc).
             // Measured: CPU hotplug 238/140/151 ms with plain qemu64, 155/48/58 ms with this.
-            args += [
+            return [
                 "-accel", "tcg,tb-size=\(configuration.tcgCacheMiB)", "-cpu",
                 "qemu64,vendor=GenuineIntel,family=6,model=15",
             ]
         case .kvm:
-            args += ["-accel", "kvm", "-cpu", "host"]
+            return ["-accel", "kvm", "-cpu", "host"]
         }
+    }
+
+    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode) -> [String] {
+        var args: [String] = []
         var machine = "pc"
         var memoryOption = "size=\(shape.memoryMiB)M"
         if shape.maxMemoryMiB > shape.memoryMiB {
@@ -73,24 +129,72 @@ struct QemuVM {
         args += ["-machine", machine, "-m", memoryOption]
         if let firmware = configuration.firmware { args += ["-bios", firmware] }
         args += ["-smp", "cpus=\(shape.vcpus),maxcpus=\(shape.maxVcpus)"]
-        if case .clonePrivate = memory {
-            // A clone's kernel is in the template's RAM already; loading it again costs
-            // 10 ms and 13 MiB per clone.
-            args += ["-no-reboot"]
-        } else {
-            args += ["-kernel", shape.image.kernel]
-            if let initrd = shape.image.initrd { args += ["-initrd", initrd] }
-            args += ["-append", shape.image.cmdline]
-        }
-        args += [
-            "-chardev", "socket,id=qmp,path=\(QemuOpts.escape(paths.qmpSocket(id))),server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            "-chardev", "file,id=console,path=\(QemuOpts.escape(paths.consoleLog(id)))",
-            "-serial", "chardev:console",
-            "-chardev", "socket,id=agent,path=\(QemuOpts.escape(paths.agentSocket(id))),server=on,wait=off",
-            "-serial", "chardev:agent",
-            "-pidfile", paths.pidFile(id), "-daemonize",
+        return args
+    }
+
+    func bootArguments(_ shape: VMShape, _ memory: MemoryMode) -> [String] {
+        // A clone's kernel is in the template's RAM already; loading it again costs 10 ms and
+        // 13 MiB per clone.
+        if memory.isClone { return ["-no-reboot"] }
+        var args = ["-kernel", shape.image.kernel]
+        if let initrd = shape.image.initrd { args += ["-initrd", initrd] }
+        return args + ["-append", shape.image.cmdline]
+    }
+
+    /// Two QMP monitors (the lock holder's, and one observers share under a host-side lock)
+    /// and the agent's virtio-serial ports: control, then one per concurrent exec, plus an
+    /// interactive console (hvc0).
+    func channelArguments() -> [String] {
+        var args = [
+            "-chardev", socket("qmp", paths.qmpSocket(id)), "-mon", "chardev=qmp,mode=control",
+            "-chardev", socket("qmpo", paths.observerSocket(id)), "-mon", "chardev=qmpo,mode=control",
+            "-device", "virtio-serial-pci,id=vser0,max_ports=\(Self.execPorts + 4)",
+            "-chardev", socket("hvc", paths.consoleSocket(id)),
+            "-device", "virtconsole,bus=vser0.0,nr=0,chardev=hvc,name=org.vmpool.console",
+            "-chardev", socket("ctl", paths.agentSocket(id)),
+            "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.vmpool.ctl",
         ]
+        for port in 0..<Self.execPorts {
+            args += [
+                "-chardev", socket("x\(port)", paths.execSocket(id, port: port)),
+                "-device", "virtserialport,bus=vser0.0,chardev=x\(port),name=org.vmpool.exec.\(port)",
+            ]
+        }
+        // A new generation id per VM (clones included): guest kernels with the driver reseed.
+        return args + ["-device", "vmgenid,guid=auto"]
+    }
+
+    /// The serial console (ttyS0) goes into a ring in QEMU's memory: bounded whatever the guest
+    /// prints; `vmpool logs` drains it into a capped file.
+    func consoleArguments() -> [String] {
+        ["-chardev", "ringbuf,id=console,size=\(Self.consoleRingBytes)", "-serial", "chardev:console"]
+    }
+
+    func diskArguments(_ disks: [DiskAttachment]) -> [String] {
+        disks.enumerated().flatMap { index, disk in
+            [
+                "-blockdev",
+                QemuOpts.json([
+                    "driver": "qcow2", "node-name": "disk\(index)", "discard": "unmap",
+                    "file": ["driver": "file", "filename": disk.path, "aio": "threads"],
+                ]),
+                "-device", "virtio-blk-pci,drive=disk\(index),id=vd\(index)",
+            ]
+        }
+    }
+
+    func nicArguments(_ nic: NICAttachment?) -> [String] {
+        guard let nic else { return [] }
+        let netdev: String
+        switch nic.backend {
+        case .user: netdev = "user,id=net0"
+        case .tap(let name): netdev = "tap,id=net0,ifname=\(QemuOpts.escape(name)),script=no,downscript=no"
+        }
+        return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=\(nic.mac)"]
+    }
+
+    func processArguments(incoming: Bool) -> [String] {
+        var args = ["-pidfile", paths.pidFile(id), "-daemonize"]
         if incoming { args += ["-S", "-incoming", "defer"] }
         if sandbox {
             // spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid after
@@ -101,37 +205,53 @@ struct QemuVM {
         return args
     }
 
+    private func socket(_ chardev: String, _ path: String) -> String {
+        "socket,id=\(chardev),path=\(QemuOpts.escape(path)),server=on,wait=off"
+    }
+
+    // MARK: - Start
+
     /// Starts QEMU; the process is running and its sockets listen when this returns.
-    mutating func start(shape: VMShape, memory: MemoryMode, incoming: Bool) throws(DriverError) {
-        var needed = [shape.image.kernel, shape.image.initrd].compactMap { $0 }
-        if case .clonePrivate = memory { needed = [] }
+    mutating func start(_ machine: MachineSpec) throws(DriverError) {
+        let needed = machine.memory.isClone ? [] : [machine.shape.image.kernel, machine.shape.image.initrd].compactMap { $0 }
         for path in needed where access(path, R_OK) != 0 {
             throw DriverError(.imageMissing, "image file \(path) does not exist or is not readable", vm: id)
         }
         let dir = paths.vmDirectory(id)
         try? FileManager.default.removeItem(atPath: dir)
-        guard mkdir(dir, 0o700) == 0 else {
+        guard mkdir(dir, 0o700) == 0, chmod(dir, 0o700) == 0 else {
             throw DriverError(.io, "cannot create \(dir): \(String(cString: strerror(errno)))", vm: id)
         }
-        try QemuProcess.launch(
-            binary: configuration.binary, arguments: arguments(shape: shape, memory: memory, incoming: incoming), vm: id)
+        try QemuProcess.launch(binary: configuration.binary, arguments: arguments(machine), vm: id)
         guard let pid = QemuProcess.readPid(paths.pidFile(id)) else {
             throw DriverError(.launchFailed, "QEMU started but wrote no pid file", vm: id)
         }
         self.pid = pid
         // QEMU's -daemonize sets umask 027; keep what it created private to this user.
-        for file in [paths.qmpSocket(id), paths.agentSocket(id), paths.consoleLog(id), paths.pidFile(id)] {
-            chmod(file, 0o600)
-        }
-        if case .templateShared(let file) = memory { chmod(file, 0o600) }
+        for file in paths.createdByQEMU(id) { chmod(file, 0o600) }
+        if case .templateShared(let file) = machine.memory { chmod(file, 0o600) }
     }
 
+    /// The control monitor: only the holder of the state dir lock uses it.
     func qmp(timeout: Duration = .seconds(5)) throws(DriverError) -> QMPClient {
         try QMPClient(path: paths.qmpSocket(id), vm: id, timeout: timeout)
     }
 
-    func agent() throws(DriverError) -> AgentClient {
-        try AgentClient(path: paths.agentSocket(id), vm: id)
+    /// The observers' monitor, taken under its host-side lock so observers queue rather than
+    /// steal each other's connection. `nil` (with the lock released) when busy past `timeout`.
+    func observerQMP(timeout: Duration) throws(DriverError) -> (QMPClient, ChannelLock) {
+        let deadline = ContinuousClock.now + timeout
+        let lock = try ChannelLock(path: paths.observerSocket(id) + ".lock", until: deadline, vm: id)
+        do {
+            return (try QMPClient(path: paths.observerSocket(id), vm: id, timeout: max(deadline - .now, .milliseconds(100))), lock)
+        } catch {
+            lock.release()
+            throw error
+        }
+    }
+
+    func agent(timeout: Duration = .seconds(5)) throws(DriverError) -> AgentClient {
+        try AgentClient(path: paths.agentSocket(id), vm: id, timeout: timeout)
     }
 
     // MARK: - Run state
@@ -161,7 +281,8 @@ struct QemuVM {
         try qmp.execute("stop")
         try qmp.execute(
             "migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
-        let fd = open(stateFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        unlink(stateFile)
+        let fd = open(stateFile, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw DriverError(.io, "cannot create \(stateFile): \(String(cString: strerror(errno)))", vm: id)
         }
@@ -172,16 +293,18 @@ struct QemuVM {
     }
 
     /// Restores device state from `stateFile` into a VM started with `-incoming defer`,
-    /// then runs it and refreshes what a clone must not share with its template: the
-    /// clock and the RNG.
+    /// then runs it and gives it what a clone must not share with its template: the clock,
+    /// the RNG, its name and machine id, its network identity.
     @discardableResult
-    func restore(from stateFile: String, timeout: Duration) throws(DriverError) -> [(String, Duration)] {
+    func restore(from stateFile: String, identity: AgentClient.Identity, timeout: Duration) throws(DriverError)
+        -> [(String, Duration)]
+    {
         var phases = PhaseClock()
         let qmp = try qmp()
         defer { qmp.close() }
         try qmp.execute(
             "migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
-        let fd = open(stateFile, O_RDONLY | O_CLOEXEC)
+        let fd = open(stateFile, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else {
             throw DriverError(.notFound, "template state \(stateFile) is missing", vm: id)
         }
@@ -193,8 +316,7 @@ struct QemuVM {
         try qmp.execute("migrate-incoming", ["uri": "fd:vmpool-migration"])
         let deadline = ContinuousClock.now + timeout
         while true {
-            let status = try qmp.execute("query-status") as? [String: Any]
-            let state = status?["status"] as? String ?? ""
+            let state = try qmp.execute("query-status", returning: StatusInfo.self).status
             if state != "inmigrate" {
                 guard state == "prelaunch" || state == "paused" || state == "running" else {
                     throw DriverError(.protocolError, "restore ended in state \(state)", vm: id)
@@ -204,30 +326,38 @@ struct QemuVM {
             guard ContinuousClock.now < deadline else {
                 throw DriverError(.timeout, "restoring the template state took longer than \(timeout)", vm: id)
             }
-            usleep(1_000)
+            try Interrupt.sleep(.milliseconds(1))
         }
         phases.mark("restore")
         try qmp.execute("cont")
-        try agent.hello(timeout: timeout)
+        try agent.hello(identity: identity, timeout: timeout)
         phases.mark("agent")
         return phases.phases
+    }
+
+    /// Waits for a cold-booted guest's agent and gives the guest its identity.
+    func awaitBoot(identity: AgentClient.Identity, timeout: Duration) throws(DriverError) {
+        let agent = try agent()
+        defer { agent.close() }
+        try agent.waitReady(timeout: timeout)
+        try agent.hello(identity: identity, timeout: .seconds(10))
     }
 
     private func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) {
         let deadline = ContinuousClock.now + timeout
         while true {
-            let info = try qmp.execute("query-migrate") as? [String: Any]
-            switch info?["status"] as? String {
+            let info = try qmp.execute("query-migrate", returning: MigrationInfo.self)
+            switch info.status {
             case "completed":
                 return
             case "failed", "cancelled":
-                let why = info?["error-desc"] as? String ?? "unknown reason"
-                throw DriverError(.protocolError, "saving the VM failed: \(why)", vm: id)
+                throw DriverError(
+                    .protocolError, "saving the VM failed: \(info.errorDesc ?? "unknown reason")", vm: id)
             default:
                 guard ContinuousClock.now < deadline else {
                     throw DriverError(.timeout, "saving the VM took longer than \(timeout)", vm: id)
                 }
-                usleep(2_000)
+                try Interrupt.sleep(.milliseconds(2))
             }
         }
     }
@@ -235,7 +365,8 @@ struct QemuVM {
     // MARK: - Hotplug
 
     /// Plugs CPUs one at a time, lowest free slot first, until `target` are present, each
-    /// brought online by the guest before the next is plugged.
+    /// brought online by the guest before the next is plugged; CPUs plugged earlier that the
+    /// guest never brought online are brought online too.
     func addCPUs(to target: Int, maxVcpus: Int) throws(DriverError) {
         guard target <= maxVcpus else {
             throw DriverError(.limitExceeded, "cannot plug \(target) CPUs: the VM's ceiling is \(maxVcpus)", vm: id)
@@ -244,45 +375,43 @@ struct QemuVM {
             let agent = try agent()
             defer { agent.close() }
             while true {
-                guard let slots = try qmp.execute("query-hotpluggable-cpus") as? [[String: Any]] else {
-                    throw DriverError(.protocolError, "query-hotpluggable-cpus answered nothing usable", vm: id)
-                }
-                let present = slots.filter { $0["qom-path"] != nil }.count
+                let slots = try qmp.execute("query-hotpluggable-cpus", returning: [HotpluggableCPU].self)
+                let present = slots.filter { $0.qomPath != nil }.count
                 guard present < target else { break }
-                let free = slots.filter { $0["qom-path"] == nil }.compactMap { slot -> ([Int], String, [String: Any])? in
-                    guard let type = slot["type"] as? String, let props = slot["props"] as? [String: Any] else {
-                        return nil
-                    }
-                    return (Self.slotOrder(props), type, props)
-                }.sorted { $0.0.lexicographicallyPrecedes($1.0) }
-                guard let (_, type, props) = free.first else {
+                guard let slot = slots.filter({ $0.qomPath == nil }).min(by: { $0.order.lexicographicallyPrecedes($1.order) })
+                else {
                     throw DriverError(.limitExceeded, "no free CPU slot for CPU \(present + 1)", vm: id)
                 }
-                var arguments: [String: Any] = ["driver": type, "id": "cpu-\(Self.slotName(props))"]
-                for (key, value) in props { arguments[key] = value }
+                var arguments: [String: Any] = ["driver": slot.type, "id": "cpu-\(slot.slotName)"]
+                for (key, value) in slot.props { arguments[key] = value }
                 try qmp.execute("device_add", arguments)
                 _ = try onlineUntil(agent, what: "CPU") { $0.cpus >= present + 1 }
             }
+            _ = try onlineUntil(agent, what: "CPU") { $0.cpus >= target }
         }
     }
 
-    /// Plugs `addMiB` of memory as one DIMM, then has the guest bring it online.
-    func addMemory(_ addMiB: Int) throws(DriverError) {
-        guard addMiB > 0 else { return }
+    /// Plugs memory as one DIMM until the guest has `targetMiB` online, then has the guest
+    /// bring it online; memory plugged earlier but offline is brought online first.
+    func addMemory(to targetMiB: Int) throws(DriverError) {
         try whileRunning { qmp throws(DriverError) in
             let agent = try agent()
             defer { agent.close() }
-            let before = try agent.info()
-            let suffix = String(UInt32.random(in: 0...UInt32.max), radix: 16)
-            try qmp.execute(
-                "object-add", ["qom-type": "memory-backend-ram", "id": "mem-\(suffix)", "size": addMiB << 20])
-            do throws(DriverError) {
-                try qmp.execute("device_add", ["driver": "pc-dimm", "id": "dimm-\(suffix)", "memdev": "mem-\(suffix)"])
-            } catch {
-                _ = try? qmp.execute("object-del", ["id": "mem-\(suffix)"])
-                throw error
+            let plugged = try qmp.execute("query-memory-size-summary", returning: MemorySizeSummary.self).totalMiB
+            let addMiB = targetMiB - plugged
+            if addMiB > 0 {
+                let suffix = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+                try qmp.execute(
+                    "object-add", ["qom-type": "memory-backend-ram", "id": "mem-\(suffix)", "size": addMiB << 20])
+                do throws(DriverError) {
+                    try qmp.execute(
+                        "device_add", ["driver": "pc-dimm", "id": "dimm-\(suffix)", "memdev": "mem-\(suffix)"])
+                } catch {
+                    try? qmp.execute("object-del", ["id": "mem-\(suffix)"])
+                    throw error
+                }
             }
-            _ = try onlineUntil(agent, what: "memory") { $0.memoryMiB >= before.memoryMiB + addMiB * 9 / 10 }
+            _ = try onlineUntil(agent, what: "memory") { $0.memoryMiB >= targetMiB }
         }
     }
 
@@ -300,7 +429,7 @@ struct QemuVM {
                     .timeout, "the guest did not bring the new \(what) online (it reports \(info.cpus) CPUs,"
                         + " \(info.memoryMiB) MiB)", vm: id)
             }
-            usleep(10_000)
+            try Interrupt.sleep(.milliseconds(10))
         }
     }
 
@@ -309,52 +438,80 @@ struct QemuVM {
     private func whileRunning(_ body: (QMPClient) throws(DriverError) -> Void) throws(DriverError) {
         let qmp = try qmp()
         defer { qmp.close() }
-        let status = try qmp.execute("query-status") as? [String: Any]
-        let wasRunning = (status?["running"] as? Bool) ?? false
+        let wasRunning = try qmp.execute("query-status", returning: StatusInfo.self).running
         if !wasRunning { try qmp.execute("cont") }
-        defer { if !wasRunning { _ = try? qmp.execute("stop") } }
+        defer { if !wasRunning { try? qmp.execute("stop") } }
         try body(qmp)
-    }
-
-    private static func slotOrder(_ props: [String: Any]) -> [Int] {
-        ["socket-id", "core-id", "thread-id"].map { (props[$0] as? NSNumber)?.intValue ?? 0 }
-    }
-
-    /// `s1-c0-t0`: unique per CPU slot, so device ids never collide with earlier plugs.
-    private static func slotName(_ props: [String: Any]) -> String {
-        ["socket-id", "core-id", "thread-id"].map { key in
-            "\(key.first!)\((props[key] as? NSNumber)?.intValue ?? 0)"
-        }.joined(separator: "-")
     }
 
     // MARK: - Status and stop
 
-    /// Process, hypervisor and (for running VMs) agent, asked in that order.
-    func status(agentTimeout: Duration = .seconds(2)) -> VMStatus {
+    /// Process, then hypervisor, then (`.guest`, running VMs) the agent.
+    ///
+    /// `.hypervisor` asks the observers' monitor in one round trip and never touches the
+    /// agent: an apply running meanwhile keeps its channels. `.guest` (the lock holder) asks
+    /// the control monitor and the agent, and tells a busy agent channel from a silent guest.
+    func status(depth: StatusDepth, agentTimeout: Duration = .seconds(2)) -> VMStatus {
         guard let pid, QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) else { return .gone }
-        guard let qmp = try? qmp(timeout: .seconds(3)) else { return VMStatus(liveness: .hung) }
-        defer { qmp.close() }
-        guard let status = try? qmp.execute("query-status", timeout: .seconds(3)) as? [String: Any] else {
+        let qmp: QMPClient
+        var observerLock: ChannelLock?
+        do throws(DriverError) {
+            switch depth {
+            case .guest:
+                qmp = try self.qmp(timeout: .seconds(3))
+            case .hypervisor:
+                (qmp, observerLock) = try observerQMP(timeout: .seconds(2))
+            }
+        } catch {
+            // A monitor another client holds is not a dead VM; one that refuses us is hung.
+            return VMStatus(liveness: error.code == .busy ? .alive : .hung)
+        }
+        defer {
+            qmp.close()
+            observerLock?.release()
+        }
+        let answers: (StatusInfo, Int, Int)
+        do throws(DriverError) {
+            let status = try qmp.send("query-status")
+            let cpus = try qmp.send("query-cpus-fast")
+            let memory = try qmp.send("query-memory-size-summary")
+            answers = (
+                try qmp.receive(status, as: StatusInfo.self, command: "query-status", timeout: .seconds(3)),
+                try qmp.receive(cpus, as: [QMPIgnored].self, command: "query-cpus-fast", timeout: .seconds(3)).count,
+                try qmp.receive(memory, as: MemorySizeSummary.self, command: "query-memory-size-summary").totalMiB
+            )
+        } catch {
             return VMStatus(liveness: .hung)
         }
-        let running = status["running"] as? Bool ?? false
-        let cpus = (try? qmp.execute("query-cpus-fast") as? [Any])?.count
-        var memory: Int?
-        if let summary = try? qmp.execute("query-memory-size-summary") as? [String: Any] {
-            let base = (summary["base-memory"] as? Int) ?? 0
-            let plugged = (summary["plugged-memory"] as? Int) ?? 0
-            memory = (base + plugged) >> 20
+        var status = VMStatus(
+            liveness: .alive, running: answers.0.running, vcpus: answers.1, memoryMiB: answers.2)
+        guard depth == .guest, answers.0.running else { return status }
+        do throws(DriverError) {
+            let agent = try agent(timeout: agentTimeout)
+            defer { agent.close() }
+            let info = try agent.info(timeout: agentTimeout)
+            status.agent = .answers
+            // What the guest has online counts: a CPU plugged but never onlined is not converged.
+            status.vcpus = min(info.cpus, answers.1)
+            status.memoryMiB = min(Self.roundToBlocks(info.memoryMiB), answers.2)
+        } catch {
+            status.agent = error.code == .busy || agentChannelHasOtherClient(qmp) ? .busy : .silent
         }
-        var answers: Bool?
-        if running {
-            if let agent = try? agent() {
-                answers = (try? agent.request("ping", timeout: agentTimeout)) != nil
-                agent.close()
-            } else {
-                answers = false
-            }
-        }
-        return VMStatus(liveness: .alive, running: running, agentAnswers: answers, vcpus: cpus, memoryMiB: memory)
+        return status
+    }
+
+    /// Whether someone other than us holds the agent's socket (QEMU serves one client; our
+    /// own connection waits in the backlog, so a connected client is someone else).
+    private func agentChannelHasOtherClient(_ qmp: QMPClient) -> Bool {
+        guard let chardevs = try? qmp.execute("query-chardev", returning: [ChardevInfo].self) else { return false }
+        return chardevs.first { $0.label == "ctl" }?.hasClient ?? false
+    }
+
+    /// Memory online as the guest counts it, rounded to whole 128 MiB blocks: the first block
+    /// of a small guest can be partly reserved by firmware.
+    static func roundToBlocks(_ mib: Int) -> Int {
+        let block = 128
+        return (mib + block / 2) / block * block
     }
 
     /// `quit`, then SIGKILL after the grace period; removes the run dir either way.
@@ -362,7 +519,7 @@ struct QemuVM {
         let pid = self.pid ?? QemuProcess.readPid(paths.pidFile(id))
         if let pid, QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) {
             if let qmp = try? qmp(timeout: .seconds(2)) {
-                _ = try? qmp.execute("quit", timeout: .seconds(2))
+                try? qmp.execute("quit", timeout: .seconds(2))
                 qmp.close()
             }
             if !QemuProcess.waitForExit(pid, vm: id, runRoot: paths.runRoot, timeout: configuration.stopGrace) {

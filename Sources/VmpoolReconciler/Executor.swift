@@ -15,17 +15,21 @@ public struct ActionResult: Sendable, Hashable {
     public var action: Action
     public var outcome: Outcome
     public var error: String?
+    /// The driver's failure kind, when a driver call failed.
+    public var code: DriverError.Code?
     /// The VM the action made (create, clone, replace).
     public var createdVM: String?
     /// The failure will not go away by retrying (a missing image file).
     public var terminal: Bool
 
     public init(
-        action: Action, outcome: Outcome, error: String? = nil, createdVM: String? = nil, terminal: Bool = false
+        action: Action, outcome: Outcome, error: String? = nil, code: DriverError.Code? = nil,
+        createdVM: String? = nil, terminal: Bool = false
     ) {
         self.action = action
         self.outcome = outcome
         self.error = error
+        self.code = code
         self.createdVM = createdVM
         self.terminal = terminal
     }
@@ -86,7 +90,9 @@ extension Reconciler {
                     }
                     running += 1
                     let pool = shapes[action.pool]
-                    group.addTask { (index, await self.run(action, pool: pool)) }
+                    group.addTask {
+                        (index, await self.run(action, pool: pool, cancellation: cancellation, deadline: deadline))
+                    }
                 }
                 guard let (index, result) = await group.next() else { break }
                 running -= 1
@@ -97,6 +103,34 @@ extension Reconciler {
         }
         return results.enumerated().map { index, result in
             result ?? ActionResult(action: actions[index], outcome: .failed, error: "not run")
+        }
+    }
+
+    /// Runs one action; it is interrupted (and its half-done work undone) when the pass is
+    /// aborted or its `--timeout` deadline passes.
+    func run(_ action: Action, pool: DesiredPool?, cancellation: Cancellation, deadline: ContinuousClock.Instant?)
+        async -> ActionResult
+    {
+        await withTaskGroup(of: ActionResult?.self) { group in
+            group.addTask { await self.run(action, pool: pool) }
+            group.addTask {
+                while !cancellation.isAborted && deadline.map({ ContinuousClock.now < $0 }) ?? true {
+                    try? await Task.sleep(for: .milliseconds(100))
+                    if Task.isCancelled { return nil }
+                }
+                return nil
+            }
+            var result: ActionResult?
+            while let next = await group.next() {
+                if let next {
+                    result = next
+                    group.cancelAll()
+                } else if result == nil {
+                    // Aborted or out of time: interrupt the action and wait for its undo.
+                    group.cancelAll()
+                }
+            }
+            return result ?? ActionResult(action: action, outcome: .failed, error: "not run")
         }
     }
 
@@ -115,7 +149,9 @@ extension Reconciler {
             return ActionResult(action: action, outcome: .ok, createdVM: created)
         } catch let error as DriverError {
             logger.error("\(action.kind.rawValue) failed: \(error)")
-            return ActionResult(action: action, outcome: .failed, error: error.description, terminal: error.isTerminal)
+            return ActionResult(
+                action: action, outcome: .failed, error: error.description, code: error.code,
+                terminal: error.isTerminal)
         } catch {
             logger.error("\(action.kind.rawValue) failed: \(error)")
             return ActionResult(action: action, outcome: .failed, error: "\(error)")
@@ -177,12 +213,16 @@ extension Reconciler {
             guard let record = try record(action.vm) else { return nil }
             try await stop(record, reason: action.reason)
             return nil
+        case .deleteTemplate:
+            guard let id = action.template else { return nil }
+            try await removeTemplate(id, pool: action.pool, reason: action.reason)
+            return nil
         case .deletePool:
             for standby in try store.standbys() where standby.pool == action.pool {
                 await stopStandby(standby, reason: "pool is deleted")
             }
             for template in try store.templates() where template.ref.pool == action.pool {
-                try await driver.deleteTemplate(template.ref)
+                try await driver.deleteTemplate(id: template.ref.id)
             }
             if try !store.vms(pool: action.pool).isEmpty {
                 throw DriverError(.invalidState, "pool \(action.pool) still has VMs")
@@ -238,7 +278,7 @@ extension Reconciler {
     /// template when there is one (the VM takes its id and process), else a fresh id.
     private func recordLaunch(_ pool: DesiredPool, template: TemplateRef?) throws -> (VMRecord, Int64) {
         var record = VMRecord(
-            id: Self.newID(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
+            id: VMID.vm(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
             shape: pool.shape, templateID: template?.id, createdAt: Date())
         if let template, let claimed = try store.claimStandby(template: template.id, for: record) {
             return claimed
@@ -247,7 +287,7 @@ extension Reconciler {
             if let journal = try store.beginLaunch(record, operation: template == nil ? "create" : "clone") {
                 return (record, journal)
             }
-            record.id = Self.newID(pool: pool.spec.name)
+            record.id = VMID.vm(pool: pool.spec.name)
         }
     }
 
@@ -271,13 +311,13 @@ extension Reconciler {
     /// mapping of the old memory file; new clones use the new template).
     private func buildTemplate(_ pool: DesiredPool) async throws {
         let ref = TemplateRef(
-            id: Self.newID(pool: pool.spec.name + "-tmpl"), pool: pool.spec.name, key: pool.shape.templateKey)
+            id: VMID.template(pool: pool.spec.name), pool: pool.spec.name, key: pool.shape.templateKey)
         let older = try store.templates().filter { $0.ref.pool == pool.spec.name }
         let journal = try store.beginTemplate(TemplateRecord(ref: ref, state: .building, createdAt: Date()))
         do {
             try await driver.buildTemplate(ref)
         } catch {
-            try? await driver.deleteTemplate(ref)
+            try? await driver.deleteTemplate(id: ref.id)
             try store.deleteTemplate(ref.id)
             try store.finish(journal, outcome: .failed, error: error.description)
             throw error
@@ -287,15 +327,19 @@ extension Reconciler {
             journal, outcome: .ok,
             event: Event(pool: pool.spec.name, kind: "template-built", message: "template \(ref.id) saved"))
         for old in older {
-            try? await driver.deleteTemplate(old.ref)
+            try? await driver.deleteTemplate(id: old.ref.id)
             try store.deleteTemplate(old.ref.id)
         }
     }
 
-    /// `<pool>-<6 hex digits>`: short, unique enough within a pool, safe in paths and QEMU options.
-    static func newID(pool: String) -> String {
-        let value = UInt32.random(in: 0...0xFF_FFFF)
-        let hex = String(value, radix: 16)
-        return pool + "-" + String(repeating: "0", count: 6 - hex.count) + hex
+    /// Removes a template: its standbys first (they map its memory), then its saved state,
+    /// then its record.
+    func removeTemplate(_ id: String, pool: String, reason: String) async throws {
+        for standby in try store.standbys() where standby.template == id {
+            await stopStandby(standby, reason: reason)
+        }
+        try await driver.deleteTemplate(id: id)
+        try store.deleteTemplate(id)
+        try store.record(Event(pool: pool, kind: "template-removed", message: "template \(id): \(reason)"))
     }
 }

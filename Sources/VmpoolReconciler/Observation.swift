@@ -12,6 +12,8 @@ public struct Observation: Sendable {
     public var templates: [TemplateRecord]
     /// Templates whose saved state the driver has.
     public var templatesPresent: Set<String>
+    /// How far the driver was asked: `.hypervisor` for observers, `.guest` for the lock holder.
+    public var depth: StatusDepth
 
     /// The planner's view of every recorded VM.
     public var observedVMs: [ObservedVM] {
@@ -51,7 +53,8 @@ public struct Observation: Sendable {
         case .alive: break
         }
         if status.running == false { return .paused }
-        if status.agentAnswers == false { return .broken("the guest agent does not answer") }
+        // A busy agent channel (another client holds it) is not a dead guest.
+        if status.agent == .silent { return .broken("the guest agent does not answer") }
         return .running
     }
 
@@ -60,37 +63,62 @@ public struct Observation: Sendable {
         names.intersection(pools.map(\.spec.name))
     }
 
-    /// Per pool: VMs in the pool's desired state and answering (paused warm spares count), and
-    /// VMs recorded. One pass over the VMs, whatever the number of pools.
-    public func readiness() -> [String: (ready: Int, vms: Int)] {
-        let states = Dictionary(uniqueKeysWithValues: pools.map { ($0.spec.name, $0.spec.state) })
-        var result: [String: (ready: Int, vms: Int)] = [:]
+    /// Per pool, one pass over the VMs whatever the number of pools:
+    /// `ready` counts VMs in the pool's desired state (up to `size` for paused pools),
+    /// `warm` the paused spares beyond them, `vms` every VM recorded.
+    public func readiness() -> [String: Readiness] {
+        let specs = Dictionary(uniqueKeysWithValues: pools.map { ($0.spec.name, $0.spec) })
+        var result: [String: Readiness] = [:]
         for vm in observedVMs {
-            var counts = result[vm.pool] ?? (0, 0)
+            var counts = result[vm.pool] ?? Readiness()
             counts.vms += 1
             switch vm.condition {
-            case .running where states[vm.pool] == .running, .paused: counts.ready += 1
+            case .running where specs[vm.pool]?.state == .running: counts.ready += 1
+            case .paused where specs[vm.pool]?.state == .paused: counts.ready += 1
+            case .paused: counts.warm += 1
             case .running, .broken: break
             }
             result[vm.pool] = counts
+        }
+        for (name, counts) in result where specs[name]?.state == .paused && counts.ready > specs[name]!.size {
+            result[name] = Readiness(
+                ready: specs[name]!.size, warm: counts.warm + counts.ready - specs[name]!.size, vms: counts.vms)
         }
         return result
     }
 }
 
+/// A pool's VMs by what they are ready for.
+public struct Readiness: Sendable, Hashable {
+    /// In the pool's desired state and answering.
+    public var ready = 0
+    /// Paused spares beyond the serving VMs.
+    public var warm = 0
+    /// Recorded, whatever their condition.
+    public var vms = 0
+
+    public init(ready: Int = 0, warm: Int = 0, vms: Int = 0) {
+        self.ready = ready
+        self.warm = warm
+        self.vms = vms
+    }
+}
+
 extension Reconciler {
-    /// Reads the store and asks the driver about every recorded VM and template.
-    public func observe() async throws(StoreError) -> Observation {
+    /// Reads the store and asks the driver about every recorded VM and template. Observers
+    /// (`get`, a `plan` during an apply) ask at `.hypervisor` depth; the lock holder at `.guest`.
+    public func observe(depth: StatusDepth) async throws(StoreError) -> Observation {
         let pools = try store.pools()
         let records = try store.vms()
         let templates = try store.templates()
-        let statuses = await driver.status(of: records.map(\.ref))
+        let statuses = await driver.status(of: records.map(\.ref), depth: depth)
         var present = Set<String>()
         for template in templates where template.state == .ready {
             if await driver.templateExists(template.ref) { present.insert(template.ref.id) }
         }
         return Observation(
-            pools: pools, records: records, statuses: statuses, templates: templates, templatesPresent: present)
+            pools: pools, records: records, statuses: statuses, templates: templates, templatesPresent: present,
+            depth: depth)
     }
 
     /// The planner's input for `pools`, with images resolved, from an observation.
@@ -99,8 +127,10 @@ extension Reconciler {
             guard let image = resolveImage(spec) else { return nil }
             return DesiredPool(spec: spec, shape: VMShape(pool: spec, image: image))
         }
+        let allTemplates = Dictionary(grouping: observation.templates, by: \.ref.pool).mapValues { $0.map(\.ref.id) }
         return PlanInput(
-            desired: desired, vms: observation.observedVMs, templates: observation.observedTemplates, prune: prune)
+            desired: desired, vms: observation.observedVMs, templates: observation.observedTemplates,
+            allTemplates: allTemplates, prune: prune)
     }
 
     /// The concrete image a pool boots: its own, or the default guest image.

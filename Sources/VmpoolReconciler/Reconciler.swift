@@ -12,7 +12,8 @@ public struct ReconcilerConfiguration: Sendable {
     public var parallelism: Int
     /// The image of pools that name none; `nil` when no default image is built.
     public var defaultImage: BootImage?
-    /// No new action starts after this much time (`--timeout`); running ones finish.
+    /// The pass's deadline (`--timeout`): no action starts after it, and running ones are
+    /// interrupted and undone.
     public var timeout: Duration?
     /// Standbys kept per template pool: hypervisor processes started ahead of clones, so
     /// that a clone skips the hypervisor's start-up (`VMPOOL_STANDBY`; 0 turns it off).
@@ -51,7 +52,12 @@ public final class Reconciler: Sendable {
         /// Actions a fresh plan still finds after executing; empty when converged.
         public var remaining: Plan
 
-        public var converged: Bool { remaining.isEmpty && results.allSatisfy { $0.outcome == .ok } }
+        /// The pass stopped early (shutdown, `--timeout`): work it would have done is left.
+        public var interrupted = false
+
+        public var converged: Bool {
+            !interrupted && remaining.isEmpty && results.allSatisfy { $0.outcome == .ok }
+        }
     }
 
     /// Records `pools` as desired, then converges them (and deletes `prune` pools).
@@ -77,31 +83,47 @@ public final class Reconciler: Sendable {
     public func delete(_ names: Set<String>, cancellation: Cancellation = Cancellation()) async throws(StoreError)
         -> PassResult
     {
-        try await converge([], prune: names, cancellation: cancellation)
+        try await converge([], prune: names, pruneReason: "pool is deleted", cancellation: cancellation)
     }
 
-    /// What `plan` shows: a read-only plan from the current state. Takes no lock.
-    public func preview(_ pools: [PoolSpec], prune: Set<String>) async throws(StoreError) -> Plan {
-        let observation = try await observe()
+    /// What `plan` shows: a read-only plan from the current state. `depth` is `.guest` when
+    /// the caller holds the state dir lock (the plan is then exactly what apply would do),
+    /// `.hypervisor` while another vmpool works on the state dir.
+    public func preview(_ pools: [PoolSpec], prune: Set<String>, depth: StatusDepth) async throws(StoreError)
+        -> Plan
+    {
+        let observation = try await observe(depth: depth)
         return Planner.plan(planInput(desired: pools, prune: prune, observation: observation))
     }
 
-    private func converge(_ pools: [PoolSpec], prune: Set<String>, cancellation: Cancellation)
-        async throws(StoreError) -> PassResult
-    {
+    private func converge(
+        _ pools: [PoolSpec], prune: Set<String>, pruneReason: String? = nil, cancellation: Cancellation
+    ) async throws(StoreError) -> PassResult {
         try store.markDeleting(prune)
         let recovery = try await recover()
-        let observation = try await observe()
+        let observation = try await observe(depth: .guest)
         try syncRecords(observation)
-        let input = planInput(desired: pools, prune: prune, observation: observation)
+        var input = planInput(desired: pools, prune: prune, observation: observation)
+        if let pruneReason { input.pruneReason = pruneReason }
         let plan = Planner.plan(input)
         var results = await execute(plan, input: input, cancellation: cancellation)
         results += unresolvedImages(pools)
-        if !cancellation.isCancelled { try await refillStandbys(input.desired) }
+        try await refillStandbys(input.desired, startNew: !cancellation.isCancelled)
         try await collectGarbage(pools)
-        let after = try await observe()
-        let remaining = Planner.plan(planInput(desired: pools, prune: after.storedNames(prune), observation: after))
-        return PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
+        // A pass that found nothing to do and repaired nothing has nothing left to do: no
+        // second look at every VM (a no-op apply or cron pass asks each VM once).
+        let remaining: Plan
+        if plan.isEmpty && recovery.isEmpty {
+            remaining = Plan()
+        } else {
+            let after = try await observe(depth: .guest)
+            var next = planInput(desired: pools, prune: after.storedNames(prune), observation: after)
+            if let pruneReason { next.pruneReason = pruneReason }
+            remaining = Planner.plan(next)
+        }
+        var result = PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
+        result.interrupted = cancellation.isCancelled
+        return result
     }
 
     /// Pools that cannot be planned because no image is available for them.
@@ -134,26 +156,29 @@ public final class Reconciler: Sendable {
         }
     }
 
-    /// Removes templates no desired pool uses any more (a pool switched to cold boot).
+    /// Removes the templates of pools that are no longer applied at all (their delete finished
+    /// without them, or the store lost the pool): the planner handles every applied pool.
     private func collectGarbage(_ pools: [PoolSpec]) async throws(StoreError) {
-        let templatePools = Set(pools.filter { $0.boot == .template }.map(\.name))
         let known = Set(try store.pools().map(\.spec.name))
-        for template in try store.templates()
-        where known.contains(template.ref.pool) && !templatePools.contains(template.ref.pool)
-            && pools.contains(where: { $0.name == template.ref.pool })
-        {
-            try? await driver.deleteTemplate(template.ref)
+        for template in try store.templates() where !known.contains(template.ref.pool) {
+            try? await driver.deleteTemplate(id: template.ref.id)
             try store.deleteTemplate(template.ref.id)
-            try store.record(
-                Event(pool: template.ref.pool, kind: "template-removed", message: "pool no longer boots from a template"))
         }
     }
 }
 
-/// A flag that asks running work to start nothing new; set on SIGTERM/SIGINT or timeout.
+/// Asks a pass to stop: `cancel` (first SIGTERM/SIGINT) starts nothing new and lets running
+/// actions finish; `abort` (a second signal) also interrupts running actions, which undo what
+/// they half made.
 public final class Cancellation: Sendable {
-    private let flag = Atomic<Bool>(false)
+    private let cancelled = Atomic<Bool>(false)
+    private let aborted = Atomic<Bool>(false)
     public init() {}
-    public func cancel() { flag.store(true, ordering: .relaxed) }
-    public var isCancelled: Bool { flag.load(ordering: .relaxed) }
+    public func cancel() { cancelled.store(true, ordering: .relaxed) }
+    public func abort() {
+        cancelled.store(true, ordering: .relaxed)
+        aborted.store(true, ordering: .relaxed)
+    }
+    public var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+    public var isAborted: Bool { aborted.load(ordering: .relaxed) }
 }

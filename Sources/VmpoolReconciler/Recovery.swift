@@ -43,7 +43,7 @@ extension Reconciler {
         }
         // Templates whose build never finished.
         for template in try store.templates() where template.state == .building {
-            try? await driver.deleteTemplate(template.ref)
+            try? await driver.deleteTemplate(id: template.ref.id)
             try store.deleteTemplate(template.ref.id)
             report.templatesRemoved.append(template.ref.id)
         }
@@ -65,7 +65,8 @@ extension Reconciler {
 
         // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
         for found in discovered where records[found.id] == nil && !standbys.contains(found.id) {
-            let pool = Self.pool(ofVM: found.id)
+            let pool = VMID.pool(of: found.id) ?? ""
+
             try? await driver.stop(VMRef(id: found.id, pool: pool, pid: found.pid))
             report.orphansStopped.append(found.id)
             try store.record(
@@ -74,21 +75,9 @@ extension Reconciler {
         }
         let knownTemplates = Set(try store.templates().map(\.ref.id))
         for id in await driver.discoverTemplates() where !knownTemplates.contains(id) {
-            let pool = Self.pool(ofVM: id)
-            try? await driver.deleteTemplate(TemplateRef(id: id, pool: pool, key: Self.placeholderKey))
+            try? await driver.deleteTemplate(id: id)
             report.templatesRemoved.append(id)
         }
         return report
     }
-
-    /// VM and template ids are `<pool>-<suffix>`; the pool is everything before the last dash.
-    static func pool(ofVM id: String) -> String {
-        guard let dash = id.lastIndex(of: "-") else { return id }
-        let pool = id[..<dash]
-        return pool.hasSuffix("-tmpl") ? String(pool.dropLast(5)) : String(pool)
-    }
-
-    /// Deleting a template needs only its id; drivers ignore the key then.
-    static let placeholderKey = TemplateKey(
-        vcpus: 1, memoryMiB: 64, maxVcpus: 1, maxMemoryMiB: 64, image: BootImage(kernel: "", initrd: nil, cmdline: ""))
 }

@@ -13,14 +13,18 @@ extension Reconciler {
     /// Keeps `configuration.standbys` ready standbys for the current template of every
     /// template pool in `desired`, and stops the standbys of other templates and of pools that
     /// no longer boot from a template.
-    func refillStandbys(_ desired: [DesiredPool]) async throws(StoreError) {
+    ///
+    /// Stale standbys are stopped even when `startNew` is false (a pass shutting down): they
+    /// map an old template's memory and would otherwise outlive it.
+    func refillStandbys(_ desired: [DesiredPool], startNew: Bool = true) async throws(StoreError) {
         let templates = try store.templates()
         var standbys = try store.standbys()
         var starts: [(pool: String, template: TemplateRef)] = []
         for pool in desired {
             let name = pool.spec.name
+            // Only pools that have VMs keep standbys: a pool of none needs no clone soon.
             let current =
-                pool.spec.boot == .template && configuration.standbys > 0
+                pool.spec.boot == .template && configuration.standbys > 0 && pool.spec.totalVMs > 0
                 ? Self.currentTemplate(of: pool, among: templates) : nil
             for standby in standbys where standby.pool == name && standby.template != current?.id {
                 await stopStandby(standby, reason: "its template is no longer current")
@@ -30,7 +34,7 @@ extension Reconciler {
             let have = standbys.filter { $0.template == current.id }.count
             for _ in have..<max(have, configuration.standbys) { starts.append((name, current)) }
         }
-        guard !starts.isEmpty else { return }
+        guard startNew, !starts.isEmpty else { return }
         let parallelism = configuration.parallelism
         await withTaskGroup(of: Void.self) { group in
             var running = 0
@@ -54,8 +58,8 @@ extension Reconciler {
 
     private func startStandby(pool: String, template: TemplateRef) async {
         do {
-            var id = Self.newID(pool: pool)
-            while try !store.beginStandby(id: id, pool: pool, template: template.id) { id = Self.newID(pool: pool) }
+            var id = VMID.vm(pool: pool)
+            while try !store.beginStandby(id: id, pool: pool, template: template.id) { id = VMID.vm(pool: pool) }
             do {
                 let pid = try await driver.prestart(id: id, pool: pool, from: template)
                 try store.markStandbyReady(id, pid: pid)

@@ -158,15 +158,15 @@ public final class SimDriver: HypervisorDriver {
         }
     }
 
-    public func deleteTemplate(_ template: TemplateRef) async throws(DriverError) {
-        try write { db in try db.execute(sql: "DELETE FROM simtemplate WHERE id = ?", arguments: [template.id]) }
+    public func deleteTemplate(id: String) async throws(DriverError) {
+        try write { db in try db.execute(sql: "DELETE FROM simtemplate WHERE id = ?", arguments: [id]) }
     }
 
     public func templateExists(_ template: TemplateRef) async -> Bool {
         ((try? storedTemplateKey(template.id)) ?? nil) != nil
     }
 
-    public func status(of vms: [VMRef]) async -> [String: VMStatus] {
+    public func status(of vms: [VMRef], depth: StatusDepth) async -> [String: VMStatus] {
         guard let rows = try? allRows() else { return [:] }
         var result: [String: VMStatus] = [:]
         result.reserveCapacity(vms.count)
@@ -176,7 +176,8 @@ public final class SimDriver: HypervisorDriver {
                 continue
             }
             result[vm.id] = VMStatus(
-                liveness: .alive, running: row.running, agentAnswers: row.running ? row.agent : nil,
+                liveness: .alive, running: row.running,
+                agent: depth == .guest && row.running ? (row.agent ? .answers : .silent) : nil,
                 vcpus: row.vcpus, memoryMiB: row.memoryMiB)
         }
         return result

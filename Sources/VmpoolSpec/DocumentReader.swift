@@ -9,6 +9,9 @@ struct DocumentReader {
     /// Directory of the manifest, for resolving relative image paths.
     let baseDirectory: String
     private(set) var diagnostics: [Diagnostic] = []
+    /// Where fields of the last pool read were written, by field path, for errors found later
+    /// (a duplicate name, a missing image file).
+    private(set) var fieldLocations: [String: SourceLocation] = [:]
 
     init(file: String, baseDirectory: String) {
         self.file = file
@@ -16,8 +19,9 @@ struct DocumentReader {
     }
 
 
-    mutating func readPool(_ root: Node) -> (PoolSpec, SourceLocation)? {
+    mutating func readPool(_ root: Node) -> (PoolSpec, PoolOrigin)? {
         let start = diagnostics.count
+        fieldLocations = [:]
         guard
             let top = mapping(
                 root, path: "", allowed: ["apiVersion", "kind", "metadata", "spec"],
@@ -32,6 +36,7 @@ struct DocumentReader {
             let meta = mapping(node, path: "metadata", allowed: ["name", "labels"], required: ["name"])
         {
             if let nameNode = meta["name"], let value = string(nameNode, path: "metadata.name") {
+                fieldLocations["metadata.name"] = location(nameNode)
                 if Names.isValidPoolName(value) {
                     name = value
                 } else {
@@ -47,7 +52,7 @@ struct DocumentReader {
         var spec: PoolSpec?
         if let node = top["spec"] { spec = readSpec(node, name: name ?? "", labels: labels) }
         guard diagnostics.count == start, let spec, name != nil else { return nil }
-        return (spec, location(root))
+        return (spec, PoolOrigin(document: location(root), fields: fieldLocations))
     }
 
     private mutating func readLabels(_ node: Node) -> [String: String] {
@@ -83,7 +88,10 @@ struct DocumentReader {
         guard
             let spec = mapping(
                 node, path: "spec",
-                allowed: ["size", "vcpus", "memory", "maxVcpus", "maxMemory", "boot", "state", "warm", "image"],
+                allowed: [
+                    "size", "vcpus", "memory", "maxVcpus", "maxMemory", "boot", "state", "warm", "image", "disks",
+                    "network", "placement",
+                ],
                 required: ["size", "vcpus", "memory"])
         else { return nil }
         let size = spec["size"].flatMap { integer($0, path: "spec.size", 0...SpecLimits.maxPoolSize) }
@@ -95,6 +103,9 @@ struct DocumentReader {
         let state = spec["state"].flatMap { choice($0, path: "spec.state", DesiredState.self) }
         let warm = spec["warm"].flatMap { integer($0, path: "spec.warm", 0...SpecLimits.maxWarm) }
         let image = spec["image"].flatMap { readImage($0) }
+        let disks = spec["disks"].flatMap { readDisks($0) }
+        let network = spec["network"].flatMap { readNetwork($0, vms: (size ?? 0) + (warm ?? 0)) }
+        let placement = spec["placement"].flatMap { choice($0, path: "spec.placement", Placement.self) }
 
         if let vcpus, let maxVcpus, let node = spec["vcpus"], maxVcpus < vcpus {
             report(.crossField, node, "spec.vcpus", "expected at most maxVcpus (\(maxVcpus)), got \(vcpus)")
@@ -109,7 +120,150 @@ struct DocumentReader {
         return PoolSpec(
             name: name, labels: labels, size: size, vcpus: vcpus, memoryMiB: memory, maxVcpus: maxVcpus,
             maxMemoryMiB: maxMemory, boot: boot ?? .cold, state: state ?? .running, warm: warm ?? 0,
-            image: image)
+            image: image, disks: disks ?? [], network: network, placement: placement ?? .spread)
+    }
+
+    private mutating func readDisks(_ node: Node) -> [DiskSpec]? {
+        guard case .sequence(let sequence) = node else {
+            report(.wrongType, node, "spec.disks", "expected a sequence of disks, got \(Self.show(node))")
+            return nil
+        }
+        guard sequence.count <= SpecLimits.maxDisks else {
+            report(.outOfRange, node, "spec.disks", "expected at most \(SpecLimits.maxDisks) disks, got \(sequence.count)")
+            return nil
+        }
+        var disks: [DiskSpec] = []
+        var names: [String: Node] = [:]
+        var failed = false
+        for (index, item) in sequence.enumerated() {
+            let path = "spec.disks[\(index)]"
+            guard let disk = mapping(item, path: path, allowed: ["name", "image", "size"], required: ["name"]) else {
+                failed = true
+                continue
+            }
+            var name: String?
+            if let nameNode = disk["name"], let value = string(nameNode, path: path + ".name") {
+                if !Names.isValidDiskName(value) {
+                    report(
+                        .badFormat, nameNode, path + ".name",
+                        "expected 1 to 32 lowercase letters, digits and '-', got \(Self.show(nameNode))")
+                } else if let first = names[value] {
+                    let at = location(first)
+                    report(
+                        .duplicateName, nameNode, path + ".name",
+                        "disk \"\(value)\" is already defined at \(at.file):\(at.line):\(at.column)")
+                } else {
+                    names[value] = nameNode
+                    name = value
+                }
+            }
+            let image = disk["image"].flatMap { self.path($0, path: path + ".image") }
+            let size = disk["size"].flatMap { diskSize($0, path: path + ".size") }
+            if disk["image"] == nil, disk["size"] == nil {
+                report(.missingField, item, path + ".size", "required for a disk without an image (an empty disk)")
+                failed = true
+            }
+            guard let name, disk["image"] == nil || image != nil, disk["size"] == nil || size != nil else {
+                failed = true
+                continue
+            }
+            disks.append(DiskSpec(name: name, image: image, sizeMiB: size))
+        }
+        return failed ? nil : disks
+    }
+
+    private mutating func readNetwork(_ node: Node, vms: Int) -> NetworkSpec? {
+        guard
+            let network = mapping(
+                node, path: "spec.network", allowed: ["mode", "ports", "bridge", "subnet"], required: [])
+        else { return nil }
+        let start = diagnostics.count
+        let mode = network["mode"].flatMap { choice($0, path: "spec.network.mode", NetworkMode.self) }
+        if network["mode"] != nil, mode == nil { return nil }
+        let chosen = mode ?? .user
+        var result = NetworkSpec(mode: chosen)
+        for (key, allowedIn) in [("ports", NetworkMode.user), ("bridge", .bridge), ("subnet", .bridge)]
+        where network[key] != nil && chosen != allowedIn {
+            report(
+                .crossField, network[key]!, "spec.network.\(key)",
+                "only with mode: \(allowedIn.rawValue) (mode is \(chosen.rawValue))")
+        }
+        if chosen == .user, let node = network["ports"] { result.ports = readPorts(node) ?? [] }
+        if chosen == .bridge {
+            if let node = network["bridge"], let name = string(node, path: "spec.network.bridge") {
+                if Names.isValidInterfaceName(name) {
+                    result.bridge = name
+                } else {
+                    report(
+                        .badFormat, node, "spec.network.bridge",
+                        "expected an interface name of 1 to 15 letters, digits, '_', '.' and '-', got \(Self.show(node))")
+                }
+            } else if network["bridge"] == nil {
+                result.bridge = NetworkSpec.defaultBridge
+            }
+            if let node = network["subnet"] {
+                if let text = string(node, path: "spec.network.subnet") {
+                    if let subnet = IPv4Subnet(text) {
+                        if subnet.assignable < vms + 1 {
+                            report(
+                                .crossField, node, "spec.network.subnet",
+                                "\(text) has \(subnet.assignable) addresses for VMs; the pool needs at least"
+                                    + " \(vms + 1) (size + warm + 1 for a replacement)")
+                        } else {
+                            result.subnet = subnet.description
+                        }
+                    } else {
+                        report(
+                            .badFormat, node, "spec.network.subnet",
+                            "expected an IPv4 network in CIDR form with a prefix of 8 to 29 and no host bits set,"
+                                + " like 10.77.0.0/24, got \(Self.show(node))")
+                    }
+                }
+            } else {
+                report(.missingField, node, "spec.network.subnet", "required with mode: bridge")
+            }
+        }
+        return diagnostics.count == start ? result : nil
+    }
+
+    private mutating func readPorts(_ node: Node) -> [Int]? {
+        guard case .sequence(let sequence) = node else {
+            report(.wrongType, node, "spec.network.ports", "expected a sequence of TCP ports, got \(Self.show(node))")
+            return nil
+        }
+        guard sequence.count <= SpecLimits.maxPorts else {
+            report(
+                .outOfRange, node, "spec.network.ports",
+                "expected at most \(SpecLimits.maxPorts) ports, got \(sequence.count)")
+            return nil
+        }
+        var ports: [Int] = []
+        for (index, item) in sequence.enumerated() {
+            guard let port = integer(item, path: "spec.network.ports[\(index)]", 1...65535) else { continue }
+            if ports.contains(port) {
+                report(.duplicateName, item, "spec.network.ports[\(index)]", "port \(port) is listed twice")
+                continue
+            }
+            ports.append(port)
+        }
+        return ports
+    }
+
+    private mutating func diskSize(_ node: Node, path: String) -> Int? {
+        let expectation =
+            "expected a disk size from 1Mi to 64Ti: an integer number of MiB (4096), or a string like 512Mi, 4Gi or 1Ti"
+        if let value = Self.integerValue(node) {
+            guard value >= 1, value <= SpecLimits.maxDiskMiB else {
+                report(.outOfRange, node, path, "\(expectation), got \(value)")
+                return nil
+            }
+            return value
+        }
+        guard case .scalar(let scalar) = node, node.tagName == .str, let value = DiskQuantity.parse(scalar.string) else {
+            report(.badFormat, node, path, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        return value
     }
 
     private mutating func readImage(_ node: Node) -> ImageSpec? {
@@ -139,6 +293,7 @@ struct DocumentReader {
 
     private mutating func path(_ node: Node, path field: String) -> String? {
         guard let value = string(node, path: field) else { return nil }
+        fieldLocations[field] = location(node)
         let count = value.unicodeScalars.count
         guard count >= 1, count <= SpecLimits.maxPathLength, !Self.hasControl(value) else {
             report(

@@ -1,15 +1,34 @@
 import Foundation
 import Yams
 
+/// Where a pool was defined: its document and the fields later checks point at.
+public struct PoolOrigin: Sendable, Hashable {
+    /// The start of the pool's document.
+    public var document: SourceLocation
+    /// Locations of the fields that were read, by field path (`metadata.name`, `spec.image.kernel`).
+    public var fields: [String: SourceLocation]
+
+    public init(document: SourceLocation, fields: [String: SourceLocation] = [:]) {
+        self.document = document
+        self.fields = fields
+    }
+
+    /// Where `field` was written, else the document.
+    public func location(of field: String) -> SourceLocation { fields[field] ?? document }
+}
+
 /// Pools read from manifest files, with where each was defined.
 public struct ManifestSet: Sendable {
     public var pools: [PoolSpec]
-    /// Where each pool's document starts, for later errors (missing image files).
-    public var origins: [String: SourceLocation]
+    /// Where each pool was defined, for later errors (missing image files).
+    public var origins: [String: PoolOrigin]
+    /// Directories given as input that hold no `*.yaml` or `*.yml` file.
+    public var emptyDirectories: [String]
 
-    public init(pools: [PoolSpec] = [], origins: [String: SourceLocation] = [:]) {
+    public init(pools: [PoolSpec] = [], origins: [String: PoolOrigin] = [:], emptyDirectories: [String] = []) {
         self.pools = pools
         self.origins = origins
+        self.emptyDirectories = emptyDirectories
     }
 }
 
@@ -18,28 +37,38 @@ public struct ManifestSet: Sendable {
 /// All files are read and all problems collected before anything is returned: a caller
 /// either gets every pool or a `ManifestError` listing every problem of every file.
 public enum ManifestLoader {
-    /// Loads files and directories (`*.yaml` / `*.yml` in a directory, sorted, not recursive).
-    public static func load(paths: [String]) throws(ManifestError) -> ManifestSet {
+    /// The path that stands for standard input (`-f -`).
+    public static let standardInput = "-"
+
+    /// Loads files and directories (`*.yaml` / `*.yml` in a directory, sorted, not recursive);
+    /// `-` reads standard input. A path that cannot be read is an error, never an empty input.
+    public static func load(paths: [String], standardInput read: () throws -> [UInt8] = readStandardInput)
+        throws(ManifestError) -> ManifestSet
+    {
         var diagnostics: [Diagnostic] = []
         var result = ManifestSet()
-        for file in expand(paths, diagnostics: &diagnostics) {
+        let files = expand(paths, diagnostics: &diagnostics, emptyDirectories: &result.emptyDirectories)
+        for file in files {
             let bytes: [UInt8]
+            let shown = file == standardInput ? "<stdin>" : file
             do {
-                bytes = try readBytes(file, limit: PreScan.maxBytes)
+                bytes = file == standardInput ? try read() : try readBytes(file, limit: PreScan.maxBytes)
             } catch {
                 diagnostics.append(
                     Diagnostic(
-                        .unreadable, at: SourceLocation(file: file, line: 1, column: 1), field: "(file)",
-                        "cannot read the file: \(error.localizedDescription)"))
+                        .unreadable, at: SourceLocation(file: shown, line: 1, column: 1), field: "(file)",
+                        "cannot read the file: \(describe(error))"))
                 continue
             }
-            let parsed = parse(bytes, file: file, baseDirectory: absoluteDirectory(of: file))
+            let base =
+                file == standardInput ? FileManager.default.currentDirectoryPath : absoluteDirectory(of: file)
+            let parsed = parse(bytes, file: shown, baseDirectory: base)
             diagnostics += parsed.diagnostics
             for (pool, origin) in parsed.pools {
-                if let first = result.origins[pool.name] {
+                if let first = result.origins[pool.name]?.location(of: "metadata.name") {
                     diagnostics.append(
                         Diagnostic(
-                            .duplicateName, at: origin, field: "metadata.name",
+                            .duplicateName, at: origin.location(of: "metadata.name"), field: "metadata.name",
                             "pool \"\(pool.name)\" is already defined at \(first.file):\(first.line):\(first.column)"
                         ))
                     continue
@@ -54,7 +83,7 @@ public enum ManifestLoader {
 
     /// Parses one file's bytes. Pure: no file system access beyond what the caller did.
     public static func parse(_ bytes: [UInt8], file: String, baseDirectory: String = ".")
-        -> (pools: [(PoolSpec, SourceLocation)], diagnostics: [Diagnostic])
+        -> (pools: [(PoolSpec, PoolOrigin)], diagnostics: [Diagnostic])
     {
         let text: String
         switch PreScan(file: file).check(bytes) {
@@ -62,7 +91,7 @@ public enum ManifestLoader {
         case .failure(let problem): return ([], [problem])
         }
         var reader = DocumentReader(file: file, baseDirectory: baseDirectory)
-        var pools: [(PoolSpec, SourceLocation)] = []
+        var pools: [(PoolSpec, PoolOrigin)] = []
         do {
             let parser = try Parser(yaml: text, resolver: .basic, constructor: .default, encoding: .utf8)
             while let root = try parser.nextRoot() {
@@ -77,10 +106,16 @@ public enum ManifestLoader {
 
     // MARK: - Files
 
-    static func expand(_ paths: [String], diagnostics: inout [Diagnostic]) -> [String] {
+    static func expand(_ paths: [String], diagnostics: inout [Diagnostic], emptyDirectories: inout [String])
+        -> [String]
+    {
         var files: [String] = []
         let manager = FileManager.default
         for path in paths {
+            if path == standardInput {
+                files.append(path)
+                continue
+            }
             var isDirectory: ObjCBool = false
             guard manager.fileExists(atPath: path, isDirectory: &isDirectory) else {
                 diagnostics.append(
@@ -93,12 +128,54 @@ public enum ManifestLoader {
                 files.append(path)
                 continue
             }
-            let entries = (try? manager.contentsOfDirectory(atPath: path)) ?? []
+            let entries: [String]
+            do {
+                entries = try manager.contentsOfDirectory(atPath: path)
+            } catch {
+                diagnostics.append(
+                    Diagnostic(
+                        .unreadable, at: SourceLocation(file: path, line: 1, column: 1), field: "(file)",
+                        "cannot read the directory: \(describe(error))"))
+                continue
+            }
             let prefix = path.hasSuffix("/") ? path : path + "/"
-            files += entries.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") }.sorted().map { prefix + $0 }
+            let found = entries.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") }.sorted().map { prefix + $0 }
                 .filter { !isDirectoryPath($0) }
+            if found.isEmpty { emptyDirectories.append(path) }
+            files += found
         }
         return files
+    }
+
+    /// Reads standard input, refusing more than a manifest may hold.
+    public static func readStandardInput() throws -> [UInt8] {
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while result.count <= PreScan.maxBytes {
+            let count = Glibc.read(0, &chunk, chunk.count)
+            if count < 0 && errno == EINTR { continue }
+            if count < 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+            if count == 0 { break }
+            result += chunk[0..<count]
+        }
+        return result
+    }
+
+    /// `strerror` wording for file errors ("Permission denied"), whatever Foundation wraps them in.
+    static func describe(_ error: Error) -> String {
+        if let posix = error as? POSIXError { return String(cString: strerror(posix.code.rawValue)) }
+        let nsError = error as NSError
+        if let underlying = nsError.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
+            return String(cString: strerror(Int32(underlying.code)))
+        }
+        if nsError.domain == NSCocoaErrorDomain {
+            switch CocoaError.Code(rawValue: nsError.code) {
+            case .fileReadNoPermission: return "Permission denied"
+            case .fileReadNoSuchFile, .fileNoSuchFile: return "No such file or directory"
+            default: break
+            }
+        }
+        return error.localizedDescription
     }
 
     private static func isDirectoryPath(_ path: String) -> Bool {
@@ -113,12 +190,19 @@ public enum ManifestLoader {
 
     /// Reads at most `limit + 1` bytes, so that a huge file is refused without being read whole.
     static func readBytes(_ path: String, limit: Int) throws -> [UInt8] {
-        guard let handle = FileHandle(forReadingAtPath: path) else {
-            throw CocoaError(.fileReadNoPermission)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        defer { close(fd) }
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while result.count <= limit {
+            let count = read(fd, &chunk, min(chunk.count, limit + 1 - result.count))
+            if count < 0 && errno == EINTR { continue }
+            if count < 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+            if count == 0 { break }
+            result += chunk[0..<count]
         }
-        defer { try? handle.close() }
-        let data = try handle.read(upToCount: limit + 1) ?? Data()
-        return [UInt8](data)
+        return result
     }
 
     private static func syntaxDiagnostic(_ error: Error, file: String, text: String) -> Diagnostic {

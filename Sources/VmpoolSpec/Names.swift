@@ -19,4 +19,21 @@ public enum Names {
         guard alnum(bytes[0]), alnum(bytes[bytes.count - 1]) else { return false }
         return bytes.allSatisfy { alnum($0) || $0 == 0x2E || $0 == 0x5F || $0 == 0x2F || $0 == 0x2D }
     }
+
+    /// `^[a-z0-9-]{1,32}$`
+    public static func isValidDiskName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        return (1...32).contains(bytes.count)
+            && bytes.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D }
+    }
+
+    /// A Linux interface name vmpool will create: 1 to 15 of `[A-Za-z0-9_.-]`, not `.` or `..`.
+    public static func isValidInterfaceName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        guard (1...15).contains(bytes.count), name != ".", name != ".." else { return false }
+        return bytes.allSatisfy {
+            ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x5F
+                || $0 == 0x2E || $0 == 0x2D
+        }
+    }
 }

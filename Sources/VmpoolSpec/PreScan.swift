@@ -77,6 +77,9 @@ struct PreScan {
         var indent = 0
         var chain = 0
         var previous: UInt8 = 0x20
+        // Anchors defined so far in the current document: YAML scopes anchors to one document,
+        // and an alias must not reach into another (the composer would share the node).
+        var anchors = Set<[UInt8]>()
 
         func location(_ at: Int) -> SourceLocation {
             // Column in scalars: count the bytes of the line that are not UTF-8 continuation bytes.
@@ -100,6 +103,19 @@ struct PreScan {
             while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x09 { i += 1 }
             return i < bytes.count ? bytes[i] : nil
         }
+        // Whether an `&` or `*` at `at` starts a node: only spaces between it and the start of
+        // the line or a `:`, `-`, `?`, `[`, `{` or `,` (elsewhere it is part of a plain scalar).
+        func startsNode(_ at: Int) -> Bool {
+            var i = at - 1
+            while i >= lineStart, bytes[i] == 0x20 || bytes[i] == 0x09 { i -= 1 }
+            if i < lineStart { return true }
+            return [0x3A, 0x2D, 0x3F, 0x5B, 0x7B, 0x2C].contains(bytes[i])
+        }
+        func name(after at: Int) -> (name: [UInt8], end: Int) {
+            var end = at + 1
+            while end < bytes.count, !Self.endsAnchor(bytes[end]) { end += 1 }
+            return (Array(bytes[(at + 1)..<end]), end)
+        }
         func tooDeep(_ at: Int) -> Diagnostic {
             Diagnostic(
                 .tooDeep, at: location(at), field: "(document)",
@@ -116,6 +132,12 @@ struct PreScan {
                 }
                 atLineStart = false
                 chain = 0
+                if indent == 0, index + 3 <= bytes.count,
+                    bytes[index..<index + 3].elementsEqual("---".utf8) || bytes[index..<index + 3].elementsEqual("...".utf8),
+                    index + 3 == bytes.count || [0x20, 0x09, 0x0A, 0x0D].contains(bytes[index + 3])
+                {
+                    anchors.removeAll()
+                }
             }
             switch byte {
             case 0x0A:
@@ -166,6 +188,10 @@ struct PreScan {
                 }
                 chain += 1
                 if flowDepth + indent + chain > Self.maxDepth { return tooDeep(index) }
+            case 0x26 where isTokenStart(previous) && startsNode(index):
+                let (anchor, end) = name(after: index)
+                anchors.insert(anchor)
+                index = end - 1
             case 0x2A where isTokenStart(previous):
                 aliases += 1
                 if aliases > Self.maxAliases {
@@ -173,8 +199,13 @@ struct PreScan {
                         .tooManyAliases, at: location(index), field: "(document)",
                         "more than \(Self.maxAliases) aliases; manifests need few, if any")
                 }
-                var end = index + 1
-                while end < bytes.count, !Self.endsAnchor(bytes[end]) { end += 1 }
+                let (alias, end) = name(after: index)
+                if startsNode(index), !anchors.contains(alias) {
+                    return Diagnostic(
+                        .syntax, at: location(index), field: "(document)",
+                        "invalid YAML: alias *\(String(decoding: alias, as: UTF8.self)) has no anchor earlier in this document"
+                            + " (YAML scopes anchors to one document)")
+                }
                 if nextNonSpace(after: end) == 0x3A {
                     return Diagnostic(
                         .badFormat, at: location(index), field: "(document)",

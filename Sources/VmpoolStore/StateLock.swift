@@ -69,6 +69,24 @@ public final class StateLock: Sendable {
         return StateLock(fd: fd, holder: holder)
     }
 
+    /// Takes the lock only if it is free at once. Otherwise returns who holds it (when known).
+    public static func tryAcquire(directory: String, command: String) throws(StoreError) -> Result<
+        StateLock, Busy
+    > {
+        do {
+            return .success(try acquire(directory: directory, command: command, timeout: 0))
+        } catch where error.code == .locked {
+            let fd = open(directory + "/lock", O_RDONLY | O_CLOEXEC)
+            defer { if fd >= 0 { close(fd) } }
+            return .failure(Busy(holder: fd >= 0 ? readHolder(fd) : nil))
+        }
+    }
+
+    /// The lock is held by another vmpool.
+    public struct Busy: Error, Sendable {
+        public var holder: LockHolder?
+    }
+
     private init(fd: Int32, holder: LockHolder) {
         self.fd = fd
         self.holder = holder

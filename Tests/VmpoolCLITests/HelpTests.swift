@@ -31,6 +31,13 @@ struct HelpTests {
                                           pass, or a loop with --every).
                   get                     List pools or VMs.
                   delete                  Stop the VMs of pools and forget the pools.
+                  exec                    Run a command in a VM through its guest agent.
+                  cp                      Copy files or directories between the host and a VM
+                                          (VM:PATH on one side).
+                  logs                    Print a VM's serial console output (the last MiB or
+                                          so is kept).
+                  console                 Attach to a VM's interactive console; Ctrl-]
+                                          detaches.
                   image                   Build the default guest image.
 
                   See 'vmpool help <subcommand>' for detailed help.
@@ -52,6 +59,7 @@ struct HelpTests {
         for command in [
             Vmpool.Validate.self, Vmpool.PlanCommand.self, Vmpool.Apply.self, Vmpool.Reconcile.self,
             Vmpool.Get.Pools.self, Vmpool.Get.VMs.self, Vmpool.Delete.self, Vmpool.Image.Build.self,
+            Vmpool.Exec.self, Vmpool.Cp.self, Vmpool.Logs.self, Vmpool.Console.self,
         ] as [any ParsableCommand.Type] {
             let help = Vmpool.helpMessage(for: command, columns: 120)
             for option in ["--state-dir", "--driver", "--log-level", "--accel", "--lock-timeout"] {

@@ -63,6 +63,46 @@ struct ReconcileServiceTests {
         #expect(retries.first?.contains("retry_in=10m") == true)
     }
 
+    @Test func theServiceSharesTheStateDirAndIsWokenByChanges() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let small = box.write(pool(size: 1))
+        #expect(try box.run("apply", "-f", small).status == 0)
+        // A pass every hour: anything it does after the first pass is the work of a wake.
+        let service = try box.binary.start(
+            ["reconcile", "--every", "1h", "--state-dir", box.state], environment: ["VMPOOL_LOG_LEVEL": "debug"])
+        defer {
+            service.kill(SIGTERM)
+            _ = service.wait()
+        }
+        usleep(500_000)
+        // apply and delete do not wait for the service's lock.
+        let bigger = box.write(pool(size: 3))
+        let started = Date()
+        let apply = try box.run("apply", "-f", bigger, "--lock-timeout", "2s")
+        #expect(apply.status == 0, "apply during the service: \(apply.stderr)")
+        #expect(Date().timeIntervalSince(started) < 2)
+        let other = box.write(pool("other", size: 1), as: "other.yaml")
+        #expect(try box.run("apply", "-f", other, "--lock-timeout", "2s").status == 0)
+        #expect(try box.run("delete", "other", "--lock-timeout", "2s").status == 0)
+        // A VM dies; the next change wakes the service, whose pass repairs it at once.
+        let sim = try SimDriver(stateDirectory: box.state)
+        let victim = try #require(try box.json("get", "vms").first?["id"] as? String)
+        try sim.simulateCrash(victim)
+        let third = box.write(pool("third", size: 0), as: "third.yaml")
+        #expect(try box.run("apply", "-f", third).status == 0)
+        var repaired = false
+        for _ in 0..<40 where !repaired {
+            usleep(100_000)
+            repaired = try box.json("get", "vms", "--pool", "web").allSatisfy { $0["id"] as? String != victim }
+        }
+        #expect(repaired, "the woken service replaced the dead VM")
+        service.kill(SIGTERM)
+        let log = service.wait()
+        #expect(log.status == 0)
+        #expect(log.stderr.contains("woken"), "\(log.stderr.suffix(2000))")
+    }
+
     @Test func backoffDoublesPerFailureUpToTheCeiling() {
         var backoff = Backoff(interval: .seconds(1), maximum: .seconds(60))
         let now = ContinuousClock.now

@@ -5,89 +5,133 @@ import VmpoolDriver
 import VmpoolTestSupport
 
 @testable import VmpoolImage
+@testable import VmpoolQEMU
 
-/// The compiled guest agent, run on the host against a pseudo-terminal standing in for the
-/// VM's serial port. (Commands that change the clock are checked inside real VMs instead.)
-@Suite("Guest agent protocol")
+/// vmpool's own clients (`AgentClient`, `ExecSession`) against the compiled guest agent, run on
+/// the host in its testing mode on socketpairs. The agent's protocol in depth is tested by
+/// Tests/Agent (pytest); real VMs are tested by the integration suites.
+@Suite("Guest agent and vmpool's clients")
 struct GuestAgentTests {
+    /// The agent compiled from the source embedded in vmpool, once per run.
+    static let binary: String? = {
+        guard let data = try? GuestImage.compileAgent(compiler: ProcessInfo.processInfo.environment["CC"] ?? "cc")
+        else { return nil }
+        let path = NSTemporaryDirectory() + "vmpool-agent-\(getpid())"
+        FileManager.default.createFile(atPath: path, contents: data, attributes: [.posixPermissions: 0o700])
+        return path
+    }()
+
+    /// A running agent serving a control port and one exec port.
     final class Agent {
-        let process: RunningCommand
-        let master: Int32
-        var buffer: [UInt8] = []
+        let pid: Int32
+        let control: Int32
+        let exec: Int32
 
         init() throws {
-            let binary = try GuestImage.compileAgent(compiler: ProcessInfo.processInfo.environment["CC"] ?? "cc")
-            let path = NSTemporaryDirectory() + "vmpool-agent-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            guard FileManager.default.createFile(atPath: path, contents: binary, attributes: [.posixPermissions: 0o700])
-            else { throw CocoaError(.fileWriteUnknown) }
-            var name = [CChar](repeating: 0, count: 128)
-            master = vmpool_open_pty(&name, name.count)
-            guard master >= 0 else { throw CocoaError(.fileReadUnknown) }
-            let slave = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            process = try RunningCommand(path: path, arguments: [slave], environment: [:])
-            // Until the agent has put the terminal in raw mode, the pty echoes; wait for a pong.
-            for attempt in 0..<50 where request("0\(attempt) ping") != "0\(attempt) ok pong" {
-                usleep(100_000)
+            let binary = try #require(GuestAgentTests.binary, "the agent must compile (gcc, libc6-dev)")
+            var ctl: [Int32] = [0, 0]
+            var exe: [Int32] = [0, 0]
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &ctl) == 0,
+                socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &exe) == 0
+            else { throw CocoaError(.fileReadUnknown) }
+            // The agent's ends become its descriptors 3 and 4.
+            let words: [String] = [binary, "--fd", "ctl=3", "--fd", "exec.0=4"]
+            let argv = words.map { strdup($0) } + [nil]
+            defer { argv.forEach { free($0) } }
+            let keep = [ctl[1], exe[1]]
+            pid = argv.withUnsafeBufferPointer { args in
+                keep.withUnsafeBufferPointer { vmpool_spawn_inherit(binary, args.baseAddress, $0.baseAddress) }
             }
-            unlink(path)
+            close(ctl[1])
+            close(exe[1])
+            control = ctl[0]
+            exec = exe[0]
         }
 
         deinit {
-            process.kill()
-            _ = process.wait()
-            close(master)
+            close(control)
+            close(exec)
+            _ = vmpool_wait(pid)
         }
 
-        /// Sends a request and returns the first answer line carrying its id.
-        func request(_ line: String, timeout: TimeInterval = 5) -> String {
-            _ = line.withCString { write(master, $0, strlen($0)) }
-            _ = "\n".withCString { write(master, $0, 1) }
-            let id = line.split(separator: " ").first.map(String.init) ?? ""
-            let deadline = Date().addingTimeInterval(timeout)
-            while Date() < deadline {
-                if let newline = buffer.firstIndex(of: 0x0A) {
-                    let answer = String(decoding: buffer[..<newline], as: UTF8.self)
-                        .trimmingCharacters(in: .whitespacesAndNewlines)
-                    buffer.removeFirst(newline + 1)
-                    if answer.hasPrefix(id + " ") { return answer }
-                    continue
-                }
-                var pfd = pollfd(fd: master, events: Int16(POLLIN), revents: 0)
-                if poll(&pfd, 1, 100) > 0 {
-                    var chunk = [UInt8](repeating: 0, count: 512)
-                    let count = read(master, &chunk, chunk.count)
-                    if count > 0 { buffer += chunk[0..<count] }
-                }
-            }
-            return "(no answer)"
+        func client() -> AgentClient { AgentClient(channel: Channel(connected: dup(control), path: "ctl"), vm: "test") }
+        func session() -> ExecSession { ExecSession(channel: Channel(connected: dup(exec), path: "exec.0"), vm: "test") }
+    }
+
+    /// Runs `request` and returns its outcome with what it wrote.
+    func run(_ agent: Agent, _ request: ExecRequest, input: [UInt8]? = nil) throws -> (ExecOutcome, [UInt8], [UInt8]) {
+        let out = TemporaryDirectory()
+        defer { out.remove() }
+        let stdout = open(out.path + "/out", O_RDWR | O_CREAT, 0o600)
+        let stderr = open(out.path + "/err", O_RDWR | O_CREAT, 0o600)
+        var stdin = open("/dev/null", O_RDONLY)
+        if let input {
+            FileManager.default.createFile(atPath: out.path + "/in", contents: Data(input))
+            close(stdin)
+            stdin = open(out.path + "/in", O_RDONLY)
         }
+        defer { [stdout, stderr, stdin].forEach { close($0) } }
+        let outcome = try agent.session().run(request, streams: ExecStreams(stdin: stdin, stdout: stdout, stderr: stderr))
+        let o = [UInt8](FileManager.default.contents(atPath: out.path + "/out") ?? Data())
+        let e = [UInt8](FileManager.default.contents(atPath: out.path + "/err") ?? Data())
+        return (outcome, o, e)
     }
 
-    @Test func answersEachRequestByItsId() throws {
+    @Test func controlRequestsAnswerThroughTheClient() throws {
         let agent = try Agent()
-        #expect(agent.request("7 ping") == "7 ok pong")
-        let info = agent.request("8 info")
-        #expect(info.hasPrefix("8 ok cpus="))
-        #expect(info.contains(" memMiB="))
-        #expect(info.contains(" time="))
-        #expect(agent.request("9 frobnicate") == "9 error unknown command")
-        #expect(agent.request("10") == "10 error missing command")
-        #expect(agent.request("11 time soon") == "11 error invalid time")
-        #expect(agent.request("12 seed xyz") == "12 error invalid hex")
-        #expect(agent.request("14 ping") == "14 ok pong", "the agent keeps answering after errors")
+        let client = agent.client()
+        try client.waitReady(timeout: .seconds(5))
+        let info = try client.info()
+        #expect(info.cpus >= 1)
+        #expect(info.memoryMiB > 0)
+        #expect(abs((info.time ?? 0) - Date().timeIntervalSince1970) < 5)
+        #expect(throws: DriverError.self) { try client.request("frobnicate", timeout: .seconds(2)) }
+        #expect(try client.request("ping", timeout: .seconds(2)) == "pong", "it keeps answering after an error")
     }
 
-    @Test func anOverlongLineIsDroppedAndTheAgentRecovers() throws {
+    @Test func execStreamsOutputSeparatelyAndBinarySafe() throws {
         let agent = try Agent()
-        _ = String(repeating: "x", count: 5000).withCString { write(agent.master, $0, strlen($0)) }
-        _ = "\n".withCString { write(agent.master, $0, 1) }
-        usleep(100_000)
-        #expect(agent.request("15 ping") == "15 ok pong")
+        let all = (0...255).map { String(format: "\\%03o", $0) }.joined()
+        let (outcome, out, err) = try run(
+            agent, ExecRequest(argv: ["sh", "-c", "printf '\(all)'; echo oops >&2; exit 3"]))
+        #expect(outcome == .exited(3))
+        #expect(out == Array(0...255))
+        #expect(err == Array("oops\n".utf8))
     }
 
-    @Test func theAgentIsAStaticExecutable() throws {
-        let binary = try GuestImage.compileAgent(compiler: ProcessInfo.processInfo.environment["CC"] ?? "cc")
-        #expect(GuestImage.isStaticELF(binary))
-        #expect(binary.count < 2 << 20, "the agent grew to \(binary.count) bytes")
+    @Test func exitStatusesFollowDockerExec() throws {
+        let agent = try Agent()
+        #expect(try run(agent, ExecRequest(argv: ["true"])).0.exitStatus == 0)
+        #expect(try run(agent, ExecRequest(argv: ["no-such-command-vmpool"])).0.exitStatus == 127)
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let notExecutable = dir.write("data.txt", "just data\n")
+        #expect(try run(agent, ExecRequest(argv: [notExecutable])).0.exitStatus == 126)
+        #expect(try run(agent, ExecRequest(argv: ["sh", "-c", "kill -9 $$"])).0.exitStatus == 137)
+    }
+
+    @Test func stdinIsForwardedToTheEnd() throws {
+        let agent = try Agent()
+        var bytes = [UInt8](repeating: 0, count: 3 << 20)
+        for index in bytes.indices { bytes[index] = UInt8(truncatingIfNeeded: index &* 31 &+ index >> 9) }
+        let (outcome, out, _) = try run(agent, ExecRequest(argv: ["cat"], stdin: true), input: bytes)
+        #expect(outcome == .exited(0))
+        #expect(out == bytes)
+    }
+
+    @Test func aTimeoutKillsTheCommand() throws {
+        let agent = try Agent()
+        let started = ContinuousClock.now
+        let (outcome, _, _) = try run(agent, ExecRequest(argv: ["sleep", "30"], timeout: .milliseconds(300)))
+        #expect(outcome == .timedOut)
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    @Test func environmentAndDirectoryReachTheCommand() throws {
+        let agent = try Agent()
+        let (outcome, out, _) = try run(
+            agent, ExecRequest(argv: ["sh", "-c", "echo $GREETING; pwd"], environment: ["GREETING=hi there"], directory: "/tmp"))
+        #expect(outcome == .exited(0))
+        #expect(String(decoding: out, as: UTF8.self) == "hi there\n/tmp\n")
     }
 }

@@ -44,7 +44,7 @@ struct QemuIntegrationTests {
     func runState(_ box: QemuSandbox, vm: String) throws -> String? {
         let qmp = try QMPClient(path: paths(box).qmpSocket(vm), vm: vm)
         defer { qmp.close() }
-        return (try qmp.execute("query-status") as? [String: Any])?["status"] as? String
+        return try qmp.execute("query-status", returning: StatusInfo.self).status
     }
 
     func apply(_ box: QemuSandbox, _ text: String) throws -> CommandResult {
@@ -173,15 +173,15 @@ struct QemuIntegrationTests {
         defer { box.tearDown() }
         let kernel = try #require(QemuEnvironment.kernel)
         let started = ContinuousClock.now
-        let accel = AcceleratorProbe.resolve(
-            .auto, binary: "qemu-system-x86_64", stateDirectory: box.state, kernel: kernel)
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        let accel = AcceleratorProbe.resolve(.auto, binary: "qemu-system-x86_64", paths: paths, kernel: kernel)
         let elapsed = ContinuousClock.now - started
         #expect(elapsed < .seconds(5), "the probe took \(elapsed)")
         if accel == .kvm {
-            #expect(AcceleratorProbe.kvmBootsKernel(qemu: "/usr/bin/qemu-system-x86_64", kernel: kernel))
+            #expect(AcceleratorProbe.kvmBootsKernel(qemu: "/usr/bin/qemu-system-x86_64", kernel: kernel, paths: paths))
         }
         let cached = try String(contentsOfFile: box.state + "/accel", encoding: .utf8)
         #expect(cached.hasPrefix(accel.rawValue + " "))
-        #expect(AcceleratorProbe.resolve(.auto, binary: "qemu-system-x86_64", stateDirectory: box.state, kernel: kernel) == accel)
+        #expect(AcceleratorProbe.resolve(.auto, binary: "qemu-system-x86_64", paths: paths, kernel: kernel) == accel)
     }
 }

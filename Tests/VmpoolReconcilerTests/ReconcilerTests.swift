@@ -86,7 +86,7 @@ struct ReconcilerTests {
         try h.driver.simulateExternalPause(vms[1].id)
         try h.driver.simulateResize(vms[2].id, vcpus: 1)
         try h.driver.simulateAgentHang(vms[3].id)
-        let preview = try await h.reconciler.preview([pool(size: 4, vcpus: 2)], prune: [])
+        let preview = try await h.reconciler.preview([pool(size: 4, vcpus: 2)], prune: [], depth: .guest)
         #expect(kinds(preview) == [.replace: 2, .resume: 1, .hotplugCPU: 1])
         let result = try await h.reconciler.reconcile()
         #expect(result.converged)

@@ -97,7 +97,9 @@ struct LoaderTests {
             #expect(error.diagnostics.count == 1)
             #expect(diagnostic.code == .duplicateName)
             #expect(diagnostic.location.file == second)
-            #expect(diagnostic.message.contains(first + ":1:1"))
+            // Both places are the metadata.name lines.
+            #expect(diagnostic.location.line == 4)
+            #expect(diagnostic.message.contains(first + ":4:"))
         }
     }
 
@@ -146,7 +148,24 @@ struct LoaderTests {
         #expect(diagnostics.first?.field == "spec.memory")
     }
 
-    @Test func mergeKeysShareFields() throws {
+    @Test func mergeKeysShareFieldsWithinADocument() throws {
+        let (pools, diagnostics) = parse(
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: a, labels: &shared {team: ci}}
+            spec:
+              <<: &base {size: 1, vcpus: 2}
+              memory: 128
+              size: 3
+            """)
+        #expect(diagnostics.isEmpty, "\(diagnostics)")
+        #expect(pools.map(\.size) == [3])
+        #expect(pools.map(\.vcpus) == [2])
+    }
+
+    @Test func anAliasCannotReachIntoAnotherDocument() throws {
+        // YAML scopes anchors to their document; a composer that kept them would share nodes.
         let (pools, diagnostics) = parse(
             """
             apiVersion: vmpool/v1
@@ -161,8 +180,8 @@ struct LoaderTests {
               <<: *base
               size: 3
             """)
-        #expect(diagnostics.isEmpty, "\(diagnostics)")
-        #expect(pools.map(\.size) == [1, 3])
-        #expect(pools.map(\.vcpus) == [2, 2])
+        #expect(diagnostics.map(\.location.line) == [10])
+        #expect(diagnostics.first?.message.contains("alias *base has no anchor earlier in this document") == true)
+        #expect(pools.map(\.name) == [])
     }
 }

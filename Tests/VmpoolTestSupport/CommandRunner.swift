@@ -43,15 +43,19 @@ public struct VmpoolBinary: Sendable {
 
     /// Runs `vmpool ARGS` to completion.
     @discardableResult
-    public func run(_ arguments: [String], environment extra: [String: String] = [:]) throws -> CommandResult {
-        try start(arguments, environment: extra).wait()
+    public func run(_ arguments: [String], environment extra: [String: String] = [:], input: String? = nil) throws
+        -> CommandResult
+    {
+        try start(arguments, environment: extra, input: input).wait()
     }
 
     /// Starts `vmpool ARGS` without waiting (for kill and concurrency tests).
-    public func start(_ arguments: [String], environment extra: [String: String] = [:]) throws -> RunningCommand {
+    public func start(_ arguments: [String], environment extra: [String: String] = [:], input: String? = nil)
+        throws -> RunningCommand
+    {
         var env = environment
         for (key, value) in extra { env[key] = value }
-        return try RunningCommand(path: path, arguments: arguments, environment: env)
+        return try RunningCommand(path: path, arguments: arguments, environment: env, input: input)
     }
 }
 
@@ -62,15 +66,23 @@ public final class RunningCommand: @unchecked Sendable {
     private let errPath: String
     private var result: CommandResult?
 
-    public init(path: String, arguments: [String], environment: [String: String]) throws {
+    public init(path: String, arguments: [String], environment: [String: String], input: String? = nil) throws {
         let base = NSTemporaryDirectory() + "vmpool-cmd-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         outPath = base + ".out"
         errPath = base + ".err"
         let out = open(outPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         let err = open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        var inFD: Int32 = -1
+        if let input {
+            let inPath = base + ".in"
+            FileManager.default.createFile(atPath: inPath, contents: Data(input.utf8))
+            inFD = open(inPath, O_RDONLY | O_CLOEXEC)
+            unlink(inPath)
+        }
         defer {
             close(out)
             close(err)
+            if inFD >= 0 { close(inFD) }
         }
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -79,7 +91,9 @@ public final class RunningCommand: @unchecked Sendable {
             envp.forEach { free($0) }
         }
         let pid = argv.withUnsafeBufferPointer { args in
-            envp.withUnsafeBufferPointer { env in vmpool_spawn_env(path, args.baseAddress, env.baseAddress, out, err) }
+            envp.withUnsafeBufferPointer { env in
+                vmpool_spawn_io(path, args.baseAddress, env.baseAddress, inFD, out, err)
+            }
         }
         guard pid > 0 else { throw CocoaError(.executableLoad) }
         self.pid = pid

@@ -56,6 +56,20 @@ public func manifest(_ spec: PoolSpec) -> String {
         if let initrd = image.initrd { lines.append("    initrd: \(initrd)") }
         if let cmdline = image.cmdline { lines.append("    cmdline: \"\(cmdline)\"") }
     }
+    if !spec.disks.isEmpty {
+        lines.append("  disks:")
+        for disk in spec.disks {
+            lines.append("    - name: \(disk.name)")
+            if let image = disk.image { lines.append("      image: \(image)") }
+            if let size = disk.sizeMiB { lines.append("      size: \(size)Mi") }
+        }
+    }
+    if let network = spec.network {
+        lines += ["  network:", "    mode: \(network.mode.rawValue)"]
+        if !network.ports.isEmpty { lines.append("    ports: [\(network.ports.map(String.init).joined(separator: ", "))]") }
+        if let bridge = network.bridge { lines.append("    bridge: \(bridge)") }
+        if let subnet = network.subnet { lines.append("    subnet: \(subnet)") }
+    }
     return lines.joined(separator: "\n") + "\n"
 }
 

@@ -12,6 +12,10 @@ ssize_t vmpool_send_with_fd(int sock, const void *data, size_t len, int fd);
 /// or -1 with errno set (ENAMETOOLONG when the path does not fit sun_path).
 int vmpool_unix_connect(const char *path);
 
+/// Like vmpool_unix_connect with extra socket flags (SOCK_NONBLOCK: a server whose backlog
+/// is full fails the connect with EAGAIN instead of blocking).
+int vmpool_unix_connect_flags(const char *path, int flags);
+
 /// Starts `path` with `argv` (NULL-terminated) in a new session: stdin and stdout on
 /// /dev/null, stderr on `stderr_fd` (or /dev/null when -1), every other descriptor closed.
 /// Returns the child's pid, or -1 with errno set.
@@ -20,6 +24,10 @@ int vmpool_spawn(const char *path, char *const argv[], int stderr_fd);
 /// Like vmpool_spawn, with an environment (NULL: this process's), stdout on `stdout_fd` and
 /// stderr on `stderr_fd` (-1: /dev/null), in this process's session.
 int vmpool_spawn_env(const char *path, char *const argv[], char *const envp[], int stdout_fd, int stderr_fd);
+
+/// Like vmpool_spawn_env with stdin on `stdin_fd` (-1: /dev/null).
+int vmpool_spawn_io(const char *path, char *const argv[], char *const envp[], int stdin_fd, int stdout_fd,
+                    int stderr_fd);
 
 /// Waits for child `pid` to exit (retrying on EINTR); returns its exit status, 128 + the signal
 /// that killed it, or -1 when it cannot be waited for.
@@ -30,4 +38,7 @@ int vmpool_open_pty(char *name, size_t size);
 
 /// pipe2(fds, O_CLOEXEC).
 int vmpool_pipe_cloexec(int fds[2]);
+/// Starts `path` with `argv` and `keep[0]`, `keep[1]` as its descriptors 3 and 4 (tests hand
+/// socketpair ends to a child this way); descriptors above 4 are closed.
+int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]);
 #endif

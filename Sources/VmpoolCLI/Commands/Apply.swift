@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import VmpoolPlanner
 import VmpoolReconciler
+import VmpoolStore
 import VmpoolSpec
 
 extension Vmpool {
@@ -18,13 +19,18 @@ extension Vmpool {
         @Flag(help: "Delete pools applied earlier but absent from the input.")
         var prune = false
 
+        @Flag(name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
+        var allowEmpty = false
+
         @Flag(name: .customLong("dry-run"), help: "Print the plan and change nothing.")
         var dryRun = false
 
         @Option(help: "Actions to run at once.")
         var parallel: Int = 4
 
-        @Option(help: "Start no new action after this long (500ms, 30s, 5m); running actions finish.")
+        @Option(
+            help: "Give up after this long (500ms, 30s, 5m): no action starts after it, running ones are interrupted and undone."
+        )
         var timeout: String?
 
         @Option(name: .shortAndLong, help: "Output format: text or json.")
@@ -37,14 +43,16 @@ extension Vmpool {
         }
 
         func run() async throws {
-            let manifests = try loadManifests(file)
+            let manifests = try loadManifests(file, prune: prune, allowEmpty: allowEmpty)
             try checkImages(manifests)
             if dryRun {
                 let session = try await Session(options, locking: nil)
                 let prunable = prune ? try pruneSet(session, keeping: manifests) : []
-                let plan = try await session.reconciler.preview(manifests.pools, prune: prunable)
+                let plan = try await preview(session, manifests.pools, prune: prunable)
                 switch output {
-                case .text: printOut(PlanRenderer.text(plan, pools: manifests.pools))
+                case .text:
+                    printOut(PlanRenderer.text(plan, pools: manifests.pools))
+                    printOut("Dry run: nothing was changed.")
                 case .json: printOut(try PlanRenderer.json(plan, results: nil))
                 }
                 return
@@ -58,6 +66,7 @@ extension Vmpool {
             let result = try await withShutdownSignals(cancellation) {
                 try await reconciler.apply(pools, prune: prunable, cancellation: cancellation)
             }
+            Wake.send(directory: session.stateDirectory)
             try report(result, output: output, pools: manifests.pools)
         }
     }

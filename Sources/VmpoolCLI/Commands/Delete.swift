@@ -1,5 +1,6 @@
 import ArgumentParser
 import VmpoolReconciler
+import VmpoolStore
 
 extension Vmpool {
     /// Stops a pool's VMs, removes its template and forgets it.
@@ -30,6 +31,7 @@ extension Vmpool {
             let result = try await withShutdownSignals(cancellation) {
                 try await reconciler.delete(names, cancellation: cancellation)
             }
+            Wake.send(directory: session.stateDirectory)
             try report(result, output: output, pools: [])
         }
     }

@@ -24,8 +24,8 @@ extension Vmpool {
             var output: OutputFormat = .text
 
             func run() async throws {
-                let session = try await Session(options, locking: nil)
-                let observation = try await session.reconciler.observe()
+                let session = try await Session(options, locking: nil, create: false)
+                let observation = try await session.reconciler.observe(depth: .hypervisor)
                 var pools = observation.pools
                 if !names.isEmpty {
                     let known = Set(pools.map(\.spec.name))
@@ -35,12 +35,16 @@ extension Vmpool {
                     pools = pools.filter { names.contains($0.spec.name) }
                 }
                 let readiness = observation.readiness()
+                // Standbys count only while their process lives.
+                let alive = Set(await session.reconciler.driver.discover().map(\.id))
                 var standbys: [String: Int] = [:]
-                for standby in try session.store.standbys() where standby.ready { standbys[standby.pool, default: 0] += 1 }
+                for standby in try session.store.standbys() where standby.ready && alive.contains(standby.id) {
+                    standbys[standby.pool, default: 0] += 1
+                }
                 let rows = pools.map { pool in
                     PoolRow(
-                        spec: pool.spec, generation: pool.generation, ready: readiness[pool.spec.name]?.ready ?? 0,
-                        vms: readiness[pool.spec.name]?.vms ?? 0, standbys: standbys[pool.spec.name] ?? 0)
+                        spec: pool.spec, generation: pool.generation,
+                        readiness: readiness[pool.spec.name] ?? Readiness(), standbys: standbys[pool.spec.name] ?? 0)
                 }
                 switch output {
                 case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
@@ -61,8 +65,11 @@ extension Vmpool {
             var output: OutputFormat = .text
 
             func run() async throws {
-                let session = try await Session(options, locking: nil)
-                let observation = try await session.reconciler.observe()
+                let session = try await Session(options, locking: nil, create: false)
+                if let pool, try !session.store.pools().contains(where: { $0.spec.name == pool }) {
+                    throw CommandFailure(description: "no pool named \"\(pool)\" has been applied")
+                }
+                let observation = try await session.reconciler.observe(depth: .hypervisor)
                 let conditions = Dictionary(uniqueKeysWithValues: observation.observedVMs.map { ($0.id, $0.condition) })
                 let records = observation.records.filter { pool == nil || $0.pool == pool }
                 let rows = records.map { record in
@@ -80,10 +87,12 @@ extension Vmpool {
 struct PoolRow {
     var spec: PoolSpec
     var generation: Int
-    var ready: Int
-    var vms: Int
-    /// Hypervisor processes started ahead of clones (template pools).
+    var readiness: Readiness
+    /// Hypervisor processes started ahead of clones (template pools), alive.
     var standbys: Int
+
+    var ready: Int { readiness.ready }
+    var vms: Int { readiness.vms }
 
     var json: [String: JSONValue] {
         [
@@ -92,7 +101,7 @@ struct PoolRow {
             "maxMemoryMiB": .int(spec.maxMemoryMiB), "boot": .string(spec.boot.rawValue),
             "state": .string(spec.state.rawValue), "warm": .int(spec.warm), "ready": .int(ready), "vms": .int(vms),
             "generation": .int(generation), "labels": .object(spec.labels.mapValues { .string($0) }),
-            "standbys": .int(standbys),
+            "standbys": .int(standbys), "warmReady": .int(readiness.warm),
         ]
     }
 }
@@ -102,10 +111,16 @@ struct VMRow {
     var condition: ObservedVM.Condition?
     var driverName: String
 
-    /// The state users see: the recorded state, or `failed` when the VM is not usable.
+    /// The state users see: what the hypervisor says (a VM paused behind vmpool's back shows
+    /// paused), `failed` when the VM is not usable, else the recorded state.
     var state: String {
-        if case .broken = condition, record.state == .running || record.state == .paused { return "failed" }
-        return record.state.rawValue
+        guard record.state == .running || record.state == .paused else { return record.state.rawValue }
+        switch condition {
+        case .broken: return "failed"
+        case .paused: return "paused"
+        case .running: return "running"
+        case nil: return record.state.rawValue
+        }
     }
 
     var problem: String? {

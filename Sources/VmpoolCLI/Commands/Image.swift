@@ -23,10 +23,13 @@ extension Vmpool {
             @Option(help: "busybox binary to put in the initramfs (must be static).")
             var busybox: String = "/bin/busybox"
 
+            @Option(help: "Directory of the kernel's virtio modules with an order file (default: modules/ next to the kernel's boot/).")
+            var modules: String?
+
             func run() async throws {
-                let directory = output ?? GuestImage.directory(stateDirectory: options.resolvedStateDir)
+                let directory = try output ?? GuestImage.directory(stateDirectory: options.stateDirectory(create: true))
                 let kernelPath = try kernel ?? GuestImage.findKernel()
-                let image = try GuestImage.build(kernel: kernelPath, busybox: busybox, output: directory)
+                let image = try GuestImage.build(kernel: kernelPath, busybox: busybox, output: directory, modules: modules)
                 printOut("guest image written to \(directory)")
                 printOut("  kernel  \(image.kernel)")
                 printOut("  initrd  \(image.initrd ?? "-")")

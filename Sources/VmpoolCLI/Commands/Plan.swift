@@ -1,6 +1,8 @@
 import ArgumentParser
 import VmpoolPlanner
+import VmpoolReconciler
 import VmpoolSpec
+import VmpoolStore
 
 extension Vmpool {
     /// Shows what `apply` would do, like `terraform plan`.
@@ -16,6 +18,9 @@ extension Vmpool {
         @Flag(help: "Also plan deleting pools applied earlier but absent from the input.")
         var prune = false
 
+        @Flag(name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
+        var allowEmpty = false
+
         @Option(name: .shortAndLong, help: "Output format: text or json.")
         var output: OutputFormat = .text
 
@@ -27,11 +32,12 @@ extension Vmpool {
         }
 
         func run() async throws {
-            let manifests = try loadManifests(file)
+            let manifests = try loadManifests(file, prune: prune, allowEmpty: allowEmpty)
             try checkImages(manifests)
             let session = try await Session(options, locking: nil)
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []
-            let plan = try await session.reconciler.preview(manifests.pools, prune: prunable)
+            let plan = try await preview(session, manifests.pools, prune: prunable)
+            noteAbsentPools(session, manifests: manifests, pruning: prune)
             switch output {
             case .text: printOut(PlanRenderer.text(plan, pools: manifests.pools))
             case .json: printOut(try PlanRenderer.json(plan, results: nil))
@@ -39,6 +45,33 @@ extension Vmpool {
             if detailedExitcode && !plan.isEmpty { throw ExitCode(2) }
         }
     }
+}
+
+/// The plan `apply` would make now. With the state dir lock free, it is taken for the
+/// moment of looking, and every VM's guest is asked too: the plan is exact. While another
+/// vmpool holds the lock, only what observers may ask is asked (the hypervisor's view, no
+/// agent channel), and the plan says so.
+func preview(_ session: Session, _ pools: [PoolSpec], prune: Set<String>) async throws -> Plan {
+    switch try StateLock.tryAcquire(directory: session.stateDirectory, command: "plan") {
+    case .success(let lock):
+        let plan = try await session.reconciler.preview(pools, prune: prune, depth: .guest)
+        withExtendedLifetime(lock) {}
+        return plan
+    case .failure(let busy):
+        let who = busy.holder.map { "\($0)" } ?? "another vmpool"
+        printError(
+            "note: \(who) is working on this state dir; this plan shows the hypervisor's view and may"
+                + " change when it finishes")
+        return try await session.reconciler.preview(pools, prune: prune, depth: .hypervisor)
+    }
+}
+
+/// Says which applied pools the input leaves out, and what `--prune` would do with them.
+func noteAbsentPools(_ session: Session, manifests: ManifestSet, pruning: Bool) {
+    guard !pruning, let absent = try? pruneSet(session, keeping: manifests), !absent.isEmpty else { return }
+    printError(
+        "note: applied pools not in the input are left alone: \(absent.sorted().joined(separator: ", "));"
+            + " --prune would delete them")
 }
 
 /// Pools in the store that the input does not name.

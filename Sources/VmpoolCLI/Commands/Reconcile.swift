@@ -4,6 +4,7 @@ import Logging
 import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
+import VmpoolStore
 
 extension Vmpool {
     /// Converges every applied pool: one pass for cron, or a loop with `--every`.
@@ -27,8 +28,8 @@ extension Vmpool {
         }
 
         func run() async throws {
-            let session = try await Session(options, locking: "reconcile", parallelism: parallel)
             guard let interval = try parseDuration(every, option: "--every") else {
+                let session = try await Session(options, locking: "reconcile", parallelism: parallel)
                 let cancellation = Cancellation()
                 let reconciler = session.reconciler
                 let result = try await withShutdownSignals(cancellation) {
@@ -37,8 +38,11 @@ extension Vmpool {
                 try report(result, output: .text, pools: [])
                 return
             }
+            // The service takes the state dir lock for each pass, not for its whole life.
+            let session = try await Session(options, locking: nil, parallelism: parallel)
             let service = ReconcileService(
-                reconciler: session.reconciler, interval: interval, logger: session.logger)
+                reconciler: session.reconciler, interval: interval, logger: session.logger,
+                stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory))
             let group = ServiceGroup(
                 configuration: ServiceGroupConfiguration(
                     services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint],

@@ -18,6 +18,7 @@ extension Vmpool {
 
         func run() async throws {
             let manifests = try loadManifests(file)
+            try checkImages(manifests)
             let count = manifests.pools.count
             printOut("\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))")
         }

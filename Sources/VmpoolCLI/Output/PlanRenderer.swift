@@ -9,13 +9,14 @@ enum PlanRenderer {
         case .create, .clone, .buildTemplate: "+"
         case .resume, .pause, .hotplugCPU, .hotplugMemory: "~"
         case .replace: "-/+"
-        case .stop, .deletePool: "-"
+        case .stop, .deletePool, .deleteTemplate: "-"
         }
     }
 
     static func line(_ action: Action) -> String {
         var parts = [symbol(action.kind).padding(toLength: 3, withPad: " ", startingAt: 0), action.kind.rawValue]
         if let vm = action.vm { parts.append(vm) }
+        if let template = action.template { parts.append(template) }
         if let state = action.state, action.kind != .replace || state == .paused { parts.append("(\(state.rawValue))") }
         return "  " + parts.joined(separator: " ") + "  # " + action.reason
     }
@@ -61,8 +62,11 @@ enum PlanRenderer {
             lines.append(text)
         }
         let failed = result.results.filter { $0.outcome == .failed }.count
+        var done: [Action.Kind: Int] = [:]
+        for item in result.results where item.outcome == .ok { done[item.action.kind, default: 0] += 1 }
         lines.append("")
-        lines.append("Applied: " + summaryText(result.plan.summary) + "; \(failed) failed.")
+        let applied = summaryText(done)
+        lines.append("Applied: " + (applied.isEmpty ? "nothing" : applied) + "; \(failed) failed.")
         return lines.joined(separator: "\n")
     }
 
@@ -79,6 +83,7 @@ enum PlanRenderer {
             var object: [String: JSONValue] = [
                 "action": .string(action.kind.rawValue), "pool": .string(action.pool),
                 "vm": action.vm.map { .string($0) } ?? .null, "reason": .string(action.reason),
+                "template": action.template.map { .string($0) } ?? .null,
                 "dependsOn": .array(action.dependsOn.map { .int($0) }),
             ]
             if let state = action.state { object["state"] = .string(state.rawValue) }
@@ -90,6 +95,7 @@ enum PlanRenderer {
                 let result = results[index]
                 object["result"] = .string(result.outcome.rawValue)
                 object["error"] = result.error.map { .string($0) } ?? .null
+                if let code = result.code { object["errorCode"] = .string(code.description) }
                 if let created = result.createdVM { object["createdVM"] = .string(created) }
             }
             return .object(object)

@@ -19,10 +19,10 @@ enum TableRenderer {
     static func pools(_ rows: [PoolRow]) -> String {
         if rows.isEmpty { return "No pools have been applied." }
         return table(
-            ["NAME", "READY", "SIZE", "WARM", "VCPUS", "MEMORY", "BOOT", "STATE"],
+            ["NAME", "READY", "WARM", "VCPUS", "MEMORY", "BOOT", "STATE"],
             rows.map { row in
                 [
-                    row.spec.name, "\(row.ready)/\(row.spec.totalVMs)", "\(row.spec.size)", "\(row.spec.warm)",
+                    row.spec.name, "\(row.ready)/\(row.spec.size)", "\(row.readiness.warm)/\(row.spec.warm)",
                     "\(row.spec.vcpus)/\(row.spec.maxVcpus)",
                     "\(MemoryQuantity.format(row.spec.memoryMiB))/\(MemoryQuantity.format(row.spec.maxMemoryMiB))",
                     row.spec.boot.rawValue, row.spec.state.rawValue,

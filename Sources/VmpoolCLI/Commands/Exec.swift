@@ -1,0 +1,156 @@
+import ArgumentParser
+import Foundation
+import UnixSignals
+import VmpoolDriver
+import VmpoolStore
+
+extension Vmpool {
+    /// Runs a command in a VM through its guest agent, like `docker exec`.
+    struct Exec: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a command in a VM through its guest agent.",
+            discussion: """
+                The command is an argument vector, not a shell line (run `sh -c '...'` for one). Its stdout \
+                and stderr are streamed unchanged; vmpool exits with its exit status, 128+N when a signal \
+                ended it, 125 when vmpool itself failed (no such VM, VM not running), 126 when the command \
+                could not be run and 127 when it was not found.
+                """)
+
+        @OptionGroup var options: GlobalOptions
+
+        @Flag(name: .shortAndLong, help: "Forward standard input to the command.")
+        var interactive = false
+
+        @Flag(name: .shortAndLong, help: "Give the command a pseudo-terminal.")
+        var tty = false
+
+        @Option(name: .shortAndLong, help: "Set an environment variable in the guest (KEY=VALUE, repeatable).")
+        var env: [String] = []
+
+        @Option(name: .shortAndLong, help: "Working directory in the guest (default /).")
+        var workdir: String?
+
+        @Option(help: "Kill the command after this long (30s, 5m).")
+        var timeout: String?
+
+        @Argument(help: "The VM's id (see `vmpool get vms`).")
+        var vm: String
+
+        @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.")
+        var command: [String] = []
+
+        func validate() throws {
+            if command.isEmpty {
+                throw ValidationError("give the command to run after --: vmpool exec VM -- CMD [ARG...]")
+            }
+            for pair in env where !pair.contains("=") || pair.hasPrefix("=") {
+                throw ValidationError("--env: expected KEY=VALUE, got \"\(pair)\"")
+            }
+            _ = try parseDuration(timeout, option: "--timeout")
+        }
+
+        func run() async throws {
+            let argv = command
+            let tty = self.tty
+            let timeout = self.timeout
+            let request = ExecRequest(
+                argv: argv, environment: env, directory: workdir, stdin: interactive,
+                tty: tty ? (TerminalSize.current() ?? (24, 80)) : nil,
+                timeout: try parseDuration(timeout, option: "--timeout"))
+            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+                let terminal = tty ? RawTerminal.enter() : nil
+                defer { terminal?.restore() }
+                if tty { TerminalSize.watch() }
+                let outcome = try await access.exec(record.ref, request, streams: ExecStreams())
+                switch outcome {
+                case .notRun(let code, let message):
+                    printError("vmpool exec: \(argv[0]): \(message)")
+                    return code
+                case .timedOut:
+                    printError("vmpool exec: \(argv[0]) was killed after --timeout \(timeout ?? "")")
+                    return outcome.exitStatus
+                default:
+                    return outcome.exitStatus
+                }
+            }
+            throw ExitCode(code)
+        }
+    }
+}
+
+/// The frame of every command that works inside a VM (`exec`, `cp`, `logs`, `console`): find
+/// the VM, check that it runs, and turn vmpool's own failures into exit status 125 with a
+/// one-line reason, as `docker exec` does.
+enum GuestCommand {
+    static let vmpoolFailed: Int32 = 125
+
+    static func run(
+        options: GlobalOptions, vm id: String, requireRunning: Bool = true,
+        _ body: @escaping @Sendable (any GuestAccess, VMRecord) async throws -> Int32
+    ) async -> Int32 {
+        do {
+            let session = try await Session(options, locking: nil, create: false)
+            guard let record = try session.store.vm(id) else {
+                throw CommandFailure(description: "no VM named \"\(id)\" (see vmpool get vms)")
+            }
+            guard let access = session.reconciler.driver as? any GuestAccess else {
+                throw CommandFailure(
+                    description: "the \(session.reconciler.driver.name) driver runs no guests; this needs --driver qemu")
+            }
+            if requireRunning {
+                let status = await session.reconciler.driver.status(of: [record.ref], depth: .hypervisor)[record.id]
+                guard record.state == .running, status?.liveness == .alive, status?.running != false else {
+                    let state = status?.liveness == .gone ? "not running (its process is gone)"
+                        : status?.running == false ? "paused" : record.state.rawValue
+                    throw CommandFailure(description: "VM \(id) is \(state); it must be running")
+                }
+            }
+            return try await withSignalsInterrupting { try await body(access, record) }
+        } catch let error as CommandFailure {
+            printError("vmpool: \(error.description)")
+        } catch let error as DriverError {
+            printError("vmpool: \(error.description)")
+        } catch {
+            printError("vmpool: \(error)")
+        }
+        return vmpoolFailed
+    }
+
+    /// Runs `body`; SIGINT, SIGTERM or SIGHUP cancel it (the command in the guest is killed and
+    /// the terminal restored) instead of killing vmpool outright.
+    static func withSignalsInterrupting(_ body: @escaping @Sendable () async throws -> Int32) async throws -> Int32 {
+        try await withThrowingTaskGroup(of: Int32?.self) { group in
+            group.addTask {
+                for await _ in await UnixSignalsSequence(trapping: .sigint, .sigterm, .sighup) { return nil }
+                return nil
+            }
+            group.addTask { try await body() }
+            while let next = try await group.next() {
+                group.cancelAll()
+                if let code = next { return code }
+            }
+            return 130
+        }
+    }
+}
+
+/// The local terminal in raw mode for the length of a pty session.
+struct RawTerminal {
+    private let saved: termios
+
+    /// Puts stdin's terminal in raw mode; `nil` when stdin is not a terminal.
+    static func enter() -> RawTerminal? {
+        guard isatty(0) == 1 else { return nil }
+        var attributes = termios()
+        guard tcgetattr(0, &attributes) == 0 else { return nil }
+        let saved = attributes
+        cfmakeraw(&attributes)
+        tcsetattr(0, TCSANOW, &attributes)
+        return RawTerminal(saved: saved)
+    }
+
+    func restore() {
+        var attributes = saved
+        tcsetattr(0, TCSANOW, &attributes)
+    }
+}

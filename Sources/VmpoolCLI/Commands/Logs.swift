@@ -1,0 +1,88 @@
+import ArgumentParser
+import Foundation
+import VmpoolDriver
+
+extension Vmpool {
+    /// The serial console's output of a VM, bounded on disk.
+    struct Logs: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print a VM's serial console output (the last MiB or so is kept).")
+
+        @OptionGroup var options: GlobalOptions
+
+        @Option(help: "Print only the last N lines.")
+        var tail: Int?
+
+        @Flag(name: .shortAndLong, help: "Keep printing new output until interrupted.")
+        var follow = false
+
+        @Argument(help: "The VM's id.")
+        var vm: String
+
+        func validate() throws {
+            if let tail, tail < 0 { throw ValidationError("--tail: expected a number of lines, 0 or more, got \(tail)") }
+        }
+
+        func run() async throws {
+            let tail = self.tail
+            let follow = self.follow
+            let code = await GuestCommand.run(options: options, vm: vm, requireRunning: false) { access, record in
+                var history = try await access.consoleLog(record.ref)
+                if let tail { history = Self.lastLines(history, tail) }
+                try Self.emit(history)
+                while follow {
+                    let new = try await access.consoleDrain(record.ref)
+                    try Self.emit(new)
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                return 0
+            }
+            if code != 0 { throw ExitCode(1) }
+        }
+
+        static func emit(_ bytes: [UInt8]) throws {
+            guard !bytes.isEmpty else { return }
+            FileHandle.standardOutput.write(Data(bytes))
+        }
+
+        static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {
+            guard count > 0 else { return [] }
+            var newlines = 0
+            var index = bytes.endIndex
+            if bytes.last == 0x0A { index -= 1 }
+            while index > bytes.startIndex {
+                index -= 1
+                if bytes[index] == 0x0A {
+                    newlines += 1
+                    if newlines == count { return Array(bytes[(index + 1)...]) }
+                }
+            }
+            return bytes
+        }
+    }
+
+    /// The VM's interactive console.
+    struct Console: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Attach to a VM's interactive console; Ctrl-] detaches.")
+
+        @OptionGroup var options: GlobalOptions
+
+        @Argument(help: "The VM's id.")
+        var vm: String
+
+        func run() async throws {
+            let id = vm
+            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+                printError("Connected to the console of \(id); Ctrl-] detaches.")
+                let terminal = RawTerminal.enter()
+                defer { terminal?.restore() }
+                try await access.attachConsole(record.ref, streams: ExecStreams(), detach: 0x1D)
+                terminal?.restore()
+                printError("\nDetached from \(id).")
+                return 0
+            }
+            if code != 0 { throw ExitCode(1) }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+import Foundation
+import VmpoolDriver
+
+/// A VM's serial console output: QEMU keeps the latest `QemuVM.consoleRingBytes` in a ring
+/// (nothing a guest prints can grow the host's memory or disk beyond it); vmpool drains the
+/// ring over the observers' monitor into `console.log`, capped at `ConsoleLog.capBytes` with
+/// one older part in `console.log.1`. All drains of a VM go through the file's lock.
+enum ConsoleLog {
+    static let capBytes = 1 << 20
+
+    /// Moves the ring's content into the log; returns the new bytes.
+    static func drain(_ machine: QemuVM) throws(DriverError) -> [UInt8] {
+        let path = machine.paths.consoleLog(machine.id)
+        let lock = try ChannelLock(path: path + ".lock", until: .now + .seconds(5), vm: machine.id)
+        defer { lock.release() }
+        let (qmp, monitorLock) = try machine.observerQMP(timeout: .seconds(5))
+        defer {
+            qmp.close()
+            monitorLock.release()
+        }
+        let text = try qmp.execute(
+            "ringbuf-read", ["device": "console", "size": QemuVM.consoleRingBytes, "format": "base64"],
+            returning: String.self)
+        guard let data = Data(base64Encoded: text), !data.isEmpty else { return [] }
+        let bytes = [UInt8](data)
+        try append(bytes, to: path)
+        return bytes
+    }
+
+    /// Appends to the log, starting a new part when the current one would pass the cap.
+    static func append(_ bytes: [UInt8], to path: String) throws(DriverError) {
+        var info = stat()
+        if stat(path, &info) == 0, Int(info.st_size) + bytes.count > capBytes {
+            rename(path, path + ".1")
+        }
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { throw DriverError(.io, "cannot write \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            guard written > 0 else { throw DriverError(.io, "cannot write \(path): \(String(cString: strerror(errno)))") }
+            offset += written
+        }
+    }
+
+    /// The older part, then the current one.
+    static func history(_ machine: QemuVM) -> [UInt8] {
+        let path = machine.paths.consoleLog(machine.id)
+        let older = FileManager.default.contents(atPath: path + ".1") ?? Data()
+        let current = FileManager.default.contents(atPath: path) ?? Data()
+        return [UInt8](older) + [UInt8](current)
+    }
+}
+
+extension QemuDriver {
+    public func consoleLog(_ vm: VMRef) async throws(DriverError) -> [UInt8] {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        return try await Blocking.run { () throws(DriverError) -> [UInt8] in
+            _ = try ConsoleLog.drain(machine)
+            return ConsoleLog.history(machine)
+        }
+    }
+
+    public func consoleDrain(_ vm: VMRef) async throws(DriverError) -> [UInt8] {
+        let machine = self.vm(vm.id, pid: vm.pid)
+        return try await Blocking.run { () throws(DriverError) -> [UInt8] in try ConsoleLog.drain(machine) }
+    }
+
+    /// Relays between `streams` and the interactive console (hvc0) until the detach byte.
+    public func attachConsole(_ vm: VMRef, streams: ExecStreams, detach: UInt8) async throws(DriverError) {
+        let path = paths.consoleSocket(vm.id)
+        try await Blocking.run { () throws(DriverError) in
+            let lock = try ChannelLock(path: path + ".lock", until: .now + .milliseconds(200), vm: vm.id)
+            defer { lock.release() }
+            let channel = try Channel(path: path, deadline: .now + .seconds(5))
+            defer { channel.close() }
+            var buffer = [UInt8](repeating: 0, count: 16384)
+            // A fresh prompt, since the shell printed its last one before we came.
+            try channel.send([0x0D], deadline: .now + .seconds(2))
+            while true {
+                try Interrupt.check()
+                var fds = [
+                    pollfd(fd: streams.stdin, events: Int16(POLLIN), revents: 0),
+                    pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0),
+                ]
+                guard poll(&fds, 2, 100) >= 0 || errno == EINTR else { return }
+                if fds[0].revents != 0 {
+                    let count = read(streams.stdin, &buffer, buffer.count)
+                    if count <= 0 { return }
+                    if let at = buffer[0..<count].firstIndex(of: detach) {
+                        if at > 0 { try channel.send(Array(buffer[0..<at]), deadline: .now + .seconds(5)) }
+                        return
+                    }
+                    try channel.send(Array(buffer[0..<count]), deadline: .now + .seconds(5))
+                }
+                if fds[1].revents != 0 {
+                    let count = recv(channel.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                    if count == 0 { return }
+                    if count > 0 { try ExecSession.write(Array(buffer[0..<count]), to: streams.stdout) }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolSim
+import VmpoolSpec
+import VmpoolTestSupport
+
+/// Inputs that must never cost a user their VMs, and status that must not mislead.
+@Suite("Safety of inputs and status", .serialized)
+struct SafetyTests {
+    func appliedPool(_ box: Sandbox, size: Int = 3) throws -> String {
+        let file = box.write(pool("keep", size: size))
+        let result = try box.run("apply", "-f", file)
+        #expect(result.status == 0, "\(result.stderr)")
+        return file
+    }
+
+    @Test func pruneWithAnEmptyInputIsRefusedAndDeletesNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        _ = try appliedPool(box)
+        let empty = box.dir.path + "/empty"
+        try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
+        let emptyFile = box.dir.write("empty.yaml", "")
+        let commentOnly = box.dir.write("comment.yaml", "# nothing here\n---\n")
+        for input in [empty, emptyFile, commentOnly] {
+            for command in ["apply", "plan"] {
+                let result = try box.run(command, "-f", input, "--prune")
+                #expect(result.status == 1, "\(command) -f \(input) --prune: \(result.stdout)")
+                #expect(result.stderr.contains("--allow-empty"), "\(result.stderr)")
+            }
+        }
+        let stdin = try box.binary.run(["apply", "-f", "-", "--prune", "--state-dir", box.state], input: "")
+        #expect(stdin.status == 1)
+        #expect(try box.vmStates() == ["running": 3], "an empty input must not stop any VM")
+        // Said out loud, it is allowed.
+        let allowed = try box.run("apply", "-f", empty, "--prune", "--allow-empty")
+        #expect(allowed.status == 0, "\(allowed.stderr)")
+        #expect(try box.json("get", "pools").isEmpty)
+    }
+
+    @Test func aMissingPathIsAnErrorNeverAnEmptyInput() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        _ = try appliedPool(box)
+        let result = try box.run("apply", "-f", box.dir.path + "/typo", "--prune")
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("typo:1:1: (file): no such file or directory"), "\(result.stderr)")
+        #expect(try box.vmStates() == ["running": 3])
+    }
+
+    @Test func anUnreadableDirectoryIsAnError() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let locked = box.dir.path + "/locked"
+        try FileManager.default.createDirectory(atPath: locked, withIntermediateDirectories: true)
+        _ = box.dir.write("locked/pool.yaml", manifest(pool("hidden")))
+        chmod(locked, 0o000)
+        defer { chmod(locked, 0o755) }
+        // root reads any directory; run as nobody so the permission really is missing.
+        var command = [box.binary.path, "validate", "-f", locked]
+        if geteuid() == 0 {
+            chmod(box.dir.path, 0o755)
+            command = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + command
+        }
+        let run = try RunningCommand(path: command[0], arguments: Array(command.dropFirst()), environment: box.binary.environment).wait()
+        #expect(run.status == 1, "\(run.stdout)")
+        #expect(run.stderr.contains("locked:1:1: (file): cannot read the directory: Permission denied"), "\(run.stderr)")
+        #expect(!run.stdout.contains("0 pools valid"))
+    }
+
+    @Test func standardInputIsAManifest() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let result = try box.binary.run(["validate", "-f", "-"], input: manifest(pool("piped")))
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("1 pool valid: piped"))
+        let bad = try box.binary.run(["validate", "-f", "-"], input: "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: x}\nspec: {size: -1, vcpus: 1, memory: 128Mi}\n")
+        #expect(bad.status == 1)
+        #expect(bad.stderr.contains("<stdin>:4:14: spec.size"), "\(bad.stderr)")
+    }
+
+    @Test func everySpellingOfTheStateDirNamesTheSameVMs() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = try appliedPool(box)
+        let link = box.dir.path + "/link"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: box.state)
+        let relative = String(box.state.dropFirst(FileManager.default.currentDirectoryPath.count + 1))
+        let spellings = [
+            box.state + "/", box.dir.path + "//state", box.dir.path + "/./state", link,
+        ] + (box.state.hasPrefix(FileManager.default.currentDirectoryPath + "/") ? [relative] : [])
+        for spelling in spellings {
+            let plan = try box.binary.run(["plan", "-f", file, "--state-dir", spelling, "--detailed-exitcode"])
+            #expect(plan.status == 0, "state dir spelled \(spelling): \(plan.stdout)")
+            let reconcile = try box.binary.run(["reconcile", "--state-dir", spelling])
+            #expect(reconcile.stdout.contains("No changes"), "state dir spelled \(spelling): \(reconcile.stdout)")
+        }
+        #expect(try box.vmStates() == ["running": 3])
+    }
+
+    @Test func observersNeverCreateAStateDir() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        for command in [["get", "pools"], ["get", "vms"]] {
+            let result = try box.binary.run(command + ["--state-dir", box.state])
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("does not exist"), "\(result.stderr)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: box.state))
+    }
+
+    @Test func badEnvironmentVariablesAreErrorsThatNameThem() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        for (name, value) in [("VMPOOL_STANDBY", "lots"), ("VMPOOL_ACCEL", "fast"), ("VMPOOL_TCG_CACHE_MIB", "0")] {
+            let result = try box.run("get", "pools", environment: [name: value])
+            #expect(result.status == 1)
+            #expect(result.stderr.contains(name), "\(name)=\(value): \(result.stderr)")
+        }
+    }
+
+    @Test func aTemplatePoolOfNoVMsBuildsNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("later", size: 0, boot: .template))
+        let result = try box.run("apply", "-f", file, "-o", "json")
+        #expect(result.status == 0, "\(result.stderr)")
+        let document = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+        #expect((document?["actions"] as? [Any])?.isEmpty == true, "\(result.stdout)")
+        #expect(try box.json("get", "pools").first?["standbys"] as? Int == 0)
+    }
+
+    @Test func switchingToColdBootPlansTheTemplatesRemoval() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let template = box.write(pool("web", size: 2, boot: .template))
+        #expect(try box.run("apply", "-f", template).status == 0)
+        #expect(try box.json("get", "pools").first?["standbys"] as? Int == 2)
+        let cold = box.write(pool("web", size: 2, boot: .cold))
+        let plan = try box.plan(cold)
+        #expect(plan.status == 2, "switching to cold boot is a change")
+        #expect(plan.counts == ["delete-template": 1])
+        #expect(try box.run("apply", "-f", cold).status == 0)
+        #expect(try box.plan(cold).status == 0)
+        #expect(try box.json("get", "pools").first?["standbys"] as? Int == 0)
+    }
+
+    @Test func aVMPausedBehindOurBackShowsPaused() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        _ = try appliedPool(box, size: 2)
+        let sim = try SimDriver(stateDirectory: box.state)
+        let ids = try box.json("get", "vms").compactMap { $0["id"] as? String }
+        try sim.simulateExternalPause(ids[0])
+        #expect(try box.vmStates() == ["running": 1, "paused": 1])
+        let pools = try box.json("get", "pools")
+        #expect(pools.first?["ready"] as? Int == 1, "a paused VM of a running pool is not ready")
+    }
+
+    @Test func aDuplicateNameIsReportedWhereTheNameIs() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let text = manifest(pool("twin")) + "---\n" + manifest(pool("twin"))
+        let file = box.dir.write("twins.yaml", text)
+        let result = try box.run("validate", "-f", file)
+        #expect(result.status == 1)
+        let line = text.split(separator: "\n", omittingEmptySubsequences: false).enumerated()
+            .filter { $0.element.contains("name: twin") }.map { $0.offset + 1 }.last!
+        #expect(result.stderr.contains("twins.yaml:\(line):9: metadata.name: pool \"twin\" is already defined"), "\(result.stderr)")
+    }
+
+    @Test func anAliasIntoAnotherDocumentIsAnError() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.dir.write(
+            "alias.yaml",
+            manifest(pool("a", size: 1)).replacingOccurrences(of: "  size: 1", with: "  size: &n 1")
+                + "---\n" + manifest(pool("b", size: 1)).replacingOccurrences(of: "  size: 1", with: "  size: *n"))
+        let result = try box.run("validate", "-f", file)
+        #expect(result.status == 1, "\(result.stdout)")
+        #expect(result.stderr.contains("alias *n has no anchor earlier in this document"), "\(result.stderr)")
+    }
+
+    @Test func validateChecksImageFilesAtTheirField() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        var imagePool = pool("img")
+        imagePool.image = ImageSpec(kernel: "/nonexistent/vmlinuz")
+        let file = box.dir.write("img.yaml", manifest(imagePool))
+        let result = try box.run("validate", "-f", file)
+        #expect(result.status == 1)
+        let line = try #require(
+            manifest(imagePool).split(separator: "\n").firstIndex { $0.contains("kernel:") }) + 1
+        #expect(result.stderr.contains("img.yaml:\(line):13: spec.image.kernel: file /nonexistent/vmlinuz does not exist"), "\(result.stderr)")
+    }
+}
