@@ -7,11 +7,22 @@ Usage:
 The checked-in schemas/pool.schema.json must be byte-for-byte equal to the
 output of this script; scripts/check-schema.py verifies that.
 
-The schema covers one YAML document of kind Pool. Two rules of the manifest
-format cannot be expressed here and are enforced by vmpool only:
+The schema covers one YAML document of kind Pool. Five rules of the manifest
+format cannot be expressed here (or not reasonably) and are enforced by
+vmpool only:
   * spec.maxMemory >= spec.memory (the two quantities may use different
     units, e.g. 2Gi vs 1024Mi);
-  * metadata.name is unique among the documents of one file.
+  * metadata.name is unique among the documents of one file;
+  * spec.disks[].name is unique among the disks of one pool (uniqueItems
+    compares whole disks, not one of their fields);
+  * spec.network.subnet has no host bits set (10.77.0.1/24 is refused);
+    a pattern would need a regex over the bits of every octet for each of
+    the 22 prefix lengths;
+  * spec.network.subnet has room for the pool: 2^(32 - prefix) - 3
+    addresses for VMs (network, broadcast and the bridge's own address
+    excluded) >= spec.size + spec.warm + 1 (one spare for a replacement);
+    JSON Schema cannot add two fields.
+Their fixtures live in Tests/Fixtures/manifests/cross-field/.
 """
 
 import json
@@ -30,13 +41,74 @@ MAX_WARM = 1000
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 9999999
 
+MAX_DISKS = 16
+MIN_DISK_MIB = 1
+MAX_DISK_MIB = 64 * 1024 * 1024  # 64 TiB
+MAX_PORTS = 32
+MIN_PORT = 1
+MAX_PORT = 65535
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$"
 NO_CONTROL_CHARS_PATTERN = r"^[^\u0000-\u001f\u007f]*$"
 MEBIBYTES_PATTERN = r"^(6[4-9]|[7-9][0-9]|[1-9][0-9]{2,6})Mi$"
 GIBIBYTES_PATTERN = r"^[1-9][0-9]{0,3}Gi$"
+DISK_NAME_PATTERN = r"^[a-z0-9-]{1,32}$"
+INTERFACE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,15}$"
 
 NO_TRAILING_NEWLINE_REF = {"$ref": "#/$defs/noTrailingNewline"}
+
+
+def digit_range(low, high):
+    """A regex for one digit from low to high."""
+    if low == high:
+        return str(low)
+    return f"[{low}-{high}]"
+
+
+def any_digits(count):
+    """A regex for exactly count digits."""
+    if count == 0:
+        return ""
+    if count == 1:
+        return "[0-9]"
+    return f"[0-9]{{{count}}}"
+
+
+def decimal_up_to(limit):
+    """An unanchored regex group for the decimal numbers 1..limit.
+
+    No sign, no leading zeros. Shorter numbers first, then one alternative
+    per digit of limit: the digits of limit before it, a smaller digit (or
+    an equal one for the last digit), then any digits.
+    """
+    digits = [int(d) for d in str(limit)]
+    width = len(digits)
+    alternatives = []
+    if width > 1:
+        shorter = "[1-9]" if width == 2 else f"[1-9][0-9]{{0,{width - 2}}}"
+        alternatives.append(shorter)
+    for index, digit in enumerate(digits):
+        low = 1 if index == 0 else 0
+        last = index == width - 1
+        high = digit if last else digit - 1
+        if high < low:
+            continue
+        alternatives.append(
+            str(limit)[:index]
+            + digit_range(low, high)
+            + any_digits(width - index - 1)
+        )
+    return "(" + "|".join(alternatives) + ")"
+
+
+DISK_MEBIBYTES_PATTERN = f"^{decimal_up_to(MAX_DISK_MIB)}Mi$"
+DISK_GIBIBYTES_PATTERN = f"^{decimal_up_to(MAX_DISK_MIB // 1024)}Gi$"
+DISK_TEBIBYTES_PATTERN = f"^{decimal_up_to(MAX_DISK_MIB // 1024 // 1024)}Ti$"
+
+OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9][0-9]|[0-9])"
+SUBNET_PREFIX = r"([89]|1[0-9]|2[0-9])"  # 8..29
+SUBNET_PATTERN = rf"^({OCTET}\.){{3}}{OCTET}/{SUBNET_PREFIX}$"
 
 
 def anchored_string(pattern, description, **extra):
@@ -85,6 +157,27 @@ def defs():
                 integer("Memory in MiB.", MIN_MEMORY_MIB, MAX_MEMORY_MIB),
                 anchored_string(MEBIBYTES_PATTERN, "Memory in MiB, e.g. 512Mi."),
                 anchored_string(GIBIBYTES_PATTERN, "Memory in GiB, e.g. 2Gi."),
+            ],
+        },
+        "diskSize": {
+            "description": (
+                "Disk size, 1 MiB to 64 TiB. An integer number of MiB "
+                "(1..67108864), or a string with a binary suffix: "
+                "1Mi..67108864Mi, 1Gi..65536Gi or 1Ti..64Ti. No other "
+                "suffixes, no spaces, no leading zeros, no bare numeric "
+                "strings."
+            ),
+            "anyOf": [
+                integer("Disk size in MiB.", MIN_DISK_MIB, MAX_DISK_MIB),
+                anchored_string(
+                    DISK_MEBIBYTES_PATTERN, "Disk size in MiB, e.g. 512Mi."
+                ),
+                anchored_string(
+                    DISK_GIBIBYTES_PATTERN, "Disk size in GiB, e.g. 4Gi."
+                ),
+                anchored_string(
+                    DISK_TEBIBYTES_PATTERN, "Disk size in TiB, e.g. 1Ti."
+                ),
             ],
         },
         "path": anchored_string(
@@ -160,6 +253,127 @@ def image_schema():
     }
 
 
+def disks_schema():
+    return {
+        "description": (
+            "Virtio disks of every VM, in this order (vda, vdb, ...). Disk "
+            "names are unique within the pool (checked by vmpool, not by "
+            "this schema)."
+        ),
+        "type": "array",
+        "maxItems": MAX_DISKS,
+        "items": {
+            "description": (
+                "One disk: a copy-on-write overlay of a base image, or an "
+                "empty disk of the given size."
+            ),
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {
+                "name": anchored_string(
+                    DISK_NAME_PATTERN,
+                    (
+                        "Disk name: 1..32 lowercase letters, digits and "
+                        "'-'. Unique within the pool."
+                    ),
+                ),
+                "image": {
+                    "description": (
+                        "Base image (qcow2 or raw), never written. Relative "
+                        "paths are relative to the manifest's directory."
+                    ),
+                    "$ref": "#/$defs/path",
+                },
+                "size": {
+                    "description": (
+                        "Virtual size of the VM's disk; at least the image's. "
+                        "Required without an image."
+                    ),
+                    "$ref": "#/$defs/diskSize",
+                },
+            },
+            "if": {"not": {"required": ["image"]}},
+            "then": {"required": ["size"]},
+        },
+    }
+
+
+def bridge_schema():
+    schema = anchored_string(
+        INTERFACE_NAME_PATTERN,
+        (
+            "Linux bridge vmpool creates and uses: 1..15 letters, digits, "
+            "'_', '.' and '-', but not '.' or '..'. Default vmpool0. Mode "
+            "bridge only."
+        ),
+    )
+    schema["not"] = {"enum": [".", ".."]}
+    return schema
+
+
+def network_schema():
+    mode_is_bridge = {
+        "properties": {"mode": {"const": "bridge"}},
+        "required": ["mode"],
+    }
+    mode_is_not_user = {
+        "properties": {"mode": {"not": {"const": "user"}}},
+        "required": ["mode"],
+    }
+    return {
+        "description": (
+            "How the pool's VMs reach and are reached. Once network is "
+            "given, mode defaults to user."
+        ),
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "mode": {
+                "description": (
+                    "user (the default): QEMU user networking with forwarded "
+                    "ports; bridge: a tap per VM on a Linux bridge, an "
+                    "address per VM from subnet; none: no NIC."
+                ),
+                "enum": ["user", "bridge", "none"],
+            },
+            "ports": {
+                "description": (
+                    "Guest TCP ports, each forwarded from a free port on "
+                    "127.0.0.1. Mode user only."
+                ),
+                "type": "array",
+                "maxItems": MAX_PORTS,
+                "uniqueItems": True,
+                "items": integer("Guest TCP port.", MIN_PORT, MAX_PORT),
+            },
+            "bridge": bridge_schema(),
+            "subnet": anchored_string(
+                SUBNET_PATTERN,
+                (
+                    "IPv4 network the VMs' addresses come from, in CIDR "
+                    "form with a prefix of 8..29, e.g. 10.77.0.0/24. No "
+                    "host bits set, and at least size + warm + 1 addresses "
+                    "for VMs besides network, broadcast and the bridge's "
+                    "own (both checked by vmpool, not by this schema). "
+                    "Mode bridge only, and required there."
+                ),
+            ),
+        },
+        "allOf": [
+            {
+                "if": mode_is_not_user,
+                "then": {"properties": {"ports": False}},
+            },
+            {
+                "if": mode_is_bridge,
+                "then": {"required": ["subnet"]},
+                "else": {"properties": {"bridge": False, "subnet": False}},
+            },
+        ],
+    }
+
+
 def vcpus_within_max_vcpus():
     """One if/then clause per possible maxVcpus value: vcpus <= maxVcpus."""
     return [
@@ -218,6 +432,16 @@ def spec_schema():
                 "Number of pre-booted spare VMs kept ready.", 0, MAX_WARM
             ),
             "image": image_schema(),
+            "disks": disks_schema(),
+            "network": network_schema(),
+            "placement": {
+                "description": (
+                    "How VMs are placed on the hosts sharing one store: "
+                    "spread (the default) evens them out, pack fills as "
+                    "few hosts as fit."
+                ),
+                "enum": ["spread", "pack"],
+            },
         },
         "allOf": vcpus_within_max_vcpus(),
     }
@@ -230,8 +454,10 @@ def pool_schema():
         "$comment": (
             "Generated by scripts/gen-schema.py; do not edit by hand. "
             "Not expressible here, enforced by vmpool only: "
-            "spec.maxMemory >= spec.memory, and metadata.name unique "
-            "within a file."
+            "spec.maxMemory >= spec.memory, metadata.name unique "
+            "within a file, spec.disks[].name unique within a pool, "
+            "spec.network.subnet without host bits set and with at least "
+            "spec.size + spec.warm + 1 addresses for VMs."
         ),
         "title": "vmpool Pool manifest",
         "description": (

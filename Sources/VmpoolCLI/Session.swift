@@ -89,17 +89,24 @@ func printDiagnostics(_ diagnostics: [Diagnostic]) {
     printError("\(diagnostics.count) error\(diagnostics.count == 1 ? "" : "s") in the input; nothing was changed")
 }
 
-/// Checks that the image files manifests name exist, reporting each at its field.
+/// Checks that the files manifests name are there and are what they must be (kernel and
+/// initrd readable; disk images qcow2 or raw, not larger than the disk), reporting each
+/// problem at its field. Nothing reaches the store or the hypervisor otherwise.
 func checkImages(_ manifests: ManifestSet) throws {
     var diagnostics: [Diagnostic] = []
     for pool in manifests.pools {
-        guard let image = pool.image, let origin = manifests.origins[pool.name] else { continue }
-        for (field, path) in [("spec.image.kernel", image.kernel), ("spec.image.initrd", image.initrd)] {
-            guard let path, access(path, R_OK) != 0 else { continue }
-            diagnostics.append(
-                Diagnostic(
-                    .imageNotFound, at: origin.location(of: field), field: field,
-                    "file \(path) does not exist or is not readable"))
+        guard let origin = manifests.origins[pool.name] else { continue }
+        if let image = pool.image {
+            for (field, path) in [("spec.image.kernel", image.kernel), ("spec.image.initrd", image.initrd)] {
+                guard let path, access(path, R_OK) != 0 else { continue }
+                diagnostics.append(
+                    Diagnostic(
+                        .imageNotFound, at: origin.location(of: field), field: field,
+                        "file \(path) does not exist or is not readable"))
+            }
+        }
+        for (field, problem) in DiskImages.resolve(pool.disks).problems {
+            diagnostics.append(Diagnostic(.imageNotFound, at: origin.location(of: field), field: field, problem.message))
         }
     }
     if !diagnostics.isEmpty {

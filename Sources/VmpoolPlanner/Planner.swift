@@ -55,6 +55,10 @@ enum Fit: Hashable {
     init(have: VMShape, want: VMShape) {
         if have.image != want.image {
             self = .replace("the image changed")
+        } else if have.disks != want.disks {
+            self = .replace("disks changed: " + Self.describe(have.disks, want.disks))
+        } else if have.network != want.network {
+            self = .replace("the network changed")
         } else if have.maxVcpus != want.maxVcpus {
             self = .replace("maxVcpus changes \(have.maxVcpus) → \(want.maxVcpus)")
         } else if have.maxMemoryMiB != want.maxMemoryMiB {
@@ -82,6 +86,27 @@ enum Fit: Hashable {
     var needsReplace: Bool {
         if case .replace = self { return true }
         return false
+    }
+
+    /// `root (base image changed), scratch (added)`.
+    static func describe(_ have: [DiskShape], _ want: [DiskShape]) -> String {
+        var changes: [String] = []
+        let old = Dictionary(have.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let new = Dictionary(want.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for disk in want {
+            guard let before = old[disk.name] else {
+                changes.append("\(disk.name) added")
+                continue
+            }
+            if before.base != disk.base || before.fingerprint != disk.fingerprint {
+                changes.append("\(disk.name)'s base image changed")
+            } else if before.sizeMiB != disk.sizeMiB {
+                changes.append("\(disk.name) resized")
+            }
+        }
+        for disk in have where new[disk.name] == nil { changes.append("\(disk.name) removed") }
+        if changes.isEmpty { changes.append("order changed") }
+        return changes.joined(separator: ", ")
     }
 }
 
@@ -265,6 +290,9 @@ struct PoolPlanner {
     static func describe(_ have: TemplateKey, _ want: TemplateKey) -> String {
         var changes: [String] = []
         if have.image != want.image { changes.append("image changed") }
+        if have.disks != want.disks { changes.append("disks changed") }
+        if have.network != want.network { changes.append("network changed") }
+        if have.layout != want.layout { changes.append("saved by another vmpool version") }
         if have.vcpus != want.vcpus { changes.append("vcpus \(have.vcpus) → \(want.vcpus)") }
         if have.memoryMiB != want.memoryMiB {
             changes.append(

@@ -15,6 +15,8 @@ public struct QemuConfiguration: Sendable {
     public var stateDirectory: String
     /// QEMU binary (`VMPOOL_QEMU`; default `qemu-system-x86_64` from PATH).
     public var binary: String
+    /// qemu-img, which makes the disks' overlays (`VMPOOL_QEMU_IMG`; default from PATH).
+    public var qemuImg: String = "qemu-img"
     public var accelerator: Accelerator
     /// Where template memory files live: a tmpfs (`VMPOOL_MEMORY_DIR`; default /dev/shm).
     public var memoryRoot: String
@@ -61,6 +63,7 @@ public struct QemuConfiguration: Sendable {
     ) -> QemuConfiguration {
         var config = QemuConfiguration(stateDirectory: stateDirectory, accelerator: accelerator)
         if let binary = environment["VMPOOL_QEMU"], !binary.isEmpty { config.binary = binary }
+        if let binary = environment["VMPOOL_QEMU_IMG"], !binary.isEmpty { config.qemuImg = binary }
         if let root = environment["VMPOOL_MEMORY_DIR"], !root.isEmpty { config.memoryRoot = root }
         if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
         if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.runAs = user }
@@ -114,6 +117,10 @@ struct QemuPaths: Sendable {
     func memoryFile(template id: String) -> String { memoryRoot + "/" + id + ".mem" }
     /// A template's device state, as migrated out of the saved template VM.
     func stateFile(template id: String) -> String { templateRoot + "/" + id + ".state" }
+    /// A template's disk, frozen when its memory was saved; clones' overlays are made over it.
+    func templateDisk(template id: String, disk: String) -> String { templateRoot + "/" + id + ".disk-" + disk + ".qcow2" }
+    /// A VM's own overlay of one disk, in its run dir (removed with it).
+    func overlay(_ id: String, disk: String) -> String { vmDirectory(id) + "/disk-" + disk + ".qcow2" }
 
     /// Longest socket path any VM id can produce; must fit `sun_path`.
     var longestSocketPath: Int { (runRoot + "/" + String(repeating: "0", count: 12) + "/q").utf8.count }

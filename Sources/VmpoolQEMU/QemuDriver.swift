@@ -82,7 +82,10 @@ public final class QemuDriver: HypervisorDriver {
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
             var machine = self.vm(request.id, kernel: request.shape.image.kernel)
             do throws(DriverError) {
-                try machine.start(MachineSpec(shape: request.shape, memory: .anonymous, incoming: false))
+                try machine.start(
+                    MachineSpec(
+                        shape: request.shape, memory: .anonymous, incoming: false,
+                        disks: Overlay.overBases(request.shape.disks) { self.paths.overlay(request.id, disk: $0) }))
                 try machine.awaitBoot(identity: Self.identity(of: request.id), timeout: bootTimeout)
                 if request.state == .paused { try machine.pause() }
             } catch {
@@ -98,13 +101,18 @@ public final class QemuDriver: HypervisorDriver {
         let memoryFile = paths.memoryFile(template: template.id)
         let stateFile = paths.stateFile(template: template.id)
         let bootTimeout = configuration.bootTimeout
+        let disks = Overlay.overBases(template.key.disks) { self.paths.templateDisk(template: template.id, disk: $0) }
         try await Blocking.run { () throws(DriverError) in
             var machine = self.vm(template.id, kernel: template.key.image.kernel)
             defer { Undo.run { machine.stop() } }
             unlink(memoryFile)
+            for disk in disks { unlink(disk.path) }
             do throws(DriverError) {
+                // The template's disks are written while it boots and frozen when its memory is
+                // saved: clones start from exactly the disk their memory knows.
                 try machine.start(
-                    MachineSpec(shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false))
+                    MachineSpec(
+                        shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false, disks: disks))
                 let agent = try machine.agent()
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
@@ -116,6 +124,7 @@ public final class QemuDriver: HypervisorDriver {
             } catch {
                 unlink(memoryFile)
                 unlink(stateFile + ".tmp")
+                for disk in disks { unlink(disk.path) }
                 throw error
             }
         }
@@ -132,8 +141,7 @@ public final class QemuDriver: HypervisorDriver {
                 if let pid = machine.pid, QemuProcess.isRunning(pid, vm: machine.id, runRoot: machine.paths.runRoot) {
                     phases.mark("standby")
                 } else {
-                    try machine.start(
-                        MachineSpec(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true))
+                    try machine.start(self.cloneMachine(template, memoryFile: memoryFile, vm: request.id))
                     phases.mark("qemu")
                 }
                 let restored = try machine.restore(
@@ -154,8 +162,7 @@ public final class QemuDriver: HypervisorDriver {
         return try await Blocking.run { () throws(DriverError) -> Int32? in
             var machine = self.vm(id, kernel: template.key.image.kernel)
             do throws(DriverError) {
-                try machine.start(
-                    MachineSpec(shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true))
+                try machine.start(self.cloneMachine(template, memoryFile: memoryFile, vm: id))
             } catch {
                 Undo.run { machine.stop() }
                 throw error
@@ -164,13 +171,22 @@ public final class QemuDriver: HypervisorDriver {
         }
     }
 
-    /// A template's memory and device-state files, which a clone or standby needs present.
+    /// What a clone (or its standby) of `template` runs with: the template's memory file
+    /// mapped private, and its own overlays over the template's frozen disks.
+    func cloneMachine(_ template: TemplateRef, memoryFile: String, vm: String) -> MachineSpec {
+        MachineSpec(
+            shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true,
+            disks: Overlay.overTemplate(template.key.disks, template: template.id, paths: paths, vm: vm))
+    }
+
+    /// A template's memory, device-state and disk files, which a clone or standby needs present.
     private func savedFiles(of template: TemplateRef, for vm: String) throws(DriverError)
         -> (memory: String, state: String)
     {
         let memory = paths.memoryFile(template: template.id)
         let state = paths.stateFile(template: template.id)
-        guard access(memory, R_OK) == 0, access(state, R_OK) == 0 else {
+        let disks = template.key.disks.map { paths.templateDisk(template: template.id, disk: $0.name) }
+        guard ([memory, state] + disks).allSatisfy({ access($0, R_OK) == 0 }) else {
             throw DriverError(.notFound, "template \(template.id) has no saved state", vm: vm)
         }
         return (memory, state)
@@ -210,6 +226,8 @@ public final class QemuDriver: HypervisorDriver {
         unlink(paths.memoryFile(template: id))
         unlink(paths.stateFile(template: id))
         unlink(paths.stateFile(template: id) + ".tmp")
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
+        for file in files where file.hasPrefix(id + ".disk-") { unlink(paths.templateRoot + "/" + file) }
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
         let machine = vm(id)
         await Blocking.runQuietly { Undo.run { machine.stop() } }
@@ -247,9 +265,12 @@ public final class QemuDriver: HypervisorDriver {
     public func discoverTemplates() async -> [String] {
         let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
         let memory = (try? FileManager.default.contentsOfDirectory(atPath: paths.memoryRoot)) ?? []
-        let ids = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
-            + files.filter { $0.hasSuffix(".state.tmp") }.map { String($0.dropLast(10)) }
-            + memory.filter { $0.hasSuffix(".mem") }.map { String($0.dropLast(4)) }
+        var ids: [String] = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
+        ids += files.filter { $0.hasSuffix(".state.tmp") }.map { String($0.dropLast(10)) }
+        for file in files {
+            if let range = file.range(of: ".disk-") { ids.append(String(file[..<range.lowerBound])) }
+        }
+        ids += memory.filter { $0.hasSuffix(".mem") }.map { String($0.dropLast(4)) }
         return Array(Set(ids)).sorted()
     }
 }

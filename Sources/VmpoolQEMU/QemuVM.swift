@@ -16,10 +16,17 @@ enum MemoryMode {
     }
 }
 
-/// A disk as QEMU opens it: the VM's own copy-on-write overlay.
+/// A disk as QEMU opens it: the VM's own copy-on-write overlay, made when the VM starts.
 struct DiskAttachment: Sendable, Hashable {
+    /// Its name in the pool (the guest sees it as the serial, /dev/disk/by-id/virtio-NAME).
+    var name: String
     /// The overlay (qcow2) the VM writes to.
     var path: String
+    /// What the overlay is made over: a base image, or a template's frozen disk; `nil`: empty.
+    var backing: String?
+    var backingFormat: String?
+    /// The virtual size, MiB (`nil`: the backing file's).
+    var sizeMiB: Int?
 }
 
 /// A NIC as QEMU sees it.
@@ -67,9 +74,6 @@ struct QemuVM {
     /// Exec ports per VM: execs and copies that can run at once (more wait for a free one).
     static let execPorts = 8
 
-    /// The device layout's version. A template saved with another layout cannot be restored
-    /// into this one, so it is part of every template's key.
-    static let layout = 2
 
     /// Size of the console ring that keeps a VM's latest serial output in QEMU's memory.
     static let consoleRingBytes = 256 << 10
@@ -178,7 +182,7 @@ struct QemuVM {
                     "driver": "qcow2", "node-name": "disk\(index)", "discard": "unmap",
                     "file": ["driver": "file", "filename": disk.path, "aio": "threads"],
                 ]),
-                "-device", "virtio-blk-pci,drive=disk\(index),id=vd\(index)",
+                "-device", "virtio-blk-pci,drive=disk\(index),id=vd\(index),serial=\(disk.name)",
             ]
         }
     }
@@ -221,6 +225,9 @@ struct QemuVM {
         try? FileManager.default.removeItem(atPath: dir)
         guard mkdir(dir, 0o700) == 0, chmod(dir, 0o700) == 0 else {
             throw DriverError(.io, "cannot create \(dir): \(String(cString: strerror(errno)))", vm: id)
+        }
+        for disk in machine.disks where access(disk.path, F_OK) != 0 {
+            try Overlay.create(disk, qemuImg: configuration.qemuImg, vm: id)
         }
         try QemuProcess.launch(binary: configuration.binary, arguments: arguments(machine), vm: id)
         guard let pid = QemuProcess.readPid(paths.pidFile(id)) else {

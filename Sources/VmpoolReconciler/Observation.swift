@@ -123,14 +123,30 @@ extension Reconciler {
 
     /// The planner's input for `pools`, with images resolved, from an observation.
     public func planInput(desired pools: [PoolSpec], prune: Set<String>, observation: Observation) -> PlanInput {
-        let desired = pools.compactMap { spec -> DesiredPool? in
-            guard let image = resolveImage(spec) else { return nil }
-            return DesiredPool(spec: spec, shape: VMShape(pool: spec, image: image))
-        }
+        let desired = pools.compactMap { spec -> DesiredPool? in try? desiredPool(spec).get() }
         let allTemplates = Dictionary(grouping: observation.templates, by: \.ref.pool).mapValues { $0.map(\.ref.id) }
         return PlanInput(
             desired: desired, vms: observation.observedVMs, templates: observation.observedTemplates,
             allTemplates: allTemplates, prune: prune)
+    }
+
+    /// Why a pool cannot be planned now: files it names are missing or not what they must be.
+    public struct Unresolvable: Error, Sendable {
+        public var message: String
+    }
+
+    /// A pool with everything it names resolved to what it really is: image files to real
+    /// paths with their identity (so that another spelling of a path is the same image, and a
+    /// rewritten file a new one), disk images read and checked.
+    public func desiredPool(_ spec: PoolSpec) -> Result<DesiredPool, Unresolvable> {
+        guard let image = resolveImage(spec) else {
+            return .failure(Unresolvable(message: "no default guest image is built; run `vmpool image build` or give spec.image"))
+        }
+        let (disks, problems) = DiskImages.resolve(spec.disks)
+        if let (field, problem) = problems.first {
+            return .failure(Unresolvable(message: "\(field): \(problem.message)"))
+        }
+        return .success(DesiredPool(spec: spec, shape: VMShape(pool: spec, image: DiskImages.resolve(image), disks: disks)))
     }
 
     /// The concrete image a pool boots: its own, or the default guest image.

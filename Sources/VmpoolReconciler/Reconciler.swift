@@ -126,13 +126,13 @@ public final class Reconciler: Sendable {
         return result
     }
 
-    /// Pools that cannot be planned because no image is available for them.
+    /// Pools that cannot be planned because files they name are missing or unusable.
     private func unresolvedImages(_ pools: [PoolSpec]) -> [ActionResult] {
-        pools.filter { resolveImage($0) == nil }.map { pool in
-            ActionResult(
-                action: Action(.create, pool: pool.name, reason: "pool needs the default guest image"),
-                outcome: .failed,
-                error: "no default guest image is built; run `vmpool image build` or give spec.image", terminal: true)
+        pools.compactMap { pool in
+            guard case .failure(let problem) = desiredPool(pool) else { return nil }
+            return ActionResult(
+                action: Action(.create, pool: pool.name, reason: "the pool's image files must be usable"),
+                outcome: .failed, error: problem.message, code: .imageMissing, terminal: true)
         }
     }
 

@@ -250,6 +250,7 @@ struct DocumentReader {
     }
 
     private mutating func diskSize(_ node: Node, path: String) -> Int? {
+        fieldLocations[path] = location(node)
         let expectation =
             "expected a disk size from 1Mi to 64Ti: an integer number of MiB (4096), or a string like 512Mi, 4Gi or 1Ti"
         if let value = Self.integerValue(node) {

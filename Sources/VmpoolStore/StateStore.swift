@@ -111,6 +111,11 @@ public final class StateStore: Sendable {
                     CREATE INDEX standby_template ON standby(template, ready);
                     """)
         }
+        // The whole shape (disks, network, image identity) as JSON; the flat columns stay for
+        // readers of older state dirs.
+        migrator.registerMigration("v4-vm-shape") { db in
+            try db.execute(sql: "ALTER TABLE vm ADD COLUMN shape TEXT")
+        }
         return migrator
     }
 
@@ -437,32 +442,40 @@ public final class StateStore: Sendable {
         try db.execute(
             sql: """
                 INSERT OR REPLACE INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
-                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
             arguments: [
                 r.id, r.pool, r.state.rawValue, r.boot.rawValue, r.shape.vcpus, r.shape.memoryMiB, r.shape.maxVcpus,
                 r.shape.maxMemoryMiB, r.shape.image.kernel, r.shape.image.initrd, r.shape.image.cmdline,
                 r.pid.map { Int64($0) }, r.templateID, r.createdAt.timeIntervalSince1970,
-                Date().timeIntervalSince1970, r.lastError,
+                Date().timeIntervalSince1970, r.lastError, try encode(r.shape),
             ])
     }
 
     private static let vmColumns =
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
-        + " createdAt, updatedAt, lastError"
+        + " createdAt, updatedAt, lastError, shape"
 
     private static func vm(_ row: Row) throws -> VMRecord {
-        guard let state = VMState(rawValue: row[2]), let boot = BootMode(rawValue: row[3]) else {
-            throw StoreError(.corrupt, "VM \(row[0] as String) has an unknown state or boot mode")
+        let id: String = row["id"]
+        guard let state = VMState(rawValue: row["state"]), let boot = BootMode(rawValue: row["boot"]) else {
+            throw StoreError(.corrupt, "VM \(id) has an unknown state or boot mode")
         }
-        let image = BootImage(kernel: row[8], initrd: row[9], cmdline: row[10])
-        let shape = VMShape(vcpus: row[4], memoryMiB: row[5], maxVcpus: row[6], maxMemoryMiB: row[7], image: image)
-        let pid: Int64? = row[11]
+        let shape: VMShape
+        if let json: String = row["shape"] {
+            shape = try decode(json)
+        } else {
+            let image = BootImage(kernel: row["kernel"], initrd: row["initrd"], cmdline: row["cmdline"])
+            shape = VMShape(
+                vcpus: row["vcpus"], memoryMiB: row["memoryMiB"], maxVcpus: row["maxVcpus"],
+                maxMemoryMiB: row["maxMemoryMiB"], image: image)
+        }
+        let pid: Int64? = row["pid"]
         return VMRecord(
-            id: row[0], pool: row[1], state: state, boot: boot, shape: shape, pid: pid.map { Int32($0) },
-            templateID: row[12], createdAt: Date(timeIntervalSince1970: row[13]),
-            updatedAt: Date(timeIntervalSince1970: row[14]), lastError: row[15])
+            id: id, pool: row["pool"], state: state, boot: boot, shape: shape, pid: pid.map { Int32($0) },
+            templateID: row["templateId"], createdAt: Date(timeIntervalSince1970: row["createdAt"]),
+            updatedAt: Date(timeIntervalSince1970: row["updatedAt"]), lastError: row["lastError"])
     }
 
     private static func pool(_ row: Row) throws -> StoredPool {

@@ -36,8 +36,7 @@ struct HelpTests {
                                           (VM:PATH on one side).
                   logs                    Print a VM's serial console output (the last MiB or
                                           so is kept).
-                  console                 Attach to a VM's interactive console; Ctrl-]
-                                          detaches.
+                  console                 Attach to a VM's interactive console; Ctrl-] detaches.
                   image                   Build the default guest image.
 
                   See 'vmpool help <subcommand>' for detailed help.

@@ -1,0 +1,49 @@
+import Foundation
+import VmpoolDriver
+
+/// Copy-on-write overlays: every VM writes to its own qcow2 over a base image (or over its
+/// template's frozen disk), so that no VM's writes reach the base or another VM.
+enum Overlay {
+    /// Makes `disk.path`: a qcow2 over `disk.backing` (read, never written), or an empty one.
+    static func create(_ disk: DiskAttachment, qemuImg: String, vm: String) throws(DriverError) {
+        guard let binary = QemuProcess.resolve(qemuImg) else {
+            throw DriverError(.hostUnsupported, "qemu-img is not installed; install qemu-utils", vm: vm)
+        }
+        var arguments = ["create", "-q", "-f", "qcow2"]
+        if let backing = disk.backing {
+            guard access(backing, R_OK) == 0 else {
+                throw DriverError(.imageMissing, "disk image \(backing) does not exist or is not readable", vm: vm)
+            }
+            arguments += ["-b", backing, "-F", disk.backingFormat ?? "qcow2"]
+        }
+        arguments.append(disk.path)
+        if let size = disk.sizeMiB { arguments.append("\(size)M") }
+        let (status, errors) = try Spawn.run(binary, arguments)
+        guard status == 0 else {
+            unlink(disk.path)
+            throw DriverError(
+                .launchFailed,
+                "cannot make the overlay of disk \(disk.name): \(errors.trimmingCharacters(in: .whitespacesAndNewlines))",
+                vm: vm)
+        }
+        chmod(disk.path, 0o600)
+    }
+
+    /// A VM's overlays over the pool's base images (cold VMs, template VMs).
+    static func overBases(_ disks: [DiskShape], path: (String) -> String) -> [DiskAttachment] {
+        disks.map { disk in
+            DiskAttachment(
+                name: disk.name, path: path(disk.name), backing: disk.base, backingFormat: disk.format,
+                sizeMiB: disk.base == nil || disk.sizeMiB > 0 ? disk.sizeMiB : nil)
+        }
+    }
+
+    /// A clone's overlays over its template's frozen disks (same sizes).
+    static func overTemplate(_ disks: [DiskShape], template: String, paths: QemuPaths, vm: String) -> [DiskAttachment] {
+        disks.map { disk in
+            DiskAttachment(
+                name: disk.name, path: paths.overlay(vm, disk: disk.name),
+                backing: paths.templateDisk(template: template, disk: disk.name), backingFormat: "qcow2", sizeMiB: nil)
+        }
+    }
+}
