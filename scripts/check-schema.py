@@ -9,8 +9,11 @@ Fixture folders and what is expected of each file in them:
     valid/        the schema accepts and vmpool accepts
     invalid/      the schema rejects and vmpool rejects
     cross-field/  the schema accepts and vmpool rejects (rules JSON Schema
-                  cannot express: maxMemory >= memory across units, and
-                  unique metadata.name across the documents of a file)
+                  cannot express: maxMemory >= memory across units, unique
+                  metadata.name across the documents of a file, unique disk
+                  names within a pool, no host bits in spec.network.subnet,
+                  and a subnet with room for size + warm + 1 VMs; see
+                  scripts/gen-schema.py)
 
 Every file in invalid/ and cross-field/ must start with a line
 "# expect: <field path> <short reason>".

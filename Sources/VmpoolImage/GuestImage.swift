@@ -159,6 +159,44 @@ public enum GuestImage {
         return data
     }
 
+    /// Builds the Debian 12 root disk (`debian.qcow2` in `output`) from Debian's packages with
+    /// mmdebstrap: systemd, python3 and the vmpool agent started at boot; booted with the
+    /// default kernel and initramfs and `root=/dev/vda`. Progress goes to stderr. Needs root
+    /// (mmdebstrap, mkfs.ext4 -d) and Debian's package mirrors. Returns the disk's path.
+    public static func buildDebian(output: String, size: String = "4G", cache: String?, compiler: String? = nil)
+        throws -> String
+    {
+        let work = NSTemporaryDirectory() + "vmpool-debian-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let agent = try compileAgent(compiler: compiler ?? ProcessInfo.processInfo.environment["CC"] ?? "cc")
+        try write(agent, to: work + "/vmpool-agent")
+        chmod(work + "/vmpool-agent", 0o755)
+        try write(Data(PackageResources.debian_rootfs_sh), to: work + "/debian-rootfs.sh")
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        let disk = output + "/debian.qcow2"
+        var arguments = [work + "/debian-rootfs.sh", "--output", disk, "--agent", work + "/vmpool-agent", "--size", size]
+        if let cache {
+            try FileManager.default.createDirectory(atPath: cache, withIntermediateDirectories: true)
+            arguments += ["--cache", cache]
+        }
+        guard let bash = searchPath("bash") else { throw ImageError("bash is not installed") }
+        let words: [String] = [bash] + arguments
+        let argv = words.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let pid = argv.withUnsafeBufferPointer { vmpool_spawn_io(bash, $0.baseAddress, nil, -1, 2, 2) }
+        guard pid > 0 else { throw ImageError("cannot run the root disk builder: \(String(cString: strerror(errno)))") }
+        let status = vmpool_wait(pid)
+        guard status == 0 else { throw ImageError("building the Debian root disk failed (status \(status)); see above") }
+        return disk
+    }
+
+    /// Where package downloads are kept between builds: `$XDG_CACHE_HOME/vmpool`, else `~/.cache/vmpool`.
+    public static func cacheDirectory(environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
+        if let xdg = environment["XDG_CACHE_HOME"], !xdg.isEmpty { return xdg + "/vmpool" }
+        return (environment["HOME"] ?? NSHomeDirectory()) + "/.cache/vmpool"
+    }
+
     /// Runs a helper program (found on PATH) to completion; returns its status and combined output.
     static func run(_ program: String, _ arguments: [String]) throws -> (Int32, String) {
         let path = program.contains("/") ? program : searchPath(program)

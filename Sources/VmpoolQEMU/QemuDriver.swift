@@ -117,6 +117,7 @@ public final class QemuDriver: HypervisorDriver {
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
                 agent.close()
+                try Self.settle(machine, paths: self.paths, timeout: bootTimeout)
                 try machine.save(to: stateFile + ".tmp")
                 guard rename(stateFile + ".tmp", stateFile) == 0 else {
                     throw DriverError(.io, "cannot move the template state into place", vm: template.id)
@@ -169,6 +170,21 @@ public final class QemuDriver: HypervisorDriver {
             }
             return machine.pid
         }
+    }
+
+    /// Waits until a guest whose init is systemd has finished booting, so that a template is
+    /// saved fully booted and its clones do not each redo the rest of the boot. Other guests
+    /// (the busybox initramfs) are booted once their agent answers.
+    static func settle(_ machine: QemuVM, paths: QemuPaths, timeout: Duration) throws(DriverError) {
+        let session = try ExecSession(paths: paths, vm: machine.id, timeout: .seconds(10))
+        defer { session.close() }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let script = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 0;"
+            + " systemctl is-system-running --wait >/dev/null 2>&1; exit 0"
+        _ = try session.run(
+            ExecRequest(argv: ["/bin/sh", "-c", script], timeout: timeout),
+            streams: ExecStreams(stdin: null, stdout: null, stderr: null))
     }
 
     /// What a clone (or its standby) of `template` runs with: the template's memory file

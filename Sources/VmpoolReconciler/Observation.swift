@@ -149,13 +149,17 @@ extension Reconciler {
         return .success(DesiredPool(spec: spec, shape: VMShape(pool: spec, image: DiskImages.resolve(image), disks: disks)))
     }
 
-    /// The concrete image a pool boots: its own, or the default guest image.
+    /// The concrete image a pool boots: its own, or the default guest image (with the pool's
+    /// cmdline when it gives one).
     public func resolveImage(_ spec: PoolSpec) -> BootImage? {
-        if let image = spec.image {
-            return BootImage(
-                kernel: image.kernel, initrd: image.initrd,
-                cmdline: image.cmdline ?? configuration.defaultImage?.cmdline ?? "console=ttyS0")
+        guard let image = spec.image else { return configuration.defaultImage }
+        guard let kernel = image.kernel else {
+            guard var base = configuration.defaultImage else { return nil }
+            if let cmdline = image.cmdline { base.cmdline = cmdline }
+            return base
         }
-        return configuration.defaultImage
+        return BootImage(
+            kernel: kernel, initrd: image.initrd,
+            cmdline: image.cmdline ?? configuration.defaultImage?.cmdline ?? "console=ttyS0")
     }
 }

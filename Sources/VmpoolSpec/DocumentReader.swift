@@ -270,8 +270,12 @@ struct DocumentReader {
     private mutating func readImage(_ node: Node) -> ImageSpec? {
         guard
             let image = mapping(
-                node, path: "spec.image", allowed: ["kernel", "initrd", "cmdline"], required: ["kernel"])
+                node, path: "spec.image", allowed: ["kernel", "initrd", "cmdline"], required: [])
         else { return nil }
+        if image["kernel"] == nil, let initrd = image["initrd"] {
+            report(.crossField, initrd, "spec.image.initrd", "an initrd needs its kernel: give spec.image.kernel too")
+            return nil
+        }
         let kernel = image["kernel"].flatMap { path($0, path: "spec.image.kernel") }
         let initrd = image["initrd"].flatMap { path($0, path: "spec.image.initrd") }
         var cmdline: String?
@@ -285,8 +289,9 @@ struct DocumentReader {
                 cmdline = value
             }
         }
-        guard let kernel else { return nil }
+        if image["kernel"] != nil, kernel == nil { return nil }
         if image["initrd"] != nil, initrd == nil { return nil }
+        if image["cmdline"] != nil, cmdline == nil { return nil }
         return ImageSpec(kernel: kernel, initrd: initrd, cmdline: cmdline)
     }
 

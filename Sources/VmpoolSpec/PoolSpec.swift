@@ -18,11 +18,13 @@ public enum DesiredState: String, Codable, Sendable, CaseIterable {
 /// them to concrete paths before a VM is created, so that a changed default image is a
 /// visible change of shape.
 public struct ImageSpec: Codable, Sendable, Hashable {
-    public var kernel: String
+    /// `nil`: the default guest image's kernel and initrd (with this spec's cmdline, e.g. to
+    /// boot a root disk with `root=/dev/vda`).
+    public var kernel: String?
     public var initrd: String?
     public var cmdline: String?
 
-    public init(kernel: String, initrd: String? = nil, cmdline: String? = nil) {
+    public init(kernel: String?, initrd: String? = nil, cmdline: String? = nil) {
         self.kernel = kernel
         self.initrd = initrd
         self.cmdline = cmdline

@@ -52,7 +52,8 @@ public func manifest(_ spec: PoolSpec) -> String {
         "  state: \(spec.state.rawValue)", "  warm: \(spec.warm)",
     ]
     if let image = spec.image {
-        lines += ["  image:", "    kernel: \(image.kernel)"]
+        lines.append("  image:")
+        if let kernel = image.kernel { lines.append("    kernel: \(kernel)") }
         if let initrd = image.initrd { lines.append("    initrd: \(initrd)") }
         if let cmdline = image.cmdline { lines.append("    cmdline: \"\(cmdline)\"") }
     }

@@ -10,7 +10,24 @@ extension Vmpool {
 
         struct Build: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
-                abstract: "Assemble the default guest image: a Debian kernel and a busybox initramfs with the agent.")
+                abstract: "Assemble the default guest image: a Debian kernel and a busybox initramfs with the agent.",
+                discussion: """
+                    With --rootfs debian, also a Debian 12 root disk (debian.qcow2: systemd, python3, the agent) \
+                    for pools that boot it: give the pool a disk with `image: .../debian.qcow2` and \
+                    `image: {cmdline: "console=ttyS0 quiet root=/dev/vda"}`. That build needs root and \
+                    Debian's package mirrors; downloads are kept in $XDG_CACHE_HOME/vmpool.
+                    """)
+
+            /// Root file systems `--rootfs` builds.
+            enum RootFS: String, ExpressibleByArgument, CaseIterable {
+                case debian
+            }
+
+            @Option(help: "Also build a root disk: debian.")
+            var rootfs: RootFS?
+
+            @Option(name: .customLong("disk-size"), help: "Virtual size of the root disk (default 4G).")
+            var diskSize: String = "4G"
 
             @OptionGroup var options: GlobalOptions
 
@@ -34,6 +51,11 @@ extension Vmpool {
                 printOut("  kernel  \(image.kernel)")
                 printOut("  initrd  \(image.initrd ?? "-")")
                 printOut("  cmdline \(image.cmdline)")
+                if rootfs == .debian {
+                    let disk = try GuestImage.buildDebian(
+                        output: directory, size: diskSize, cache: GuestImage.cacheDirectory() + "/debian-apt")
+                    printOut("  rootfs  \(disk)  (boot it with cmdline \"\(GuestImage.defaultCmdline) root=/dev/vda\")")
+                }
             }
         }
     }

@@ -23,8 +23,8 @@
 # procps, ca-certificates and netbase; no Recommends, no documentation, man
 # pages or translations (the dpkg path excludes stay in the image for later
 # installs). Merged /usr comes from mmdebstrap's merged-usr hook rather than
-# the usrmerge package, which would bring 46 MiB of Perl. Root has no password and is logged in automatically on the serial
-# console only (ttyS0). The agent runs as vmpool-agent.service from the start of
+# the usrmerge package, which would bring 46 MiB of Perl. Root has no password
+# and is logged in automatically on the interactive console only (hvc0). The agent runs as vmpool-agent.service from the start of
 # sysinit.target with no default dependencies: it finds its virtio-serial ports
 # itself and configures eth0 itself, so nothing else configures the network
 # (no DHCP client, interface names stay eth0...). The journal is kept in memory.
@@ -230,9 +230,11 @@ WantedBy=sysinit.target
 UNIT
 chroot "$root" systemctl enable vmpool-agent.service
 
-# Logged in as root, without a password, on the serial console only.
-mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
-cat >"$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'UNIT'
+# Logged in as root, without a password, on the interactive console only (hvc0,
+# the virtio console `vmpool console` attaches to). The serial console (ttyS0)
+# carries the kernel's and systemd's messages into the log vmpool keeps.
+mkdir -p "$root/etc/systemd/system/serial-getty@hvc0.service.d"
+cat >"$root/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf" <<'UNIT'
 [Service]
 ExecStart=
 ExecStart=-/sbin/agetty -o '-p -f -- \\u' --noclear --autologin root --keep-baud 115200,57600,38400,9600 - $TERM
@@ -241,13 +243,13 @@ UNIT
 # Generators run at every boot, about 0.1 s each under TCG, before any unit
 # starts. Only the fstab generator has work here: no encrypted, verity or
 # integrity volumes, GPT, hibernation, SysV scripts, rc.local or offline
-# updates. The serial getty the getty generator would add is enabled instead.
+# updates. The console getty the getty generator would add is enabled instead.
 mkdir -p "$root/etc/systemd/system-generators"
 for gen in cryptsetup debug getty gpt-auto hibernate-resume integritysetup rc-local run \
 	system-update sysv veritysetup; do
 	ln -sfn /dev/null "$root/etc/systemd/system-generators/systemd-$gen-generator"
 done
-chroot "$root" systemctl enable --quiet serial-getty@ttyS0.service
+chroot "$root" systemctl enable --quiet serial-getty@hvc0.service
 
 # The journal stays in memory.
 mkdir -p "$root/etc/systemd/journald.conf.d"
@@ -287,9 +289,9 @@ mask="$mask systemd-networkd.service systemd-networkd.socket systemd-networkd-wa
 mask="$mask systemd-network-generator.service systemd-resolved.service systemd-timesyncd.service"
 mask="$mask networking.service"
 # Logins: no D-Bus, so no logind; getty-static would start gettys on tty2-6 for
-# want of it. The one login is the serial console's (ttyS0); the generator's
-# getty on hvc0, vmpool's virtio console port, would only ask for a password.
-mask="$mask systemd-logind.service getty-static.service getty@tty1.service serial-getty@hvc0.service"
+# want of it. The one login is the interactive console's (hvc0); a getty on the
+# serial console (ttyS0) would only print prompts into the log.
+mask="$mask systemd-logind.service getty-static.service getty@tty1.service serial-getty@ttyS0.service"
 mask="$mask systemd-update-utmp.service systemd-update-utmp-runlevel.service"
 # The root file system has no /lib/modules (the initramfs loads the modules the
 # VM needs), so loading modules at boot only fails; nor do these mounts work
