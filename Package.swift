@@ -54,7 +54,7 @@ let package = Package(
         .target(
             name: "VmpoolQEMU",
             dependencies: [
-                "VmpoolDriver", "CVmpoolSys",
+                "VmpoolSpec", "VmpoolDriver", "CVmpoolSys",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

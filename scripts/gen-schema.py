@@ -228,13 +228,17 @@ def metadata_schema():
 
 def image_schema():
     return {
-        "description": "Boot image of the pool's VMs.",
+        "description": (
+            "Boot image of the pool's VMs. Without kernel, the default "
+            "guest image's kernel and initrd boot with this cmdline (e.g. "
+            "root=/dev/vda for a root disk)."
+        ),
         "type": "object",
         "additionalProperties": False,
-        "required": ["kernel"],
+        "dependentRequired": {"initrd": ["kernel"]},
         "properties": {
             "kernel": {
-                "description": "Path of the kernel image.",
+                "description": "Path of the kernel image (default: the default guest image's).",
                 "$ref": "#/$defs/path",
             },
             "initrd": {

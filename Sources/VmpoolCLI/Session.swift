@@ -108,6 +108,18 @@ func checkImages(_ manifests: ManifestSet) throws {
         for (field, problem) in DiskImages.resolve(pool.disks).problems {
             diagnostics.append(Diagnostic(.imageNotFound, at: origin.location(of: field), field: field, problem.message))
         }
+        if let network = pool.network, network.mode == .bridge, let text = network.subnet,
+            let subnet = IPv4Subnet(text)
+        {
+            let collisions = HostRoutes.overlappingRoutes(subnet, except: network.bridge)
+            if !collisions.isEmpty {
+                diagnostics.append(
+                    Diagnostic(
+                        .crossField, at: origin.location(of: "spec.network.subnet"), field: "spec.network.subnet",
+                        "\(text) overlaps the host's route\(collisions.count == 1 ? "" : "s") \(collisions.joined(separator: ", "));"
+                            + " choose a subnet the host does not use"))
+            }
+        }
     }
     if !diagnostics.isEmpty {
         printDiagnostics(diagnostics)

@@ -34,12 +34,15 @@ public struct LaunchRequest: Sendable {
     public var shape: VMShape
     /// The state the VM must be in when the call returns; paused VMs are booted, then paused.
     public var state: DesiredState
+    /// What the VM's NIC was given (recorded before the call).
+    public var network: NetworkAssignment?
 
-    public init(id: String, pool: String, shape: VMShape, state: DesiredState) {
+    public init(id: String, pool: String, shape: VMShape, state: DesiredState, network: NetworkAssignment? = nil) {
         self.id = id
         self.pool = pool
         self.shape = shape
         self.state = state
+        self.network = network
     }
 }
 
@@ -143,13 +146,20 @@ public protocol HypervisorDriver: Sendable {
     func hotplugCPUs(_ vm: VMRef, shape: VMShape, to vcpus: Int) async throws(DriverError)
     /// Plugs memory until the guest has `memoryMiB` online.
     func hotplugMemory(_ vm: VMRef, shape: VMShape, to memoryMiB: Int) async throws(DriverError)
-    /// Stops a VM and removes everything it left; succeeds when it is already gone.
+    /// Stops a VM and removes everything it left (its process, files, tap device); succeeds
+    /// when it is already gone.
     func stop(_ vm: VMRef) async throws(DriverError)
     /// Removes a template's saved state (by id alone, so that recovery can remove state that
     /// has no record); succeeds when it is already gone.
     func deleteTemplate(id: String) async throws(DriverError)
     /// Whether a template's saved state is present and usable.
     func templateExists(_ template: TemplateRef) async -> Bool
+    /// Makes what VMs of `shape`'s network need on the host (bridge mode: the bridge, with the
+    /// subnet's first address); returns whether something was made now, so that it is removed
+    /// when no pool uses it any more.
+    func prepareNetwork(_ shape: NetworkShape) async throws(DriverError) -> Bool
+    /// Removes a bridge vmpool made.
+    func removeBridge(_ name: String) async
     /// The hypervisor's view of each VM, keyed by id. `.guest` also asks each running guest's
     /// agent what it has online; only the holder of the state dir lock asks that, since the
     /// agent's channel is its own. `.hypervisor` uses only channels that observers may share.

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 import VmpoolDriver
+import VmpoolSpec
 
 /// The real hypervisor: one QEMU process per VM, controlled over QMP, guests answering
 /// through the vmpool agent.
@@ -70,9 +71,23 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     /// The name, machine id and network a VM's guest is given at boot or after a clone.
-    static func identity(of id: String) -> AgentClient.Identity {
+    static func identity(of id: String, network: NetworkAssignment?) -> AgentClient.Identity {
         AgentClient.Identity(
-            hostname: VMID.hostname(of: id), machineID: AgentClient.entropyHex(bytes: 16), network: nil)
+            hostname: VMID.hostname(of: id), machineID: AgentClient.entropyHex(bytes: 16),
+            network: network?.guestConfiguration)
+    }
+
+    /// The NIC of a VM (or template, or standby) with `shape`'s network.
+    static func nic(_ shape: NetworkShape?, vm: String) -> NICAttachment? {
+        guard let shape else { return nil }
+        switch shape.mode {
+        case .none: return nil
+        case .user: return NICAttachment(backend: .user, mac: NetworkAssignment.mac(for: vm))
+        case .bridge:
+            return NICAttachment(
+                backend: .tap(name: NetworkAssignment.tapName(for: vm), bridge: shape.bridge ?? NetworkSpec.defaultBridge),
+                mac: NetworkAssignment.mac(for: vm))
+        }
     }
 
     // MARK: - HypervisorDriver
@@ -82,11 +97,14 @@ public final class QemuDriver: HypervisorDriver {
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
             var machine = self.vm(request.id, kernel: request.shape.image.kernel)
             do throws(DriverError) {
-                try machine.start(
-                    MachineSpec(
-                        shape: request.shape, memory: .anonymous, incoming: false,
-                        disks: Overlay.overBases(request.shape.disks) { self.paths.overlay(request.id, disk: $0) }))
-                try machine.awaitBoot(identity: Self.identity(of: request.id), timeout: bootTimeout)
+                var spec = MachineSpec(
+                    shape: request.shape, memory: .anonymous, incoming: false,
+                    disks: Overlay.overBases(request.shape.disks) { self.paths.overlay(request.id, disk: $0) },
+                    nic: Self.nic(request.shape.network, vm: request.id))
+                if let mac = request.network?.mac { spec.nic?.mac = mac }
+                try machine.start(spec)
+                try machine.forwardPorts(request.network)
+                try machine.awaitBoot(identity: Self.identity(of: request.id, network: request.network), timeout: bootTimeout)
                 if request.state == .paused { try machine.pause() }
             } catch {
                 Undo.run { machine.stop() }
@@ -112,7 +130,8 @@ public final class QemuDriver: HypervisorDriver {
                 // saved: clones start from exactly the disk their memory knows.
                 try machine.start(
                     MachineSpec(
-                        shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false, disks: disks))
+                        shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false, disks: disks,
+                        nic: Self.nic(template.key.network, vm: template.id)))
                 let agent = try machine.agent()
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
@@ -145,8 +164,9 @@ public final class QemuDriver: HypervisorDriver {
                     try machine.start(self.cloneMachine(template, memoryFile: memoryFile, vm: request.id))
                     phases.mark("qemu")
                 }
+                try machine.forwardPorts(request.network)
                 let restored = try machine.restore(
-                    from: stateFile, identity: Self.identity(of: request.id), timeout: timeout)
+                    from: stateFile, identity: Self.identity(of: request.id, network: request.network), timeout: timeout)
                 logger.debug(
                     "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
                 if request.state == .paused { try machine.pause() }
@@ -192,7 +212,8 @@ public final class QemuDriver: HypervisorDriver {
     func cloneMachine(_ template: TemplateRef, memoryFile: String, vm: String) -> MachineSpec {
         MachineSpec(
             shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true,
-            disks: Overlay.overTemplate(template.key.disks, template: template.id, paths: paths, vm: vm))
+            disks: Overlay.overTemplate(template.key.disks, template: template.id, paths: paths, vm: vm),
+            nic: Self.nic(template.key.network, vm: vm))
     }
 
     /// A template's memory, device-state and disk files, which a clone or standby needs present.
@@ -247,6 +268,17 @@ public final class QemuDriver: HypervisorDriver {
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
         let machine = vm(id)
         await Blocking.runQuietly { Undo.run { machine.stop() } }
+    }
+
+    public func prepareNetwork(_ shape: NetworkShape) async throws(DriverError) -> Bool {
+        guard shape.mode == .bridge, let name = shape.bridge, let subnet = shape.subnet.flatMap(IPv4Subnet.init) else {
+            return false
+        }
+        return try await Blocking.run { () throws(DriverError) -> Bool in try HostNetwork.ensureBridge(name, subnet: subnet) }
+    }
+
+    public func removeBridge(_ name: String) async {
+        await Blocking.runQuietly { HostNetwork.removeBridge(name) }
     }
 
     public func templateExists(_ template: TemplateRef) async -> Bool {

@@ -34,8 +34,8 @@ struct NICAttachment: Sendable, Hashable {
     enum Backend: Sendable, Hashable {
         /// QEMU user-mode networking; forwards are added over QMP once the VM runs.
         case user
-        /// A tap device vmpool created, by name.
-        case tap(String)
+        /// A tap device vmpool makes on `bridge` when the VM starts and removes when it stops.
+        case tap(name: String, bridge: String)
     }
     var backend: Backend
     var mac: String
@@ -192,7 +192,7 @@ struct QemuVM {
         let netdev: String
         switch nic.backend {
         case .user: netdev = "user,id=net0"
-        case .tap(let name): netdev = "tap,id=net0,ifname=\(QemuOpts.escape(name)),script=no,downscript=no"
+        case .tap(let name, _): netdev = "tap,id=net0,ifname=\(QemuOpts.escape(name)),script=no,downscript=no"
         }
         return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=\(nic.mac)"]
     }
@@ -228,6 +228,9 @@ struct QemuVM {
         }
         for disk in machine.disks where access(disk.path, F_OK) != 0 {
             try Overlay.create(disk, qemuImg: configuration.qemuImg, vm: id)
+        }
+        if case .tap(let name, let bridge) = machine.nic?.backend {
+            try HostNetwork.createTap(name, bridge: bridge, vm: id, user: configuration.runAs)
         }
         try QemuProcess.launch(binary: configuration.binary, arguments: arguments(machine), vm: id)
         guard let pid = QemuProcess.readPid(paths.pidFile(id)) else {
@@ -521,7 +524,24 @@ struct QemuVM {
         return (mib + block / 2) / block * block
     }
 
-    /// `quit`, then SIGKILL after the grace period; removes the run dir either way.
+    /// Forwards the VM's guest ports from 127.0.0.1 (user-mode networking), set once it runs:
+    /// a clone's forwards are its own, not its template's.
+    func forwardPorts(_ network: NetworkAssignment?) throws(DriverError) {
+        guard let network, network.mode == .user, !network.ports.isEmpty else { return }
+        let qmp = try qmp()
+        defer { qmp.close() }
+        for (guest, host) in network.ports.sorted(by: { $0.key < $1.key }) {
+            let answer = try qmp.execute(
+                "human-monitor-command", ["command-line": "hostfwd_add net0 tcp:127.0.0.1:\(host)-:\(guest)"],
+                returning: String.self)
+            let text = answer.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard text.isEmpty else {
+                throw DriverError(.launchFailed, "cannot forward 127.0.0.1:\(host) to guest port \(guest): \(text)", vm: id)
+            }
+        }
+    }
+
+    /// `quit`, then SIGKILL after the grace period; removes the run dir and tap either way.
     func stop() {
         let pid = self.pid ?? QemuProcess.readPid(paths.pidFile(id))
         if let pid, QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) {
@@ -534,6 +554,7 @@ struct QemuVM {
             }
         }
         try? FileManager.default.removeItem(atPath: paths.vmDirectory(id))
+        HostNetwork.removeTap(NetworkAssignment.tapName(for: id))
     }
 }
 

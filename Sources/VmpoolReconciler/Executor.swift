@@ -240,6 +240,7 @@ extension Reconciler {
     /// Creates or clones one VM: recorded (state `creating`) and journaled before the driver
     /// runs, so a crash at any instant leaves a record the next pass undoes.
     private func launch(_ pool: DesiredPool, state: DesiredState, logger: Logger) async throws -> String {
+        try await ensureNetwork(pool.shape.network)
         var template: TemplateRef?
         if pool.spec.boot == .template {
             template = Self.currentTemplate(of: pool, among: try store.templates())
@@ -247,7 +248,8 @@ extension Reconciler {
         }
         let (record, journal) = try recordLaunch(pool, template: template)
         let id = record.id
-        let request = LaunchRequest(id: id, pool: pool.spec.name, shape: pool.shape, state: state)
+        let request = LaunchRequest(
+            id: id, pool: pool.spec.name, shape: pool.shape, state: state, network: record.network)
         let launched: LaunchedVM
         do {
             if let template {
@@ -280,12 +282,19 @@ extension Reconciler {
         var record = VMRecord(
             id: VMID.vm(pool: pool.spec.name), pool: pool.spec.name, state: .creating, boot: pool.spec.boot,
             shape: pool.shape, templateID: template?.id, createdAt: Date())
-        if let template, let claimed = try store.claimStandby(template: template.id, for: record) {
+        let network = pool.shape.network.map(NetworkRequest.init)
+        if let template,
+            let claimed = try store.claimStandby(
+                template: template.id, for: record, network: network, portIsFree: LocalPorts.isFree)
+        {
             return claimed
         }
         while true {
-            if let journal = try store.beginLaunch(record, operation: template == nil ? "create" : "clone") {
-                return (record, journal)
+            if let begun = try store.beginLaunch(
+                record, operation: template == nil ? "create" : "clone", network: network,
+                portIsFree: LocalPorts.isFree)
+            {
+                return begun
             }
             record.id = VMID.vm(pool: pool.spec.name)
         }
@@ -309,7 +318,19 @@ extension Reconciler {
 
     /// Builds a new template, then retires the pool's older ones (running clones keep their
     /// mapping of the old memory file; new clones use the new template).
+    /// Makes what a network needs on the host (a bridge), recording a bridge vmpool made so
+    /// that it goes when no pool uses it any more.
+    func ensureNetwork(_ shape: NetworkShape?) async throws {
+        guard let shape, shape.mode == .bridge, let bridge = shape.bridge, let subnet = shape.subnet else { return }
+        let made = try await driver.prepareNetwork(shape)
+        try store.recordBridge(bridge, subnet: subnet, createdByVmpool: made)
+        if made {
+            try store.record(Event(pool: "", kind: "bridge-created", message: "bridge \(bridge) with \(subnet)"))
+        }
+    }
+
     private func buildTemplate(_ pool: DesiredPool) async throws {
+        try await ensureNetwork(pool.shape.network)
         let ref = TemplateRef(
             id: VMID.template(pool: pool.spec.name), pool: pool.spec.name, key: pool.shape.templateKey)
         let older = try store.templates().filter { $0.ref.pool == pool.spec.name }

@@ -158,11 +158,27 @@ public final class Reconciler: Sendable {
 
     /// Removes the templates of pools that are no longer applied at all (their delete finished
     /// without them, or the store lost the pool): the planner handles every applied pool.
+    ///
+    /// Bridges vmpool made go once no applied pool names them and no VM is on them; a bridge
+    /// that was there before vmpool is left alone (and only forgotten).
     private func collectGarbage(_ pools: [PoolSpec]) async throws(StoreError) {
-        let known = Set(try store.pools().map(\.spec.name))
+        let stored = try store.pools()
+        let known = Set(stored.map(\.spec.name))
         for template in try store.templates() where !known.contains(template.ref.pool) {
             try? await driver.deleteTemplate(id: template.ref.id)
             try store.deleteTemplate(template.ref.id)
+        }
+        let wanted = Set(stored.compactMap { $0.spec.network?.mode == .bridge ? $0.spec.network?.bridge : nil })
+        let bridges = try store.bridges()
+        guard bridges.contains(where: { !wanted.contains($0.name) }) else { return }
+        let inUse = Set(try store.vms().compactMap { $0.network?.bridge })
+        for bridge in bridges where !wanted.contains(bridge.name) && !inUse.contains(bridge.name) {
+            if bridge.createdByVmpool { await driver.removeBridge(bridge.name) }
+            try store.forgetBridge(bridge.name)
+            try store.record(
+                Event(
+                    pool: "", kind: "bridge-removed",
+                    message: "bridge \(bridge.name): no pool uses it\(bridge.createdByVmpool ? "" : " (not made by vmpool; left in place)")"))
         }
     }
 }

@@ -58,6 +58,7 @@ extension Reconciler {
 
     private func startStandby(pool: String, template: TemplateRef) async {
         do {
+            try await ensureNetwork(template.key.network)
             var id = VMID.vm(pool: pool)
             while try !store.beginStandby(id: id, pool: pool, template: template.id) { id = VMID.vm(pool: pool) }
             do {

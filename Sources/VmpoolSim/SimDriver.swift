@@ -162,6 +162,10 @@ public final class SimDriver: HypervisorDriver {
         try write { db in try db.execute(sql: "DELETE FROM simtemplate WHERE id = ?", arguments: [id]) }
     }
 
+    /// The sim driver makes nothing on the host.
+    public func prepareNetwork(_ shape: NetworkShape) async throws(DriverError) -> Bool { false }
+    public func removeBridge(_ name: String) async {}
+
     public func templateExists(_ template: TemplateRef) async -> Bool {
         ((try? storedTemplateKey(template.id)) ?? nil) != nil
     }

@@ -202,6 +202,7 @@ struct DocumentReader {
                 result.bridge = NetworkSpec.defaultBridge
             }
             if let node = network["subnet"] {
+                fieldLocations["spec.network.subnet"] = location(node)
                 if let text = string(node, path: "spec.network.subnet") {
                     if let subnet = IPv4Subnet(text) {
                         if subnet.assignable < vms + 1 {

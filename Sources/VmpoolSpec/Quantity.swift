@@ -64,7 +64,8 @@ public struct IPv4Subnet: Sendable, Hashable, CustomStringConvertible {
     public init?(_ text: String) {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
         guard parts.count == 2, let address = Self.parseAddress(parts[0]),
-            parts[1].count <= 2, parts[1].allSatisfy(\.isASCII), let prefix = Int(parts[1]), (8...29).contains(prefix)
+            (1...2).contains(parts[1].count), parts[1].allSatisfy({ $0 >= "0" && $0 <= "9" }), parts[1].first != "0",
+            let prefix = Int(parts[1]), (8...29).contains(prefix)
         else { return nil }
         let mask = UInt32.max << (32 - prefix)
         guard address & ~mask == 0 else { return nil }

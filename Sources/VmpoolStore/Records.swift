@@ -31,11 +31,18 @@ public struct VMRecord: Sendable, Hashable {
     public var createdAt: Date
     public var updatedAt: Date
     public var lastError: String?
+    /// What the VM's NIC was given (ports forwarded, address); `nil` without a NIC.
+    public var network: NetworkAssignment?
+    /// Who holds the VM, when it is leased: it no longer counts toward its pool.
+    public var lease: Lease?
 
     public init(
         id: String, pool: String, state: VMState, boot: BootMode, shape: VMShape, pid: Int32? = nil,
-        templateID: String? = nil, createdAt: Date, updatedAt: Date? = nil, lastError: String? = nil
+        templateID: String? = nil, createdAt: Date, updatedAt: Date? = nil, lastError: String? = nil,
+        network: NetworkAssignment? = nil, lease: Lease? = nil
     ) {
+        self.network = network
+        self.lease = lease
         self.id = id
         self.pool = pool
         self.state = state
@@ -112,7 +119,7 @@ public struct Event: Sendable, Hashable {
 /// Why a store operation failed.
 public struct StoreError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt }
+        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt, exhausted, notFound, conflict }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
 
@@ -124,6 +131,12 @@ public struct StoreError: Error, Sendable, CustomStringConvertible {
         public static let locked = Code(.locked)
         /// A stored row cannot be decoded.
         public static let corrupt = Code(.corrupt)
+        /// Nothing is left to allocate (host ports, addresses).
+        public static let exhausted = Code(.exhausted)
+        /// No such VM, pool or lease.
+        public static let notFound = Code(.notFound)
+        /// The change contradicts the store's state (a VM leased already, not leased).
+        public static let conflict = Code(.conflict)
 
         public var description: String { kind.rawValue }
     }
@@ -150,4 +163,34 @@ public struct StandbyRecord: Sendable, Hashable {
     public var createdAt: Date
 
     public var ref: VMRef { VMRef(id: id, pool: pool, pid: pid) }
+}
+
+/// A VM handed to one consumer (`vmpool lease`).
+public struct Lease: Codable, Sendable, Hashable {
+    public var holder: String
+    public var leasedAt: Date
+    /// When the next pass releases it (stops the VM); `nil`: never by itself.
+    public var expiresAt: Date?
+
+    public init(holder: String, leasedAt: Date, expiresAt: Date?) {
+        self.holder = holder
+        self.leasedAt = leasedAt
+        self.expiresAt = expiresAt
+    }
+}
+
+/// What a VM about to launch needs allocated with its record.
+public struct NetworkRequest: Sendable, Hashable {
+    public var mode: NetworkMode
+    /// Guest ports to forward from 127.0.0.1 (user mode).
+    public var ports: [Int]
+    public var bridge: String?
+    public var subnet: IPv4Subnet?
+
+    public init(_ shape: NetworkShape) {
+        mode = shape.mode
+        ports = shape.ports
+        bridge = shape.bridge
+        subnet = shape.subnet.flatMap(IPv4Subnet.init)
+    }
 }

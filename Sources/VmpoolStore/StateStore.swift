@@ -116,6 +116,35 @@ public final class StateStore: Sendable {
         migrator.registerMigration("v4-vm-shape") { db in
             try db.execute(sql: "ALTER TABLE vm ADD COLUMN shape TEXT")
         }
+        // Networks and leases: what a VM was given (forwarded ports, an address) is allocated in
+        // tables whose keys make double allocation impossible, and freed with the VM's row.
+        migrator.registerMigration("v5-network-lease") { db in
+            try db.execute(
+                sql: """
+                    ALTER TABLE vm ADD COLUMN network TEXT;
+                    ALTER TABLE vm ADD COLUMN leaseHolder TEXT;
+                    ALTER TABLE vm ADD COLUMN leasedAt DOUBLE;
+                    ALTER TABLE vm ADD COLUMN leaseExpiresAt DOUBLE;
+                    CREATE TABLE hostport (
+                        port INTEGER PRIMARY KEY NOT NULL,
+                        vm TEXT NOT NULL,
+                        guest INTEGER NOT NULL
+                    );
+                    CREATE INDEX hostport_vm ON hostport(vm);
+                    CREATE TABLE address (
+                        bridge TEXT NOT NULL,
+                        address INTEGER NOT NULL,
+                        vm TEXT NOT NULL,
+                        PRIMARY KEY (bridge, address)
+                    );
+                    CREATE INDEX address_vm ON address(vm);
+                    CREATE TABLE bridge (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        subnet TEXT NOT NULL,
+                        createdByVmpool INTEGER NOT NULL
+                    );
+                    """)
+        }
         return migrator
     }
 
@@ -223,14 +252,120 @@ public final class StateStore: Sendable {
     /// Records a VM about to be launched (state `creating`) together with the journal entry
     /// for the launch, so a crash between the two cannot happen. Returns `nil` when the id is
     /// taken already; the caller picks another.
-    public func beginLaunch(_ record: VMRecord, operation: String) throws(StoreError) -> Int64? {
+    ///
+    /// `network` is allocated in the same transaction (forwarded host ports, an address on the
+    /// bridge), so a crash can neither leak an allocation nor give one to two VMs; `portIsFree`
+    /// says whether nothing else on the host listens on a candidate port.
+    public func beginLaunch(
+        _ record: VMRecord, operation: String, network: NetworkRequest? = nil,
+        portIsFree: @escaping @Sendable (Int) -> Bool = { _ in true }
+    ) throws(StoreError) -> (VMRecord, Int64)? {
         try write { db in
             if try Bool.fetchOne(db, sql: "SELECT 1 FROM vm WHERE id = ?", arguments: [record.id]) == true {
                 return nil
             }
+            var record = record
+            if let network {
+                record.network = try Self.allocate(db, network, vm: record.id, portIsFree: portIsFree)
+            }
             try Self.upsertVM(db, record)
-            return try Self.insertJournal(db, operation: operation, pool: record.pool, vm: record.id, template: nil)
+            let journal = try Self.insertJournal(
+                db, operation: operation, pool: record.pool, vm: record.id, template: nil)
+            return (record, journal)
         }
+    }
+
+    /// Host ports vmpool forwards from: above the kernel's usual ephemeral range's start is
+    /// avoided, so that outgoing connections do not race for them.
+    public static let forwardedPorts = 20000...32767
+
+    /// Allocates what a VM's NIC needs, inside the caller's transaction.
+    private static func allocate(
+        _ db: Database, _ request: NetworkRequest, vm: String, portIsFree: (Int) -> Bool
+    ) throws -> NetworkAssignment {
+        var assignment = NetworkAssignment(mode: request.mode, mac: NetworkAssignment.mac(for: vm))
+        for guest in request.ports {
+            var chosen: Int?
+            for _ in 0..<512 {
+                let candidate = Int.random(in: forwardedPorts)
+                let taken = try Bool.fetchOne(db, sql: "SELECT 1 FROM hostport WHERE port = ?", arguments: [candidate]) == true
+                if !taken && portIsFree(candidate) {
+                    chosen = candidate
+                    break
+                }
+            }
+            guard let port = chosen else {
+                throw StoreError(.exhausted, "no free port on 127.0.0.1 to forward guest port \(guest) from")
+            }
+            try db.execute(
+                sql: "INSERT INTO hostport (port, vm, guest) VALUES (?, ?, ?)", arguments: [port, vm, guest])
+            assignment.ports[guest] = port
+        }
+        if request.mode == .bridge, let bridge = request.bridge, let subnet = request.subnet {
+            let used = Set(
+                try Int64.fetchAll(db, sql: "SELECT address FROM address WHERE bridge = ?", arguments: [bridge]))
+            guard let index = (0..<subnet.assignable).first(where: { !used.contains(Int64(subnet.vmAddress($0))) }) else {
+                throw StoreError(.exhausted, "no free address left in \(subnet) on bridge \(bridge)")
+            }
+            let address = subnet.vmAddress(index)
+            try db.execute(
+                sql: "INSERT INTO address (bridge, address, vm) VALUES (?, ?, ?)",
+                arguments: [bridge, Int64(address), vm])
+            assignment.bridge = bridge
+            assignment.address = IPv4Subnet.format(address)
+            assignment.prefix = subnet.prefix
+            assignment.gateway = IPv4Subnet.format(subnet.gateway)
+            assignment.mac = NetworkAssignment.mac(for: vm, address: address)
+        }
+        return assignment
+    }
+
+    /// Forgets a VM's row and everything allocated to it.
+    private static func deleteVMRow(_ db: Database, _ id: String) throws {
+        try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [id])
+        try db.execute(sql: "DELETE FROM hostport WHERE vm = ?", arguments: [id])
+        try db.execute(sql: "DELETE FROM address WHERE vm = ?", arguments: [id])
+    }
+
+    /// Every host port and address allocated, by VM (for checks and recovery).
+    public func allocations() throws(StoreError) -> (ports: [Int: String], addresses: [String: String]) {
+        try read { db in
+            var ports: [Int: String] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT port, vm FROM hostport") { ports[row["port"]] = row["vm"] }
+            var addresses: [String: String] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT bridge, address, vm FROM address") {
+                let address: Int64 = row["address"]
+                addresses["\(row["bridge"] as String)/\(IPv4Subnet.format(UInt32(address)))"] = row["vm"]
+            }
+            return (ports, addresses)
+        }
+    }
+
+    // MARK: - Bridges
+
+    /// Records a bridge vmpool uses; `createdByVmpool` marks one it made (and removes when no
+    /// pool uses it any more).
+    public func recordBridge(_ name: String, subnet: String, createdByVmpool: Bool) throws(StoreError) {
+        try write { db in
+            try db.execute(
+                sql: """
+                    INSERT INTO bridge (name, subnet, createdByVmpool) VALUES (?, ?, ?)
+                    ON CONFLICT(name) DO UPDATE SET createdByVmpool = max(createdByVmpool, excluded.createdByVmpool)
+                    """,
+                arguments: [name, subnet, createdByVmpool])
+        }
+    }
+
+    public func bridges() throws(StoreError) -> [(name: String, subnet: String, createdByVmpool: Bool)] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM bridge ORDER BY name").map {
+                ($0["name"], $0["subnet"], $0["createdByVmpool"])
+            }
+        }
+    }
+
+    public func forgetBridge(_ name: String) throws(StoreError) {
+        try write { db in try db.execute(sql: "DELETE FROM bridge WHERE name = ?", arguments: [name]) }
     }
 
     /// One VM by id.
@@ -247,7 +382,7 @@ public final class StateStore: Sendable {
     ) throws(StoreError) {
         try write { db in
             if let record { try Self.upsertVM(db, record) }
-            if let deletingVM { try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [deletingVM]) }
+            if let deletingVM { try Self.deleteVMRow(db, deletingVM) }
             try Self.closeJournal(db, journal, outcome: outcome, error: error)
             if let event { try Self.insertEvent(db, event) }
         }
@@ -266,7 +401,7 @@ public final class StateStore: Sendable {
     }
 
     public func deleteVM(_ id: String) throws(StoreError) {
-        try write { db in try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [id]) }
+        try write { db in try Self.deleteVMRow(db, id) }
     }
 
     // MARK: - Templates
@@ -345,7 +480,10 @@ public final class StateStore: Sendable {
 
     /// Turns a ready standby of `template` into the VM `record` describes (taking the
     /// standby's id), journaled as a clone, in one transaction. `nil` when none is ready.
-    public func claimStandby(template: String, for record: VMRecord) throws(StoreError) -> (VMRecord, Int64)? {
+    public func claimStandby(
+        template: String, for record: VMRecord, network: NetworkRequest? = nil,
+        portIsFree: @escaping @Sendable (Int) -> Bool = { _ in true }
+    ) throws(StoreError) -> (VMRecord, Int64)? {
         try write { db in
             guard
                 let row = try Row.fetchOne(
@@ -356,6 +494,9 @@ public final class StateStore: Sendable {
             claimed.id = row["id"]
             let pid: Int64? = row["pid"]
             claimed.pid = pid.map { Int32($0) }
+            if let network {
+                claimed.network = try Self.allocate(db, network, vm: claimed.id, portIsFree: portIsFree)
+            }
             try db.execute(sql: "DELETE FROM standby WHERE id = ?", arguments: [claimed.id])
             try Self.upsertVM(db, claimed)
             let journal = try Self.insertJournal(
@@ -442,20 +583,22 @@ public final class StateStore: Sendable {
         try db.execute(
             sql: """
                 INSERT OR REPLACE INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
-                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape, network, leaseHolder,
+                    leasedAt, leaseExpiresAt)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
             arguments: [
                 r.id, r.pool, r.state.rawValue, r.boot.rawValue, r.shape.vcpus, r.shape.memoryMiB, r.shape.maxVcpus,
                 r.shape.maxMemoryMiB, r.shape.image.kernel, r.shape.image.initrd, r.shape.image.cmdline,
                 r.pid.map { Int64($0) }, r.templateID, r.createdAt.timeIntervalSince1970,
-                Date().timeIntervalSince1970, r.lastError, try encode(r.shape),
+                Date().timeIntervalSince1970, r.lastError, try encode(r.shape), try r.network.map { try encode($0) },
+                r.lease?.holder, r.lease?.leasedAt.timeIntervalSince1970, r.lease?.expiresAt?.timeIntervalSince1970,
             ])
     }
 
     private static let vmColumns =
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
-        + " createdAt, updatedAt, lastError, shape"
+        + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt"
 
     private static func vm(_ row: Row) throws -> VMRecord {
         let id: String = row["id"]
@@ -472,10 +615,19 @@ public final class StateStore: Sendable {
                 maxMemoryMiB: row["maxMemoryMiB"], image: image)
         }
         let pid: Int64? = row["pid"]
+        let network: NetworkAssignment? = try (row["network"] as String?).map { try decode($0) }
+        var lease: Lease?
+        if let holder: String = row["leaseHolder"], let at: Double = row["leasedAt"] {
+            let expires: Double? = row["leaseExpiresAt"]
+            lease = Lease(
+                holder: holder, leasedAt: Date(timeIntervalSince1970: at),
+                expiresAt: expires.map { Date(timeIntervalSince1970: $0) })
+        }
         return VMRecord(
             id: id, pool: row["pool"], state: state, boot: boot, shape: shape, pid: pid.map { Int32($0) },
             templateID: row["templateId"], createdAt: Date(timeIntervalSince1970: row["createdAt"]),
-            updatedAt: Date(timeIntervalSince1970: row["updatedAt"]), lastError: row["lastError"])
+            updatedAt: Date(timeIntervalSince1970: row["updatedAt"]), lastError: row["lastError"], network: network,
+            lease: lease)
     }
 
     private static func pool(_ row: Row) throws -> StoredPool {

@@ -47,7 +47,7 @@ extension HostileInputTests {
         let diagnostics = Self.diagnostics { () throws(ManifestError) in try ManifestLoader.load(paths: [path]) }
         #expect(ContinuousClock.now - started < .seconds(1))
         #expect(diagnostics.map(\.code) == [.tooLarge])
-        #expect(diagnostics.map(\.location) == [SourceLocation(file: path, line: 1, column: 1)])
+        #expect(diagnostics.map(\.location) == [VmpoolSpec.SourceLocation(file: path, line: 1, column: 1)])
         #expect(diagnostics.map(\.field) == ["(file)"])
     }
 
@@ -77,7 +77,7 @@ extension HostileInputTests {
         let over = Self.writeFile(dir, "over.yaml", Self.manifest(ofExactly: Self.sizeLimit + 1).utf8)
         let diagnostics = Self.diagnostics { () throws(ManifestError) in try ManifestLoader.load(paths: [over]) }
         #expect(diagnostics.map(\.code) == [.tooLarge])
-        #expect(diagnostics.map(\.location) == [SourceLocation(file: over, line: 1, column: 1)])
+        #expect(diagnostics.map(\.location) == [VmpoolSpec.SourceLocation(file: over, line: 1, column: 1)])
     }
 
     @Test func standardInputHasTheSameLimit() throws {
@@ -90,7 +90,7 @@ extension HostileInputTests {
             try ManifestLoader.load(paths: ["-"], standardInput: { over })
         }
         #expect(diagnostics.map(\.code) == [.tooLarge])
-        #expect(diagnostics.map(\.location) == [SourceLocation(file: "<stdin>", line: 1, column: 1)])
+        #expect(diagnostics.map(\.location) == [VmpoolSpec.SourceLocation(file: "<stdin>", line: 1, column: 1)])
     }
 
     /// `ManifestLoader.readStandardInput` reads file descriptor 0, so it runs in a child: the

@@ -67,7 +67,7 @@ struct StoreTests {
         defer { dir.remove() }
         let store = try StateStore(directory: dir.path)
         var vm = record("web-000001", state: .creating)
-        let journal = try #require(try store.beginLaunch(vm, operation: "create"))
+        let journal = try #require(try store.beginLaunch(vm, operation: "create")).1
         #expect(try store.unfinishedOperations().map(\.id) == [journal])
         #expect(try store.vm("web-000001")?.state == .creating)
         vm.state = .running
@@ -128,5 +128,59 @@ struct StoreTests {
         do { _ = try StateLock.acquire(directory: dir.path, command: "apply", timeout: 1) }
         let again = try StateLock.acquire(directory: dir.path, command: "apply", timeout: 0.1)
         #expect(again.holder.command == "apply")
+    }
+}
+
+@Suite("Network allocations")
+struct NetworkAllocationTests {
+    func record(_ id: String) -> VMRecord {
+        VMRecord(
+            id: id, pool: "web", state: .creating, boot: .cold,
+            shape: VMShape(pool: VmpoolTestSupport.pool("web"), image: testImage), createdAt: Date())
+    }
+
+    @Test func portsAndAddressesAreNeverGivenTwiceAndAreFreedWithTheVM() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        let bridged = NetworkRequest(NetworkShape(mode: .bridge, bridge: "vmpool0", subnet: "10.9.0.0/29"))
+        var addresses: [String] = []
+        // A /29 has 8 addresses: network, gateway and broadcast leave 5 for VMs.
+        for index in 0..<5 {
+            let (vm, _) = try #require(try store.beginLaunch(record("web-00000\(index)"), operation: "create", network: bridged))
+            addresses.append(try #require(vm.network?.address))
+            #expect(vm.network?.gateway == "10.9.0.1")
+        }
+        #expect(Set(addresses).count == 5)
+        #expect(!addresses.contains("10.9.0.1") && !addresses.contains("10.9.0.7"))
+        #expect(throws: StoreError.self) { try store.beginLaunch(self.record("web-000009"), operation: "create", network: bridged) }
+        try store.deleteVM("web-000002")
+        let (again, _) = try #require(try store.beginLaunch(record("web-00000a"), operation: "create", network: bridged))
+        #expect(again.network?.address == addresses[2], "a stopped VM's address is free again")
+
+        let forwarded = NetworkRequest(NetworkShape(mode: .user, ports: [22, 80]))
+        var hostPorts: [Int] = []
+        for index in 0..<50 {
+            let (vm, _) = try #require(try store.beginLaunch(record("user-\(index)"), operation: "create", network: forwarded))
+            hostPorts += vm.network?.ports.values.map { $0 } ?? []
+            #expect(vm.network?.ports.keys.sorted() == [22, 80])
+        }
+        #expect(Set(hostPorts).count == 100, "no host port is given twice")
+        #expect(try store.allocations().ports.count == 100)
+        try store.deleteVM("user-0")
+        #expect(try store.allocations().ports.count == 98)
+    }
+
+    @Test func aPortSomethingElseListensOnIsNotChosen() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        let store = try StateStore(directory: dir.path)
+        let forwarded = NetworkRequest(NetworkShape(mode: .user, ports: [22]))
+        let busy = Set(StateStore.forwardedPorts.filter { $0 % 2 == 0 })
+        for index in 0..<20 {
+            let (vm, _) = try #require(
+                try store.beginLaunch(record("w-\(index)"), operation: "create", network: forwarded) { !busy.contains($0) })
+            #expect(vm.network?.ports[22].map { !busy.contains($0) } == true)
+        }
     }
 }

@@ -128,6 +128,18 @@ struct VMRow {
         return nil
     }
 
+    /// Where the VM is reached: its own address (bridge mode), or 127.0.0.1 with forwarded ports.
+    var address: String? {
+        guard let network = record.network else { return nil }
+        return network.address ?? (network.ports.isEmpty ? nil : "127.0.0.1")
+    }
+
+    /// `22→20022,8080→31555`.
+    var portsText: String {
+        guard let ports = record.network?.ports, !ports.isEmpty else { return "-" }
+        return ports.sorted { $0.key < $1.key }.map { "\($0.key)→\($0.value)" }.joined(separator: ",")
+    }
+
     var json: [String: JSONValue] {
         [
             "id": .string(record.id), "pool": .string(record.pool), "state": .string(state),
@@ -136,6 +148,14 @@ struct VMRow {
             "createdAt": .string(JSONOutput.rfc3339(record.createdAt)),
             "template": record.templateID.map { .string($0) } ?? .null,
             "problem": problem.map { .string($0) } ?? .null,
+            "address": address.map { .string($0) } ?? .null,
+            "ports": .object(Dictionary(uniqueKeysWithValues: (record.network?.ports ?? [:]).map { ("\($0.key)", .int($0.value)) })),
+            "lease": record.lease.map { lease in
+                .object([
+                    "holder": .string(lease.holder), "leasedAt": .string(JSONOutput.rfc3339(lease.leasedAt)),
+                    "expiresAt": lease.expiresAt.map { .string(JSONOutput.rfc3339($0)) } ?? .null,
+                ])
+            } ?? .null,
         ]
     }
 }

@@ -12,13 +12,18 @@ extension Vmpool {
         @Option(name: .shortAndLong, help: "Manifest file or directory (repeatable).")
         var file: [String] = []
 
+        @Flag(
+            name: .customLong("documents-only"),
+            help: "Check the documents only, not the files they name (as the JSON Schema does).")
+        var documentsOnly = false
+
         func validate() throws {
             if file.isEmpty { throw ValidationError("give at least one manifest with -f PATH") }
         }
 
         func run() async throws {
             let manifests = try loadManifests(file)
-            try checkImages(manifests)
+            if !documentsOnly { try checkImages(manifests) }
             let count = manifests.pools.count
             printOut("\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))")
         }

@@ -33,13 +33,13 @@ enum TableRenderer {
     static func vms(_ rows: [VMRow]) -> String {
         if rows.isEmpty { return "No VMs." }
         return table(
-            ["ID", "POOL", "STATE", "VCPUS", "MEMORY", "BOOT", "PID", "CREATED"],
+            ["ID", "POOL", "STATE", "VCPUS", "MEMORY", "BOOT", "PID", "ADDRESS", "PORTS", "LEASE", "CREATED"],
             rows.map { row in
                 [
                     row.record.id, row.record.pool, row.state + (row.problem.map { " (\($0))" } ?? ""),
                     "\(row.record.shape.vcpus)", MemoryQuantity.format(row.record.shape.memoryMiB),
-                    row.record.boot.rawValue, row.record.pid.map(String.init) ?? "-",
-                    JSONOutput.rfc3339(row.record.createdAt),
+                    row.record.boot.rawValue, row.record.pid.map(String.init) ?? "-", row.address ?? "-", row.portsText,
+                    row.record.lease?.holder ?? "-", JSONOutput.rfc3339(row.record.createdAt),
                 ]
             })
     }
