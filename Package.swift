@@ -22,6 +22,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
     ],
     targets: [
         // Manifest model, loading and validation: YAML in, typed pool specs or located errors out.
@@ -35,13 +38,26 @@ let package = Package(
         ),
         // Pure planning: (desired, observed) -> ordered actions.
         .target(name: "VmpoolPlanner", dependencies: ["VmpoolSpec", "VmpoolDriver"]),
-        // Observing, recovering, executing plans against a driver and the store.
+        // Observing, recovering, executing plans against a driver and the store; leases.
         .target(
             name: "VmpoolReconciler",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ]
+        ),
+        // The long-running service's HTTP side: the lease API and Prometheus metrics.
+        .target(
+            name: "VmpoolService",
+            dependencies: [
+                "VmpoolDriver", "VmpoolStore", "VmpoolReconciler",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            resources: [.embedInCode("openapi.json")]
         ),
         // The simulated hypervisor (CI fixtures, tests, dry experiments).
         .target(
@@ -73,7 +89,7 @@ let package = Package(
             name: "VmpoolCLI",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
-                "VmpoolSim", "VmpoolQEMU", "VmpoolImage",
+                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

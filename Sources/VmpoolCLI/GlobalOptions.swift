@@ -144,12 +144,6 @@ public struct GlobalOptions: ParsableArguments {
 
 extension Accelerator: ExpressibleByArgument {}
 
-extension Duration {
-    /// The duration in (fractional) seconds.
-    var seconds: Double {
-        Double(components.seconds) + Double(components.attoseconds) / 1e18
-    }
-}
 
 enum LoggingBootstrap {
     private static let done: Void = {

@@ -3,6 +3,8 @@ import Logging
 import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
+import Metrics
+import VmpoolService
 import VmpoolStore
 
 /// `reconcile --every`: a pass per interval until graceful shutdown.
@@ -19,6 +21,8 @@ struct ReconcileService: Service {
     /// Where the lock lives.
     let stateDirectory: String
     let wake: Wake.Listener
+    /// Set with `--listen`: pool gauges and pass durations are recorded after each pass.
+    var metrics: ServiceMetrics?
     static let maxBackoff: Duration = .seconds(600)
 
     func run() async throws {
@@ -31,6 +35,7 @@ struct ReconcileService: Service {
                 guard let lock = await takeLock() else { return }
                 await pass(&backoff, cancellation: cancellation)
                 withExtendedLifetime(lock) {}
+                await recordMetrics(since: started)
             } onGracefulShutdown: {
                 cancellation.cancel()
             }
@@ -44,6 +49,18 @@ struct ReconcileService: Service {
             }
         }
         logger.notice("reconcile loop stopped")
+    }
+
+    private func recordMetrics(since started: ContinuousClock.Instant) async {
+        guard let metrics else { return }
+        Timer(label: "vmpool_pass_duration_seconds").record(duration: ContinuousClock.now - started)
+        guard let observation = try? await reconciler.observe(depth: .hypervisor) else { return }
+        let alive = Set(await reconciler.driver.discover().map(\.id))
+        var standbys: [String: Int] = [:]
+        for standby in (try? reconciler.store.standbys()) ?? [] where standby.ready && alive.contains(standby.id) {
+            standbys[standby.pool, default: 0] += 1
+        }
+        metrics.record(observation, standbys: standbys)
     }
 
     /// Waits for the state dir lock, without blocking a thread, until shutdown.

@@ -19,19 +19,37 @@ public struct ObservedVM: Sendable, Hashable {
     public var shape: VMShape
     public var boot: BootMode
     public var createdAt: Date
+    /// Set while the VM is leased: it belongs to its holder, not to its pool, until released
+    /// or (at `expiresAt`) expired.
+    public var lease: LeaseTerm?
 
-    public init(id: String, pool: String, condition: Condition, shape: VMShape, boot: BootMode, createdAt: Date) {
+    public init(
+        id: String, pool: String, condition: Condition, shape: VMShape, boot: BootMode, createdAt: Date,
+        lease: LeaseTerm? = nil
+    ) {
         self.id = id
         self.pool = pool
         self.condition = condition
         self.shape = shape
         self.boot = boot
         self.createdAt = createdAt
+        self.lease = lease
     }
 
     var isBroken: Bool {
         if case .broken = condition { return true }
         return false
+    }
+}
+
+/// A lease as the planner sees it.
+public struct LeaseTerm: Sendable, Hashable {
+    public var holder: String
+    public var expiresAt: Date?
+
+    public init(holder: String, expiresAt: Date?) {
+        self.holder = holder
+        self.expiresAt = expiresAt
     }
 }
 
@@ -73,6 +91,8 @@ public struct PlanInput: Sendable {
     public var prune: Set<String>
     /// Why they are deleted, in the words `plan` shows.
     public var pruneReason: String = "pool is not in the input (--prune)"
+    /// The time leases are judged against (expired ones are stopped).
+    public var now: Date = Date()
 
     public init(
         desired: [DesiredPool], vms: [ObservedVM], templates: [String: ObservedTemplate] = [:],

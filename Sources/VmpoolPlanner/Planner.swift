@@ -10,7 +10,17 @@ import VmpoolSpec
 public enum Planner {
     public static func plan(_ input: PlanInput) -> Plan {
         var builder = PlanBuilder()
-        let vmsByPool = Dictionary(grouping: input.vms, by: \.pool)
+        // Leased VMs are their holders': they count toward no pool (so the pool refills), and
+        // only an expired lease stops one.
+        let vmsByPool = Dictionary(grouping: input.vms.filter { $0.lease == nil }, by: \.pool)
+        let pruned = input.prune.subtracting(input.desired.map(\.spec.name))
+        for vm in input.vms.sorted(by: PoolPlanner.oldestFirst) where !pruned.contains(vm.pool) {
+            guard let lease = vm.lease, let expires = lease.expiresAt, expires <= input.now else { continue }
+            builder.add(
+                Action(
+                    .stop, pool: vm.pool, vm: vm.id,
+                    reason: "the lease of \(lease.holder) expired at \(Self.timestamp(expires))"))
+        }
         let desiredNames = Set(input.desired.map(\.spec.name))
         for pool in input.desired.sorted(by: { $0.spec.name < $1.spec.name }) {
             var planner = PoolPlanner(
@@ -25,13 +35,21 @@ public enum Planner {
                 }
             }
         }
+        let everyVMByPool = Dictionary(grouping: input.vms, by: \.pool)
         for name in input.prune.subtracting(desiredNames).sorted() {
-            let stops = (vmsByPool[name] ?? []).sorted(by: PoolPlanner.oldestFirst).map { vm in
+            let stops = (everyVMByPool[name] ?? []).sorted(by: PoolPlanner.oldestFirst).map { vm in
                 builder.add(Action(.stop, pool: name, vm: vm.id, reason: input.pruneReason))
             }
             builder.add(Action(.deletePool, pool: name, reason: input.pruneReason, dependsOn: stops))
         }
         return builder.plan
+    }
+}
+
+extension Planner {
+    static func timestamp(_ date: Date) -> String {
+        let formatter = ISO8601DateFormatter()
+        return formatter.string(from: date)
     }
 }
 

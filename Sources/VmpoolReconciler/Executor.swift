@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 import VmpoolDriver
 import VmpoolPlanner
 import VmpoolSpec
@@ -120,6 +121,7 @@ extension Reconciler {
                 }
                 return nil
             }
+            let started = ContinuousClock.now
             var result: ActionResult?
             while let next = await group.next() {
                 if let next {
@@ -130,7 +132,12 @@ extension Reconciler {
                     group.cancelAll()
                 }
             }
-            return result ?? ActionResult(action: action, outcome: .failed, error: "not run")
+            let final = result ?? ActionResult(action: action, outcome: .failed, error: "not run")
+            let dimensions = [("kind", action.kind.rawValue), ("outcome", final.outcome.rawValue)]
+            Counter(label: "vmpool_actions_total", dimensions: dimensions).increment()
+            Timer(label: "vmpool_action_duration_seconds", dimensions: dimensions)
+                .record(duration: ContinuousClock.now - started)
+            return final
         }
     }
 

@@ -26,7 +26,8 @@ public struct Observation: Sendable {
             }
             return ObservedVM(
                 id: record.id, pool: record.pool, condition: Self.condition(record, status), shape: shape,
-                boot: record.boot, createdAt: record.createdAt)
+                boot: record.boot, createdAt: record.createdAt,
+                lease: record.lease.map { LeaseTerm(holder: $0.holder, expiresAt: $0.expiresAt) })
         }
     }
 
@@ -72,6 +73,11 @@ public struct Observation: Sendable {
         for vm in observedVMs {
             var counts = result[vm.pool] ?? Readiness()
             counts.vms += 1
+            if vm.lease != nil {
+                counts.leased += 1
+                result[vm.pool] = counts
+                continue
+            }
             switch vm.condition {
             case .running where specs[vm.pool]?.state == .running: counts.ready += 1
             case .paused where specs[vm.pool]?.state == .paused: counts.ready += 1
@@ -82,7 +88,8 @@ public struct Observation: Sendable {
         }
         for (name, counts) in result where specs[name]?.state == .paused && counts.ready > specs[name]!.size {
             result[name] = Readiness(
-                ready: specs[name]!.size, warm: counts.warm + counts.ready - specs[name]!.size, vms: counts.vms)
+                ready: specs[name]!.size, warm: counts.warm + counts.ready - specs[name]!.size, vms: counts.vms,
+                leased: counts.leased)
         }
         return result
     }
@@ -96,11 +103,14 @@ public struct Readiness: Sendable, Hashable {
     public var warm = 0
     /// Recorded, whatever their condition.
     public var vms = 0
+    /// Handed to holders: no longer the pool's.
+    public var leased = 0
 
-    public init(ready: Int = 0, warm: Int = 0, vms: Int = 0) {
+    public init(ready: Int = 0, warm: Int = 0, vms: Int = 0, leased: Int = 0) {
         self.ready = ready
         self.warm = warm
         self.vms = vms
+        self.leased = leased
     }
 }
 

@@ -143,6 +143,14 @@ public final class StateStore: Sendable {
                         subnet TEXT NOT NULL,
                         createdByVmpool INTEGER NOT NULL
                     );
+                    CREATE TABLE leasewait (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        pool TEXT NOT NULL,
+                        holder TEXT NOT NULL,
+                        pid INTEGER NOT NULL,
+                        since DOUBLE NOT NULL
+                    );
+                    CREATE INDEX leasewait_pool ON leasewait(pool, id);
                     """)
         }
         return migrator
@@ -339,6 +347,110 @@ public final class StateStore: Sendable {
             }
             return (ports, addresses)
         }
+    }
+
+    // MARK: - Leases
+
+    /// What a lease attempt found.
+    public enum LeaseOutcome: Sendable {
+        case leased(VMRecord)
+        /// No VM of the pool is running and free.
+        case noneReady
+        /// Callers that asked earlier are still waiting for this pool: they go first.
+        case waitYourTurn
+    }
+
+    /// Hands one running, unleased VM of `pool` to `holder`, in one transaction: no VM is ever
+    /// leased twice. `ticket` is the caller's place in the pool's queue (`enqueueLeaseWait`);
+    /// a caller without one, or behind a live earlier caller, gets nothing while others wait.
+    public func lease(pool: String, holder: String, ttl: Duration?, ticket: Int64? = nil) throws(StoreError)
+        -> LeaseOutcome
+    {
+        try write { db in
+            guard try Bool.fetchOne(db, sql: "SELECT 1 FROM pool WHERE name = ? AND deleting = 0", arguments: [pool]) == true
+            else {
+                throw StoreError(.notFound, "no pool named \"\(pool)\" has been applied")
+            }
+            for waiter in try Row.fetchAll(
+                db, sql: "SELECT id, pid FROM leasewait WHERE pool = ? ORDER BY id", arguments: [pool])
+            {
+                let id: Int64 = waiter["id"]
+                if id == ticket { break }
+                let pid: Int64 = waiter["pid"]
+                if kill(pid_t(pid), 0) != 0 && errno == ESRCH {
+                    // A waiter that died gives up its place.
+                    try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [id])
+                    continue
+                }
+                return .waitYourTurn
+            }
+            guard
+                let row = try Row.fetchOne(
+                    db,
+                    sql: "SELECT \(Self.vmColumns) FROM vm WHERE pool = ? AND state = 'running' AND leaseHolder IS NULL"
+                        + " ORDER BY createdAt, id LIMIT 1",
+                    arguments: [pool])
+            else { return .noneReady }
+            var record = try Self.vm(row)
+            let now = Date()
+            record.lease = Lease(holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
+            try Self.upsertVM(db, record)
+            if let ticket { try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
+            try Self.insertEvent(
+                db,
+                Event(
+                    pool: pool, vm: record.id, kind: "leased",
+                    message: "to \(holder)" + (record.lease?.expiresAt.map { " until \(Self.rfc3339($0))" } ?? "")))
+            return .leased(record)
+        }
+    }
+
+    /// Takes a place in `pool`'s queue of callers waiting for a VM (`lease --wait`).
+    public func enqueueLeaseWait(pool: String, holder: String) throws(StoreError) -> Int64 {
+        try write { db in
+            try db.execute(
+                sql: "INSERT INTO leasewait (pool, holder, pid, since) VALUES (?, ?, ?, ?)",
+                arguments: [pool, holder, getpid(), Date().timeIntervalSince1970])
+            return db.lastInsertedRowID
+        }
+    }
+
+    public func dequeueLeaseWait(_ ticket: Int64) throws(StoreError) {
+        try write { db in try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
+    }
+
+    /// Callers waiting for a VM of each pool.
+    public func leaseWaiters() throws(StoreError) -> [String: Int] {
+        try read { db in
+            var result: [String: Int] = [:]
+            for row in try Row.fetchAll(db, sql: "SELECT pool, count(*) AS n FROM leasewait GROUP BY pool") {
+                result[row["pool"]] = row["n"]
+            }
+            return result
+        }
+    }
+
+    /// Ends a lease: the VM is marked stopping (a VM one consumer used is never handed to
+    /// another) and keeps its lease, so that no pass counts it toward its pool; the caller
+    /// stops it, or the next pass's recovery does.
+    public func release(_ id: String) throws(StoreError) -> VMRecord {
+        try write { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.vmColumns) FROM vm WHERE id = ?", arguments: [id])
+            else { throw StoreError(.notFound, "no VM named \"\(id)\"") }
+            var record = try Self.vm(row)
+            guard let lease = record.lease else { throw StoreError(.conflict, "VM \(id) is not leased") }
+            guard record.state != .stopping else { return record }
+            record.state = .stopping
+            try Self.upsertVM(db, record)
+            try Self.insertEvent(
+                db, Event(pool: record.pool, vm: id, kind: "released", message: "by \(lease.holder); the VM is stopped"))
+            return record
+        }
+    }
+
+    static func rfc3339(_ date: Date) -> String {
+        let formatter = ISO8601DateFormatter()
+        return formatter.string(from: date)
     }
 
     // MARK: - Bridges

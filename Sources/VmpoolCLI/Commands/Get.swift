@@ -70,11 +70,7 @@ extension Vmpool {
                     throw CommandFailure(description: "no pool named \"\(pool)\" has been applied")
                 }
                 let observation = try await session.reconciler.observe(depth: .hypervisor)
-                let conditions = Dictionary(uniqueKeysWithValues: observation.observedVMs.map { ($0.id, $0.condition) })
-                let records = observation.records.filter { pool == nil || $0.pool == pool }
-                let rows = records.map { record in
-                    VMRow(record: record, condition: conditions[record.id], driverName: session.reconciler.driver.name)
-                }
+                let rows = VMRow.rows(observation, pool: pool)
                 switch output {
                 case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
                 case .text: printOut(TableRenderer.vms(rows))
@@ -101,61 +97,7 @@ struct PoolRow {
             "maxMemoryMiB": .int(spec.maxMemoryMiB), "boot": .string(spec.boot.rawValue),
             "state": .string(spec.state.rawValue), "warm": .int(spec.warm), "ready": .int(ready), "vms": .int(vms),
             "generation": .int(generation), "labels": .object(spec.labels.mapValues { .string($0) }),
-            "standbys": .int(standbys), "warmReady": .int(readiness.warm),
-        ]
-    }
-}
-
-struct VMRow {
-    var record: VMRecord
-    var condition: ObservedVM.Condition?
-    var driverName: String
-
-    /// The state users see: what the hypervisor says (a VM paused behind vmpool's back shows
-    /// paused), `failed` when the VM is not usable, else the recorded state.
-    var state: String {
-        guard record.state == .running || record.state == .paused else { return record.state.rawValue }
-        switch condition {
-        case .broken: return "failed"
-        case .paused: return "paused"
-        case .running: return "running"
-        case nil: return record.state.rawValue
-        }
-    }
-
-    var problem: String? {
-        if case .broken(let why) = condition { return why }
-        return nil
-    }
-
-    /// Where the VM is reached: its own address (bridge mode), or 127.0.0.1 with forwarded ports.
-    var address: String? {
-        guard let network = record.network else { return nil }
-        return network.address ?? (network.ports.isEmpty ? nil : "127.0.0.1")
-    }
-
-    /// `22→20022,8080→31555`.
-    var portsText: String {
-        guard let ports = record.network?.ports, !ports.isEmpty else { return "-" }
-        return ports.sorted { $0.key < $1.key }.map { "\($0.key)→\($0.value)" }.joined(separator: ",")
-    }
-
-    var json: [String: JSONValue] {
-        [
-            "id": .string(record.id), "pool": .string(record.pool), "state": .string(state),
-            "vcpus": .int(record.shape.vcpus), "memoryMiB": .int(record.shape.memoryMiB),
-            "boot": .string(record.boot.rawValue), "pid": record.pid.map { .int(Int($0)) } ?? .null,
-            "createdAt": .string(JSONOutput.rfc3339(record.createdAt)),
-            "template": record.templateID.map { .string($0) } ?? .null,
-            "problem": problem.map { .string($0) } ?? .null,
-            "address": address.map { .string($0) } ?? .null,
-            "ports": .object(Dictionary(uniqueKeysWithValues: (record.network?.ports ?? [:]).map { ("\($0.key)", .int($0.value)) })),
-            "lease": record.lease.map { lease in
-                .object([
-                    "holder": .string(lease.holder), "leasedAt": .string(JSONOutput.rfc3339(lease.leasedAt)),
-                    "expiresAt": lease.expiresAt.map { .string(JSONOutput.rfc3339($0)) } ?? .null,
-                ])
-            } ?? .null,
+            "standbys": .int(standbys), "warmReady": .int(readiness.warm), "leased": .int(readiness.leased),
         ]
     }
 }

@@ -4,6 +4,7 @@ import Logging
 import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
+import VmpoolService
 import VmpoolStore
 
 extension Vmpool {
@@ -20,7 +21,25 @@ extension Vmpool {
         @Option(help: "Actions to run at once.")
         var parallel: Int = 4
 
+        @Option(help: "With --every: serve the lease API and /metrics on host:port or unix:PATH.")
+        var listen: String?
+
+        @Option(name: .customLong("token-file"), help: "Bearer token the HTTP API requires (a file of mode 0600); needed to listen beyond loopback.")
+        var tokenFile: String?
+
         func validate() throws {
+            if let listen {
+                guard every != nil else { throw ValidationError("--listen needs --every (the service)") }
+                guard let address = ListenAddress(listen) else {
+                    throw ValidationError("--listen: expected host:port or unix:PATH, got \"\(listen)\"")
+                }
+                if !address.isLocal && tokenFile == nil {
+                    throw ValidationError(
+                        "--listen \(listen) is reachable from other hosts: give --token-file (or listen on 127.0.0.1 or unix:PATH)")
+                }
+            } else if tokenFile != nil {
+                throw ValidationError("--token-file needs --listen")
+            }
             if parallel < 1 || parallel > 256 { throw ValidationError("--parallel: expected 1 to 256, got \(parallel)") }
             if let interval = try parseDuration(every, option: "--every"), interval <= .zero {
                 throw ValidationError("--every: expected a duration above zero")
@@ -40,13 +59,26 @@ extension Vmpool {
             }
             // The service takes the state dir lock for each pass, not for its whole life.
             let session = try await Session(options, locking: nil, parallelism: parallel)
-            let service = ReconcileService(
+            var service = ReconcileService(
                 reconciler: session.reconciler, interval: interval, logger: session.logger,
                 stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory))
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+            if let listen, let address = ListenAddress(listen) {
+                let token = try tokenFile.map { try BearerToken.read($0) }
+                let metrics = ServiceMetrics()
+                service.metrics = metrics
+                let reconciler = session.reconciler
+                let server = APIServer(
+                    leases: Leases(store: session.store, driver: reconciler.driver, stateDirectory: session.stateDirectory),
+                    store: session.store, metrics: metrics, token: token, logger: session.logger,
+                    observe: { try await reconciler.observe(depth: .hypervisor) })
+                services.append(.init(service: server.application(listening: address)))
+                session.logger.notice("serving the lease API and /metrics on \(address)")
+            }
+            services.insert(.init(service: service), at: 0)
             let group = ServiceGroup(
                 configuration: ServiceGroupConfiguration(
-                    services: [.init(service: service)], gracefulShutdownSignals: [.sigterm, .sigint],
-                    logger: session.logger))
+                    services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: session.logger))
             try await group.run()
         }
     }

@@ -1,3 +1,4 @@
+import VmpoolDriver
 import VmpoolPlanner
 import VmpoolReconciler
 import VmpoolSpec

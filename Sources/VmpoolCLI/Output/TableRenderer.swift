@@ -1,4 +1,5 @@
 import Foundation
+import VmpoolReconciler
 import VmpoolSpec
 
 /// Plain aligned tables, like `kubectl get`.
@@ -19,10 +20,11 @@ enum TableRenderer {
     static func pools(_ rows: [PoolRow]) -> String {
         if rows.isEmpty { return "No pools have been applied." }
         return table(
-            ["NAME", "READY", "WARM", "VCPUS", "MEMORY", "BOOT", "STATE"],
+            ["NAME", "READY", "WARM", "LEASED", "VCPUS", "MEMORY", "BOOT", "STATE"],
             rows.map { row in
                 [
                     row.spec.name, "\(row.ready)/\(row.spec.size)", "\(row.readiness.warm)/\(row.spec.warm)",
+                    "\(row.readiness.leased)",
                     "\(row.spec.vcpus)/\(row.spec.maxVcpus)",
                     "\(MemoryQuantity.format(row.spec.memoryMiB))/\(MemoryQuantity.format(row.spec.maxMemoryMiB))",
                     row.spec.boot.rawValue, row.spec.state.rawValue,

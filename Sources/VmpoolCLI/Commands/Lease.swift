@@ -1,0 +1,95 @@
+import ArgumentParser
+import Foundation
+import VmpoolDriver
+import VmpoolReconciler
+import VmpoolStore
+
+extension Vmpool {
+    /// Hands one ready VM of a pool to the caller alone; the pool refills.
+    struct LeaseCommand: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "lease",
+            abstract: "Take one ready VM of a pool for yourself alone; the pool refills.",
+            discussion: """
+                Prints the VM's id (or, with -o json, its id, pool, address, ports, holder and expiry). A \
+                leased VM no longer counts toward its pool and is never handed to anyone else; `vmpool \
+                release VM` stops it, and so does the first pass after its --ttl.
+                """)
+
+        @OptionGroup var options: GlobalOptions
+
+        @Argument(help: "The pool to take a VM from.")
+        var pool: String
+
+        @Option(help: "Release the VM by itself after this long (30m, 2h).")
+        var ttl: String?
+
+        @Option(help: "Wait up to this long for a ready VM (default: fail at once when none is ready).")
+        var wait: String?
+
+        @Option(help: "Who holds the lease, as shown by get vms (default: USER@HOST).")
+        var holder: String?
+
+        @Flag(help: "Run one pass after taking the VM, so the pool is refilled before this returns (needs the state dir lock).")
+        var refill = false
+
+        @Option(name: .shortAndLong, help: "Output format: text or json.")
+        var output: OutputFormat = .text
+
+        func validate() throws {
+            if let ttl = try parseDuration(ttl, option: "--ttl"), ttl <= .zero {
+                throw ValidationError("--ttl: expected a duration above zero")
+            }
+            _ = try parseDuration(wait, option: "--wait")
+            if let holder, holder.isEmpty || holder.count > 200 || holder.contains(where: \.isNewline) {
+                throw ValidationError("--holder: expected 1 to 200 characters on one line")
+            }
+        }
+
+        func run() async throws {
+            let session = try await Session(options, locking: nil, create: false)
+            let leases = Leases(store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
+            let record = try await leases.take(
+                pool: pool, holder: holder ?? Leases.defaultHolder(), ttl: try parseDuration(ttl, option: "--ttl"),
+                wait: try parseDuration(wait, option: "--wait") ?? .zero)
+            if refill {
+                let locked = try await Session(options, locking: "lease --refill")
+                _ = try await locked.reconciler.reconcile(only: [pool])
+            }
+            switch output {
+            case .text: printOut(record.id)
+            case .json: printOut(try JSONOutput.encode(Leases.json(record)))
+            }
+        }
+    }
+
+    /// Ends leases: their VMs are stopped.
+    struct Release: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "End leases: stop the leased VMs.")
+
+        @OptionGroup var options: GlobalOptions
+
+        @Argument(help: "Leased VM ids.")
+        var vms: [String] = []
+
+        func validate() throws {
+            if vms.isEmpty { throw ValidationError("name at least one leased VM to release") }
+        }
+
+        func run() async throws {
+            let session = try await Session(options, locking: nil, create: false)
+            let leases = Leases(store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
+            var failed = false
+            for id in vms {
+                do {
+                    try await leases.release(id)
+                    printOut("released \(id)")
+                } catch {
+                    printError("vmpool: \(error)")
+                    failed = true
+                }
+            }
+            if failed { throw ExitCode.failure }
+        }
+    }
+}
