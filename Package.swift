@@ -116,7 +116,7 @@ let package = Package(
         .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolTestSupport"]),
         .testTarget(
             name: "VmpoolQEMUTests",
-            dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolTestSupport"]
+            dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolStore", "VmpoolTestSupport"]
         ),
     ]
 )

@@ -117,6 +117,11 @@ public struct GlobalOptions: ParsableArguments {
         _ = try resolvedStandbys()
         _ = try resolvedAccelerator()
         _ = try Self.integer(environment, "VMPOOL_TCG_CACHE_MIB", 1...2048)
+        if let text = environment["VMPOOL_BOOT_TIMEOUT"], !text.isEmpty,
+            DurationText.parse(text).map({ $0 > .zero }) != true
+        {
+            throw ValidationError("VMPOOL_BOOT_TIMEOUT: expected a duration above zero like 90s, got \"\(text)\"")
+        }
     }
 
     /// A logger writing to stderr at the chosen level. Logging is bootstrapped once per process.

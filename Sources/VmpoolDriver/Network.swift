@@ -65,11 +65,14 @@ public struct NetworkAssignment: Codable, Sendable, Hashable {
 
 /// Ports on the host's loopback.
 public enum LocalPorts {
-    /// Whether nothing listens on (or holds) TCP port `port` of 127.0.0.1 right now.
+    /// Whether nothing listens on TCP port `port` of 127.0.0.1 right now. Connections lingering
+    /// in TIME_WAIT do not count: QEMU's forwards bind with SO_REUSEADDR too.
     public static func isFree(_ port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)

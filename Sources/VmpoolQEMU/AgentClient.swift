@@ -111,10 +111,12 @@ final class AgentClient {
 
     /// Sets the guest clock, adds host entropy and applies `identity`; retried every
     /// `interval` until `timeout` (repeating it is harmless).
-    func hello(identity: Identity?, timeout: Duration, interval: Duration = .milliseconds(250)) throws(DriverError) {
+    func hello(
+        identity: Identity?, setClock: Bool = true, timeout: Duration, interval: Duration = .milliseconds(250)
+    ) throws(DriverError) {
         try retrying(timeout: timeout, interval: interval) {
-            var command = String(
-                format: "hello time=%.6f seed=%@", Date().timeIntervalSince1970, Self.entropyHex(bytes: 32))
+            var command = "hello seed=" + Self.entropyHex(bytes: 32)
+            if setClock { command += String(format: " time=%.6f", Date().timeIntervalSince1970) }
             if let identity {
                 command += " name=\(identity.hostname) machine=\(identity.machineID)"
                 if let network = identity.network { command += " net=\(network)" }

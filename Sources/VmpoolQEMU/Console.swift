@@ -78,26 +78,39 @@ extension QemuDriver {
             var buffer = [UInt8](repeating: 0, count: 16384)
             // A fresh prompt, since the shell printed its last one before we came.
             try channel.send([0x0D], deadline: .now + .seconds(2))
+            // After the detach key (or the end of input), what the guest still prints in
+            // answer is shown until it has been quiet a moment.
+            var leaving: ContinuousClock.Instant?
+            var quietSince = ContinuousClock.now
             while true {
                 try Interrupt.check()
-                var fds = [
-                    pollfd(fd: streams.stdin, events: Int16(POLLIN), revents: 0),
-                    pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0),
-                ]
-                guard poll(&fds, 2, 100) >= 0 || errno == EINTR else { return }
-                if fds[0].revents != 0 {
-                    let count = read(streams.stdin, &buffer, buffer.count)
-                    if count <= 0 { return }
-                    if let at = buffer[0..<count].firstIndex(of: detach) {
-                        if at > 0 { try channel.send(Array(buffer[0..<at]), deadline: .now + .seconds(5)) }
-                        return
-                    }
-                    try channel.send(Array(buffer[0..<count]), deadline: .now + .seconds(5))
+                if let leaving, ContinuousClock.now - quietSince > .milliseconds(300) || ContinuousClock.now > leaving {
+                    return
                 }
-                if fds[1].revents != 0 {
+                var fds = [
+                    pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0),
+                    pollfd(fd: streams.stdin, events: Int16(leaving == nil ? POLLIN : 0), revents: 0),
+                ]
+                guard poll(&fds, 2, 50) >= 0 || errno == EINTR else { return }
+                if leaving == nil, fds[1].revents != 0 {
+                    let count = read(streams.stdin, &buffer, buffer.count)
+                    if count <= 0 {
+                        leaving = .now + .seconds(2)
+                    } else if let at = buffer[0..<count].firstIndex(of: detach) {
+                        if at > 0 { try channel.send(Array(buffer[0..<at]), deadline: .now + .seconds(5)) }
+                        leaving = .now + .seconds(2)
+                        quietSince = .now
+                    } else {
+                        try channel.send(Array(buffer[0..<count]), deadline: .now + .seconds(5))
+                    }
+                }
+                if fds[0].revents != 0 {
                     let count = recv(channel.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
                     if count == 0 { return }
-                    if count > 0 { try ExecSession.write(Array(buffer[0..<count]), to: streams.stdout) }
+                    if count > 0 {
+                        try ExecSession.write(Array(buffer[0..<count]), to: streams.stdout)
+                        quietSince = .now
+                    }
                 }
             }
         }

@@ -24,8 +24,11 @@ public struct QemuConfiguration: Sendable {
     public var sandbox: Bool
     /// Drop QEMU's privileges to this user after start-up (`VMPOOL_QEMU_USER`).
     public var runAs: String?
-    /// Longest wait for a cold-booted guest's agent.
+    /// Longest wait for a cold-booted guest's agent (`VMPOOL_BOOT_TIMEOUT`).
     public var bootTimeout: Duration
+    /// Set the guest clock after a clone or resume (`VMPOOL_CLOCK_SYNC=0` turns it off, to
+    /// measure what it is worth: a clone then keeps its template's clock).
+    public var clockSync = true
     /// Longest wait for a clone's agent after restore.
     public var restoreTimeout: Duration
     /// How long `quit` may take before SIGKILL.
@@ -71,6 +74,10 @@ public struct QemuConfiguration: Sendable {
         if let text = environment["VMPOOL_TCG_CACHE_MIB"], let mib = Int(text), (1...2048).contains(mib) {
             config.tcgCacheMiB = mib
         }
+        if let text = environment["VMPOOL_BOOT_TIMEOUT"], let timeout = DurationText.parse(text), timeout > .zero {
+            config.bootTimeout = timeout
+        }
+        if environment["VMPOOL_CLOCK_SYNC"] == "0" { config.clockSync = false }
         return config
     }
 }

@@ -340,7 +340,7 @@ struct QemuVM {
         }
         phases.mark("restore")
         try qmp.execute("cont")
-        try agent.hello(identity: identity, timeout: timeout)
+        try agent.hello(identity: identity, setClock: configuration.clockSync, timeout: timeout)
         phases.mark("agent")
         return phases.phases
     }

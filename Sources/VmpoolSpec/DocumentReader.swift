@@ -12,6 +12,10 @@ struct DocumentReader {
     /// Where fields of the last pool read were written, by field path, for errors found later
     /// (a duplicate name, a missing image file).
     private(set) var fieldLocations: [String: SourceLocation] = [:]
+    /// Fields merge keys (`<<`) may still bring into the current document: merges that share
+    /// anchors would otherwise expand exponentially (a merge "bomb" of a kilobyte).
+    private var mergeBudget = 0
+    static let maxMergedFields = 10_000
 
     init(file: String, baseDirectory: String) {
         self.file = file
@@ -22,6 +26,7 @@ struct DocumentReader {
     mutating func readPool(_ root: Node) -> (PoolSpec, PoolOrigin)? {
         let start = diagnostics.count
         fieldLocations = [:]
+        mergeBudget = Self.maxMergedFields
         guard
             let top = mapping(
                 root, path: "", allowed: ["apiVersion", "kind", "metadata", "spec"],
@@ -406,6 +411,13 @@ struct DocumentReader {
             if case .sequence(let sequence) = value { sources = Array(sequence) } else { sources = [value] }
             for source in sources {
                 guard let more = pairs(source, path: path, depth: depth + 1) else { return nil }
+                mergeBudget -= more.count
+                guard mergeBudget >= 0 else {
+                    report(
+                        .tooManyAliases, key, path.isEmpty ? "(document)" : path,
+                        "merge keys ('<<') bring in more than \(Self.maxMergedFields) fields; a pool needs a handful")
+                    return nil
+                }
                 merged.append(contentsOf: more)
             }
         }

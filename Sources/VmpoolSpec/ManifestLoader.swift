@@ -227,9 +227,39 @@ public enum ManifestLoader {
                 break
             }
         }
+        // libyaml can report a position just past the input (a line after the last one when the
+        // file has no final newline, a column after a line's break): point at the nearest
+        // position inside it, counting lines as YAML does.
+        (line, column) = clamp(line: line, column: column, in: text)
         return Diagnostic(
             .syntax, at: SourceLocation(file: file, line: line, column: column), field: "(document)",
             "invalid YAML: \(message)")
+    }
+
+    /// The position nearest to (`line`, `column`) that lies in `text`, lines broken at `\n`,
+    /// `\r\n`, `\r`, NEL, LS and PS as YAML breaks them.
+    static func clamp(line: Int, column: Int, in text: String) -> (Int, Int) {
+        var lengths: [Int] = []
+        var length = 0
+        var previous: Unicode.Scalar = " "
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\n":
+                if previous != "\r" { lengths.append(length) }
+                length = 0
+            case "\r", "\u{85}", "\u{2028}", "\u{2029}":
+                lengths.append(length)
+                length = 0
+            default:
+                length += 1
+            }
+            previous = scalar
+        }
+        lengths.append(length)
+        if text.hasSuffix("\n") || text.hasSuffix("\r"), lengths.count > 1, lengths.last == 0 { lengths.removeLast() }
+        let clampedLine = min(max(1, line), lengths.count)
+        let maxColumn = lengths[clampedLine - 1] + 1
+        return (clampedLine, clampedLine < line ? maxColumn : min(max(1, column), maxColumn))
     }
 
     private static func position(ofUTF8Offset offset: Int, in text: String) -> (Int, Int) {

@@ -21,7 +21,7 @@ struct PreScan {
             return .failure(
                 Diagnostic(
                     .tooLarge, at: SourceLocation(file: file, line: 1, column: 1), field: "(file)",
-                    "file is \(bytes.count) bytes; manifests are limited to \(Self.maxBytes) bytes"))
+                    "file is too large: manifests are limited to \(Self.maxBytes) bytes"))
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             let (line, column) = Self.firstInvalidUTF8(bytes)

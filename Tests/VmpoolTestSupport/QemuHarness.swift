@@ -65,6 +65,19 @@ public struct QemuSandbox {
         return (try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [[String: Any]]) ?? []
     }
 
+    /// `vmpool exec VM -- ARGV` with optional standard input.
+    @discardableResult
+    public func exec(_ vm: String, _ argv: [String], input: String? = nil, options: [String] = []) throws
+        -> CommandResult
+    {
+        try binary.run(["exec", vm, "--state-dir", state] + options + ["--"] + argv, input: input)
+    }
+
+    /// The ids of the VMs of `pool`, oldest first.
+    public func ids(pool: String? = nil) throws -> [String] {
+        try vms(pool: pool).compactMap { $0["id"] as? String }
+    }
+
     /// Processes whose command line names this sandbox's run dir: the QEMUs vmpool started here.
     public func qemuProcesses() -> [Int32] {
         let marker = state + "/run/"

@@ -1,0 +1,214 @@
+import CVmpoolSys
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolTestSupport
+
+@testable import VmpoolQEMU
+
+/// What makes a VM usable, on real QEMU: exec, cp, logs, console, disks, identity after a clone.
+@Suite(
+    "Usable VMs on real QEMU", .serialized,
+    .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
+struct UsableVMTests {
+    func pool(_ name: String, size: Int, boot: String = "cold", state: String = "running", extra: String = "")
+        -> String
+    {
+        """
+        apiVersion: vmpool/v1
+        kind: Pool
+        metadata: {name: \(name)}
+        spec:
+          size: \(size)
+          vcpus: 1
+          memory: 256Mi
+          boot: \(boot)
+          state: \(state)
+        \(extra)
+        """
+    }
+
+    func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml") throws {
+        let result = try box.run(["apply", "-f", box.write(text, as: name)])
+        #expect(result.status == 0, "apply failed: \(result.stdout)\n\(result.stderr)")
+    }
+
+    @Test func execRunsCommandsOnColdVMsAndClones() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("cold", size: 1) + "---\n" + pool("clone", size: 1, boot: "template"))
+        for vm in try box.ids() {
+            let uname = try box.exec(vm, ["uname", "-a"])
+            #expect(uname.status == 0 && uname.stdout.hasPrefix("Linux \(vm) "), "\(vm): \(uname.stdout) \(uname.stderr)")
+            let split = try box.exec(vm, ["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
+            #expect(split.status == 3)
+            #expect(split.stdout == "to-out\n")
+            #expect(split.stderr == "to-err\n")
+            #expect(try box.exec(vm, ["no-such-program"]).status == 127)
+            #expect(try box.exec(vm, ["/proc/cpuinfo"]).status == 126)
+            let env = try box.exec(vm, ["sh", "-c", "echo $A-$B"], options: ["-e", "A=1", "-e", "B=two words"])
+            #expect(env.stdout == "1-two words\n")
+            let echoed = try box.exec(vm, ["sh", "-c", "cat | wc -c"], input: String(repeating: "x", count: 100_000), options: ["-i"])
+            #expect(echoed.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "100000")
+            // Every byte value comes through unchanged.
+            let all = try box.exec(vm, ["sh", "-c", "i=0; while [ $i -lt 256 ]; do printf \"\\\\$(printf %o $i)\"; i=$((i+1)); done | md5sum"])
+            let expected = Data((0...255).map { UInt8($0) })
+            #expect(all.stdout.hasPrefix(md5(expected)), "\(all.stdout)")
+            let timed = try box.exec(vm, ["sleep", "30"], options: ["--timeout", "1s"])
+            #expect(timed.status == 137)
+        }
+        #expect(try box.exec("no-such-vm", ["true"]).status == 125)
+    }
+
+    @Test func severalExecsRunAtOnceAndTheControlPortStaysFree() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("par", size: 1))
+        let vm = try #require(try box.ids().first)
+        let started = ContinuousClock.now
+        let runs = try (0..<4).map { _ in try box.binary.start(["exec", vm, "--state-dir", box.state, "--", "sh", "-c", "sleep 2; echo done"]) }
+        // Meanwhile the reconciler still reaches the agent: a pass finds nothing to do.
+        let reconcile = try box.run(["reconcile"])
+        #expect(reconcile.status == 0 && reconcile.stdout.contains("No changes"), "\(reconcile.stdout)\(reconcile.stderr)")
+        for run in runs {
+            let result = run.wait()
+            #expect(result.status == 0 && result.stdout == "done\n")
+        }
+        #expect(ContinuousClock.now - started < .seconds(7), "four 2 s execs ran one after another")
+    }
+
+    @Test func execOnAPausedVMIsRefused() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("sleepy", size: 1, state: "paused"))
+        let vm = try #require(try box.ids().first)
+        let result = try box.exec(vm, ["true"])
+        #expect(result.status == 125)
+        #expect(result.stderr.contains("paused"), "\(result.stderr)")
+    }
+
+    @Test func cpCopiesFilesAndDirectoriesBothWaysKeepingModes() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("files", size: 1, boot: "template"))
+        let vm = try #require(try box.ids().first)
+        var bytes = [UInt8](repeating: 0, count: 5 << 20)
+        for index in bytes.indices { bytes[index] = UInt8(truncatingIfNeeded: index &* 7919 &+ index >> 11) }
+        let source = box.dir.path + "/blob.bin"
+        FileManager.default.createFile(atPath: source, contents: Data(bytes))
+        _ = box.dir.write("tree/sub/run.sh", "#!/bin/sh\necho hi\n")
+        chmod(box.dir.path + "/tree/sub/run.sh", 0o751)
+        #expect(try box.run(["cp", source, "\(vm):/tmp/blob.bin"]).status == 0)
+        #expect(try box.run(["cp", box.dir.path + "/tree", "\(vm):/tmp/tree2"]).status == 0)
+        #expect(try box.exec(vm, ["md5sum", "/tmp/blob.bin"]).stdout.hasPrefix(md5(Data(bytes))))
+        #expect(try box.exec(vm, ["stat", "-c", "%a", "/tmp/tree2/sub/run.sh"]).stdout == "751\n")
+        #expect(try box.exec(vm, ["/tmp/tree2/sub/run.sh"]).stdout == "hi\n")
+        #expect(try box.run(["cp", "\(vm):/tmp/blob.bin", box.dir.path + "/back.bin"]).status == 0)
+        #expect(FileManager.default.contents(atPath: box.dir.path + "/back.bin") == Data(bytes))
+        #expect(try box.run(["cp", "\(vm):/tmp/tree2", box.dir.path + "/tree3"]).status == 0)
+        var info = stat()
+        stat(box.dir.path + "/tree3/sub/run.sh", &info)
+        #expect(info.st_mode & 0o777 == 0o751)
+        let missing = try box.run(["cp", "\(vm):/no/such/file", box.dir.path + "/x"])
+        #expect(missing.status != 0)
+    }
+
+    @Test func logsAreBoundedAndConsoleAnswers() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("talk", size: 1))
+        let vm = try #require(try box.ids().first)
+        let logs = try box.run(["logs", vm])
+        #expect(logs.status == 0 && logs.stdout.contains("vmpool-guest: ready"), "\(logs.stdout)")
+        // A guest printing 5 MiB on its serial console: the host keeps a bounded amount.
+        _ = try box.exec(vm, ["sh", "-c", "head -c 5242880 /dev/zero | tr '\\\\0' x > /dev/ttyS0"])
+        _ = try box.run(["logs", vm, "--tail", "1"])
+        let dir = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state)).vmDirectory(vm)
+        var total = 0
+        for file in ["console.log", "console.log.1"] {
+            var info = stat()
+            if stat(dir + "/" + file, &info) == 0 { total += Int(info.st_size) }
+        }
+        #expect(total <= 2 * ConsoleLog.capBytes + QemuVM.consoleRingBytes, "console log on disk: \(total) bytes")
+        let marker = "console-\(UInt32.random(in: 0...UInt32.max))"
+        let console = try box.binary.run(
+            ["console", vm, "--state-dir", box.state], input: "echo \(marker)\r" + String(UnicodeScalar(0x1D)))
+        #expect(console.status == 0, "\(console.stderr)")
+        #expect(console.stdout.contains(marker))
+    }
+
+    @Test func disksAreCopyOnWritePrivateAndGoWithTheirVM() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        // A raw base image whose first sector carries a marker.
+        let base = box.dir.path + "/base.raw"
+        var sector = [UInt8](repeating: 0, count: 1 << 20)
+        for (index, byte) in "BASE-IMAGE".utf8.enumerated() { sector[index] = byte }
+        FileManager.default.createFile(atPath: base, contents: Data(sector))
+        let before = md5(Data(sector))
+        let disks = "  disks:\n    - {name: data, image: base.raw, size: 8Mi}\n    - {name: scratch, size: 16Mi}"
+        try apply(box, pool("disky", size: 2, boot: "template", extra: disks))
+        let ids = try box.ids()
+        #expect(ids.count == 2)
+        for vm in ids {
+            #expect(try box.exec(vm, ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE")
+            #expect(try box.exec(vm, ["cat", "/sys/block/vda/size", "/sys/block/vdb/size"]).stdout == "16384\n32768\n")
+        }
+        #expect(try box.exec(ids[0], ["sh", "-c", "printf WRITTEN-A | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"]).status == 0)
+        #expect(try box.exec(ids[0], ["head", "-c", "9", "/dev/vda"]).stdout == "WRITTEN-A")
+        #expect(try box.exec(ids[1], ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE", "a write in one VM is seen by another")
+        #expect(md5(FileManager.default.contents(atPath: base) ?? Data()) == before, "the base image was written")
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        for vm in ids { #expect(access(paths.overlay(vm, disk: "data"), F_OK) == 0) }
+        // A changed base is a new image: the template is rebuilt and the VMs replaced.
+        sector[0] = UInt8(ascii: "b")
+        FileManager.default.createFile(atPath: base, contents: Data(sector))
+        let plan = try box.run(["plan", "-f", box.dir.path + "/pool.yaml"])
+        #expect(plan.stdout.contains("build-template") && plan.stdout.contains("replace"), "\(plan.stdout)")
+        try apply(box, pool("disky", size: 2, boot: "template", extra: disks))
+        let replaced = try box.ids()
+        #expect(Set(replaced).isDisjoint(with: ids))
+        #expect(try box.exec(replaced[0], ["head", "-c", "10", "/dev/vda"]).stdout == "bASE-IMAGE")
+        #expect(try box.run(["delete", "disky"]).status == 0)
+        for vm in ids + replaced { #expect(access(paths.overlay(vm, disk: "data"), F_OK) != 0) }
+        let templates = (try? FileManager.default.contentsOfDirectory(atPath: box.state + "/templates")) ?? []
+        #expect(templates.isEmpty, "left: \(templates)")
+    }
+
+    @Test func clonesHaveTheirOwnIdentityAndTheHostsClock() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("twins", size: 0, boot: "template"))
+        // The template is saved now; clones made 10 s later must still read the host's time.
+        try apply(box, pool("twins", size: 1, boot: "template"))
+        sleep(10)
+        try apply(box, pool("twins", size: 3, boot: "template"))
+        var names = Set<String>()
+        var randoms = Set<String>()
+        for vm in try box.ids() {
+            names.insert(try box.exec(vm, ["hostname"]).stdout)
+            randoms.insert(try box.exec(vm, ["sh", "-c", "head -c 16 /dev/urandom | md5sum"]).stdout)
+            let guest = Double(try box.exec(vm, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            #expect(abs(guest - Date().timeIntervalSince1970) < 2, "\(vm)'s clock is off by \(guest - Date().timeIntervalSince1970) s")
+        }
+        #expect(names.count == 3)
+        #expect(randoms.count == 3)
+        // Without the clock step a clone keeps its template's time: the check above can fail.
+        _ = try box.run(["apply", "-f", box.write(pool("drift", size: 1, boot: "template"), as: "drift.yaml")])
+        sleep(3)
+        let grown = box.write(pool("drift", size: 2, boot: "template"), as: "drift.yaml")
+        _ = try box.run(["apply", "-f", grown], environment: ["VMPOOL_CLOCK_SYNC": "0", "VMPOOL_STANDBY": "0"])
+        let newest = try #require(try box.ids(pool: "drift").last)
+        let guest = Double(try box.exec(newest, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        #expect(Date().timeIntervalSince1970 - guest > 2, "without clock sync the clone's clock should lag")
+    }
+}
+
+/// Hex MD5 of `data`, by the host's md5sum (the same tool as in the guest).
+func md5(_ data: Data) -> String {
+    let path = NSTemporaryDirectory() + "vmpool-md5-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    FileManager.default.createFile(atPath: path, contents: data)
+    defer { unlink(path) }
+    let result = try? RunningCommand(path: "/usr/bin/md5sum", arguments: [path], environment: [:]).wait()
+    return String(result?.stdout.prefix(32) ?? "")
+}
