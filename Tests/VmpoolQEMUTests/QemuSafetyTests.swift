@@ -1,0 +1,179 @@
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolStore
+import VmpoolTestSupport
+
+@testable import VmpoolQEMU
+
+/// What the review found on real QEMU: observers that disturbed an apply, a busy channel
+/// taken for a dead VM, a stalled guest that wedged apply, state dir spellings, the KVM probe
+/// and the template memory directory.
+@Suite(
+    "Safety on real QEMU", .serialized,
+    .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
+struct QemuSafetyTests {
+    func pool(_ name: String, size: Int, boot: String = "template", extra: String = "") -> String {
+        """
+        apiVersion: vmpool/v1
+        kind: Pool
+        metadata: {name: \(name)}
+        spec:
+          size: \(size)
+          vcpus: 1
+          memory: 256Mi
+          boot: \(boot)
+        \(extra)
+        """
+    }
+
+    @Test func observersDuringAnApplyNeitherDisturbItNorMisreport() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        #expect(try box.run(["apply", "-f", box.write(pool("steady", size: 3))]).status == 0)
+        let steady = Set(try box.ids(pool: "steady"))
+        // A slow apply (cold boots) while get and plan run in a loop beside it.
+        let slow = try box.binary.start(["apply", "-f", box.write(pool("slow", size: 2, boot: "cold"), as: "slow.yaml"), "--state-dir", box.state])
+        var observations = 0
+        var misreports: [String] = []
+        while kill(slow.pid, 0) == 0 {
+            for vm in try box.vms(pool: "steady") where vm["state"] as? String != "running" {
+                misreports.append("\(vm["id"] ?? "?") shown \(vm["state"] ?? "?")")
+            }
+            let plan = try box.run(["plan", "-f", box.dir.path + "/pool.yaml", "--detailed-exitcode"])
+            if plan.status != 0 { misreports.append("plan of the steady pool: \(plan.stdout)") }
+            observations += 1
+            if observations > 200 { break }
+        }
+        let result = slow.wait()
+        #expect(result.status == 0, "the apply was disturbed: \(result.stdout)\n\(result.stderr)")
+        #expect(observations >= 3, "the observers ran \(observations) times")
+        #expect(misreports.isEmpty, "\(misreports.prefix(5))")
+        #expect(Set(try box.ids(pool: "steady")) == steady, "no steady VM was replaced")
+    }
+
+    @Test func aBusyAgentChannelIsNotADeadVM() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        #expect(try box.run(["apply", "-f", box.write(pool("held", size: 1))]).status == 0)
+        let vm = try #require(try box.ids().first)
+        // Someone else connects to the agent's control socket and keeps it.
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        let holder = try Channel(path: paths.agentSocket(vm), deadline: .now + .seconds(5))
+        defer { holder.close() }
+        usleep(200_000)
+        let reconcile = try box.run(["reconcile"])
+        #expect(reconcile.status == 0, "\(reconcile.stdout)\n\(reconcile.stderr)")
+        #expect(!reconcile.stdout.contains("replace"), "a healthy VM whose agent channel was busy was replaced: \(reconcile.stdout)")
+        #expect(try box.ids() == [vm])
+    }
+
+    @Test func aGuestThatNeverAnswersFailsTheActionAtTheBootTimeout() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        // The initramfs runs a shell instead of its init: the agent never starts.
+        let file = box.write(pool("mute", size: 1, boot: "cold", extra: "  image: {cmdline: \"console=ttyS0 rdinit=/bin/sh\"}"))
+        let started = Date()
+        let result = try box.run(["apply", "-f", file], environment: ["VMPOOL_BOOT_TIMEOUT": "6s"])
+        let took = Date().timeIntervalSince(started)
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("did not answer"), "\(result.stdout)")
+        #expect(took < 30, "apply took \(took) s")
+        #expect(box.qemuProcesses().isEmpty, "the half-booted VM was left running")
+        // The lock is free: another command gets it at once (and fails on the mute guest itself).
+        let next = try box.run(["reconcile", "--lock-timeout", "1s"], environment: ["VMPOOL_BOOT_TIMEOUT": "1s"])
+        #expect(!next.stderr.contains("another vmpool is working"), "\(next.stderr)")
+        // A second SIGTERM interrupts a boot that would otherwise wait for its timeout.
+        let waiting = try box.binary.start(["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "120s"])
+        usleep(1_500_000)
+        let signalled = Date()
+        waiting.kill(SIGTERM)
+        usleep(200_000)
+        waiting.kill(SIGTERM)
+        let interrupted = waiting.wait()
+        #expect(Date().timeIntervalSince(signalled) < 15, "two SIGTERMs took \(Date().timeIntervalSince(signalled)) s")
+        #expect(interrupted.status == 1)
+        #expect(box.qemuProcesses().isEmpty)
+        #expect(try StateStore(directory: box.state).vms().isEmpty)
+    }
+
+    @Test func everySpellingOfTheStateDirNamesTheSameVMs() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let file = box.write(pool("spelled", size: 2))
+        #expect(try box.run(["apply", "-f", file]).status == 0)
+        let link = box.dir.path + "/link"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: box.state)
+        for spelling in [box.state + "/", box.dir.path + "//s", box.dir.path + "/./s", link] {
+            let plan = try box.binary.run(["plan", "-f", file, "--state-dir", spelling, "--detailed-exitcode"])
+            #expect(plan.status == 0, "state dir spelled \(spelling): \(plan.stdout)")
+            let reconcile = try box.binary.run(["reconcile", "--state-dir", spelling])
+            #expect(reconcile.stdout.contains("No changes"), "\(spelling): \(reconcile.stdout)")
+        }
+        #expect(box.qemuProcesses().count == 4, "2 VMs and 2 standbys, no more")
+    }
+
+    @Test func theKVMProbeKilledHalfwayIsStoppedByTheNextRun() throws {
+        try #require(access("/dev/kvm", F_OK) == 0, "no /dev/kvm: the probe does not run here")
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let file = box.write(pool("probe", size: 1, boot: "cold"))
+        let first = try box.binary.start(["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_ACCEL": "auto"])
+        usleep(600_000)
+        first.kill(SIGKILL)
+        _ = first.wait()
+        let repair = try box.run(["reconcile"], environment: ["VMPOOL_ACCEL": "tcg"])
+        #expect(repair.status == 0, "\(repair.stderr)")
+        let store = try StateStore(directory: box.state)
+        let recorded = Set(try store.vms().compactMap(\.pid) + store.standbys().compactMap(\.pid))
+        // Any QEMU booting this state dir's kernel, wherever its other files are.
+        let kernel = box.state + "/image/vmlinuz"
+        let booting = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry -> Int32? in
+            guard let pid = Int32(entry), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+                String(decoding: data, as: UTF8.self).contains(kernel),
+                !((try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? "").contains(") Z")
+            else { return nil }
+            return pid
+        })
+        #expect(booting.isSubset(of: recorded), "a QEMU that is no VM's was left: \(booting.subtracting(recorded))")
+    }
+
+    @Test func aProcessOfAnotherUserOrProgramIsNeverTakenForAVM() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        #expect(try box.run(["apply", "-f", box.write(pool("mine", size: 0))]).status == 0)
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        // A shell whose arguments look like a VM of this state dir.
+        let decoy = try RunningCommand(
+            path: "/bin/sh", arguments: ["-c", "sleep 30", "-name", "guest=mine-abcdef", paths.runRoot + "/x/q"],
+            environment: [:])
+        defer {
+            decoy.kill()
+            _ = decoy.wait()
+        }
+        usleep(100_000)
+        #expect(try box.run(["reconcile"]).status == 0)
+        #expect(kill(decoy.pid, 0) == 0, "reconcile killed a process that is not one of its QEMUs")
+    }
+
+    @Test(.enabled(if: geteuid() == 0, "needs root to make a directory of another user"))
+    func aTemplateMemoryDirectoryOfAnotherUserIsRefused() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        try? FileManager.default.removeItem(atPath: paths.memoryRoot)
+        mkdir(paths.memoryRoot, 0o777)
+        chown(paths.memoryRoot, 65534, 65534)
+        defer { try? FileManager.default.removeItem(atPath: paths.memoryRoot) }
+        let result = try box.run(["apply", "-f", box.write(pool("shm", size: 1))])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("belongs to uid 65534"), "\(result.stdout)")
+        // A symlink planted in its place is refused too.
+        rmdir(paths.memoryRoot)
+        symlink("/tmp", paths.memoryRoot)
+        let linked = try box.run(["apply", "-f", box.dir.path + "/pool.yaml"])
+        #expect(linked.status == 1)
+        #expect(linked.stdout.contains("not a directory"), "\(linked.stdout)")
+        unlink(paths.memoryRoot)
+    }
+}
