@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Synchronization
 import VmpoolDriver
 import VmpoolQEMU
 import VmpoolSim
@@ -22,6 +23,9 @@ public struct GlobalOptions: ParsableArguments {
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (env VMPOOL_LOG_LEVEL; default info).")
     var logLevel: String?
+
+    @Option(name: .customLong("log-format"), help: "Logs as text or json lines (env VMPOOL_LOG_FORMAT; default text).")
+    var logFormat: String?
 
     @Option(help: "QEMU accelerator: auto, kvm or tcg (env VMPOOL_ACCEL; default auto).")
     var accel: Accelerator?
@@ -104,15 +108,21 @@ public struct GlobalOptions: ParsableArguments {
 
     func resolvedLockTimeout() throws -> Double {
         guard let lockTimeout else { return 60 }
-        guard let duration = DurationText.parse(lockTimeout) else {
-            throw ValidationError("--lock-timeout: expected a duration like 30s or 500ms, got \"\(lockTimeout)\"")
+        return try duration("--lock-timeout")(lockTimeout).seconds
+    }
+
+    func resolvedLogFormat() throws -> LogFormat {
+        let text = logFormat ?? environment["VMPOOL_LOG_FORMAT"] ?? "text"
+        guard let format = LogFormat(rawValue: text.isEmpty ? "text" : text) else {
+            throw ValidationError("--log-format: expected text or json, got \"\(text)\"")
         }
-        return duration.seconds
+        return format
     }
 
     public func validate() throws {
         _ = try resolvedDriver()
         _ = try resolvedLogLevel()
+        _ = try resolvedLogFormat()
         _ = try resolvedLockTimeout()
         _ = try resolvedStandbys()
         _ = try resolvedAccelerator()
@@ -124,12 +134,13 @@ public struct GlobalOptions: ParsableArguments {
         }
     }
 
-    /// A logger writing to stderr at the chosen level. Logging is bootstrapped once per process.
-    func makeLogger() throws -> Logger {
+    /// A logger writing to stderr at the chosen level and format. Logging is bootstrapped once
+    /// per process. `quiet` raises the default level to warnings (a progress line says the rest).
+    func makeLogger(quiet: Bool = false) throws -> Logger {
         let level = try resolvedLogLevel()
-        LoggingBootstrap.once()
+        LoggingBootstrap.once(format: try resolvedLogFormat())
         var logger = Logger(label: "vmpool")
-        logger.logLevel = level
+        logger.logLevel = quiet ? max(level, .warning) : level
         return logger
     }
 
@@ -151,8 +162,16 @@ extension Accelerator: ExpressibleByArgument {}
 
 
 enum LoggingBootstrap {
-    private static let done: Void = {
-        LoggingSystem.bootstrap { label in StreamLogHandler.standardError(label: label) }
-    }()
-    static func once() { _ = done }
+    private static let done = Mutex(false)
+
+    static func once(format: LogFormat) {
+        done.withLock { done in
+            guard !done else { return }
+            done = true
+            switch format {
+            case .text: LoggingSystem.bootstrap { label in StreamLogHandler.standardError(label: label) }
+            case .json: LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
+            }
+        }
+    }
 }

@@ -23,14 +23,19 @@ struct Session {
     /// Opens the state dir. `locking` names the command for the lock holder record; such a
     /// session holds the lock until it ends. `create` makes an absent state dir, else an
     /// absent one is an error (observers never create one).
+    /// The live progress line, when a pass runs on a terminal.
+    let progress: ProgressLine?
+
     init(
         _ options: GlobalOptions, locking command: String?, create: Bool = true, parallelism: Int = 4,
-        timeout: Duration? = nil
+        timeout: Duration? = nil, showProgress: Bool = false
     ) async throws {
         self.options = options
-        let logger = try options.makeLogger()
+        let progress = showProgress && ProgressLine.wanted(options) ? ProgressLine(verb: command ?? "pass") : nil
+        self.progress = progress
+        let logger = try options.makeLogger(quiet: progress != nil)
         self.logger = logger
-        let dir = try options.stateDirectory(create: create || command != nil)
+        let dir = try options.stateDirectory(create: create)
         stateDirectory = dir
         lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
         store = try StateStore(directory: dir)
@@ -38,11 +43,10 @@ struct Session {
         let defaultImage: BootImage? =
             driver.name == "sim" ? GuestImage.simDefault : GuestImage.installed(stateDirectory: dir)
         let standbys = try options.resolvedStandbys()
-        reconciler = Reconciler(
-            store: store, driver: driver,
-            configuration: ReconcilerConfiguration(
-                parallelism: parallelism, defaultImage: defaultImage, timeout: timeout, standbys: standbys),
-            logger: logger)
+        var configuration = ReconcilerConfiguration(
+            parallelism: parallelism, defaultImage: defaultImage, timeout: timeout, standbys: standbys)
+        if let progress { configuration.progress = { progress.update($0) } }
+        reconciler = Reconciler(store: store, driver: driver, configuration: configuration, logger: logger)
     }
 }
 
@@ -141,11 +145,3 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case json
 }
 
-/// Parses `--parallel`, `--timeout` and `--every` style values.
-func parseDuration(_ text: String?, option: String) throws -> Duration? {
-    guard let text else { return nil }
-    guard let duration = DurationText.parse(text) else {
-        throw ValidationError("\(option): expected a duration like 500ms, 30s, 5m or 1h, got \"\(text)\"")
-    }
-    return duration
-}

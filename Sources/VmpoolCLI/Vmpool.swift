@@ -11,8 +11,8 @@ public struct Vmpool: AsyncParsableCommand {
             """,
         version: "0.1.0",
         subcommands: [
-            Validate.self, PlanCommand.self, Apply.self, Reconcile.self, Get.self, Delete.self, LeaseCommand.self,
-            Release.self, Exec.self, Cp.self, Logs.self, Console.self, Image.self,
+            Validate.self, PlanCommand.self, Apply.self, Reconcile.self, Get.self, Describe.self, Events.self,
+            Delete.self, LeaseCommand.self, Release.self, Exec.self, Cp.self, Logs.self, Console.self, Image.self,
         ]
     )
 

@@ -36,13 +36,20 @@ public struct LaunchRequest: Sendable {
     public var state: DesiredState
     /// What the VM's NIC was given (recorded before the call).
     public var network: NetworkAssignment?
+    /// What names the launch before the VM has an id: the pool and the VM's place in it
+    /// (the sim driver's reproducible faults are keyed by it).
+    public var slot: String
 
-    public init(id: String, pool: String, shape: VMShape, state: DesiredState, network: NetworkAssignment? = nil) {
+    public init(
+        id: String, pool: String, shape: VMShape, state: DesiredState, network: NetworkAssignment? = nil,
+        slot: String? = nil
+    ) {
         self.id = id
         self.pool = pool
         self.shape = shape
         self.state = state
         self.network = network
+        self.slot = slot ?? id
     }
 }
 

@@ -150,6 +150,8 @@ public struct Action: Sendable, Hashable, Codable {
     public var reason: String
     /// Indices of actions that must succeed first.
     public var dependsOn: [Int]
+    /// For a new VM: its place in the pool (`N` of "N of M"), which names it before it has an id.
+    public var slot: Int?
 
     public init(
         _ kind: Kind, pool: String, vm: String? = nil, template: String? = nil, state: DesiredState? = nil,

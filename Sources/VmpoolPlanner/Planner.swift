@@ -277,10 +277,11 @@ struct PoolPlanner {
             let reason =
                 state == .running && spec.state == .running
                 ? "\(spec.size) running VMs wanted" : "\(wantPaused) paused VMs wanted"
-            builder.add(
-                Action(
-                    newKind, pool: name, state: state, reason: "\(reason) (\(before + offset + 1) of \(total))",
-                    dependsOn: newDeps))
+            var action = Action(
+                newKind, pool: name, state: state, reason: "\(reason) (\(before + offset + 1) of \(total))",
+                dependsOn: newDeps)
+            action.slot = before + offset + 1
+            builder.add(action)
         }
     }
 

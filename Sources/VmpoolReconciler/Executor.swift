@@ -99,6 +99,13 @@ extension Reconciler {
                 running -= 1
                 var skipped: [Int] = []
                 finish(index, result, skipping: &skipped)
+                if let progress = configuration.progress {
+                    let finished = results.compactMap { $0 }
+                    progress(
+                        PassProgress(
+                            done: finished.count, failed: finished.filter { $0.outcome == .failed }.count,
+                            total: actions.count, last: result))
+                }
                 skipCascade(skipped, because: "not run: an action it depends on failed")
             }
         }
@@ -169,12 +176,14 @@ extension Reconciler {
         switch action.kind {
         case .create, .clone:
             guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
-            return try await launch(pool, state: action.state ?? .running, logger: logger)
+            return try await launch(
+                pool, state: action.state ?? .running, slot: action.slot.map { "\(action.pool)#\($0)" }, logger: logger)
         case .replace:
             guard let pool, let old = try record(action.vm) else {
                 throw DriverError(.notFound, "VM \(action.vm ?? "?") is not recorded")
             }
-            let created = try await launch(pool, state: action.state ?? .running, logger: logger)
+            let created = try await launch(
+                pool, state: action.state ?? .running, slot: "replacement of \(old.id)", logger: logger)
             try await stop(old, reason: "replaced by \(created)")
             return created
         case .buildTemplate:
@@ -246,7 +255,7 @@ extension Reconciler {
 
     /// Creates or clones one VM: recorded (state `creating`) and journaled before the driver
     /// runs, so a crash at any instant leaves a record the next pass undoes.
-    private func launch(_ pool: DesiredPool, state: DesiredState, logger: Logger) async throws -> String {
+    private func launch(_ pool: DesiredPool, state: DesiredState, slot: String?, logger: Logger) async throws -> String {
         try await ensureNetwork(pool.shape.network)
         var template: TemplateRef?
         if pool.spec.boot == .template {
@@ -256,7 +265,7 @@ extension Reconciler {
         let (record, journal) = try recordLaunch(pool, template: template)
         let id = record.id
         let request = LaunchRequest(
-            id: id, pool: pool.spec.name, shape: pool.shape, state: state, network: record.network)
+            id: id, pool: pool.spec.name, shape: pool.shape, state: state, network: record.network, slot: slot)
         let launched: LaunchedVM
         do {
             if let template {

@@ -28,8 +28,14 @@ public struct Leases: Sendable {
         return "\(user)@\(ProcessInfo.processInfo.hostName)"
     }
 
-    /// Takes a VM of `pool`, waiting up to `wait` in line behind earlier callers.
-    public func take(pool: String, holder: String, ttl: Duration?, wait: Duration) async throws -> VMRecord {
+    /// Takes a VM of `pool`, waiting up to `wait` in line behind earlier callers, and gives it
+    /// to `handOver` (which prints its id, or answers the request). Until `handOver` returns
+    /// the lease is journaled: a vmpool that dies before leaves a lease nobody received, which
+    /// the next pass ends; a `handOver` that throws gives the VM up.
+    public func take(
+        pool: String, holder: String, ttl: Duration?, wait: Duration,
+        handOver: (VMRecord) async throws -> Void = { _ in }
+    ) async throws -> VMRecord {
         let deadline = ContinuousClock.now + wait
         let ticket = wait > .zero ? try store.enqueueLeaseWait(pool: pool, holder: holder) : nil
         defer { if let ticket { try? store.dequeueLeaseWait(ticket) } }
@@ -43,9 +49,18 @@ public struct Leases: Sendable {
                 let status = await driver.status(of: [record.ref], depth: .hypervisor)[record.id]
                 if status?.liveness == .alive && status?.running != false {
                     Wake.send(directory: stateDirectory)
+                    do {
+                        try await handOver(record)
+                    } catch {
+                        try? await release(record.id)
+                        try? store.closeLeaseJournal(vm: record.id, outcome: .failed, error: "\(error)")
+                        throw error
+                    }
+                    try store.closeLeaseJournal(vm: record.id, outcome: .ok)
                     return record
                 }
                 try? await release(record.id)
+                try? store.closeLeaseJournal(vm: record.id, outcome: .failed, error: "the VM is not running")
                 continue
             case .noneReady, .waitYourTurn:
                 guard ContinuousClock.now < deadline else {

@@ -18,6 +18,8 @@ public struct ReconcilerConfiguration: Sendable {
     /// Standbys kept per template pool: hypervisor processes started ahead of clones, so
     /// that a clone skips the hypervisor's start-up (`VMPOOL_STANDBY`; 0 turns it off).
     public var standbys: Int
+    /// Told after each action finishes (a live progress line on a terminal).
+    public var progress: (@Sendable (PassProgress) -> Void)?
 
     public init(parallelism: Int = 4, defaultImage: BootImage? = nil, timeout: Duration? = nil, standbys: Int = 2) {
         self.parallelism = max(1, parallelism)
@@ -25,6 +27,14 @@ public struct ReconcilerConfiguration: Sendable {
         self.timeout = timeout
         self.standbys = max(0, standbys)
     }
+}
+
+/// How far a pass's actions have got.
+public struct PassProgress: Sendable {
+    public var done: Int
+    public var failed: Int
+    public var total: Int
+    public var last: ActionResult
 }
 
 /// Drives the hypervisor until it matches the desired pools: observe, recover, plan, execute.

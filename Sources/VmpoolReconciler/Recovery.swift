@@ -21,12 +21,26 @@ public struct RecoveryReport: Sendable, Hashable {
 
 extension Reconciler {
     /// Finishes or undoes whatever a vmpool that died left behind. The caller holds the lock,
-    /// so every open journal entry belongs to a dead process.
+    /// so every open journal entry belongs to a dead process, but for leases: those are handed
+    /// over without the lock, and one whose vmpool still runs is not finished yet.
     public func recover() async throws(StoreError) -> RecoveryReport {
         var report = RecoveryReport()
-        let open = try store.unfinishedOperations()
+        let open = try store.unfinishedOperations().filter {
+            $0.operation != "lease" || (kill($0.ownerPID, 0) != 0 && errno == ESRCH)
+        }
         report.unfinished = open.count
         var records = Dictionary(uniqueKeysWithValues: try store.vms().map { ($0.id, $0) })
+
+        // Leases whose vmpool died before the holder had the VM's id: nobody holds the VM, and
+        // no one else may have it, so it is stopped like a released one.
+        for entry in open where entry.operation == "lease" {
+            guard let id = entry.vm, let record = records[id], record.lease != nil, record.state != .stopping
+            else { continue }
+            records[id] = try store.release(id)
+            logger.notice(
+                "ended a lease whose vmpool died before handing it over",
+                metadata: ["pool": "\(record.pool)", "vm": "\(id)", "pid": "\(entry.ownerPID)"])
+        }
 
         // Launches that never reported back, and stops that never finished: the VM goes.
         for record in records.values where record.state == .creating || record.state == .stopping {

@@ -106,6 +106,7 @@ public struct APIServer: Sendable {
     public func application(listening address: ListenAddress) -> some ApplicationProtocol {
         let router = Router()
         router.middlewares.add(BearerMiddleware(token: token))
+        router.middlewares.add(MethodNotAllowedMiddleware())
         router.get("/openapi.json") { _, _ in
             Response(
                 status: .ok, headers: [.contentType: "application/json"],
@@ -135,6 +136,29 @@ public struct APIServer: Sendable {
         var ttl: String?
         var wait: String?
         var holder: String?
+
+        /// The patterns of `ttl` and `wait` in the published document, so that the server takes
+        /// exactly the durations the document describes (above zero and whole milliseconds for
+        /// ttl, at most 1h for wait).
+        static let patterns: [String: NSRegularExpression] = {
+            let document = try? JSONSerialization.jsonObject(with: Data(PackageResources.openapi_json))
+            let schemas = ((document as? [String: Any])?["components"] as? [String: Any])?["schemas"] as? [String: Any]
+            let fields = (schemas?["LeaseRequest"] as? [String: Any])?["properties"] as? [String: Any] ?? [:]
+            var patterns: [String: NSRegularExpression] = [:]
+            for name in ["ttl", "wait"] {
+                if let pattern = (fields[name] as? [String: Any])?["pattern"] as? String {
+                    patterns[name] = try? NSRegularExpression(pattern: pattern)
+                }
+            }
+            return patterns
+        }()
+
+        /// Whether `text` is a duration of the document's form for `field`.
+        static func documented(_ text: String, _ field: String) -> Bool {
+            guard let pattern = patterns[field] else { return false }
+            let range = NSRange(text.startIndex..., in: text)
+            return pattern.firstMatch(in: text, options: [.anchored], range: range)?.range == range
+        }
     }
 
     func lease(_ request: Request, pool: String) async throws -> Response {
@@ -147,6 +171,9 @@ public struct APIServer: Sendable {
                 if let unknown = fields.keys.first(where: { !["ttl", "wait", "holder"].contains($0) }) {
                     return try Self.error(.badRequest, "unknown field \"\(unknown)\"; expected ttl, wait, holder")
                 }
+                if let field = fields.first(where: { !($0.value is String) })?.key {
+                    return try Self.error(.badRequest, "\(field): expected a string (leave it out for the default)")
+                }
                 parsed = try JSONDecoder().decode(LeaseRequest.self, from: Data(buffer: body))
             } catch {
                 return try Self.error(.badRequest, "the body is not a lease request: expected {\"ttl\", \"wait\", \"holder\"}")
@@ -154,20 +181,23 @@ public struct APIServer: Sendable {
         }
         var ttl: Duration?
         if let text = parsed.ttl {
-            guard let value = DurationText.parse(text), value > .zero else {
-                return try Self.error(.badRequest, "ttl: expected a duration above zero like 30m, got \"\(text)\"")
+            guard LeaseRequest.documented(text, "ttl"), let value = DurationText.parse(text), value > .zero else {
+                return try Self.error(
+                    .badRequest, "ttl: expected a duration above zero like 30m (at least 1ms), got \"\(text)\"")
             }
             ttl = value
         }
         var wait = Duration.zero
         if let text = parsed.wait {
-            guard let value = DurationText.parse(text), value <= .seconds(3600) else {
+            guard LeaseRequest.documented(text, "wait"), let value = DurationText.parse(text), value <= .seconds(3600)
+            else {
                 return try Self.error(.badRequest, "wait: expected a duration up to 1h like 30s, got \"\(text)\"")
             }
             wait = value
         }
         let holder = parsed.holder ?? "http"
-        guard !holder.isEmpty, holder.count <= 200, !holder.contains(where: \.isNewline) else {
+        // Counted in Unicode scalars, as JSON Schema's maxLength counts.
+        guard !holder.isEmpty, holder.unicodeScalars.count <= 200, !holder.contains(where: \.isNewline) else {
             return try Self.error(.badRequest, "holder: expected 1 to 200 characters on one line")
         }
         let started = ContinuousClock.now
@@ -202,6 +232,34 @@ public struct APIServer: Sendable {
 
     static func error(_ status: HTTPResponse.Status, _ message: String) throws -> Response {
         try json(.object(["error": .string(message)]), status: status)
+    }
+}
+
+/// Answers a method a known path does not take with 405 and `Allow`, not 404.
+struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
+    /// The method each path of the API takes.
+    static func allowed(_ path: String) -> HTTPRequest.Method? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        switch (parts.count, parts.dropFirst().first, parts.dropFirst(2).first, parts.last) {
+        case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _): return .get
+        case (5, "v1", "pools", "leases") where !parts[3].isEmpty: return .post
+        case (4, "v1", "leases", _) where !parts[3].isEmpty: return .delete
+        default: return nil
+        }
+    }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+        -> Response
+    {
+        do {
+            return try await next(request, context)
+        } catch let error as HTTPError where error.status == .notFound {
+            guard let method = Self.allowed(request.uri.path), method != request.method else { throw error }
+            var response = try APIServer.error(
+                .methodNotAllowed, "\(request.uri.path) takes \(method.rawValue), not \(request.method.rawValue)")
+            response.headers[.allow] = method.rawValue
+            return response
+        }
     }
 }
 

@@ -36,10 +36,34 @@ public final class ServiceMetrics: Sendable {
         }
     }
 
+    /// What each metric means, for `# HELP` lines: the swift-metrics API has no help text,
+    /// and Prometheus tooling (promtool check metrics) wants one per metric.
+    static let help: [String: String] = [
+        "vmpool_pool_size": "VMs the pool must have in its state (spec.size).",
+        "vmpool_pool_ready": "VMs of the pool in its desired state and answering, leased ones not counted.",
+        "vmpool_pool_leased": "VMs taken from the pool by lease and not yet released.",
+        "vmpool_pool_warm": "Paused spare VMs of the pool beyond its size.",
+        "vmpool_pool_standbys": "Hypervisor processes started ahead of clones for the pool, ready.",
+        "vmpool_actions_total": "Actions run by reconcile passes, by kind and outcome.",
+        "vmpool_action_duration_seconds": "How long actions took, by kind and outcome.",
+        "vmpool_pass_duration_seconds": "How long reconcile passes took, waiting for the state dir lock included.",
+        "vmpool_lease_duration_seconds": "How long handing out a lease took, waiting for a ready VM included.",
+    ]
+
     /// The text exposition format.
     public func exposition() -> String {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
-        return String(decoding: buffer, as: UTF8.self)
+        var text = ""
+        for line in String(decoding: buffer, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("# TYPE "), let name = line.split(separator: " ").dropFirst(2).first,
+                let help = Self.help[String(name)]
+            {
+                text += "# HELP \(name) \(help)\n"
+            }
+            text += line
+            text += "\n"
+        }
+        return String(text.dropLast())
     }
 }

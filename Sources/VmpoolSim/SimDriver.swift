@@ -13,7 +13,7 @@ public final class SimDriver: HypervisorDriver {
     public let name = "sim"
     public let configuration: SimConfiguration
     private let db: DatabaseQueue
-    private let counters = Mutex<[SimOperation: UInt64]>([:])
+    private let counters = Mutex<[SimOperation: [String: UInt64]]>([:])
 
     public static let fileName = "sim.sqlite"
 
@@ -54,6 +54,7 @@ public final class SimDriver: HypervisorDriver {
                         );
                         """)
             }
+            for suffix in ["", "-wal", "-shm"] { chmod(stateDirectory + "/" + Self.fileName + suffix, 0o600) }
         } catch {
             throw DriverError(.io, "cannot open the sim driver's state in \(stateDirectory): \(error)")
         }
@@ -62,14 +63,14 @@ public final class SimDriver: HypervisorDriver {
     // MARK: - HypervisorDriver
 
     public func create(_ request: LaunchRequest) async throws(DriverError) -> LaunchedVM {
-        try await step(.create, vm: request.id)
+        try await step(.create, key: request.slot, vm: request.id)
         try checkImage(request.shape.image, vm: request.id)
         try insert(request, template: nil)
         return LaunchedVM(pid: nil, shape: request.shape)
     }
 
     public func buildTemplate(_ template: TemplateRef) async throws(DriverError) {
-        try await step(.buildTemplate, vm: nil)
+        try await step(.buildTemplate, key: template.pool, vm: nil)
         try checkImage(template.key.image, vm: nil)
         let key = try encode(template.key)
         try write { db in
@@ -80,7 +81,7 @@ public final class SimDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
-        try await step(.clone, vm: request.id)
+        try await step(.clone, key: request.slot, vm: request.id)
         guard let stored = try storedTemplateKey(template.id) else {
             throw DriverError(.notFound, "template \(template.id) has no saved state", vm: request.id)
         }
@@ -93,7 +94,7 @@ public final class SimDriver: HypervisorDriver {
     }
 
     public func prestart(id: String, pool: String, from template: TemplateRef) async throws(DriverError) -> Int32? {
-        try await step(.clone, vm: id)
+        try await step(.clone, key: "standby \(id)", vm: id)
         guard try storedTemplateKey(template.id) != nil else {
             throw DriverError(.notFound, "template \(template.id) has no saved state", vm: id)
         }
@@ -106,21 +107,21 @@ public final class SimDriver: HypervisorDriver {
     }
 
     public func pause(_ vm: VMRef) async throws(DriverError) {
-        try await step(.pause, vm: vm.id)
+        try await step(.pause, key: vm.id, vm: vm.id)
         let row = try fetch(vm.id)
         guard row.running else { throw DriverError(.invalidState, "cannot pause: the VM is already paused", vm: vm.id) }
         try setColumn("running", 0, vm: vm.id)
     }
 
     public func resume(_ vm: VMRef) async throws(DriverError) {
-        try await step(.resume, vm: vm.id)
+        try await step(.resume, key: vm.id, vm: vm.id)
         let row = try fetch(vm.id)
         guard !row.running else { throw DriverError(.invalidState, "cannot resume: the VM is running", vm: vm.id) }
         try setColumn("running", 1, vm: vm.id)
     }
 
     public func hotplugCPUs(_ vm: VMRef, shape: VMShape, to vcpus: Int) async throws(DriverError) {
-        try await step(.hotplugCPU, vm: vm.id)
+        try await step(.hotplugCPU, key: vm.id, vm: vm.id)
         let row = try fetch(vm.id)
         guard vcpus <= row.maxVcpus else {
             throw DriverError(
@@ -133,7 +134,7 @@ public final class SimDriver: HypervisorDriver {
     }
 
     public func hotplugMemory(_ vm: VMRef, shape: VMShape, to memoryMiB: Int) async throws(DriverError) {
-        try await step(.hotplugMemory, vm: vm.id)
+        try await step(.hotplugMemory, key: vm.id, vm: vm.id)
         let row = try fetch(vm.id)
         guard memoryMiB <= row.maxMemoryMiB else {
             throw DriverError(
@@ -151,7 +152,7 @@ public final class SimDriver: HypervisorDriver {
     }
 
     public func stop(_ vm: VMRef) async throws(DriverError) {
-        try await step(.stop, vm: vm.id)
+        try await step(.stop, key: vm.id, vm: vm.id)
         try write { db in
             try db.execute(sql: "DELETE FROM simvm WHERE id = ?", arguments: [vm.id])
             try db.execute(sql: "DELETE FROM simstandby WHERE id = ?", arguments: [vm.id])
@@ -226,18 +227,23 @@ public final class SimDriver: HypervisorDriver {
         var maxMemoryMiB: Int
     }
 
-    /// Waits the configured latency, then decides whether this operation is a failure.
-    private func step(_ operation: SimOperation, vm: String?) async throws(DriverError) {
+    /// Waits the configured latency, then decides whether this operation fails: from the
+    /// seed, the kind and what the operation is on (`key`: a VM's id, or a new VM's place in
+    /// its pool), never from the order operations run in, so that a seed fails the same
+    /// actions at any `--parallel`. A key failed once is counted, so that retrying it can succeed.
+    private func step(_ operation: SimOperation, key: String, vm: String?) async throws(DriverError) {
         if configuration.latency > .zero {
             try? await Task.sleep(for: configuration.latency)
         }
         guard let rate = configuration.failureRates[operation], rate > 0 else { return }
-        let n = counters.withLock { counters in
-            let n = counters[operation, default: 0]
-            counters[operation] = n + 1
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in key.utf8 { hash = (hash ^ UInt64(byte)) &* 0x0100_0000_01b3 }
+        let attempt = counters.withLock { counters in
+            let n = counters[operation, default: [:]][key, default: 0]
+            counters[operation, default: [:]][key] = n + 1
             return n
         }
-        if Self.unitInterval(seed: configuration.seed, operation: operation, n: n) < rate {
+        if Self.unitInterval(seed: configuration.seed, operation: operation, n: hash &+ attempt) < rate {
             throw DriverError(.injectedFault, "injected \(operation.rawValue) failure (VMPOOL_SIM_FAIL)", vm: vm)
         }
     }

@@ -101,6 +101,8 @@ public struct JournalEntry: Sendable, Hashable {
 
 /// Something that happened to a pool or VM, kept for `vmpool` users to read back.
 public struct Event: Sendable, Hashable {
+    /// The store's sequence number (set on events read back).
+    public var id: Int64?
     public var at: Date
     public var pool: String
     public var vm: String?

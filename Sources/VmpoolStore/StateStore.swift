@@ -25,6 +25,8 @@ public final class StateStore: Sendable {
         do {
             db = try DatabasePool(path: directory + "/" + Self.fileName, configuration: config)
             try Self.migrator.migrate(db)
+            // Private whatever the caller's umask: the database, its WAL and shared memory.
+            for suffix in ["", "-wal", "-shm"] { chmod(directory + "/" + Self.fileName + suffix, 0o600) }
         } catch {
             throw StoreError(.database, "cannot open the state store in \(directory): \(error)")
         }
@@ -363,6 +365,7 @@ public final class StateStore: Sendable {
     /// Hands one running, unleased VM of `pool` to `holder`, in one transaction: no VM is ever
     /// leased twice. `ticket` is the caller's place in the pool's queue (`enqueueLeaseWait`);
     /// a caller without one, or behind a live earlier caller, gets nothing while others wait.
+    /// The lease is journaled until `closeLeaseJournal` says the holder has the VM's id.
     public func lease(pool: String, holder: String, ttl: Duration?, ticket: Int64? = nil) throws(StoreError)
         -> LeaseOutcome
     {
@@ -396,12 +399,26 @@ public final class StateStore: Sendable {
             record.lease = Lease(holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
             try Self.upsertVM(db, record)
             if let ticket { try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
+            _ = try Self.insertJournal(db, operation: "lease", pool: pool, vm: record.id, template: nil)
             try Self.insertEvent(
                 db,
                 Event(
                     pool: pool, vm: record.id, kind: "leased",
                     message: "to \(holder)" + (record.lease?.expiresAt.map { " until \(Self.rfc3339($0))" } ?? "")))
             return .leased(record)
+        }
+    }
+
+    /// Closes the journal entry of the lease of `vm`: its holder has the id (ok), or the lease
+    /// was given up (failed). An entry a dead vmpool left open is a lease nobody received.
+    public func closeLeaseJournal(vm: String, outcome: JournalEntry.Outcome, error: String? = nil) throws(StoreError) {
+        try write { db in
+            try db.execute(
+                sql: """
+                    UPDATE journal SET finishedAt = ?, outcome = ?, error = ?
+                    WHERE operation = 'lease' AND vm = ? AND finishedAt IS NULL
+                    """,
+                arguments: [Date().timeIntervalSince1970, outcome.rawValue, error, vm])
         }
     }
 
@@ -645,23 +662,39 @@ public final class StateStore: Sendable {
         try write { db in try Self.insertEvent(db, event) }
     }
 
-    /// Events of a pool (or all pools), newest first.
-    public func events(pool: String? = nil, limit: Int = 100) throws(StoreError) -> [Event] {
+    /// Events in the order they happened: of `pool` or `vm` (or all), at or after `since`, after
+    /// the event `afterID` (to follow new ones), at most `limit` of the newest.
+    public func events(
+        pool: String? = nil, vm: String? = nil, since: Date? = nil, afterID: Int64 = 0, limit: Int = 1000
+    ) throws(StoreError) -> [Event] {
         try read { db in
-            let rows =
-                if let pool {
-                    try Row.fetchAll(
-                        db, sql: "SELECT * FROM event WHERE pool = ? ORDER BY id DESC LIMIT ?",
-                        arguments: [pool, limit])
-                } else {
-                    try Row.fetchAll(db, sql: "SELECT * FROM event ORDER BY id DESC LIMIT ?", arguments: [limit])
-                }
-            return rows.map { row in
-                Event(
-                    at: Date(timeIntervalSince1970: row["at"]), pool: row["pool"], vm: row["vm"], kind: row["kind"],
-                    message: row["message"])
+            var conditions = ["id > ?"]
+            var arguments: [any DatabaseValueConvertible] = [afterID]
+            if let pool {
+                conditions.append("pool = ?")
+                arguments.append(pool)
             }
+            if let vm {
+                conditions.append("vm = ?")
+                arguments.append(vm)
+            }
+            if let since {
+                conditions.append("at >= ?")
+                arguments.append(since.timeIntervalSince1970)
+            }
+            let sql = "SELECT * FROM (SELECT * FROM event WHERE \(conditions.joined(separator: " AND "))"
+                + " ORDER BY id DESC LIMIT ?) ORDER BY id"
+            arguments.append(limit)
+            return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(arguments)).map(Self.event)
         }
+    }
+
+    private static func event(_ row: Row) -> Event {
+        var event = Event(
+            at: Date(timeIntervalSince1970: row["at"]), pool: row["pool"], vm: row["vm"], kind: row["kind"],
+            message: row["message"])
+        event.id = row["id"]
+        return event
     }
 
     // MARK: - Rows

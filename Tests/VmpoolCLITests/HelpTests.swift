@@ -30,7 +30,14 @@ struct HelpTests {
                   reconcile               Converge the host to the pools last applied (one
                                           pass, or a loop with --every).
                   get                     List pools or VMs.
+                  describe                Show a pool or VM in detail: spec, status, VMs,
+                                          template, standbys, recent events.
+                  events                  List what happened to pools and VMs (created,
+                                          replaced, leased, recovered...), oldest first.
                   delete                  Stop the VMs of pools and forget the pools.
+                  lease                   Take one ready VM of a pool for yourself alone; the
+                                          pool refills.
+                  release                 End leases: stop the leased VMs.
                   exec                    Run a command in a VM through its guest agent.
                   cp                      Copy files or directories between the host and a VM
                                           (VM:PATH on one side).
@@ -58,10 +65,11 @@ struct HelpTests {
         for command in [
             Vmpool.Validate.self, Vmpool.PlanCommand.self, Vmpool.Apply.self, Vmpool.Reconcile.self,
             Vmpool.Get.Pools.self, Vmpool.Get.VMs.self, Vmpool.Delete.self, Vmpool.Image.Build.self,
-            Vmpool.Exec.self, Vmpool.Cp.self, Vmpool.Logs.self, Vmpool.Console.self,
+            Vmpool.Exec.self, Vmpool.Cp.self, Vmpool.Logs.self, Vmpool.Console.self, Vmpool.LeaseCommand.self,
+            Vmpool.Release.self, Vmpool.Describe.PoolCommand.self, Vmpool.Describe.VMCommand.self, Vmpool.Events.self,
         ] as [any ParsableCommand.Type] {
             let help = Vmpool.helpMessage(for: command, columns: 120)
-            for option in ["--state-dir", "--driver", "--log-level", "--accel", "--lock-timeout"] {
+            for option in ["--state-dir", "--driver", "--log-level", "--log-format", "--accel", "--lock-timeout"] {
                 #expect(help.contains(option), "\(command) lacks \(option)")
             }
         }

@@ -17,14 +17,18 @@ struct StoreTests {
         let dir = TemporaryDirectory()
         defer { dir.remove() }
         let stateDir = dir.path + "/state"
-        let old = umask(0o077)
+        // A permissive umask: the store must set its modes itself, not lean on the caller's.
+        let old = umask(0o022)
         defer { umask(old) }
-        _ = try StateStore(directory: stateDir)
+        let store = try StateStore(directory: stateDir)
+        try store.applyDesired([pool("web")])
         var info = stat()
         #expect(stat(stateDir, &info) == 0)
         #expect(info.st_mode & 0o777 == 0o700)
-        #expect(stat(stateDir + "/state.sqlite", &info) == 0)
-        #expect(info.st_mode & 0o077 == 0)
+        for file in ["state.sqlite", "state.sqlite-wal", "state.sqlite-shm"] {
+            #expect(stat(stateDir + "/" + file, &info) == 0, "\(file) missing")
+            #expect(info.st_mode & 0o077 == 0, "\(file) has mode \(String(info.st_mode & 0o777, radix: 8))")
+        }
     }
 
     @Test func anExistingLooseStateDirIsTightened() throws {
@@ -76,7 +80,7 @@ struct StoreTests {
         #expect(try store.unfinishedOperations().isEmpty)
         #expect(try store.vm("web-000001")?.pid == 4242)
         #expect(try store.journal().first?.outcome == .ok)
-        #expect(try store.events(pool: "web").first?.kind == "created")
+        #expect(try store.events(pool: "web").last?.kind == "created")
     }
 
     @Test func aTakenIdIsRefused() throws {

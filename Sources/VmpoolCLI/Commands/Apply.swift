@@ -13,8 +13,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Option(name: .shortAndLong, help: "Manifest file or directory (repeatable).")
-        var file: [String] = []
+        @OptionGroup var manifests: ManifestOptions
 
         @Flag(help: "Delete pools applied earlier but absent from the input.")
         var prune = false
@@ -25,25 +24,16 @@ extension Vmpool {
         @Flag(name: .customLong("dry-run"), help: "Print the plan and change nothing.")
         var dryRun = false
 
-        @Option(help: "Actions to run at once.")
-        var parallel: Int = 4
+        @OptionGroup var execution: ExecutionOptions
 
-        @Option(
-            help: "Give up after this long (500ms, 30s, 5m): no action starts after it, running ones are interrupted and undone."
-        )
-        var timeout: String?
+        @OptionGroup var timeout: TimeoutOption
 
-        @Option(name: .shortAndLong, help: "Output format: text or json.")
-        var output: OutputFormat = .text
+        @OptionGroup var format: OutputOptions
 
-        func validate() throws {
-            if file.isEmpty { throw ValidationError("give at least one manifest with -f PATH") }
-            if parallel < 1 || parallel > 256 { throw ValidationError("--parallel: expected 1 to 256, got \(parallel)") }
-            _ = try parseDuration(timeout, option: "--timeout")
-        }
+        var output: OutputFormat { format.output }
 
         func run() async throws {
-            let manifests = try loadManifests(file, prune: prune, allowEmpty: allowEmpty)
+            let manifests = try loadManifests(self.manifests.file, prune: prune, allowEmpty: allowEmpty)
             try checkImages(manifests)
             if dryRun {
                 let session = try await Session(options, locking: nil)
@@ -58,7 +48,7 @@ extension Vmpool {
                 return
             }
             let session = try await Session(
-                options, locking: "apply", parallelism: parallel, timeout: try parseDuration(timeout, option: "--timeout"))
+                options, locking: "apply", parallelism: execution.parallel, timeout: timeout.timeout, showProgress: true)
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []
             let cancellation = Cancellation()
             let reconciler = session.reconciler
@@ -66,6 +56,7 @@ extension Vmpool {
             let result = try await withShutdownSignals(cancellation) {
                 try await reconciler.apply(pools, prune: prunable, cancellation: cancellation)
             }
+            session.progress?.finish()
             Wake.send(directory: session.stateDirectory)
             try report(result, output: output, pools: manifests.pools)
         }

@@ -12,6 +12,9 @@ extension Vmpool {
         @Argument(help: "Pool names.")
         var pools: [String] = []
 
+        @Flag(name: .customLong("ignore-not-found"), help: "Succeed for pools that are not applied (teardown traps).")
+        var ignoreNotFound = false
+
         @Option(name: .shortAndLong, help: "Output format: text or json.")
         var output: OutputFormat = .text
 
@@ -20,17 +23,26 @@ extension Vmpool {
         }
 
         func run() async throws {
-            let session = try await Session(options, locking: "delete")
+            if ignoreNotFound, (try? options.stateDirectory(create: false)) == nil { return }
+            let session = try await Session(options, locking: "delete", create: false, showProgress: true)
             let known = Set(try session.store.pools().map(\.spec.name))
-            if let missing = pools.first(where: { !known.contains($0) }) {
+            var names = pools
+            if ignoreNotFound {
+                names = pools.filter { known.contains($0) }
+                if names.isEmpty {
+                    printOut("Nothing to delete: \(pools.joined(separator: ", ")) \(pools.count == 1 ? "is" : "are") not applied.")
+                    return
+                }
+            } else if let missing = pools.first(where: { !known.contains($0) }) {
                 throw CommandFailure(description: "no pool named \"\(missing)\" has been applied")
             }
             let cancellation = Cancellation()
             let reconciler = session.reconciler
-            let names = Set(pools)
+            let deleted = Set(names)
             let result = try await withShutdownSignals(cancellation) {
-                try await reconciler.delete(names, cancellation: cancellation)
+                try await reconciler.delete(deleted, cancellation: cancellation)
             }
+            session.progress?.finish()
             Wake.send(directory: session.stateDirectory)
             try report(result, output: output, pools: [])
         }

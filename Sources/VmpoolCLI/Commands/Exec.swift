@@ -30,8 +30,8 @@ extension Vmpool {
         @Option(name: .shortAndLong, help: "Working directory in the guest (default /).")
         var workdir: String?
 
-        @Option(help: "Kill the command after this long (30s, 5m).")
-        var timeout: String?
+        @Option(parsing: .unconditional, help: "Kill the command after this long (30s, 5m).", transform: duration("--timeout", allowZero: false))
+        var timeout: Duration?
 
         @Argument(help: "The VM's id (see `vmpool get vms`).")
         var vm: String
@@ -46,7 +46,6 @@ extension Vmpool {
             for pair in env where !pair.contains("=") || pair.hasPrefix("=") {
                 throw ValidationError("--env: expected KEY=VALUE, got \"\(pair)\"")
             }
-            _ = try parseDuration(timeout, option: "--timeout")
         }
 
         func run() async throws {
@@ -56,7 +55,7 @@ extension Vmpool {
             let request = ExecRequest(
                 argv: argv, environment: env, directory: workdir, stdin: interactive,
                 tty: tty ? (TerminalSize.current() ?? (24, 80)) : nil,
-                timeout: try parseDuration(timeout, option: "--timeout"))
+                timeout: timeout)
             let code = await GuestCommand.run(options: options, vm: vm) { access, record in
                 let terminal = tty ? RawTerminal.enter() : nil
                 defer { terminal?.restore() }
@@ -67,7 +66,7 @@ extension Vmpool {
                     printError("vmpool exec: \(argv[0]): \(message)")
                     return code
                 case .timedOut:
-                    printError("vmpool exec: \(argv[0]) was killed after --timeout \(timeout ?? "")")
+                    printError("vmpool exec: \(argv[0]) was killed after --timeout \(timeout.map(DurationText.format) ?? "")")
                     return outcome.exitStatus
                 default:
                     return outcome.exitStatus

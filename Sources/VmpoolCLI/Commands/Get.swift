@@ -13,7 +13,8 @@ extension Vmpool {
             abstract: "List pools or VMs.", subcommands: [Pools.self, VMs.self])
 
         struct Pools: AsyncParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "List applied pools with their readiness.")
+            static let configuration = CommandConfiguration(
+                abstract: "List applied pools with their readiness.", aliases: ["pool"])
 
             @OptionGroup var options: GlobalOptions
 
@@ -54,7 +55,7 @@ extension Vmpool {
         }
 
         struct VMs: AsyncParsableCommand {
-            static let configuration = CommandConfiguration(commandName: "vms", abstract: "List VMs.")
+            static let configuration = CommandConfiguration(commandName: "vms", abstract: "List VMs.", aliases: ["vm"])
 
             @OptionGroup var options: GlobalOptions
 

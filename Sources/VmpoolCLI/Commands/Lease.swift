@@ -21,11 +21,15 @@ extension Vmpool {
         @Argument(help: "The pool to take a VM from.")
         var pool: String
 
-        @Option(help: "Release the VM by itself after this long (30m, 2h).")
-        var ttl: String?
+        @Option(
+            parsing: .unconditional, help: "Release the VM by itself after this long (30m, 2h).",
+            transform: duration("--ttl", allowZero: false))
+        var ttl: Duration?
 
-        @Option(help: "Wait up to this long for a ready VM (default: fail at once when none is ready).")
-        var wait: String?
+        @Option(
+            parsing: .unconditional, help: "Wait up to this long for a ready VM (default: fail at once when none is ready).",
+            transform: duration("--wait"))
+        var wait: Duration?
 
         @Option(help: "Who holds the lease, as shown by get vms (default: USER@HOST).")
         var holder: String?
@@ -37,10 +41,6 @@ extension Vmpool {
         var output: OutputFormat = .text
 
         func validate() throws {
-            if let ttl = try parseDuration(ttl, option: "--ttl"), ttl <= .zero {
-                throw ValidationError("--ttl: expected a duration above zero")
-            }
-            _ = try parseDuration(wait, option: "--wait")
             if let holder, holder.isEmpty || holder.count > 200 || holder.contains(where: \.isNewline) {
                 throw ValidationError("--holder: expected 1 to 200 characters on one line")
             }
@@ -49,16 +49,20 @@ extension Vmpool {
         func run() async throws {
             let session = try await Session(options, locking: nil, create: false)
             let leases = Leases(store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
-            let record = try await leases.take(
-                pool: pool, holder: holder ?? Leases.defaultHolder(), ttl: try parseDuration(ttl, option: "--ttl"),
-                wait: try parseDuration(wait, option: "--wait") ?? .zero)
-            if refill {
-                let locked = try await Session(options, locking: "lease --refill")
-                _ = try await locked.reconciler.reconcile(only: [pool])
-            }
-            switch output {
-            case .text: printOut(record.id)
-            case .json: printOut(try JSONOutput.encode(Leases.json(record)))
+            // The lease is the caller's once its id is printed: a vmpool killed before that
+            // leaves a lease the next pass ends.
+            _ = try await leases.take(
+                pool: pool, holder: holder ?? Leases.defaultHolder(), ttl: ttl,
+                wait: wait ?? .zero
+            ) { record in
+                if refill {
+                    let locked = try await Session(options, locking: "lease --refill")
+                    _ = try await locked.reconciler.reconcile(only: [pool])
+                }
+                switch output {
+                case .text: printOut(record.id)
+                case .json: printOut(try JSONOutput.encode(Leases.json(record)))
+                }
             }
         }
     }

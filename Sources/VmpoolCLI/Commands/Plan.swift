@@ -12,8 +12,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Option(name: .shortAndLong, help: "Manifest file or directory (repeatable).")
-        var file: [String] = []
+        @OptionGroup var manifests: ManifestOptions
 
         @Flag(help: "Also plan deleting pools applied earlier but absent from the input.")
         var prune = false
@@ -21,18 +20,15 @@ extension Vmpool {
         @Flag(name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
         var allowEmpty = false
 
-        @Option(name: .shortAndLong, help: "Output format: text or json.")
-        var output: OutputFormat = .text
+        @OptionGroup var format: OutputOptions
 
         @Flag(name: .customLong("detailed-exitcode"), help: "Exit 2 when the plan has changes, 0 when it has none.")
         var detailedExitcode = false
 
-        func validate() throws {
-            if file.isEmpty { throw ValidationError("give at least one manifest with -f PATH") }
-        }
+        var output: OutputFormat { format.output }
 
         func run() async throws {
-            let manifests = try loadManifests(file, prune: prune, allowEmpty: allowEmpty)
+            let manifests = try loadManifests(self.manifests.file, prune: prune, allowEmpty: allowEmpty)
             try checkImages(manifests)
             let session = try await Session(options, locking: nil)
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []

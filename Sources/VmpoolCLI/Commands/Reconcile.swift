@@ -15,11 +15,14 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Option(help: "Run as a service: a pass every DURATION (30s, 5m) until SIGTERM or SIGINT.")
-        var every: String?
+        @Option(
+            parsing: .unconditional, help: "Run as a service: a pass every DURATION (30s, 5m) until SIGTERM or SIGINT.",
+            transform: duration("--every", allowZero: false))
+        var every: Duration?
 
-        @Option(help: "Actions to run at once.")
-        var parallel: Int = 4
+        @OptionGroup var execution: ExecutionOptions
+
+        @OptionGroup var format: OutputOptions
 
         @Option(help: "With --every: serve the lease API and /metrics on host:port or unix:PATH.")
         var listen: String?
@@ -40,21 +43,19 @@ extension Vmpool {
             } else if tokenFile != nil {
                 throw ValidationError("--token-file needs --listen")
             }
-            if parallel < 1 || parallel > 256 { throw ValidationError("--parallel: expected 1 to 256, got \(parallel)") }
-            if let interval = try parseDuration(every, option: "--every"), interval <= .zero {
-                throw ValidationError("--every: expected a duration above zero")
-            }
         }
 
         func run() async throws {
-            guard let interval = try parseDuration(every, option: "--every") else {
-                let session = try await Session(options, locking: "reconcile", parallelism: parallel)
+            let parallel = execution.parallel
+            guard let interval = every else {
+                let session = try await Session(options, locking: "reconcile", parallelism: parallel, showProgress: true)
                 let cancellation = Cancellation()
                 let reconciler = session.reconciler
                 let result = try await withShutdownSignals(cancellation) {
                     try await reconciler.reconcile(cancellation: cancellation)
                 }
-                try report(result, output: .text, pools: [])
+                session.progress?.finish()
+                try report(result, output: format.output, pools: [])
                 return
             }
             // The service takes the state dir lock for each pass, not for its whole life.

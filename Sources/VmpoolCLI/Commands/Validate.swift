@@ -1,4 +1,5 @@
 import ArgumentParser
+import VmpoolDriver
 import VmpoolSpec
 
 extension Vmpool {
@@ -9,23 +10,25 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Option(name: .shortAndLong, help: "Manifest file or directory (repeatable).")
-        var file: [String] = []
+        @OptionGroup var manifests: ManifestOptions
+
+        @OptionGroup var format: OutputOptions
 
         @Flag(
             name: .customLong("documents-only"),
             help: "Check the documents only, not the files they name (as the JSON Schema does).")
         var documentsOnly = false
 
-        func validate() throws {
-            if file.isEmpty { throw ValidationError("give at least one manifest with -f PATH") }
-        }
-
         func run() async throws {
-            let manifests = try loadManifests(file)
+            let manifests = try loadManifests(self.manifests.file)
             if !documentsOnly { try checkImages(manifests) }
             let count = manifests.pools.count
-            printOut("\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))")
+            switch format.output {
+            case .text:
+                printOut("\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))")
+            case .json:
+                printOut(try JSONOutput.encode(.object(["valid": .bool(true), "pools": .array(manifests.pools.map { .string($0.name) })])))
+            }
         }
     }
 }

@@ -1,0 +1,78 @@
+import Foundation
+import Logging
+import Synchronization
+import VmpoolReconciler
+
+/// How logs are written on stderr (`--log-format`, `VMPOOL_LOG_FORMAT`).
+enum LogFormat: String, CaseIterable, Sendable {
+    /// swift-log's line format, for people.
+    case text
+    /// One JSON object per line, for log shippers.
+    case json
+}
+
+/// Writes each log record as one JSON object per line on stderr: `time`, `level`, `message`,
+/// `source`, and the metadata keys (`pool`, `vm`, `took_ms`...) as fields.
+struct JSONLogHandler: LogHandler {
+    var logLevel: Logger.Level = .info
+    var metadata: Logger.Metadata = [:]
+    let label: String
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        var fields: [String: String] = [
+            "time": JSONLogHandler.timestamp(), "level": event.level.rawValue, "message": "\(event.message)",
+            "source": event.source, "logger": label,
+        ]
+        for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) where fields[key] == nil {
+            fields[key] = "\(value)"
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(fields) else { return }
+        FileHandle.standardError.write(data + Data([0x0A]))
+    }
+
+    private static func timestamp() -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.string(from: Date())
+    }
+}
+
+/// One live line on a terminal's stderr while a pass runs: done/total, failed, elapsed.
+final class ProgressLine: Sendable {
+    private let started = ContinuousClock.now
+    private let state = Mutex<(shown: Bool, Void)>((false, ()))
+    let verb: String
+
+    init(verb: String) { self.verb = verb }
+
+    /// Whether to show one: stderr is a terminal and nobody asked for log lines instead.
+    static func wanted(_ options: GlobalOptions) -> Bool {
+        isatty(2) == 1 && options.logLevel == nil && (options.environment["VMPOOL_LOG_LEVEL"] ?? "").isEmpty
+    }
+
+    func update(_ progress: PassProgress) {
+        let elapsed = (ContinuousClock.now - started).seconds
+        var line = "\(verb): \(progress.done)/\(progress.total) done"
+        if progress.failed > 0 { line += ", \(progress.failed) failed" }
+        line += String(format: ", %.1f s", elapsed)
+        state.withLock { state in
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+            state.shown = true
+        }
+    }
+
+    /// Ends the line, so what follows starts on its own.
+    func finish() {
+        state.withLock { state in
+            if state.shown { FileHandle.standardError.write(Data("\n".utf8)) }
+            state.shown = false
+        }
+    }
+}
