@@ -81,7 +81,7 @@ let package = Package(
             name: "VmpoolImage", dependencies: ["VmpoolDriver", "CVmpoolSys"],
             resources: [
                 .embedInCode("Guest/vmpool-agent.c"), .embedInCode("Guest/guest-init.sh"),
-                .embedInCode("Guest/debian-rootfs.sh"),
+                .embedInCode("Guest/debian-rootfs.sh"), .embedInCode("Guest/fetch-kernel.sh"),
             ]
         ),
         // Commands: argument parsing and printing; everything else is a library call.

@@ -44,22 +44,45 @@ public enum GuestImage {
             .appendingPathComponent("modules").path
     }
 
-    /// `$VMPOOL_KERNEL`, else what scripts/fetch-kernel left in `.cache/kernel`, else the newest `/boot/vmlinuz-*`.
+    /// The guest kernel, from any directory: `$VMPOOL_KERNEL`; else Debian's cloud kernel
+    /// (with the virtio modules the initramfs needs) in the cache, `$XDG_CACHE_HOME/vmpool/kernel`,
+    /// fetched there with apt-get the first time; else one scripts/fetch-kernel left in
+    /// `.cache/kernel` of the current directory.
     public static func findKernel(environment: [String: String] = ProcessInfo.processInfo.environment) throws
         -> String
     {
         if let path = environment["VMPOOL_KERNEL"], !path.isEmpty { return path }
-        let manager = FileManager.default
-        let cached = ((try? manager.contentsOfDirectory(atPath: ".cache/kernel")) ?? []).sorted()
-            .map { ".cache/kernel/\($0)/boot" }
-        for dir in cached.reversed() + ["/boot"] {
-            let kernels = ((try? manager.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix("vmlinuz-") }
-            if let newest = kernels.sorted(by: { $0.compare($1, options: .numeric) == .orderedAscending }).last {
-                return URL(fileURLWithPath: dir + "/" + newest).standardizedFileURL.path
+        let cache = cacheDirectory(environment: environment) + "/kernel"
+        for dir in [cache, ".cache/kernel"] {
+            let packages = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted().reversed()
+            for package in packages where access("\(dir)/\(package)/modules/order", R_OK) == 0 {
+                let boot = "\(dir)/\(package)/boot"
+                if let kernel = ((try? FileManager.default.contentsOfDirectory(atPath: boot)) ?? [])
+                    .filter({ $0.hasPrefix("vmlinuz-") }).sorted().last
+                {
+                    return URL(fileURLWithPath: boot + "/" + kernel).standardizedFileURL.path
+                }
             }
         }
-        throw ImageError(
-            "no kernel found: pass --kernel PATH, set VMPOOL_KERNEL, or fetch Debian's with scripts/fetch-kernel")
+        return try fetchKernel(into: cache)
+    }
+
+    /// Fetches Debian's cloud kernel and its modules into `cache` (the script embedded from
+    /// Sources/VmpoolImage/Guest/fetch-kernel.sh); returns the vmlinuz path.
+    static func fetchKernel(into cache: String) throws -> String {
+        try FileManager.default.createDirectory(atPath: cache, withIntermediateDirectories: true)
+        let script = cache + "/.fetch-kernel-\(getpid()).sh"
+        try write(Data(PackageResources.fetch_kernel_sh), to: script)
+        defer { unlink(script) }
+        guard let bash = searchPath("bash") else { throw ImageError("bash is not installed") }
+        let (status, output) = try run(bash, [script, cache])
+        let lines = output.split(separator: "\n").map(String.init)
+        guard status == 0, let path = lines.last(where: { $0.hasPrefix("/") && $0.contains("vmlinuz") }) else {
+            throw ImageError(
+                "no guest kernel: fetching Debian's (apt-get download linux-image-cloud-amd64) failed:\n\(output)"
+                    + "\npass --kernel PATH (with --modules DIR) or set VMPOOL_KERNEL")
+        }
+        return path
     }
 
     /// Writes `vmlinuz`, `initrd.img`, `cmdline` and `version` into `output` and returns the image.

@@ -9,7 +9,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Argument(help: "Pool names.")
+        @Argument(help: "Pool names.", completion: Completions.pools)
         var pools: [String] = []
 
         @Flag(name: .customLong("ignore-not-found"), help: "Succeed for pools that are not applied (teardown traps).")

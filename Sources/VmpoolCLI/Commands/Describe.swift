@@ -18,7 +18,7 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Argument(help: "The pool's name.")
+            @Argument(help: "The pool's name.", completion: Completions.pools)
             var name: String
 
             @OptionGroup var format: OutputOptions
@@ -50,7 +50,7 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Argument(help: "The VM's id.")
+            @Argument(help: "The VM's id.", completion: Completions.vms)
             var id: String
 
             @OptionGroup var format: OutputOptions
@@ -77,7 +77,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Option(help: "Only the events of this pool.")
+        @Option(help: "Only the events of this pool.", completion: Completions.pools)
         var pool: String?
 
         @Option(parsing: .unconditional, help: "Only events of the last DURATION (30m, 2h).", transform: duration("--since"))

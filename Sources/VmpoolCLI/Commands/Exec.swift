@@ -33,7 +33,7 @@ extension Vmpool {
         @Option(parsing: .unconditional, help: "Kill the command after this long (30s, 5m).", transform: duration("--timeout", allowZero: false))
         var timeout: Duration?
 
-        @Argument(help: "The VM's id (see `vmpool get vms`).")
+        @Argument(help: "The VM's id (see `vmpool get vms`).", completion: Completions.vms)
         var vm: String
 
         @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.")

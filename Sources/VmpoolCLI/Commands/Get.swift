@@ -18,7 +18,7 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Argument(help: "Pool names (default: all).")
+            @Argument(help: "Pool names (default: all).", completion: Completions.pools)
             var names: [String] = []
 
             @Option(name: .shortAndLong, help: "Output format: text or json.")
@@ -59,7 +59,7 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Option(help: "Only the VMs of this pool.")
+            @Option(help: "Only the VMs of this pool.", completion: Completions.pools)
             var pool: String?
 
             @Option(name: .shortAndLong, help: "Output format: text or json.")

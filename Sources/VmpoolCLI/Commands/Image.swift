@@ -31,7 +31,7 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Option(help: "Kernel to use (default: $VMPOOL_KERNEL, else the newest /boot/vmlinuz-*).")
+            @Option(help: "Kernel to use (default: $VMPOOL_KERNEL, else Debian's cloud kernel, fetched once into $XDG_CACHE_HOME/vmpool).")
             var kernel: String?
 
             @Option(help: "Directory to write the image to (default: STATE_DIR/image).")

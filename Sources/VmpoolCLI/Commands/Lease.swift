@@ -18,7 +18,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Argument(help: "The pool to take a VM from.")
+        @Argument(help: "The pool to take a VM from.", completion: Completions.pools)
         var pool: String
 
         @Option(
@@ -73,7 +73,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Argument(help: "Leased VM ids.")
+        @Argument(help: "Leased VM ids.", completion: Completions.vms)
         var vms: [String] = []
 
         func validate() throws {

@@ -16,7 +16,7 @@ extension Vmpool {
         @Flag(name: .shortAndLong, help: "Keep printing new output until interrupted.")
         var follow = false
 
-        @Argument(help: "The VM's id.")
+        @Argument(help: "The VM's id.", completion: Completions.vms)
         var vm: String
 
         func validate() throws {
@@ -68,7 +68,7 @@ extension Vmpool {
 
         @OptionGroup var options: GlobalOptions
 
-        @Argument(help: "The VM's id.")
+        @Argument(help: "The VM's id.", completion: Completions.vms)
         var vm: String
 
         func run() async throws {
