@@ -108,7 +108,10 @@ let package = Package(
         ),
         .testTarget(name: "VmpoolSpecTests", dependencies: ["VmpoolSpec", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolPlannerTests", dependencies: ["VmpoolPlanner", "VmpoolTestSupport"]),
-        .testTarget(name: "VmpoolStoreTests", dependencies: ["VmpoolStore", "VmpoolTestSupport"]),
+        .testTarget(
+            name: "VmpoolStoreTests",
+            dependencies: ["VmpoolStore", "VmpoolTestSupport", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
         .testTarget(
             name: "VmpoolReconcilerTests",
             dependencies: ["VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport"]

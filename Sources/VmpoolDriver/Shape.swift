@@ -173,6 +173,4 @@ public enum VMState: String, Codable, Sendable, CaseIterable {
     case paused
     /// A stop was started and has not been confirmed.
     case stopping
-    /// The VM died, or an operation on it failed and left it unusable.
-    case failed
 }

@@ -149,45 +149,67 @@ struct PoolPlanner {
         oldestFirst(b, a)
     }
 
+    /// Plans the pool in five steps: its template, scale-down, run states, replacements of
+    /// broken VMs, then each kept VM's changes and the new VMs.
     mutating func plan(into builder: inout PlanBuilder) {
-        let name = spec.name
-        let total = spec.totalVMs
-        let wantPaused = spec.state == .paused ? total : spec.warm
-        let templateStep = planTemplate(into: &builder)
-        let newKind: Action.Kind = spec.boot == .template ? .clone : .create
-        let newDeps = templateStep.map { [$0] } ?? []
+        let newDeps = planTemplate(into: &builder).map { [$0] } ?? []
+        let fits = Dictionary(
+            uniqueKeysWithValues: vms.filter { !$0.isBroken }.map { ($0.id, Fit(have: $0.shape, want: pool.shape)) })
+        let (kept, stops) = scaleDown(fits)
+        var states = runStates(of: kept, fits)
+        for (vm, reason) in stops { builder.add(Action(.stop, pool: spec.name, vm: vm.id, reason: reason)) }
+        replaceBroken(into: &builder, slots: &states.newSlots, dependsOn: newDeps)
+        for vm in kept.sorted(by: Self.oldestFirst) {
+            change(vm, fit: fits[vm.id] ?? .exact, states: states, into: &builder, dependsOn: newDeps)
+        }
+        addNew(states.newSlots, after: kept.count, into: &builder, dependsOn: newDeps)
+    }
 
-        let broken = vms.filter(\.isBroken).sorted(by: Self.oldestFirst)
-        var fits: [String: Fit] = [:]
-        for vm in vms where !vm.isBroken { fits[vm.id] = Fit(have: vm.shape, want: pool.shape) }
-        let doomedFirst: (ObservedVM, ObservedVM) -> Bool = { a, b in
+    /// VMs that cannot stay in place sort before the others, newest first within each.
+    private func doomedFirst(_ fits: [String: Fit]) -> (ObservedVM, ObservedVM) -> Bool {
+        { a, b in
             let ra = fits[a.id]?.needsReplace ?? false
             let rb = fits[b.id]?.needsReplace ?? false
             return ra != rb ? ra : Self.newestFirst(a, b)
         }
+    }
 
-        // Scale down: paused VMs beyond the warm count first, then the newest.
+    private var wantPaused: Int { spec.state == .paused ? spec.totalVMs : spec.warm }
+
+    /// Scale down: paused VMs beyond the warm count first, then the newest (those that must
+    /// be replaced anyway before those that fit). Returns the VMs kept and the stops.
+    private func scaleDown(_ fits: [String: Fit]) -> (kept: [ObservedVM], stops: [(ObservedVM, String)]) {
         var good = vms.filter { !$0.isBroken }
+        let total = spec.totalVMs
         var stops: [(ObservedVM, String)] = []
-        if good.count > total {
-            var surplus = good.count - total
-            let paused = good.filter { $0.condition == .paused }.sorted(by: doomedFirst)
-            for vm in paused.prefix(min(surplus, max(0, paused.count - wantPaused))) {
-                stops.append((vm, "scale down: more than \(wantPaused) paused VMs"))
-                surplus -= 1
-            }
-            let stopped = Set(stops.map(\.0.id))
-            let rest = good.filter { !stopped.contains($0.id) }.sorted(by: doomedFirst)
-            for vm in rest.prefix(surplus) {
-                stops.append((vm, "scale down: \(good.count) → \(total) VMs"))
-            }
-            let allStopped = Set(stops.map(\.0.id))
-            good.removeAll { allStopped.contains($0.id) }
+        guard good.count > total else { return (good, []) }
+        var surplus = good.count - total
+        let order = doomedFirst(fits)
+        let paused = good.filter { $0.condition == .paused }.sorted(by: order)
+        for vm in paused.prefix(min(surplus, max(0, paused.count - wantPaused))) {
+            stops.append((vm, "scale down: more than \(wantPaused) paused VMs"))
+            surplus -= 1
         }
+        let stopped = Set(stops.map(\.0.id))
+        for vm in good.filter({ !stopped.contains($0.id) }).sorted(by: order).prefix(surplus) {
+            stops.append((vm, "scale down: \(good.count) → \(total) VMs"))
+        }
+        let allStopped = Set(stops.map(\.0.id))
+        good.removeAll { allStopped.contains($0.id) }
+        return (good, stops)
+    }
 
-        // Run states: which kept VMs resume or pause, and how many new VMs of each state.
-        let running = good.filter { $0.condition == .running }
-        let paused = good.filter { $0.condition == .paused }
+    /// Which kept VMs resume or pause, and the states of the VMs to make.
+    struct RunStates {
+        var resumes: Set<String> = []
+        var pauses: Set<String> = []
+        /// The state of each new VM, in order: running ones first.
+        var newSlots: [DesiredState] = []
+    }
+
+    private func runStates(of kept: [ObservedVM], _ fits: [String: Fit]) -> RunStates {
+        let running = kept.filter { $0.condition == .running }
+        let paused = kept.filter { $0.condition == .paused }
         var resumes: [ObservedVM] = []
         var pauses: [ObservedVM] = []
         var newRunning = 0
@@ -195,9 +217,10 @@ struct PoolPlanner {
         switch spec.state {
         case .running:
             if running.count > spec.size {
-                pauses = Array(running.sorted(by: doomedFirst).prefix(running.count - spec.size))
+                pauses = Array(running.sorted(by: doomedFirst(fits)).prefix(running.count - spec.size))
             } else if running.count < spec.size {
                 let need = spec.size - running.count
+                // Warm spares that fit resume first, oldest first.
                 let readyFirst = paused.sorted { a, b in
                     let ra = fits[a.id]?.needsReplace ?? false
                     let rb = fits[b.id]?.needsReplace ?? false
@@ -209,78 +232,81 @@ struct PoolPlanner {
             newPaused = max(0, spec.warm - (paused.count - resumes.count + pauses.count))
         case .paused:
             pauses = running
-            newPaused = total - good.count
+            newPaused = spec.totalVMs - kept.count
         }
+        return RunStates(
+            resumes: Set(resumes.map(\.id)), pauses: Set(pauses.map(\.id)),
+            newSlots: Array(repeating: .running, count: newRunning) + Array(repeating: .paused, count: newPaused))
+    }
 
-        // New VMs: first as replacements of broken ones, the rest created.
-        var slots = Array(repeating: DesiredState.running, count: newRunning)
-            + Array(repeating: DesiredState.paused, count: newPaused)
-        for (vm, reason) in stops {
-            builder.add(Action(.stop, pool: name, vm: vm.id, reason: reason))
-        }
-        for vm in broken {
+    /// Broken VMs are replaced while new VMs are wanted (each replacement takes a slot), and
+    /// stopped beyond that.
+    private func replaceBroken(into builder: inout PlanBuilder, slots: inout [DesiredState], dependsOn: [Int]) {
+        for vm in vms.filter(\.isBroken).sorted(by: Self.oldestFirst) {
             guard case .broken(let why) = vm.condition else { continue }
             if slots.isEmpty {
-                builder.add(Action(.stop, pool: name, vm: vm.id, reason: "\(why); not needed"))
+                builder.add(Action(.stop, pool: spec.name, vm: vm.id, reason: "\(why); not needed"))
             } else {
                 let state = slots.removeFirst()
-                builder.add(Action(.replace, pool: name, vm: vm.id, state: state, reason: why, dependsOn: newDeps))
-            }
-        }
-
-        // Kept VMs: replace what cannot be changed in place, else resume / hotplug / pause in that order.
-        let resumed = Set(resumes.map(\.id))
-        let toPause = Set(pauses.map(\.id))
-        for vm in good.sorted(by: Self.oldestFirst) {
-            let finalState: DesiredState =
-                resumed.contains(vm.id) ? .running
-                : toPause.contains(vm.id) ? .paused : (vm.condition == .running ? .running : .paused)
-            switch fits[vm.id] ?? .exact {
-            case .replace(let why):
                 builder.add(
-                    Action(.replace, pool: name, vm: vm.id, state: finalState, reason: why, dependsOn: newDeps))
-            case .exact:
-                if resumed.contains(vm.id) {
-                    builder.add(Action(.resume, pool: name, vm: vm.id, reason: resumeReason))
-                }
-                if toPause.contains(vm.id) {
-                    builder.add(Action(.pause, pool: name, vm: vm.id, reason: pauseReason))
-                }
-            case .hotplug(let cpu, let memory):
-                var previous: Int?
-                func chain(_ action: Action) {
-                    var action = action
-                    if let previous { action.dependsOn = [previous] }
-                    previous = builder.add(action)
-                }
-                if resumed.contains(vm.id) { chain(Action(.resume, pool: name, vm: vm.id, reason: resumeReason)) }
-                if let cpu {
-                    chain(
-                        Action(
-                            .hotplugCPU, pool: name, vm: vm.id, vcpus: cpu,
-                            reason: "vcpus \(cpu.from) → \(cpu.to) (ceiling \(spec.maxVcpus))"))
-                }
-                if let memory {
-                    chain(
-                        Action(
-                            .hotplugMemory, pool: name, vm: vm.id, memoryMiB: memory,
-                            reason: "memory \(MemoryQuantity.format(memory.from)) → "
-                                + "\(MemoryQuantity.format(memory.to)) (ceiling "
-                                + "\(MemoryQuantity.format(spec.maxMemoryMiB)))"))
-                }
-                if toPause.contains(vm.id) { chain(Action(.pause, pool: name, vm: vm.id, reason: pauseReason)) }
+                    Action(.replace, pool: spec.name, vm: vm.id, state: state, reason: why, dependsOn: dependsOn))
             }
         }
+    }
 
-        let before = good.count
+    /// A kept VM: replaced when it cannot be changed in place, else resumed, hotplugged and
+    /// paused in that order, each step after the one before.
+    private func change(
+        _ vm: ObservedVM, fit: Fit, states: RunStates, into builder: inout PlanBuilder, dependsOn: [Int]
+    ) {
+        let name = spec.name
+        let resume = states.resumes.contains(vm.id)
+        let pause = states.pauses.contains(vm.id)
+        switch fit {
+        case .replace(let why):
+            let finalState: DesiredState =
+                resume ? .running : pause ? .paused : (vm.condition == .running ? .running : .paused)
+            builder.add(Action(.replace, pool: name, vm: vm.id, state: finalState, reason: why, dependsOn: dependsOn))
+        case .exact:
+            if resume { builder.add(Action(.resume, pool: name, vm: vm.id, reason: resumeReason)) }
+            if pause { builder.add(Action(.pause, pool: name, vm: vm.id, reason: pauseReason)) }
+        case .hotplug(let cpu, let memory):
+            var previous: Int?
+            func chain(_ action: Action) {
+                var action = action
+                if let previous { action.dependsOn = [previous] }
+                previous = builder.add(action)
+            }
+            if resume { chain(Action(.resume, pool: name, vm: vm.id, reason: resumeReason)) }
+            if let cpu {
+                chain(
+                    Action(
+                        .hotplugCPU, pool: name, vm: vm.id, vcpus: cpu,
+                        reason: "vcpus \(cpu.from) → \(cpu.to) (ceiling \(spec.maxVcpus))"))
+            }
+            if let memory {
+                chain(
+                    Action(
+                        .hotplugMemory, pool: name, vm: vm.id, memoryMiB: memory,
+                        reason: "memory \(MemoryQuantity.format(memory.from)) → "
+                            + "\(MemoryQuantity.format(memory.to)) (ceiling "
+                            + "\(MemoryQuantity.format(spec.maxMemoryMiB)))"))
+            }
+            if pause { chain(Action(.pause, pool: name, vm: vm.id, reason: pauseReason)) }
+        }
+    }
+
+    /// The VMs still to make, numbered after those kept (`slot`).
+    private func addNew(_ slots: [DesiredState], after kept: Int, into builder: inout PlanBuilder, dependsOn: [Int]) {
+        let kind: Action.Kind = spec.boot == .template ? .clone : .create
         for (offset, state) in slots.enumerated() {
-            let reason =
+            let wanted =
                 state == .running && spec.state == .running
                 ? "\(spec.size) running VMs wanted" : "\(wantPaused) paused VMs wanted"
             var action = Action(
-                newKind, pool: name, state: state, reason: "\(reason) (\(before + offset + 1) of \(total))",
-                dependsOn: newDeps)
-            action.slot = before + offset + 1
+                kind, pool: spec.name, state: state, reason: "\(wanted) (\(kept + offset + 1) of \(spec.totalVMs))",
+                dependsOn: dependsOn)
+            action.slot = kept + offset + 1
             builder.add(action)
         }
     }

@@ -45,7 +45,6 @@ public struct Observation: Sendable {
         switch record.state {
         case .creating: return .broken("creation did not finish")
         case .stopping: return .broken("a stop did not finish")
-        case .failed: return .broken(record.lastError ?? "an operation failed")
         case .running, .paused: break
         }
         switch status.liveness {

@@ -121,7 +121,7 @@ public struct Event: Sendable, Hashable {
 /// Why a store operation failed.
 public struct StoreError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt, exhausted, notFound, conflict }
+        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt, exhausted, notFound, conflict, newerSchema }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
 
@@ -137,6 +137,8 @@ public struct StoreError: Error, Sendable, CustomStringConvertible {
         public static let exhausted = Code(.exhausted)
         /// No such VM, pool or lease.
         public static let notFound = Code(.notFound)
+        /// The store was written by a newer vmpool.
+        public static let newerSchema = Code(.newerSchema)
         /// The change contradicts the store's state (a VM leased already, not leased).
         public static let conflict = Code(.conflict)
 

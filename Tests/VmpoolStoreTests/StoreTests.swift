@@ -1,4 +1,5 @@
 import Foundation
+import GRDB
 import Testing
 import VmpoolDriver
 import VmpoolSpec
@@ -185,6 +186,25 @@ struct NetworkAllocationTests {
             let (vm, _) = try #require(
                 try store.beginLaunch(record("w-\(index)"), operation: "create", network: forwarded) { !busy.contains($0) })
             #expect(vm.network?.ports[22].map { !busy.contains($0) } == true)
+        }
+    }
+}
+
+@Suite("Store schema versions")
+struct SchemaVersionTests {
+    @Test func aStoreWrittenByANewerVmpoolIsRefusedNamingBothVersions() throws {
+        let dir = TemporaryDirectory()
+        defer { dir.remove() }
+        _ = try StateStore(directory: dir.path)
+        // A newer vmpool left a migration this one does not know.
+        let db = try DatabaseQueue(path: dir.path + "/" + StateStore.fileName)
+        try db.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v99-from-the-future')") }
+        do {
+            _ = try StateStore(directory: dir.path)
+            Issue.record("a newer schema was accepted")
+        } catch {
+            #expect(error.code == .newerSchema)
+            #expect(error.message.contains("v99-from-the-future") && error.message.contains("v5-network-lease"), "\(error.message)")
         }
     }
 }
