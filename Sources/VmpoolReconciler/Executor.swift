@@ -40,78 +40,40 @@ extension Reconciler {
     /// Runs a plan with bounded parallelism. An action whose dependency failed is not run;
     /// every other action runs even when unrelated ones fail.
     public func execute(_ plan: Plan, input: PlanInput, cancellation: Cancellation) async -> [ActionResult] {
-        let actions = plan.actions
-        guard !actions.isEmpty else { return [] }
-        let shapes = Dictionary(uniqueKeysWithValues: input.desired.map { ($0.spec.name, $0) })
+        guard !plan.isEmpty else { return [] }
+        let pools = Dictionary(uniqueKeysWithValues: input.desired.map { ($0.spec.name, $0) })
         let deadline = configuration.timeout.map { ContinuousClock.now.advanced(by: $0) }
-        var results = [ActionResult?](repeating: nil, count: actions.count)
-        var started = [Bool](repeating: false, count: actions.count)
-        var dependents = [[Int]](repeating: [], count: actions.count)
-        var waiting = actions.map { $0.dependsOn.count }
-        for (index, action) in actions.enumerated() {
-            for dep in action.dependsOn { dependents[dep].append(index) }
-        }
-        var ready = (0..<actions.count).filter { waiting[$0] == 0 }
-        ready.reverse()
-
-        await withTaskGroup(of: (Int, ActionResult).self) { group in
+        var scheduler = ActionScheduler(plan.actions)
+        await withTaskGroup(of: ChildTaskResult.self) { group in
             var running = 0
-            func finish(_ index: Int, _ result: ActionResult, skipping: inout [Int]) {
-                results[index] = result
-                for next in dependents[index] {
-                    if result.outcome == .failed {
-                        skipping.append(next)
-                    } else {
-                        waiting[next] -= 1
-                        if waiting[next] == 0 { ready.insert(next, at: 0) }
-                    }
-                }
-            }
-            func skipCascade(_ start: [Int], because why: String) {
-                var stack = start
-                while let index = stack.popLast() {
-                    guard results[index] == nil, !started[index] else { continue }
-                    started[index] = true
-                    var more: [Int] = []
-                    finish(index, ActionResult(action: actions[index], outcome: .failed, error: why), skipping: &more)
-                    stack += more
-                }
-            }
             while true {
-                while running < configuration.parallelism, let index = ready.popLast() {
-                    guard !started[index] else { continue }
-                    started[index] = true
-                    let action = actions[index]
+                while running < configuration.parallelism, let index = scheduler.next() {
+                    let action = plan.actions[index]
                     if cancellation.isCancelled || deadline.map({ ContinuousClock.now >= $0 }) == true {
-                        var more: [Int] = []
                         let why = cancellation.isCancelled ? "not started: shutting down" : "not started: --timeout reached"
-                        finish(index, ActionResult(action: action, outcome: .failed, error: why), skipping: &more)
-                        skipCascade(more, because: why)
+                        scheduler.record(index, ActionResult(action: action, outcome: .failed, error: why), skipReason: why)
                         continue
                     }
                     running += 1
-                    let pool = shapes[action.pool]
                     group.addTask {
-                        (index, await self.run(action, pool: pool, cancellation: cancellation, deadline: deadline))
+                        .finished(
+                            index: index,
+                            result: await self.run(action, pool: pools[action.pool], cancellation: cancellation, deadline: deadline))
                     }
                 }
-                guard let (index, result) = await group.next() else { break }
-                running -= 1
-                var skipped: [Int] = []
-                finish(index, result, skipping: &skipped)
-                if let progress = configuration.progress {
-                    let finished = results.compactMap { $0 }
-                    progress(
+                guard let child = await group.next() else { break }
+                switch child {
+                case .finished(let index, let result):
+                    running -= 1
+                    scheduler.record(index, result, skipReason: "not run: an action it depends on failed")
+                    configuration.progress?(
                         PassProgress(
-                            done: finished.count, failed: finished.filter { $0.outcome == .failed }.count,
-                            total: actions.count, last: result))
+                            done: scheduler.finished.count, failed: scheduler.finished.filter { $0.outcome == .failed }.count,
+                            total: plan.actions.count, last: result))
                 }
-                skipCascade(skipped, because: "not run: an action it depends on failed")
             }
         }
-        return results.enumerated().map { index, result in
-            result ?? ActionResult(action: actions[index], outcome: .failed, error: "not run")
-        }
+        return scheduler.results
     }
 
     /// Runs one action; it is interrupted (and its half-done work undone) when the pass is
@@ -190,40 +152,31 @@ extension Reconciler {
             guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
             try await buildTemplate(pool)
             return nil
-        case .resume, .pause:
-            guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
-            let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
-            do {
-                if action.kind == .resume { try await driver.resume(record.ref) } else { try await driver.pause(record.ref) }
-            } catch {
-                try store.finish(journal, outcome: .failed, error: error.description)
-                throw error
+        case .resume:
+            try await journaled(action) { record in
+                try await driver.resume(record.ref)
+                record.state = .running
             }
-            var updated = record
-            updated.state = action.kind == .resume ? .running : .paused
-            try store.finish(
-                journal, outcome: .ok, updating: updated,
-                event: Event(pool: record.pool, vm: record.id, kind: action.kind.rawValue, message: action.reason))
             return nil
-        case .hotplugCPU, .hotplugMemory:
-            guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
-            let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
-            var updated = record
-            do {
-                if action.kind == .hotplugCPU, let change = action.vcpus {
-                    try await driver.hotplugCPUs(record.ref, shape: record.shape, to: change.to)
-                    updated.shape.vcpus = change.to
-                } else if let change = action.memoryMiB {
-                    try await driver.hotplugMemory(record.ref, shape: record.shape, to: change.to)
-                    updated.shape.memoryMiB = change.to
-                }
-            } catch {
-                try store.finish(journal, outcome: .failed, error: error.description)
-                throw error
+        case .pause:
+            try await journaled(action) { record in
+                try await driver.pause(record.ref)
+                record.state = .paused
             }
-            try store.finish(
-                journal, outcome: .ok, updating: updated,
-                event: Event(pool: record.pool, vm: record.id, kind: action.kind.rawValue, message: action.reason))
+            return nil
+        case .hotplugCPU:
+            try await journaled(action) { record in
+                guard let change = action.vcpus else { return }
+                try await driver.hotplugCPUs(record.ref, shape: record.shape, to: change.to)
+                record.shape.vcpus = change.to
+            }
+            return nil
+        case .hotplugMemory:
+            try await journaled(action) { record in
+                guard let change = action.memoryMiB else { return }
+                try await driver.hotplugMemory(record.ref, shape: record.shape, to: change.to)
+                record.shape.memoryMiB = change.to
+            }
             return nil
         case .stop:
             guard let record = try record(action.vm) else { return nil }
@@ -246,6 +199,23 @@ extension Reconciler {
             try store.deletePool(action.pool)
             return nil
         }
+    }
+
+    /// The one shape of an action on an existing VM: journaled before the driver call, the
+    /// VM's new facts and the journal's close written together after it (or the failure).
+    private func journaled(_ action: Action, _ body: (inout VMRecord) async throws -> Void) async throws {
+        guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
+        let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
+        var updated = record
+        do {
+            try await body(&updated)
+        } catch {
+            try store.finish(journal, outcome: .failed, error: "\(error)")
+            throw error
+        }
+        try store.finish(
+            journal, outcome: .ok, updating: updated,
+            event: Event(pool: record.pool, vm: record.id, kind: action.kind.rawValue, message: action.reason))
     }
 
     private func record(_ id: String?) throws -> VMRecord? {
