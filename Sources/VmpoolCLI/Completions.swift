@@ -15,7 +15,8 @@ enum Completions {
     }
 
     private static func names(_ arguments: [String], _ list: (StateStore) throws -> [String]) -> [String] {
-        var directory = ProcessInfo.processInfo.environment["VMPOOL_STATE_DIR"].flatMap { $0.isEmpty ? nil : $0 }
+        var directory =
+            ProcessInfo.processInfo.environment["VMPOOL_STATE_DIR"].flatMap { $0.isEmpty ? nil : $0 }
             ?? StateDirectory.defaultPath()
         if let index = arguments.firstIndex(of: "--state-dir"), index + 1 < arguments.count {
             directory = arguments[index + 1]

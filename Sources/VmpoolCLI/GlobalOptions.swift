@@ -21,7 +21,9 @@ public struct GlobalOptions: ParsableArguments {
     @Option(help: "Hypervisor driver: qemu or sim (env VMPOOL_DRIVER; default qemu).")
     var driver: DriverKind?
 
-    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (env VMPOOL_LOG_LEVEL; default info).")
+    @Option(
+        name: .customLong("log-level"),
+        help: "trace, debug, info, notice, warning, error or critical (env VMPOOL_LOG_LEVEL; default info).")
     var logLevel: String?
 
     @Option(name: .customLong("log-format"), help: "Logs as text or json lines (env VMPOOL_LOG_FORMAT; default text).")
@@ -30,7 +32,8 @@ public struct GlobalOptions: ParsableArguments {
     @Option(help: "QEMU accelerator: auto, kvm or tcg (env VMPOOL_ACCEL; default auto).")
     var accel: Accelerator?
 
-    @Option(name: .customLong("lock-timeout"), help: "How long to wait for another vmpool on this state dir (default 60s).")
+    @Option(
+        name: .customLong("lock-timeout"), help: "How long to wait for another vmpool on this state dir (default 60s).")
     var lockTimeout: String?
 
     public init() {}
@@ -57,7 +60,8 @@ public struct GlobalOptions: ParsableArguments {
                     + " (check --state-dir or VMPOOL_STATE_DIR)")
         }
         guard let real = realpath(given, nil) else {
-            throw CommandFailure(description: "cannot resolve the state dir \(given): \(String(cString: strerror(errno)))")
+            throw CommandFailure(
+                description: "cannot resolve the state dir \(given): \(String(cString: strerror(errno)))")
         }
         defer { free(real) }
         return String(cString: real)
@@ -73,7 +77,8 @@ public struct GlobalOptions: ParsableArguments {
     static func integer(_ environment: [String: String], _ name: String, _ range: ClosedRange<Int>) throws -> Int? {
         guard let text = environment[name], !text.isEmpty else { return nil }
         guard let value = Int(text), range.contains(value) else {
-            throw ValidationError("\(name): expected an integer from \(range.lowerBound) to \(range.upperBound), got \"\(text)\"")
+            throw ValidationError(
+                "\(name): expected an integer from \(range.lowerBound) to \(range.upperBound), got \"\(text)\"")
         }
         return value
     }
@@ -159,7 +164,6 @@ public struct GlobalOptions: ParsableArguments {
 }
 
 extension Accelerator: ExpressibleByArgument {}
-
 
 enum LoggingBootstrap {
     private static let done = Mutex(false)

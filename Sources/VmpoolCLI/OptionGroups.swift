@@ -56,7 +56,8 @@ struct ExecutionOptions: ParsableArguments {
 struct TimeoutOption: ParsableArguments {
     @Option(
         parsing: .unconditional,
-        help: "Give up after this long (30s, 5m, 1m30s): no action starts after it, running ones are interrupted and undone.",
+        help:
+            "Give up after this long (30s, 5m, 1m30s): no action starts after it, running ones are interrupted and undone.",
         transform: duration("--timeout"))
     var timeout: Duration?
 }

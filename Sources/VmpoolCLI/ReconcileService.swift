@@ -1,9 +1,9 @@
 import Foundation
 import Logging
+import Metrics
 import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
-import Metrics
 import VmpoolService
 import VmpoolStore
 
@@ -72,7 +72,9 @@ struct ReconcileService: Service {
                 case .success(let lock): return lock
                 case .failure(let busy):
                     if !reported {
-                        logger.info("waiting for the state dir lock (held by \(busy.holder.map { "\($0)" } ?? "another vmpool"))")
+                        logger.info(
+                            "waiting for the state dir lock (held by \(busy.holder.map { "\($0)" } ?? "another vmpool"))"
+                        )
                         reported = true
                     }
                 }

@@ -110,7 +110,8 @@ func checkImages(_ manifests: ManifestSet) throws {
             }
         }
         for (field, problem) in DiskImages.resolve(pool.disks).problems {
-            diagnostics.append(Diagnostic(.imageNotFound, at: origin.location(of: field), field: field, problem.message))
+            diagnostics.append(
+                Diagnostic(.imageNotFound, at: origin.location(of: field), field: field, problem.message))
         }
         if let network = pool.network, network.mode == .bridge, let text = network.subnet,
             let subnet = IPv4Subnet(text)
@@ -144,4 +145,3 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case text
     case json
 }
-

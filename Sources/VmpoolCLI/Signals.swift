@@ -15,7 +15,9 @@ func withShutdownSignals<T: Sendable>(
                     printError("interrupting running actions; what they half made is undone")
                 } else {
                     cancellation.cancel()
-                    printError("shutting down: finishing running actions, starting no new ones (signal again to interrupt them)")
+                    printError(
+                        "shutting down: finishing running actions, starting no new ones (signal again to interrupt them)"
+                    )
                 }
             }
             return nil

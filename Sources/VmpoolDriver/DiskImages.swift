@@ -36,14 +36,18 @@ public enum DiskImages {
             throw Problem(message: "file \(path) does not exist")
         }
         let fd = open(real, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw Problem(message: "file \(path) is not readable: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw Problem(message: "file \(path) is not readable: \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         var info = stat()
         fstat(fd, &info)
         guard info.st_mode & S_IFMT == S_IFREG else { throw Problem(message: "\(path) is not a regular file") }
         var header = [UInt8](repeating: 0, count: 512)
         let count = pread(fd, &header, header.count, 0)
-        guard count >= 0 else { throw Problem(message: "file \(path) is not readable: \(String(cString: strerror(errno)))") }
+        guard count >= 0 else {
+            throw Problem(message: "file \(path) is not readable: \(String(cString: strerror(errno)))")
+        }
         let magic = Array(header.prefix(8))
         if magic.starts(with: [0x51, 0x46, 0x49, 0xFB]) {
             guard count >= 32 else { throw Problem(message: "\(path) is a truncated qcow2 image") }
@@ -55,7 +59,9 @@ public enum DiskImages {
             ("qed", [0x51, 0x45, 0x44, 0x00]), ("vpc", Array("conectix".utf8)),
         ]
         if let (name, _) = others.first(where: { magic.starts(with: $0.1) }) {
-            throw Problem(message: "\(path) is a \(name) image; expected qcow2 or raw (convert it with qemu-img convert -O qcow2)")
+            throw Problem(
+                message: "\(path) is a \(name) image; expected qcow2 or raw (convert it with qemu-img convert -O qcow2)"
+            )
         }
         let size = UInt64(info.st_size)
         guard size > 0, size % 512 == 0 else {
@@ -73,7 +79,8 @@ public enum DiskImages {
         var problems: [(String, Problem)] = []
         for (index, disk) in disks.enumerated() {
             guard let image = disk.image else {
-                result.append(DiskShape(name: disk.name, base: nil, format: nil, fingerprint: nil, sizeMiB: disk.sizeMiB ?? 0))
+                result.append(
+                    DiskShape(name: disk.name, base: nil, format: nil, fingerprint: nil, sizeMiB: disk.sizeMiB ?? 0))
                 continue
             }
             do {

@@ -198,19 +198,20 @@ public enum GuestImage {
         try write(Data(PackageResources.debian_rootfs_sh), to: work + "/debian-rootfs.sh")
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
         let disk = output + "/debian.qcow2"
-        var arguments = [work + "/debian-rootfs.sh", "--output", disk, "--agent", work + "/vmpool-agent", "--size", size]
+        var arguments = [
+            work + "/debian-rootfs.sh", "--output", disk, "--agent", work + "/vmpool-agent", "--size", size,
+        ]
         if let cache {
             try FileManager.default.createDirectory(atPath: cache, withIntermediateDirectories: true)
             arguments += ["--cache", cache]
         }
         guard let bash = searchPath("bash") else { throw ImageError("bash is not installed") }
-        let words: [String] = [bash] + arguments
-        let argv = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = argv.withUnsafeBufferPointer { vmpool_spawn_io(bash, $0.baseAddress, nil, -1, 2, 2) }
+        let pid = withCStrings([bash] + arguments) { vmpool_spawn_io(bash, $0, nil, -1, 2, 2) }
         guard pid > 0 else { throw ImageError("cannot run the root disk builder: \(String(cString: strerror(errno)))") }
         let status = vmpool_wait(pid)
-        guard status == 0 else { throw ImageError("building the Debian root disk failed (status \(status)); see above") }
+        guard status == 0 else {
+            throw ImageError("building the Debian root disk failed (status \(status)); see above")
+        }
         return disk
     }
 
@@ -228,9 +229,7 @@ public enum GuestImage {
         let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw ImageError("cannot create \(log)") }
         defer { unlink(log) }
-        let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = argv.withUnsafeBufferPointer { vmpool_spawn_env(path, $0.baseAddress, nil, fd, fd) }
+        let pid = withCStrings([path] + arguments) { vmpool_spawn_env(path, $0, nil, fd, fd) }
         close(fd)
         guard pid > 0 else { throw ImageError("cannot run \(program): \(String(cString: strerror(errno)))") }
         let status = vmpool_wait(pid)
@@ -259,7 +258,9 @@ public enum GuestImage {
         func u64(_ offset: Int) -> Int {
             (0..<8).reduce(0) { $0 | Int(data[data.startIndex + offset + $1]) << (8 * $1) }
         }
-        func u16(_ offset: Int) -> Int { Int(data[data.startIndex + offset]) | Int(data[data.startIndex + offset + 1]) << 8 }
+        func u16(_ offset: Int) -> Int {
+            Int(data[data.startIndex + offset]) | Int(data[data.startIndex + offset + 1]) << 8
+        }
         let phoff = u64(32)
         let phentsize = u16(54)
         let phnum = u16(56)

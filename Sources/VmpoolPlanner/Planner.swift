@@ -324,7 +324,9 @@ struct PoolPlanner {
         let reason: String
         if let template {
             if template.usable && template.ref.key == want { return nil }
-            reason = template.usable ? "template is stale: " + Self.describe(template.ref.key, want)
+            reason =
+                template.usable
+                ? "template is stale: " + Self.describe(template.ref.key, want)
                 : "template state is missing"
         } else {
             reason = "pool has no template yet"

@@ -31,7 +31,8 @@ enum AcceleratorProbe {
         }
         guard access("/dev/kvm", R_OK | W_OK) == 0, let path = QemuProcess.resolve(binary) else { return .tcg }
         let cache = paths.stateDirectory + "/accel"
-        let bootID = (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?
+        let bootID =
+            (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
         let key = bootID + " " + QemuPaths.hash(kernel, hexDigits: 12)
         if let text = try? String(contentsOfFile: cache, encoding: .utf8) {

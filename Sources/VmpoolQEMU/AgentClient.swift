@@ -140,7 +140,7 @@ final class AgentClient {
             do {
                 _ = try request(command(), timeout: min(interval, max(deadline - .now, .milliseconds(1))))
                 return
-            } catch where error.code == .timeout {
+            } catch  where error.code == .timeout {
                 if ContinuousClock.now >= deadline {
                     throw DriverError(.timeout, "the guest agent did not answer within \(timeout)", vm: vm)
                 }

@@ -39,7 +39,9 @@ enum ConsoleLog {
         var offset = 0
         while offset < bytes.count {
             let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            guard written > 0 else { throw DriverError(.io, "cannot write \(path): \(String(cString: strerror(errno)))") }
+            guard written > 0 else {
+                throw DriverError(.io, "cannot write \(path): \(String(cString: strerror(errno)))")
+            }
             offset += written
         }
     }

@@ -93,7 +93,8 @@ final class ExecSession {
         if request.argv.isEmpty || request.argv.contains(where: { $0.utf8.contains(0) }) {
             return .notRun(code: 125, message: "the command and its arguments must be non-empty text without NUL bytes")
         }
-        try channel.send(AgentFrame.encode(AgentFrame.command, Self.commandPayload(request)), deadline: .now + .seconds(10))
+        try channel.send(
+            AgentFrame.encode(AgentFrame.command, Self.commandPayload(request)), deadline: .now + .seconds(10))
         let deadline = request.timeout.map { ContinuousClock.now + $0 }
         var stdinOpen = request.stdin
         var killed = false
@@ -121,7 +122,8 @@ final class ExecSession {
             if stdinOpen, fds.count > 1, fds[1].revents != 0 {
                 let count = read(streams.stdin, &buffer, buffer.count)
                 if count > 0 {
-                    try channel.send(AgentFrame.encode(AgentFrame.stdin, Array(buffer[0..<count])), deadline: .now + .seconds(60))
+                    try channel.send(
+                        AgentFrame.encode(AgentFrame.stdin, Array(buffer[0..<count])), deadline: .now + .seconds(60))
                 } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
                     try channel.send(AgentFrame.encode(AgentFrame.stdin, []), deadline: .now + .seconds(10))
                     stdinOpen = false
@@ -188,7 +190,8 @@ extension QemuDriver: GuestAccess {
         return try await Blocking.run { () throws(DriverError) -> ExecOutcome in
             let session = try ExecSession(paths: paths, vm: vm.id)
             defer { session.close() }
-            return try session.run(request, streams: streams, resize: request.tty == nil ? { nil } : TerminalSize.takeChange)
+            return try session.run(
+                request, streams: streams, resize: request.tty == nil ? { nil } : TerminalSize.takeChange)
         }
     }
 }

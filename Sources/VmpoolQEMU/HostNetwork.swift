@@ -7,9 +7,12 @@ import VmpoolSpec
 /// fails with one clear error before anything is made.
 enum HostNetwork {
     static func ip(_ arguments: [String]) throws(DriverError) -> (status: Int32, stderr: String) {
-        guard let binary = QemuProcess.resolve("ip") ?? ["/sbin/ip", "/usr/sbin/ip", "/bin/ip"].first(where: { access($0, X_OK) == 0 })
+        guard
+            let binary = QemuProcess.resolve("ip")
+                ?? ["/sbin/ip", "/usr/sbin/ip", "/bin/ip"].first(where: { access($0, X_OK) == 0 })
         else {
-            throw DriverError(.hostUnsupported, "iproute2's ip is not installed; bridge mode needs it (apt install iproute2)")
+            throw DriverError(
+                .hostUnsupported, "iproute2's ip is not installed; bridge mode needs it (apt install iproute2)")
         }
         return try Spawn.run(binary, arguments)
     }
@@ -37,7 +40,8 @@ enum HostNetwork {
     static func ensureBridge(_ name: String, subnet: IPv4Subnet) throws(DriverError) -> Bool {
         if linkExists(name) {
             guard access("/sys/class/net/\(name)/bridge", F_OK) == 0 else {
-                throw DriverError(.hostUnsupported, "\(name) exists and is not a bridge; choose another spec.network.bridge")
+                throw DriverError(
+                    .hostUnsupported, "\(name) exists and is not a bridge; choose another spec.network.bridge")
             }
             return false
         }
@@ -72,7 +76,8 @@ enum HostNetwork {
         if let user { add += ["user", user] }
         try run(add, what: "creating tap \(tap)", vm: vm)
         do throws(DriverError) {
-            try run(["link", "set", "dev", tap, "master", bridge, "up"], what: "attaching tap \(tap) to \(bridge)", vm: vm)
+            try run(
+                ["link", "set", "dev", tap, "master", bridge, "up"], what: "attaching tap \(tap) to \(bridge)", vm: vm)
         } catch {
             removeTap(tap)
             throw error

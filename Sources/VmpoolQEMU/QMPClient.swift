@@ -18,7 +18,7 @@ final class QMPClient {
         let deadline = ContinuousClock.now + timeout
         channel = try Channel(path: path, deadline: deadline)
         let greeting = try Self.decode(QMPGreeting.self, try channel.readLine(until: deadline), vm: vm)
-        guard greeting.QMP != nil else {
+        guard greeting.qmp != nil else {
             throw DriverError(.protocolError, "QMP greeting expected on \(path)", vm: vm)
         }
         try execute("qmp_capabilities", timeout: timeout)
@@ -96,7 +96,9 @@ final class QMPClient {
 
 private struct QMPGreeting: Decodable {
     struct Info: Decodable {}
-    var QMP: Info?
+    var qmp: Info?
+
+    enum CodingKeys: String, CodingKey { case qmp = "QMP" }
 }
 
 private struct QMPHeader: Decodable {

@@ -125,7 +125,9 @@ struct QemuPaths: Sendable {
     /// A template's device state, as migrated out of the saved template VM.
     func stateFile(template id: String) -> String { templateRoot + "/" + id + ".state" }
     /// A template's disk, frozen when its memory was saved; clones' overlays are made over it.
-    func templateDisk(template id: String, disk: String) -> String { templateRoot + "/" + id + ".disk-" + disk + ".qcow2" }
+    func templateDisk(template id: String, disk: String) -> String {
+        templateRoot + "/" + id + ".disk-" + disk + ".qcow2"
+    }
     /// A VM's own overlay of one disk, in its run dir (removed with it).
     func overlay(_ id: String, disk: String) -> String { vmDirectory(id) + "/disk-" + disk + ".qcow2" }
 

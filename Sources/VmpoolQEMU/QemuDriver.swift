@@ -85,7 +85,8 @@ public final class QemuDriver: HypervisorDriver {
         case .user: return NICAttachment(backend: .user, mac: NetworkAssignment.mac(for: vm))
         case .bridge:
             return NICAttachment(
-                backend: .tap(name: NetworkAssignment.tapName(for: vm), bridge: shape.bridge ?? NetworkSpec.defaultBridge),
+                backend: .tap(
+                    name: NetworkAssignment.tapName(for: vm), bridge: shape.bridge ?? NetworkSpec.defaultBridge),
                 mac: NetworkAssignment.mac(for: vm))
         }
     }
@@ -104,7 +105,8 @@ public final class QemuDriver: HypervisorDriver {
                 if let mac = request.network?.mac { spec.nic?.mac = mac }
                 try machine.start(spec)
                 try machine.forwardPorts(request.network)
-                try machine.awaitBoot(identity: Self.identity(of: request.id, network: request.network), timeout: bootTimeout)
+                try machine.awaitBoot(
+                    identity: Self.identity(of: request.id, network: request.network), timeout: bootTimeout)
                 if request.state == .paused { try machine.pause() }
             } catch {
                 Undo.run { machine.stop() }
@@ -166,7 +168,8 @@ public final class QemuDriver: HypervisorDriver {
                 }
                 try machine.forwardPorts(request.network)
                 let restored = try machine.restore(
-                    from: stateFile, identity: Self.identity(of: request.id, network: request.network), timeout: timeout)
+                    from: stateFile, identity: Self.identity(of: request.id, network: request.network), timeout: timeout
+                )
                 logger.debug(
                     "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
                 if request.state == .paused { try machine.pause() }
@@ -200,7 +203,8 @@ public final class QemuDriver: HypervisorDriver {
         defer { session.close() }
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }
-        let script = "[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 0;"
+        let script =
+            "[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 0;"
             + " systemctl is-system-running --wait >/dev/null 2>&1; exit 0"
         _ = try session.run(
             ExecRequest(argv: ["/bin/sh", "-c", script], timeout: timeout),
@@ -274,7 +278,9 @@ public final class QemuDriver: HypervisorDriver {
         guard shape.mode == .bridge, let name = shape.bridge, let subnet = shape.subnet.flatMap(IPv4Subnet.init) else {
             return false
         }
-        return try await Blocking.run { () throws(DriverError) -> Bool in try HostNetwork.ensureBridge(name, subnet: subnet) }
+        return try await Blocking.run { () throws(DriverError) -> Bool in
+            try HostNetwork.ensureBridge(name, subnet: subnet)
+        }
     }
 
     public func removeBridge(_ name: String) async {
@@ -305,9 +311,10 @@ public final class QemuDriver: HypervisorDriver {
         let paths = self.paths
         let binary = QemuProcess.resolve(configuration.binary)
         let runAs = configuration.runAs
-        return (try? await Blocking.run { () throws(DriverError) in
-            QemuProcess.discover(runRoot: paths.runRoot, binary: binary, runAs: runAs)
-        }) ?? []
+        return
+            (try? await Blocking.run { () throws(DriverError) in
+                QemuProcess.discover(runRoot: paths.runRoot, binary: binary, runAs: runAs)
+            }) ?? []
     }
 
     public func discoverTemplates() async -> [String] {

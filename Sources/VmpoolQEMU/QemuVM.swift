@@ -74,7 +74,6 @@ struct QemuVM {
     /// Exec ports per VM: execs and copies that can run at once (more wait for a free one).
     static let execPorts = 8
 
-
     /// Size of the console ring that keeps a VM's latest serial output in QEMU's memory.
     static let consoleRingBytes = 256 << 10
 
@@ -217,7 +216,8 @@ struct QemuVM {
 
     /// Starts QEMU; the process is running and its sockets listen when this returns.
     mutating func start(_ machine: MachineSpec) throws(DriverError) {
-        let needed = machine.memory.isClone ? [] : [machine.shape.image.kernel, machine.shape.image.initrd].compactMap { $0 }
+        let needed =
+            machine.memory.isClone ? [] : [machine.shape.image.kernel, machine.shape.image.initrd].compactMap { $0 }
         for path in needed where access(path, R_OK) != 0 {
             throw DriverError(.imageMissing, "image file \(path) does not exist or is not readable", vm: id)
         }
@@ -253,7 +253,10 @@ struct QemuVM {
         let deadline = ContinuousClock.now + timeout
         let lock = try ChannelLock(path: paths.observerSocket(id) + ".lock", until: deadline, vm: id)
         do {
-            return (try QMPClient(path: paths.observerSocket(id), vm: id, timeout: max(deadline - .now, .milliseconds(100))), lock)
+            return (
+                try QMPClient(
+                    path: paths.observerSocket(id), vm: id, timeout: max(deadline - .now, .milliseconds(100))), lock
+            )
         } catch {
             lock.release()
             throw error
@@ -388,7 +391,10 @@ struct QemuVM {
                 let slots = try qmp.execute("query-hotpluggable-cpus", returning: [HotpluggableCPU].self)
                 let present = slots.filter { $0.qomPath != nil }.count
                 guard present < target else { break }
-                guard let slot = slots.filter({ $0.qomPath == nil }).min(by: { $0.order.lexicographicallyPrecedes($1.order) })
+                guard
+                    let slot = slots.filter({ $0.qomPath == nil }).min(by: {
+                        $0.order.lexicographicallyPrecedes($1.order)
+                    })
                 else {
                     throw DriverError(.limitExceeded, "no free CPU slot for CPU \(present + 1)", vm: id)
                 }
@@ -436,7 +442,8 @@ struct QemuVM {
             if done(info) { return info }
             guard ContinuousClock.now < deadline else {
                 throw DriverError(
-                    .timeout, "the guest did not bring the new \(what) online (it reports \(info.cpus) CPUs,"
+                    .timeout,
+                    "the guest did not bring the new \(what) online (it reports \(info.cpus) CPUs,"
                         + " \(info.memoryMiB) MiB)", vm: id)
             }
             try Interrupt.sleep(.milliseconds(10))
@@ -536,7 +543,8 @@ struct QemuVM {
                 returning: String.self)
             let text = answer.trimmingCharacters(in: .whitespacesAndNewlines)
             guard text.isEmpty else {
-                throw DriverError(.launchFailed, "cannot forward 127.0.0.1:\(host) to guest port \(guest): \(text)", vm: id)
+                throw DriverError(
+                    .launchFailed, "cannot forward 127.0.0.1:\(host) to guest port \(guest): \(text)", vm: id)
             }
         }
     }

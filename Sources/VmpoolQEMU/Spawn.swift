@@ -19,9 +19,7 @@ enum Spawn {
         guard vmpool_pipe_cloexec(&fds) == 0 else {
             throw DriverError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
         }
-        let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = argv.withUnsafeBufferPointer { vmpool_spawn(path, $0.baseAddress, fds[1]) }
+        let pid = withCStrings([path] + arguments) { vmpool_spawn(path, $0, fds[1]) }
         Glibc.close(fds[1])
         guard pid > 0 else {
             Glibc.close(fds[0])

@@ -50,15 +50,18 @@ extension Reconciler {
                 while running < configuration.parallelism, let index = scheduler.next() {
                     let action = plan.actions[index]
                     if cancellation.isCancelled || deadline.map({ ContinuousClock.now >= $0 }) == true {
-                        let why = cancellation.isCancelled ? "not started: shutting down" : "not started: --timeout reached"
-                        scheduler.record(index, ActionResult(action: action, outcome: .failed, error: why), skipReason: why)
+                        let why =
+                            cancellation.isCancelled ? "not started: shutting down" : "not started: --timeout reached"
+                        scheduler.record(
+                            index, ActionResult(action: action, outcome: .failed, error: why), skipReason: why)
                         continue
                     }
                     running += 1
                     group.addTask {
                         .finished(
                             index: index,
-                            result: await self.run(action, pool: pools[action.pool], cancellation: cancellation, deadline: deadline))
+                            result: await self.run(
+                                action, pool: pools[action.pool], cancellation: cancellation, deadline: deadline))
                     }
                 }
                 guard let child = await group.next() else { break }
@@ -68,7 +71,8 @@ extension Reconciler {
                     scheduler.record(index, result, skipReason: "not run: an action it depends on failed")
                     configuration.progress?(
                         PassProgress(
-                            done: scheduler.finished.count, failed: scheduler.finished.filter { $0.outcome == .failed }.count,
+                            done: scheduler.finished.count,
+                            failed: scheduler.finished.filter { $0.outcome == .failed }.count,
                             total: plan.actions.count, last: result))
                 }
             }
@@ -225,7 +229,8 @@ extension Reconciler {
 
     /// Creates or clones one VM: recorded (state `creating`) and journaled before the driver
     /// runs, so a crash at any instant leaves a record the next pass undoes.
-    private func launch(_ pool: DesiredPool, state: DesiredState, slot: String?, logger: Logger) async throws -> String {
+    private func launch(_ pool: DesiredPool, state: DesiredState, slot: String?, logger: Logger) async throws -> String
+    {
         try await ensureNetwork(pool.shape.network)
         var template: TemplateRef?
         if pool.spec.boot == .template {

@@ -24,7 +24,9 @@ public struct Leases: Sendable {
 
     /// `USER@HOST`.
     public static func defaultHolder() -> String {
-        let user = ProcessInfo.processInfo.environment["USER"] ?? String(cString: getpwuid(geteuid())?.pointee.pw_name ?? strdup("uid\(geteuid())"))
+        let user =
+            ProcessInfo.processInfo.environment["USER"]
+            ?? String(cString: getpwuid(geteuid())?.pointee.pw_name ?? strdup("uid\(geteuid())"))
         return "\(user)@\(ProcessInfo.processInfo.hostName)"
     }
 

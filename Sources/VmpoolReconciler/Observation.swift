@@ -149,13 +149,15 @@ extension Reconciler {
     /// rewritten file a new one), disk images read and checked.
     public func desiredPool(_ spec: PoolSpec) -> Result<DesiredPool, Unresolvable> {
         guard let image = resolveImage(spec) else {
-            return .failure(Unresolvable(message: "no default guest image is built; run `vmpool image build` or give spec.image"))
+            return .failure(
+                Unresolvable(message: "no default guest image is built; run `vmpool image build` or give spec.image"))
         }
         let (disks, problems) = DiskImages.resolve(spec.disks)
         if let (field, problem) = problems.first {
             return .failure(Unresolvable(message: "\(field): \(problem.message)"))
         }
-        return .success(DesiredPool(spec: spec, shape: VMShape(pool: spec, image: DiskImages.resolve(image), disks: disks)))
+        return .success(
+            DesiredPool(spec: spec, shape: VMShape(pool: spec, image: DiskImages.resolve(image), disks: disks)))
     }
 
     /// The concrete image a pool boots: its own, or the default guest image (with the pool's

@@ -1,6 +1,6 @@
-import Synchronization
 import Foundation
 import Logging
+import Synchronization
 import VmpoolDriver
 import VmpoolPlanner
 import VmpoolSpec
@@ -188,7 +188,9 @@ public final class Reconciler: Sendable {
             try store.record(
                 Event(
                     pool: "", kind: "bridge-removed",
-                    message: "bridge \(bridge.name): no pool uses it\(bridge.createdByVmpool ? "" : " (not made by vmpool; left in place)")"))
+                    message:
+                        "bridge \(bridge.name): no pool uses it\(bridge.createdByVmpool ? "" : " (not made by vmpool; left in place)")"
+                ))
         }
     }
 }

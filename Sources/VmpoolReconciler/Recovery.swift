@@ -53,7 +53,8 @@ extension Reconciler {
                     pool: record.pool, vm: record.id, kind: "recovered",
                     message: record.state == .creating
                         ? "launch interrupted by a crash; undone" : "stop interrupted by a crash; finished"))
-            logger.notice("recovered an interrupted operation", metadata: ["pool": "\(record.pool)", "vm": "\(record.id)"])
+            logger.notice(
+                "recovered an interrupted operation", metadata: ["pool": "\(record.pool)", "vm": "\(record.id)"])
         }
         // Templates whose build never finished.
         for template in try store.templates() where template.state == .building {

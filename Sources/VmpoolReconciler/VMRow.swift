@@ -60,7 +60,8 @@ public struct VMRow: Sendable {
             "template": record.templateID.map { .string($0) } ?? .null,
             "problem": problem.map { .string($0) } ?? .null,
             "address": address.map { .string($0) } ?? .null,
-            "ports": .object(Dictionary(uniqueKeysWithValues: (record.network?.ports ?? [:]).map { ("\($0.key)", .int($0.value)) })),
+            "ports": .object(
+                Dictionary(uniqueKeysWithValues: (record.network?.ports ?? [:]).map { ("\($0.key)", .int($0.value)) })),
             "lease": record.lease.map { lease in
                 .object([
                     "holder": .string(lease.holder), "leasedAt": .string(JSONValue.rfc3339(lease.leasedAt)),

@@ -67,7 +67,8 @@ public enum BearerToken {
         guard stat(path, &info) == 0 else { throw ServiceError("--token-file \(path): no such file") }
         guard info.st_mode & 0o077 == 0 else {
             throw ServiceError(
-                "--token-file \(path) is readable by others (mode \(String(info.st_mode & 0o777, radix: 8))); chmod 600 it")
+                "--token-file \(path) is readable by others (mode \(String(info.st_mode & 0o777, radix: 8))); chmod 600 it"
+            )
         }
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
             throw ServiceError("--token-file \(path) cannot be read")
@@ -167,7 +168,9 @@ public struct APIServer: Sendable {
         if body.readableBytes > 0 {
             do {
                 let object = try JSONSerialization.jsonObject(with: Data(buffer: body))
-                guard let fields = object as? [String: Any] else { return try Self.error(.badRequest, "expected a JSON object") }
+                guard let fields = object as? [String: Any] else {
+                    return try Self.error(.badRequest, "expected a JSON object")
+                }
                 if let unknown = fields.keys.first(where: { !["ttl", "wait", "holder"].contains($0) }) {
                     return try Self.error(.badRequest, "unknown field \"\(unknown)\"; expected ttl, wait, holder")
                 }
@@ -176,7 +179,8 @@ public struct APIServer: Sendable {
                 }
                 parsed = try JSONDecoder().decode(LeaseRequest.self, from: Data(buffer: body))
             } catch {
-                return try Self.error(.badRequest, "the body is not a lease request: expected {\"ttl\", \"wait\", \"holder\"}")
+                return try Self.error(
+                    .badRequest, "the body is not a lease request: expected {\"ttl\", \"wait\", \"holder\"}")
             }
         }
         var ttl: Duration?

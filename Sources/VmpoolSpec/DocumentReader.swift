@@ -22,7 +22,6 @@ struct DocumentReader {
         self.baseDirectory = baseDirectory
     }
 
-
     mutating func readPool(_ root: Node) -> (PoolSpec, PoolOrigin)? {
         let start = diagnostics.count
         fieldLocations = [:]
@@ -134,7 +133,8 @@ struct DocumentReader {
             return nil
         }
         guard sequence.count <= SpecLimits.maxDisks else {
-            report(.outOfRange, node, "spec.disks", "expected at most \(SpecLimits.maxDisks) disks, got \(sequence.count)")
+            report(
+                .outOfRange, node, "spec.disks", "expected at most \(SpecLimits.maxDisks) disks, got \(sequence.count)")
             return nil
         }
         var disks: [DiskSpec] = []
@@ -201,7 +201,8 @@ struct DocumentReader {
                 } else {
                     report(
                         .badFormat, node, "spec.network.bridge",
-                        "expected an interface name of 1 to 15 letters, digits, '_', '.' and '-', got \(Self.show(node))")
+                        "expected an interface name of 1 to 15 letters, digits, '_', '.' and '-', got \(Self.show(node))"
+                    )
                 }
             } else if network["bridge"] == nil {
                 result.bridge = NetworkSpec.defaultBridge
@@ -266,7 +267,8 @@ struct DocumentReader {
             }
             return value
         }
-        guard case .scalar(let scalar) = node, node.tagName == .str, let value = DiskQuantity.parse(scalar.string) else {
+        guard case .scalar(let scalar) = node, node.tagName == .str, let value = DiskQuantity.parse(scalar.string)
+        else {
             report(.badFormat, node, path, "\(expectation), got \(Self.show(node))")
             return nil
         }
@@ -444,7 +446,8 @@ struct DocumentReader {
         let prefix = path.isEmpty ? "" : path + "."
         for (key, value) in pairs {
             guard case .scalar(let scalar) = key, key.keyTagName == .str else {
-                report(.wrongType, key, path.isEmpty ? "(document)" : path, "expected string keys, got \(Self.show(key))")
+                report(
+                    .wrongType, key, path.isEmpty ? "(document)" : path, "expected string keys, got \(Self.show(key))")
                 continue
             }
             guard allowed.contains(scalar.string) else {
@@ -480,8 +483,11 @@ struct DocumentReader {
         switch node {
         case .scalar(let scalar):
             let text = scalar.string.count > 40 ? String(scalar.string.prefix(40)) + "…" : scalar.string
-            let quoted = "\"" + text.unicodeScalars.map { $0.value < 0x20 || $0 == "\"" || $0 == "\\" ?
-                $0.escaped(asASCII: false) : String($0) }.joined() + "\""
+            let quoted =
+                "\""
+                + text.unicodeScalars.map {
+                    $0.value < 0x20 || $0 == "\"" || $0 == "\\" ? $0.escaped(asASCII: false) : String($0)
+                }.joined() + "\""
             switch node.tagName {
             case .str: return quoted
             case .null: return "null"

@@ -133,7 +133,8 @@ struct PreScan {
                 atLineStart = false
                 chain = 0
                 if indent == 0, index + 3 <= bytes.count,
-                    bytes[index..<index + 3].elementsEqual("---".utf8) || bytes[index..<index + 3].elementsEqual("...".utf8),
+                    bytes[index..<index + 3].elementsEqual("---".utf8)
+                        || bytes[index..<index + 3].elementsEqual("...".utf8),
                     index + 3 == bytes.count || [0x20, 0x09, 0x0A, 0x0D].contains(bytes[index + 3])
                 {
                     anchors.removeAll()

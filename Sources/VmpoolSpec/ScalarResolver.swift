@@ -46,7 +46,10 @@ enum ScalarResolver {
         var atEnd: Bool { i == s.count }
         var peek: UInt8? { i < s.count ? s[i] : nil }
         mutating func take(_ b: UInt8) -> Bool {
-            if peek == b { i += 1; return true }
+            if peek == b {
+                i += 1
+                return true
+            }
             return false
         }
         mutating func sign() { if peek == 0x2B || peek == 0x2D { i += 1 } }

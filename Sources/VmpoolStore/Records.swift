@@ -121,7 +121,9 @@ public struct Event: Sendable, Hashable {
 /// Why a store operation failed.
 public struct StoreError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        private enum Kind: String, Hashable, Sendable { case stateDir, database, locked, corrupt, exhausted, notFound, conflict, newerSchema }
+        private enum Kind: String, Hashable, Sendable {
+            case stateDir, database, locked, corrupt, exhausted, notFound, conflict, newerSchema
+        }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
 

@@ -75,7 +75,7 @@ public final class StateLock: Sendable {
     > {
         do {
             return .success(try acquire(directory: directory, command: command, timeout: 0))
-        } catch where error.code == .locked {
+        } catch  where error.code == .locked {
             let fd = open(directory + "/lock", O_RDONLY | O_CLOEXEC)
             defer { if fd >= 0 { close(fd) } }
             return .failure(Busy(holder: fd >= 0 ? readHolder(fd) : nil))

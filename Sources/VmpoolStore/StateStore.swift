@@ -42,7 +42,6 @@ public final class StateStore: Sendable {
         }
     }
 
-
     private func read<T>(_ body: @Sendable (Database) throws -> T) throws(StoreError) -> T {
         do {
             return try db.read(body)
@@ -183,7 +182,8 @@ public final class StateStore: Sendable {
             var chosen: Int?
             for _ in 0..<512 {
                 let candidate = Int.random(in: forwardedPorts)
-                let taken = try Bool.fetchOne(db, sql: "SELECT 1 FROM hostport WHERE port = ?", arguments: [candidate]) == true
+                let taken =
+                    try Bool.fetchOne(db, sql: "SELECT 1 FROM hostport WHERE port = ?", arguments: [candidate]) == true
                 if !taken && portIsFree(candidate) {
                     chosen = candidate
                     break
@@ -199,7 +199,8 @@ public final class StateStore: Sendable {
         if request.mode == .bridge, let bridge = request.bridge, let subnet = request.subnet {
             let used = Set(
                 try Int64.fetchAll(db, sql: "SELECT address FROM address WHERE bridge = ?", arguments: [bridge]))
-            guard let index = (0..<subnet.assignable).first(where: { !used.contains(Int64(subnet.vmAddress($0))) }) else {
+            guard let index = (0..<subnet.assignable).first(where: { !used.contains(Int64(subnet.vmAddress($0))) })
+            else {
                 throw StoreError(.exhausted, "no free address left in \(subnet) on bridge \(bridge)")
             }
             let address = subnet.vmAddress(index)
@@ -255,7 +256,9 @@ public final class StateStore: Sendable {
         -> LeaseOutcome
     {
         try write { db in
-            guard try Bool.fetchOne(db, sql: "SELECT 1 FROM pool WHERE name = ? AND deleting = 0", arguments: [pool]) == true
+            guard
+                try Bool.fetchOne(db, sql: "SELECT 1 FROM pool WHERE name = ? AND deleting = 0", arguments: [pool])
+                    == true
             else {
                 throw StoreError(.notFound, "no pool named \"\(pool)\" has been applied")
             }
@@ -281,7 +284,8 @@ public final class StateStore: Sendable {
             else { return .noneReady }
             var record = try Self.vm(row)
             let now = Date()
-            record.lease = Lease(holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
+            record.lease = Lease(
+                holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
             try Self.upsertVM(db, record)
             if let ticket { try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
             _ = try Self.insertJournal(db, operation: "lease", pool: pool, vm: record.id, template: nil)
@@ -345,7 +349,8 @@ public final class StateStore: Sendable {
             record.state = .stopping
             try Self.upsertVM(db, record)
             try Self.insertEvent(
-                db, Event(pool: record.pool, vm: id, kind: "released", message: "by \(lease.holder); the VM is stopped"))
+                db, Event(pool: record.pool, vm: id, kind: "released", message: "by \(lease.holder); the VM is stopped")
+            )
             return record
         }
     }
@@ -567,7 +572,8 @@ public final class StateStore: Sendable {
                 conditions.append("at >= ?")
                 arguments.append(since.timeIntervalSince1970)
             }
-            let sql = "SELECT * FROM (SELECT * FROM event WHERE \(conditions.joined(separator: " AND "))"
+            let sql =
+                "SELECT * FROM (SELECT * FROM event WHERE \(conditions.joined(separator: " AND "))"
                 + " ORDER BY id DESC LIMIT ?) ORDER BY id"
             arguments.append(limit)
             return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(arguments)).map(Self.event)

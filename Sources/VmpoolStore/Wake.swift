@@ -42,7 +42,8 @@ public enum Wake {
         /// Binds `<state-dir>/wake`. Fails when another live service has it bound.
         public init(directory: String) throws(StoreError) {
             path = Wake.path(directory)
-            fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            fd = socket(
+                AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             guard fd >= 0 else { throw StoreError(.stateDir, "cannot create the wake socket") }
             var address = sockaddr_un()
             guard Wake.fill(&address, path) else {

@@ -66,7 +66,8 @@ struct CrashSafetyTests {
             _ = run.wait()
 
             let repair = try box.run("reconcile")
-            let problems = try await inconsistencies(box) + (repair.status == 0 ? [] : ["reconcile failed: \(repair.stderr)"])
+            let problems =
+                try await inconsistencies(box) + (repair.status == 0 ? [] : ["reconcile failed: \(repair.stderr)"])
             #expect(problems.isEmpty, "kill point \(point) (\(command[0]) after \(delay)s): \(problems)")
             if problems.isEmpty { survived += 1 }
             if !repair.stdout.contains("No changes") { interrupted += 1 }
@@ -94,8 +95,12 @@ struct CrashSafetyTests {
             let spec = stored.spec
             let vms = records.filter { $0.pool == spec.name }
             if vms.count != spec.totalVMs { problems.append("\(spec.name): \(vms.count) VMs of \(spec.totalVMs)") }
-            let serving = spec.state == .running ? vms.filter { $0.state == .running }.count : vms.filter { $0.state == .paused }.count
-            if serving < spec.size { problems.append("\(spec.name): \(serving) VMs \(spec.state.rawValue) of \(spec.size)") }
+            let serving =
+                spec.state == .running
+                ? vms.filter { $0.state == .running }.count : vms.filter { $0.state == .paused }.count
+            if serving < spec.size {
+                problems.append("\(spec.name): \(serving) VMs \(spec.state.rawValue) of \(spec.size)")
+            }
             if let wrong = vms.first(where: { $0.shape.vcpus != spec.vcpus || $0.shape.memoryMiB != spec.memoryMiB }) {
                 problems.append("\(wrong.id) has \(wrong.shape.vcpus) vcpus, \(wrong.shape.memoryMiB) MiB")
             }
@@ -104,7 +109,9 @@ struct CrashSafetyTests {
                 if own.count != 1 || own.first?.state != .ready || own.first?.ref.key.vcpus != spec.vcpus
                     || own.first?.ref.key.memoryMiB != spec.memoryMiB
                 {
-                    problems.append("\(spec.name): templates \(own.map { "\($0.ref.id) \($0.state) \($0.ref.key.vcpus)/\($0.ref.key.memoryMiB)" })")
+                    problems.append(
+                        "\(spec.name): templates \(own.map { "\($0.ref.id) \($0.state) \($0.ref.key.vcpus)/\($0.ref.key.memoryMiB)" })"
+                    )
                 }
                 let mine = standbys.filter { $0.pool == spec.name }
                 if mine.count != 2 || !mine.allSatisfy({ $0.ready && $0.template == own.first?.ref.id }) {
@@ -112,27 +119,36 @@ struct CrashSafetyTests {
                 }
             } else {
                 if !own.isEmpty { problems.append("\(spec.name) boots cold but keeps templates") }
-                if standbys.contains(where: { $0.pool == spec.name }) { problems.append("\(spec.name) boots cold but keeps standbys") }
+                if standbys.contains(where: { $0.pool == spec.name }) {
+                    problems.append("\(spec.name) boots cold but keeps standbys")
+                }
             }
         }
         let sim = try SimDriver(stateDirectory: box.state)
         let running = Set(await sim.discover().map(\.id))
         if running != Set(records.map(\.id) + standbys.map(\.id)) {
-            problems.append("sim and store disagree: \(running.symmetricDifference(records.map(\.id) + standbys.map(\.id)))")
+            problems.append(
+                "sim and store disagree: \(running.symmetricDifference(records.map(\.id) + standbys.map(\.id)))")
         }
         let stray = Set(await sim.discoverTemplates()).subtracting(templates.map(\.ref.id))
         if !stray.isEmpty { problems.append("stray templates \(stray)") }
         // Allocations: exactly the recorded VMs' ports and addresses, none given twice.
         let (ports, addresses) = try store.allocations()
-        let recordedPorts = records.flatMap { record in (record.network?.ports.values.map { $0 } ?? []).map { ($0, record.id) } }
-        if Set(recordedPorts.map(\.0)).count != recordedPorts.count { problems.append("a port is recorded for two VMs") }
+        let recordedPorts = records.flatMap { record in
+            (record.network?.ports.values.map { $0 } ?? []).map { ($0, record.id) }
+        }
+        if Set(recordedPorts.map(\.0)).count != recordedPorts.count {
+            problems.append("a port is recorded for two VMs")
+        }
         if Dictionary(recordedPorts, uniquingKeysWith: { a, _ in a }) != ports {
             problems.append("port allocations \(ports.count) vs recorded \(recordedPorts.count)")
         }
         let recordedAddresses = records.compactMap { record in
             record.network?.address.map { ("\(record.network?.bridge ?? "")/\($0)", record.id) }
         }
-        if Set(recordedAddresses.map(\.0)).count != recordedAddresses.count { problems.append("an address is recorded for two VMs") }
+        if Set(recordedAddresses.map(\.0)).count != recordedAddresses.count {
+            problems.append("an address is recorded for two VMs")
+        }
         if Dictionary(recordedAddresses, uniquingKeysWith: { a, _ in a }) != addresses {
             problems.append("address allocations \(addresses.count) vs recorded \(recordedAddresses.count)")
         }

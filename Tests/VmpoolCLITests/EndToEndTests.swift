@@ -130,7 +130,8 @@ struct EndToEndTests {
 
         spec.size = 10
         let grow = try box.binary.run(["plan", "-f", box.write(spec), "--state-dir", box.state, "-o", "json"])
-        let actions = (try JSONSerialization.jsonObject(with: Data(grow.stdout.utf8)) as? [String: Any])?["actions"]
+        let actions =
+            (try JSONSerialization.jsonObject(with: Data(grow.stdout.utf8)) as? [String: Any])?["actions"]
             as? [[String: Any]] ?? []
         #expect(actions.map { $0["action"] as? String } == ["resume", "resume", "create", "create"])
         try apply()
@@ -138,7 +139,9 @@ struct EndToEndTests {
 
         let pools = try box.json("get", "pools")
         #expect(pools.count == 1)
-        for key in ["name", "size", "vcpus", "memoryMiB", "maxVcpus", "maxMemoryMiB", "boot", "state", "warm", "ready", "vms"] {
+        for key in [
+            "name", "size", "vcpus", "memoryMiB", "maxVcpus", "maxMemoryMiB", "boot", "state", "warm", "ready", "vms",
+        ] {
             #expect(pools.first?[key] != nil, "get pools lacks \(key)")
         }
         // READY counts serving VMs only; the paused spares are counted apart.
@@ -211,7 +214,8 @@ struct EndToEndTests {
         let box = Sandbox()
         defer { box.dir.remove() }
         let file = box.write(pool(size: 6))
-        let failing = try box.run("apply", "-f", file, environment: ["VMPOOL_SIM_FAIL": "create:0.5", "VMPOOL_SIM_SEED": "4"])
+        let failing = try box.run(
+            "apply", "-f", file, environment: ["VMPOOL_SIM_FAIL": "create:0.5", "VMPOOL_SIM_SEED": "4"])
         #expect(failing.status == 1)
         #expect(failing.stderr.contains("not converged"))
         #expect(try box.run("apply", "-f", file).status == 0)
@@ -278,4 +282,3 @@ struct EndToEndTests {
         #expect(try box.vmStates() == ["running": 20])
     }
 }
-

@@ -1,4 +1,5 @@
 import CVmpoolSys
+import VmpoolDriver
 import Foundation
 import Testing
 import VmpoolStore
@@ -149,10 +150,13 @@ struct LeaseTests {
         let rows = try box.vms()
         var holders: [String: [String]] = [:]
         for (id, row) in rows {
-            if let holder = (row["lease"] as? [String: Any])?["holder"] as? String { holders[id, default: []].append(holder) }
+            if let holder = (row["lease"] as? [String: Any])?["holder"] as? String {
+                holders[id, default: []].append(holder)
+            }
         }
         for (n, id) in ids.enumerated() {
-            #expect(holders[id] == ["taker-\(n)"], "\(id) was printed to taker-\(n); the store says \(holders[id] ?? [])")
+            #expect(
+                holders[id] == ["taker-\(n)"], "\(id) was printed to taker-\(n); the store says \(holders[id] ?? [])")
         }
         #expect(holders.count == callers, "exactly the printed VMs are leased")
         let refilled = box.eventually(seconds: 10) { Self.unleasedRunning(try box.vms()) == 8 }
@@ -324,7 +328,9 @@ struct LeaseTests {
                 if let holder = victim.holder {
                     // Killed or not, a lease that printed an id handed its VM over.
                     if !printed.isEmpty {
-                        #expect(printedBy[printed] == nil, "\(printed) printed to \(printedBy[printed] ?? "") and \(holder)")
+                        #expect(
+                            printedBy[printed] == nil, "\(printed) printed to \(printedBy[printed] ?? "") and \(holder)"
+                        )
                         printedBy[printed] = holder
                         tally.printed += 1
                     } else if before.values.contains(where: { $0.holder == holder }) {
@@ -352,11 +358,14 @@ struct LeaseTests {
                 check(printedBy[id] == lease.holder, "\(id) is leased to \(lease.holder), which never printed it")
             }
             check(Set(leases.keys).isSubset(of: Set(rows.keys)), "a lease without its VM")
-            check(Self.unleasedRunning(rows) == size, "\(Self.unleasedRunning(rows)) unleased running VMs, want \(size)")
+            check(
+                Self.unleasedRunning(rows) == size, "\(Self.unleasedRunning(rows)) unleased running VMs, want \(size)")
             check(rows.count == size + leases.count, "\(rows.count) VMs for \(size) + \(leases.count) leased")
             check(leases.keys.allSatisfy { rows[$0]?["state"] as? String == "running" }, "a leased VM is not running")
             for id in releasing where rows[id] != nil {
-                check(leases[id]?.holder == printedBy[id], "\(id), being released, went to \(leases[id]?.holder ?? "its pool")")
+                check(
+                    leases[id]?.holder == printedBy[id],
+                    "\(id), being released, went to \(leases[id]?.holder ?? "its pool")")
             }
             // Released VMs are gone; a release killed early left its lease as it was.
             for id in releasing where rows[id] == nil { printedBy[id] = nil }
@@ -372,7 +381,9 @@ struct LeaseTests {
             if ok { consistent += 1 }
         }
         #expect(consistent == Self.killIterations)
-        #expect(tally.printed > 0 && tally.killedBefore + tally.killedAfterTake > 0, "kill points land in and around leases")
+        #expect(
+            tally.printed > 0 && tally.killedBefore + tally.killedAfterTake > 0, "kill points land in and around leases"
+        )
         print(
             "lease crash safety (sim): \(consistent) of \(Self.killIterations) iterations consistent;"
                 + " \(tally.printed) leases printed, \(tally.killedBefore) killed before taking a VM,"
@@ -456,15 +467,9 @@ final class BlockedOutput {
         _ = fcntl(fds[1], F_SETFL, flags)
         let errors = open("/dev/null", O_WRONLY | O_CLOEXEC)
         defer { close(errors) }
-        let argv = ([box.binary.path] + arguments + ["--state-dir", box.state]).map { strdup($0) } + [nil]
-        let envp = box.binary.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-        let pid = argv.withUnsafeBufferPointer { args in
-            envp.withUnsafeBufferPointer { env in
-                vmpool_spawn_io(box.binary.path, args.baseAddress, env.baseAddress, -1, fds[1], errors)
+        let pid = withCStrings([box.binary.path] + arguments + ["--state-dir", box.state]) { args in
+            withCStrings(box.binary.environment.map { "\($0.key)=\($0.value)" }) { env in
+                vmpool_spawn_io(box.binary.path, args, env, -1, fds[1], errors)
             }
         }
         guard pid > 0 else {

@@ -40,8 +40,10 @@ struct ReconcileServiceTests {
     @Test func oneBrokenPoolDoesNotHoldUpTheOthers() throws {
         let box = Sandbox()
         defer { box.dir.remove() }
-        let broken = box.dir.write("broken.yaml", manifest(pool("broken", size: 1)).replacingOccurrences(
-            of: "  warm: 0\n", with: "  warm: 0\n  image: {kernel: \(box.dir.path)/vmlinuz}\n"))
+        let broken = box.dir.write(
+            "broken.yaml",
+            manifest(pool("broken", size: 1)).replacingOccurrences(
+                of: "  warm: 0\n", with: "  warm: 0\n  image: {kernel: \(box.dir.path)/vmlinuz}\n"))
         _ = FileManager.default.createFile(atPath: box.dir.path + "/vmlinuz", contents: Data())
         let healthy = box.write(pool("healthy", size: 2), as: "healthy.yaml")
         #expect(try box.run("apply", "-f", broken, "-f", healthy).status == 0)

@@ -63,9 +63,12 @@ struct SafetyTests {
             chmod(box.dir.path, 0o755)
             command = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + command
         }
-        let run = try RunningCommand(path: command[0], arguments: Array(command.dropFirst()), environment: box.binary.environment).wait()
+        let run = try RunningCommand(
+            path: command[0], arguments: Array(command.dropFirst()), environment: box.binary.environment
+        ).wait()
         #expect(run.status == 1, "\(run.stdout)")
-        #expect(run.stderr.contains("locked:1:1: (file): cannot read the directory: Permission denied"), "\(run.stderr)")
+        #expect(
+            run.stderr.contains("locked:1:1: (file): cannot read the directory: Permission denied"), "\(run.stderr)")
         #expect(!run.stdout.contains("0 pools valid"))
     }
 
@@ -75,7 +78,10 @@ struct SafetyTests {
         let result = try box.binary.run(["validate", "-f", "-"], input: manifest(pool("piped")))
         #expect(result.status == 0, "\(result.stderr)")
         #expect(result.stdout.contains("1 pool valid: piped"))
-        let bad = try box.binary.run(["validate", "-f", "-"], input: "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: x}\nspec: {size: -1, vcpus: 1, memory: 128Mi}\n")
+        let bad = try box.binary.run(
+            ["validate", "-f", "-"],
+            input: "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: x}\nspec: {size: -1, vcpus: 1, memory: 128Mi}\n"
+        )
         #expect(bad.status == 1)
         #expect(bad.stderr.contains("<stdin>:4:14: spec.size"), "\(bad.stderr)")
     }
@@ -87,9 +93,10 @@ struct SafetyTests {
         let link = box.dir.path + "/link"
         try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: box.state)
         let relative = String(box.state.dropFirst(FileManager.default.currentDirectoryPath.count + 1))
-        let spellings = [
-            box.state + "/", box.dir.path + "//state", box.dir.path + "/./state", link,
-        ] + (box.state.hasPrefix(FileManager.default.currentDirectoryPath + "/") ? [relative] : [])
+        let spellings =
+            [
+                box.state + "/", box.dir.path + "//state", box.dir.path + "/./state", link,
+            ] + (box.state.hasPrefix(FileManager.default.currentDirectoryPath + "/") ? [relative] : [])
         for spelling in spellings {
             let plan = try box.binary.run(["plan", "-f", file, "--state-dir", spelling, "--detailed-exitcode"])
             #expect(plan.status == 0, "state dir spelled \(spelling): \(plan.stdout)")
@@ -167,7 +174,9 @@ struct SafetyTests {
         #expect(result.status == 1)
         let line = text.split(separator: "\n", omittingEmptySubsequences: false).enumerated()
             .filter { $0.element.contains("name: twin") }.map { $0.offset + 1 }.last!
-        #expect(result.stderr.contains("twins.yaml:\(line):9: metadata.name: pool \"twin\" is already defined"), "\(result.stderr)")
+        #expect(
+            result.stderr.contains("twins.yaml:\(line):9: metadata.name: pool \"twin\" is already defined"),
+            "\(result.stderr)")
     }
 
     @Test func anAliasIntoAnotherDocumentIsAnError() throws {
@@ -190,8 +199,11 @@ struct SafetyTests {
         let file = box.dir.write("img.yaml", manifest(imagePool))
         let result = try box.run("validate", "-f", file)
         #expect(result.status == 1)
-        let line = try #require(
-            manifest(imagePool).split(separator: "\n").firstIndex { $0.contains("kernel:") }) + 1
-        #expect(result.stderr.contains("img.yaml:\(line):13: spec.image.kernel: file /nonexistent/vmlinuz does not exist"), "\(result.stderr)")
+        let line =
+            try #require(
+                manifest(imagePool).split(separator: "\n").firstIndex { $0.contains("kernel:") }) + 1
+        #expect(
+            result.stderr.contains("img.yaml:\(line):13: spec.image.kernel: file /nonexistent/vmlinuz does not exist"),
+            "\(result.stderr)")
     }
 }

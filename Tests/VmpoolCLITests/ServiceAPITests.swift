@@ -86,10 +86,12 @@ struct ServiceAPITests {
         #expect(try http.request("GET", "/v1/nothing").status == 404)
         // A known path answers a method it does not take with 405 and what it takes.
         for (method, path, allowed) in [
-            ("TRACE", "/metrics", "GET"), ("PUT", "/v1/pools/web/leases", "POST"), ("GET", "/v1/leases/\(second)", "DELETE"),
+            ("TRACE", "/metrics", "GET"), ("PUT", "/v1/pools/web/leases", "POST"),
+            ("GET", "/v1/leases/\(second)", "DELETE"),
         ] {
             let response = try http.request(method, path)
-            #expect(response.status == 405 && response.headers["allow"] == allowed, "\(method) \(path): \(response.status)")
+            #expect(
+                response.status == 405 && response.headers["allow"] == allowed, "\(method) \(path): \(response.status)")
         }
     }
 
@@ -129,8 +131,10 @@ struct ServiceAPITests {
         let open = other.dir.write("open-token", token + "\n")
         chmod(open, 0o644)
         let refused = try other.binary.start(
-            ["reconcile", "--every", "1s", "--listen", "127.0.0.1:\(APIService.freePort())", "--token-file", open,
-             "--state-dir", other.state])
+            [
+                "reconcile", "--every", "1s", "--listen", "127.0.0.1:\(APIService.freePort())", "--token-file", open,
+                "--state-dir", other.state,
+            ])
         let exited = refused.exited(within: 10)
         if !exited { refused.kill(SIGKILL) }
         let result = refused.wait()
@@ -201,7 +205,9 @@ struct ServiceAPITests {
 
     static func percentiles(_ samples: [Double]) -> (p50: Double, p99: Double) {
         let sorted = samples.sorted()
-        func at(_ q: Double) -> Double { sorted[min(sorted.count - 1, Int((Double(sorted.count) * q).rounded(.up)) - 1)] }
+        func at(_ q: Double) -> Double {
+            sorted[min(sorted.count - 1, Int((Double(sorted.count) * q).rounded(.up)) - 1)]
+        }
         return (at(0.5), at(0.99))
     }
 
@@ -220,7 +226,9 @@ final class APIService {
 
     init(_ box: Sandbox, listen: String? = nil, extra: [String] = []) throws {
         let listen = listen ?? "127.0.0.1:\(Self.freePort())"
-        address = listen.hasPrefix("unix:") ? .unix(String(listen.dropFirst(5))) : .tcp(Int(listen.split(separator: ":").last!)!)
+        address =
+            listen.hasPrefix("unix:")
+            ? .unix(String(listen.dropFirst(5))) : .tcp(Int(listen.split(separator: ":").last!)!)
         command = try box.binary.start(
             ["reconcile", "--every", "300ms", "--listen", listen, "--state-dir", box.state] + extra)
         // Up when it answers.
@@ -459,7 +467,8 @@ final class HTTPConnection {
             let line = try readLine()
             if line.isEmpty { break }
             guard let colon = line.firstIndex(of: ":") else { continue }
-            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(
+                in: .whitespaces)
         }
         var body = Data()
         if let length = headers["content-length"].flatMap({ Int($0) }) {

@@ -59,30 +59,62 @@ struct PlannerTests {
         Case(name: "empty pool creates size VMs", spec: pool(size: 5), observed: { _ in [] }, expected: [.create: 5]),
         Case(
             name: "converged pool plans nothing", spec: pool(size: 5),
-            observed: { s in var f = Fleet(); f.add(s, 5); return f.vms }, expected: [:]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 5)
+                return f.vms
+            }, expected: [:]),
         Case(
             name: "growing 5 to 8 plans exactly 3 creates", spec: pool(size: 8),
-            observed: { s in var f = Fleet(); f.add(pool(size: 5), 5); return f.vms }, expected: [.create: 3]),
+            observed: { s in
+                var f = Fleet()
+                f.add(pool(size: 5), 5)
+                return f.vms
+            }, expected: [.create: 3]),
         Case(
             name: "vcpus 1 to 2 within the ceiling is hotplug only", spec: pool(size: 3, vcpus: 2),
-            observed: { s in var f = Fleet(); f.add(s, 3, vcpus: 1); return f.vms }, expected: [.hotplugCPU: 3]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3, vcpus: 1)
+                return f.vms
+            }, expected: [.hotplugCPU: 3]),
         Case(
             name: "memory 256 to 512 within the ceiling is hotplug only", spec: pool(size: 3, memoryMiB: 512),
-            observed: { s in var f = Fleet(); f.add(s, 3, memoryMiB: 256); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3, memoryMiB: 256)
+                return f.vms
+            },
             expected: [.hotplugMemory: 3]),
         Case(
             name: "cpu and memory growth chain both hotplugs", spec: pool(size: 2, vcpus: 3, memoryMiB: 512),
-            observed: { s in var f = Fleet(); f.add(s, 2, vcpus: 1, memoryMiB: 256); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 2, vcpus: 1, memoryMiB: 256)
+                return f.vms
+            },
             expected: [.hotplugCPU: 2, .hotplugMemory: 2]),
         Case(
             name: "vcpus 2 to 1 replaces", spec: pool(size: 3, vcpus: 1),
-            observed: { s in var f = Fleet(); f.add(s, 3, vcpus: 2); return f.vms }, expected: [.replace: 3]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3, vcpus: 2)
+                return f.vms
+            }, expected: [.replace: 3]),
         Case(
             name: "memory growth not a multiple of 128 MiB replaces", spec: pool(size: 2, memoryMiB: 300),
-            observed: { s in var f = Fleet(); f.add(s, 2, memoryMiB: 256); return f.vms }, expected: [.replace: 2]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 2, memoryMiB: 256)
+                return f.vms
+            }, expected: [.replace: 2]),
         Case(
             name: "a new ceiling replaces", spec: pool(size: 2, maxVcpus: 8),
-            observed: { s in var f = Fleet(); f.add(s, 2, maxVcpus: 4); return f.vms }, expected: [.replace: 2]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 2, maxVcpus: 4)
+                return f.vms
+            }, expected: [.replace: 2]),
         Case(
             name: "a new image replaces", spec: pool(size: 2),
             observed: { s in
@@ -92,27 +124,58 @@ struct PlannerTests {
             }, expected: [.replace: 2]),
         Case(
             name: "state paused plans only pauses", spec: pool(size: 4, state: .paused),
-            observed: { s in var f = Fleet(); f.add(s, 4); return f.vms }, expected: [.pause: 4]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 4)
+                return f.vms
+            }, expected: [.pause: 4]),
         Case(
             name: "state running resumes paused VMs", spec: pool(size: 4),
-            observed: { s in var f = Fleet(); f.add(s, 4, condition: .paused); return f.vms }, expected: [.resume: 4]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 4, condition: .paused)
+                return f.vms
+            }, expected: [.resume: 4]),
         Case(
             name: "warm spares are created paused", spec: pool(size: 3, warm: 2),
-            observed: { s in var f = Fleet(); f.add(s, 3); return f.vms }, expected: [.create: 2]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3)
+                return f.vms
+            }, expected: [.create: 2]),
         Case(
             name: "growing resumes warm spares first, then refills them", spec: pool(size: 5, warm: 2),
-            observed: { s in var f = Fleet(); f.add(s, 3); f.add(s, 2, condition: .paused); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3)
+                f.add(s, 2, condition: .paused)
+                return f.vms
+            },
             expected: [.resume: 2, .create: 2]),
         Case(
             name: "growing beyond the spares creates the rest", spec: pool(size: 6, warm: 1),
-            observed: { s in var f = Fleet(); f.add(s, 3); f.add(s, 1, condition: .paused); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3)
+                f.add(s, 1, condition: .paused)
+                return f.vms
+            },
             expected: [.resume: 1, .create: 3]),
         Case(
             name: "scale down stops the surplus", spec: pool(size: 2),
-            observed: { s in var f = Fleet(); f.add(s, 5); return f.vms }, expected: [.stop: 3]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 5)
+                return f.vms
+            }, expected: [.stop: 3]),
         Case(
             name: "fewer warm spares stops paused ones", spec: pool(size: 3, warm: 1),
-            observed: { s in var f = Fleet(); f.add(s, 3); f.add(s, 3, condition: .paused); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3)
+                f.add(s, 3, condition: .paused)
+                return f.vms
+            },
             expected: [.stop: 2]),
         Case(
             name: "a dead VM is replaced", spec: pool(size: 3),
@@ -124,34 +187,66 @@ struct PlannerTests {
             }, expected: [.replace: 1]),
         Case(
             name: "a dead VM beyond the size is stopped", spec: pool(size: 2),
-            observed: { s in var f = Fleet(); f.add(s, 2); f.add(s, 1, condition: .broken("gone")); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 2)
+                f.add(s, 1, condition: .broken("gone"))
+                return f.vms
+            },
             expected: [.stop: 1]),
         Case(
             name: "template pool builds its template then clones", spec: pool(size: 3, boot: .template),
             observed: { _ in [] }, expected: [.buildTemplate: 1, .clone: 3]),
         Case(
             name: "template pool with a template only clones", spec: pool(size: 3, boot: .template),
-            observed: { s in var f = Fleet(); f.add(s, 1); return f.vms }, templates: { template(for: $0) },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 1)
+                return f.vms
+            }, templates: { template(for: $0) },
             expected: [.clone: 2]),
         Case(
             name: "a stale template is rebuilt", spec: pool(size: 1, memoryMiB: 512, boot: .template),
-            observed: { s in var f = Fleet(); f.add(s, 1, memoryMiB: 256); return f.vms },
-            templates: { s in template(for: s, key: VMShape(pool: pool(size: 1, boot: .template), image: testImage).templateKey) },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 1, memoryMiB: 256)
+                return f.vms
+            },
+            templates: { s in
+                template(for: s, key: VMShape(pool: pool(size: 1, boot: .template), image: testImage).templateKey)
+            },
             expected: [.buildTemplate: 1, .hotplugMemory: 1]),
         Case(
             name: "a template whose files are gone is rebuilt", spec: pool(size: 1, boot: .template),
-            observed: { s in var f = Fleet(); f.add(s, 1); return f.vms }, templates: { template(for: $0, usable: false) },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 1)
+                return f.vms
+            }, templates: { template(for: $0, usable: false) },
             expected: [.buildTemplate: 1]),
         Case(
             name: "a paused warm spare that must grow is hotplugged", spec: pool(size: 1, vcpus: 2, warm: 1),
-            observed: { s in var f = Fleet(); f.add(s, 1, vcpus: 2); f.add(s, 1, condition: .paused, vcpus: 1); return f.vms },
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 1, vcpus: 2)
+                f.add(s, 1, condition: .paused, vcpus: 1)
+                return f.vms
+            },
             expected: [.hotplugCPU: 1]),
         Case(
             name: "surplus running VMs become warm spares", spec: pool(size: 2, warm: 1),
-            observed: { s in var f = Fleet(); f.add(s, 3); return f.vms }, expected: [.pause: 1]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 3)
+                return f.vms
+            }, expected: [.pause: 1]),
         Case(
             name: "size zero stops everything", spec: pool(size: 0),
-            observed: { s in var f = Fleet(); f.add(s, 4); return f.vms }, expected: [.stop: 4]),
+            observed: { s in
+                var f = Fleet()
+                f.add(s, 4)
+                return f.vms
+            }, expected: [.stop: 4]),
     ]
 
     @Test("plans the exact actions", arguments: cases)

@@ -35,12 +35,9 @@ struct GuestAgentTests {
                 socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &exe) == 0
             else { throw CocoaError(.fileReadUnknown) }
             // The agent's ends become its descriptors 3 and 4.
-            let words: [String] = [binary, "--fd", "ctl=3", "--fd", "exec.0=4"]
-            let argv = words.map { strdup($0) } + [nil]
-            defer { argv.forEach { free($0) } }
             let keep = [ctl[1], exe[1]]
-            pid = argv.withUnsafeBufferPointer { args in
-                keep.withUnsafeBufferPointer { vmpool_spawn_inherit(binary, args.baseAddress, $0.baseAddress) }
+            pid = withCStrings([binary, "--fd", "ctl=3", "--fd", "exec.0=4"]) { args in
+                keep.withUnsafeBufferPointer { vmpool_spawn_inherit(binary, args, $0.baseAddress) }
             }
             close(ctl[1])
             close(exe[1])
@@ -55,7 +52,9 @@ struct GuestAgentTests {
         }
 
         func client() -> AgentClient { AgentClient(channel: Channel(connected: dup(control), path: "ctl"), vm: "test") }
-        func session() -> ExecSession { ExecSession(channel: Channel(connected: dup(exec), path: "exec.0"), vm: "test") }
+        func session() -> ExecSession {
+            ExecSession(channel: Channel(connected: dup(exec), path: "exec.0"), vm: "test")
+        }
     }
 
     /// Runs `request` and returns its outcome with what it wrote.
@@ -70,8 +69,11 @@ struct GuestAgentTests {
             close(stdin)
             stdin = open(out.path + "/in", O_RDONLY)
         }
-        defer { [stdout, stderr, stdin].forEach { close($0) } }
-        let outcome = try agent.session().run(request, streams: ExecStreams(stdin: stdin, stdout: stdout, stderr: stderr))
+        defer {
+            for fd in [stdout, stderr, stdin] { close(fd) }
+        }
+        let outcome = try agent.session().run(
+            request, streams: ExecStreams(stdin: stdin, stdout: stdout, stderr: stderr))
         let o = [UInt8](FileManager.default.contents(atPath: out.path + "/out") ?? Data())
         let e = [UInt8](FileManager.default.contents(atPath: out.path + "/err") ?? Data())
         return (outcome, o, e)
@@ -130,7 +132,9 @@ struct GuestAgentTests {
     @Test func environmentAndDirectoryReachTheCommand() throws {
         let agent = try Agent()
         let (outcome, out, _) = try run(
-            agent, ExecRequest(argv: ["sh", "-c", "echo $GREETING; pwd"], environment: ["GREETING=hi there"], directory: "/tmp"))
+            agent,
+            ExecRequest(
+                argv: ["sh", "-c", "echo $GREETING; pwd"], environment: ["GREETING=hi there"], directory: "/tmp"))
         #expect(outcome == .exited(0))
         #expect(String(decoding: out, as: UTF8.self) == "hi there\n/tmp\n")
     }

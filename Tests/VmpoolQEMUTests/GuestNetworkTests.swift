@@ -23,7 +23,10 @@ struct GuestNetworkTests {
             result = try box.run(["apply", "-f", file])
         } else {
             result = try RunningCommand(
-                path: prefix[0], arguments: Array(prefix.dropFirst()) + [box.binary.path, "apply", "-f", file, "--state-dir", box.state],
+                path: prefix[0],
+                arguments: Array(prefix.dropFirst()) + [
+                    box.binary.path, "apply", "-f", file, "--state-dir", box.state,
+                ],
                 environment: box.binary.environment
             ).wait()
         }
@@ -31,7 +34,10 @@ struct GuestNetworkTests {
         return result
     }
 
-    @Test(.enabled(if: debianDisk != nil || QemuEnvironment.required, "VMPOOL_TEST_DEBIAN is not set (scripts/test builds the Debian disk)"))
+    @Test(
+        .enabled(
+            if: debianDisk != nil || QemuEnvironment.required,
+            "VMPOOL_TEST_DEBIAN is not set (scripts/test builds the Debian disk)"))
     func debianBootsColdAndFromATemplateWithItsOwnIdentity() throws {
         let disk = try #require(Self.debianDisk, "scripts/test sets VMPOOL_TEST_DEBIAN")
         let box = try QemuSandbox()
@@ -62,7 +68,8 @@ struct GuestNetworkTests {
             names.insert(try box.exec(vm, ["hostname"]).stdout)
             let size = try box.exec(vm, ["cat", "/sys/block/vda/size"]).stdout
             #expect(size == "\(4 << 21)\n", "\(vm): the root disk is 4 GiB: \(size)")
-            let guest = Double(try box.exec(vm, ["date", "+%s.%N"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            let guest =
+                Double(try box.exec(vm, ["date", "+%s.%N"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
             #expect(abs(guest - Date().timeIntervalSince1970) < 2)
         }
         #expect(names.count == 3 && machines.count == 3, "machine ids: \(machines)")
@@ -96,14 +103,17 @@ struct GuestNetworkTests {
             #expect(vm["address"] as? String == "127.0.0.1")
             #expect(Set(ports.keys) == ["8080", "22"])
             hostPorts.formUnion(ports.values)
-            let served = try box.exec(id, ["sh", "-c", "mkdir -p /www && echo hello-$(hostname) > /www/index.html && httpd -p 8080 -h /www"])
+            let served = try box.exec(
+                id, ["sh", "-c", "mkdir -p /www && echo hello-$(hostname) > /www/index.html && httpd -p 8080 -h /www"])
             #expect(served.status == 0, "\(served.stderr)")
             let body = try httpGet(port: try #require(ports["8080"]))
             #expect(body.contains("hello-\(id)"), "\(body)")
         }
         #expect(hostPorts.count == 4, "no two VMs share a forwarded port")
         #expect(try box.run(["delete", "web"]).status == 0)
-        #expect(try StateStore(directory: box.state).allocations().ports.isEmpty, "forwarded ports are freed with their VMs")
+        #expect(
+            try StateStore(directory: box.state).allocations().ports.isEmpty, "forwarded ports are freed with their VMs"
+        )
         for port in hostPorts { #expect(LocalPorts.isFree(port), "port \(port) is still taken after delete") }
     }
 
@@ -115,14 +125,18 @@ struct GuestNetworkTests {
         _ = try RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "add", namespace], environment: [:]).wait()
         defer {
             _ = try? RunningCommand(
-                path: "/usr/sbin/ip", arguments: ["netns", "exec", namespace, box.binary.path, "delete", "lab", "--state-dir", box.state],
+                path: "/usr/sbin/ip",
+                arguments: ["netns", "exec", namespace, box.binary.path, "delete", "lab", "--state-dir", box.state],
                 environment: box.binary.environment
             ).wait()
-            _ = try? RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "del", namespace], environment: [:]).wait()
+            _ = try? RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "del", namespace], environment: [:])
+                .wait()
         }
         let inside = ["/usr/sbin/ip", "netns", "exec", namespace]
         func run(_ arguments: [String]) throws -> CommandResult {
-            try RunningCommand(path: inside[0], arguments: Array(inside.dropFirst()) + arguments, environment: box.binary.environment).wait()
+            try RunningCommand(
+                path: inside[0], arguments: Array(inside.dropFirst()) + arguments, environment: box.binary.environment
+            ).wait()
         }
         _ = try apply(
             box,
@@ -144,16 +158,23 @@ struct GuestNetworkTests {
         for (index, vm) in vms.enumerated() {
             let id = try #require(vm["id"] as? String)
             macs.insert(try box.exec(id, ["cat", "/sys/class/net/eth0/address"]).stdout)
-            #expect(try box.exec(id, ["ip", "-4", "-o", "addr", "show", "eth0"]).stdout.contains(addresses[index] + "/24"))
+            #expect(
+                try box.exec(id, ["ip", "-4", "-o", "addr", "show", "eth0"]).stdout.contains(addresses[index] + "/24"))
             let other = addresses[1 - index]
             #expect(try box.exec(id, ["ping", "-c", "1", "-W", "3", other]).status == 0, "\(id) cannot reach \(other)")
-            #expect(try box.exec(id, ["ping", "-c", "1", "-W", "3", "10.88.0.1"]).status == 0, "\(id) cannot reach the host")
-            #expect(try run(["busybox", "ping", "-c", "1", "-W", "3", addresses[index]]).status == 0, "the host cannot reach \(id)")
+            #expect(
+                try box.exec(id, ["ping", "-c", "1", "-W", "3", "10.88.0.1"]).status == 0, "\(id) cannot reach the host"
+            )
+            #expect(
+                try run(["busybox", "ping", "-c", "1", "-W", "3", addresses[index]]).status == 0,
+                "the host cannot reach \(id)")
         }
         #expect(macs.count == 2)
         #expect(try run(["ip", "link", "show", "vmptest0"]).status == 0)
         #expect(try run([box.binary.path, "delete", "lab", "--state-dir", box.state]).status == 0)
-        #expect(try run(["ip", "link", "show", "vmptest0"]).status != 0, "the bridge vmpool made is removed with its last pool")
+        #expect(
+            try run(["ip", "link", "show", "vmptest0"]).status != 0,
+            "the bridge vmpool made is removed with its last pool")
         let links = try run(["ip", "-o", "link"]).stdout
         #expect(!links.contains("vmp"), "a tap was left: \(links)")
     }
@@ -170,7 +191,9 @@ func httpGet(port: Int) throws -> String {
     var timeout = timeval(tv_sec: 10, tv_usec: 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     let connected = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        }
     }
     guard connected == 0 else { throw SandboxError("cannot connect to 127.0.0.1:\(port)") }
     let request = "GET / HTTP/1.0\r\nHost: vm\r\n\r\n"

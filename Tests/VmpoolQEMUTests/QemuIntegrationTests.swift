@@ -96,7 +96,9 @@ struct QemuIntegrationTests {
             let skew = abs((info.time ?? 0) - Date().timeIntervalSince1970)
             #expect(skew < 1, "clone clock is \(skew) s off")
         }
-        let again = try box.run(["plan", "-f", box.write(manifest("tpl", size: 3, boot: "template")), "--detailed-exitcode"])
+        let again = try box.run([
+            "plan", "-f", box.write(manifest("tpl", size: 3, boot: "template")), "--detailed-exitcode",
+        ])
         #expect(again.status == 0)
     }
 

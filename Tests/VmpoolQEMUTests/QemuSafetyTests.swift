@@ -33,7 +33,9 @@ struct QemuSafetyTests {
         #expect(try box.run(["apply", "-f", box.write(pool("steady", size: 3))]).status == 0)
         let steady = Set(try box.ids(pool: "steady"))
         // A slow apply (cold boots) while get and plan run in a loop beside it.
-        let slow = try box.binary.start(["apply", "-f", box.write(pool("slow", size: 2, boot: "cold"), as: "slow.yaml"), "--state-dir", box.state])
+        let slow = try box.binary.start([
+            "apply", "-f", box.write(pool("slow", size: 2, boot: "cold"), as: "slow.yaml"), "--state-dir", box.state,
+        ])
         var observations = 0
         var misreports: [String] = []
         while kill(slow.pid, 0) == 0 {
@@ -64,7 +66,9 @@ struct QemuSafetyTests {
         usleep(200_000)
         let reconcile = try box.run(["reconcile"])
         #expect(reconcile.status == 0, "\(reconcile.stdout)\n\(reconcile.stderr)")
-        #expect(!reconcile.stdout.contains("replace"), "a healthy VM whose agent channel was busy was replaced: \(reconcile.stdout)")
+        #expect(
+            !reconcile.stdout.contains("replace"),
+            "a healthy VM whose agent channel was busy was replaced: \(reconcile.stdout)")
         #expect(try box.ids() == [vm])
     }
 
@@ -72,7 +76,8 @@ struct QemuSafetyTests {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         // The initramfs runs a shell instead of its init: the agent never starts.
-        let file = box.write(pool("mute", size: 1, boot: "cold", extra: "  image: {cmdline: \"console=ttyS0 rdinit=/bin/sh\"}"))
+        let file = box.write(
+            pool("mute", size: 1, boot: "cold", extra: "  image: {cmdline: \"console=ttyS0 rdinit=/bin/sh\"}"))
         let started = Date()
         let result = try box.run(["apply", "-f", file], environment: ["VMPOOL_BOOT_TIMEOUT": "6s"])
         let took = Date().timeIntervalSince(started)
@@ -84,7 +89,8 @@ struct QemuSafetyTests {
         let next = try box.run(["reconcile", "--lock-timeout", "1s"], environment: ["VMPOOL_BOOT_TIMEOUT": "1s"])
         #expect(!next.stderr.contains("another vmpool is working"), "\(next.stderr)")
         // A second SIGTERM interrupts a boot that would otherwise wait for its timeout.
-        let waiting = try box.binary.start(["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "120s"])
+        let waiting = try box.binary.start(
+            ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "120s"])
         usleep(1_500_000)
         let signalled = Date()
         waiting.kill(SIGTERM)
@@ -118,7 +124,8 @@ struct QemuSafetyTests {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         let file = box.write(pool("probe", size: 1, boot: "cold"))
-        let first = try box.binary.start(["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_ACCEL": "auto"])
+        let first = try box.binary.start(
+            ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_ACCEL": "auto"])
         usleep(600_000)
         first.kill(SIGKILL)
         _ = first.wait()
@@ -128,13 +135,14 @@ struct QemuSafetyTests {
         let recorded = Set(try store.vms().compactMap(\.pid) + store.standbys().compactMap(\.pid))
         // Any QEMU booting this state dir's kernel, wherever its other files are.
         let kernel = box.state + "/image/vmlinuz"
-        let booting = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry -> Int32? in
-            guard let pid = Int32(entry), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-                String(decoding: data, as: UTF8.self).contains(kernel),
-                !((try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? "").contains(") Z")
-            else { return nil }
-            return pid
-        })
+        let booting = Set(
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry -> Int32? in
+                guard let pid = Int32(entry), let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+                    String(decoding: data, as: UTF8.self).contains(kernel),
+                    !((try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? "").contains(") Z")
+                else { return nil }
+                return pid
+            })
         #expect(booting.isSubset(of: recorded), "a QEMU that is no VM's was left: \(booting.subtracting(recorded))")
     }
 

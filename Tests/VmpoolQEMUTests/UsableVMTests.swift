@@ -39,7 +39,8 @@ struct UsableVMTests {
         try apply(box, pool("cold", size: 1) + "---\n" + pool("clone", size: 1, boot: "template"))
         for vm in try box.ids() {
             let uname = try box.exec(vm, ["uname", "-a"])
-            #expect(uname.status == 0 && uname.stdout.hasPrefix("Linux \(vm) "), "\(vm): \(uname.stdout) \(uname.stderr)")
+            #expect(
+                uname.status == 0 && uname.stdout.hasPrefix("Linux \(vm) "), "\(vm): \(uname.stdout) \(uname.stderr)")
             let split = try box.exec(vm, ["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
             #expect(split.status == 3)
             #expect(split.stdout == "to-out\n")
@@ -48,10 +49,13 @@ struct UsableVMTests {
             #expect(try box.exec(vm, ["/proc/cpuinfo"]).status == 126)
             let env = try box.exec(vm, ["sh", "-c", "echo $A-$B"], options: ["-e", "A=1", "-e", "B=two words"])
             #expect(env.stdout == "1-two words\n")
-            let echoed = try box.exec(vm, ["sh", "-c", "cat | wc -c"], input: String(repeating: "x", count: 100_000), options: ["-i"])
+            let echoed = try box.exec(
+                vm, ["sh", "-c", "cat | wc -c"], input: String(repeating: "x", count: 100_000), options: ["-i"])
             #expect(echoed.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "100000")
             // Every byte value comes through unchanged.
-            let all = try box.exec(vm, ["sh", "-c", "i=0; while [ $i -lt 256 ]; do printf \"\\\\$(printf %o $i)\"; i=$((i+1)); done | md5sum"])
+            let all = try box.exec(
+                vm,
+                ["sh", "-c", "i=0; while [ $i -lt 256 ]; do printf \"\\\\$(printf %o $i)\"; i=$((i+1)); done | md5sum"])
             let expected = Data((0...255).map { UInt8($0) })
             #expect(all.stdout.hasPrefix(md5(expected)), "\(all.stdout)")
             let timed = try box.exec(vm, ["sleep", "30"], options: ["--timeout", "1s"])
@@ -66,10 +70,13 @@ struct UsableVMTests {
         try apply(box, pool("par", size: 1))
         let vm = try #require(try box.ids().first)
         let started = ContinuousClock.now
-        let runs = try (0..<4).map { _ in try box.binary.start(["exec", vm, "--state-dir", box.state, "--", "sh", "-c", "sleep 2; echo done"]) }
+        let runs = try (0..<4).map { _ in
+            try box.binary.start(["exec", vm, "--state-dir", box.state, "--", "sh", "-c", "sleep 2; echo done"])
+        }
         // Meanwhile the reconciler still reaches the agent: a pass finds nothing to do.
         let reconcile = try box.run(["reconcile"])
-        #expect(reconcile.status == 0 && reconcile.stdout.contains("No changes"), "\(reconcile.stdout)\(reconcile.stderr)")
+        #expect(
+            reconcile.status == 0 && reconcile.stdout.contains("No changes"), "\(reconcile.stdout)\(reconcile.stderr)")
         for run in runs {
             let result = run.wait()
             #expect(result.status == 0 && result.stdout == "done\n")
@@ -154,9 +161,13 @@ struct UsableVMTests {
             #expect(try box.exec(vm, ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE")
             #expect(try box.exec(vm, ["cat", "/sys/block/vda/size", "/sys/block/vdb/size"]).stdout == "16384\n32768\n")
         }
-        #expect(try box.exec(ids[0], ["sh", "-c", "printf WRITTEN-A | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"]).status == 0)
+        #expect(
+            try box.exec(ids[0], ["sh", "-c", "printf WRITTEN-A | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"])
+                .status == 0)
         #expect(try box.exec(ids[0], ["head", "-c", "9", "/dev/vda"]).stdout == "WRITTEN-A")
-        #expect(try box.exec(ids[1], ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE", "a write in one VM is seen by another")
+        #expect(
+            try box.exec(ids[1], ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE",
+            "a write in one VM is seen by another")
         #expect(md5(FileManager.default.contents(atPath: base) ?? Data()) == before, "the base image was written")
         let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
         for vm in ids { #expect(access(paths.overlay(vm, disk: "data"), F_OK) == 0) }
@@ -188,8 +199,11 @@ struct UsableVMTests {
         for vm in try box.ids() {
             names.insert(try box.exec(vm, ["hostname"]).stdout)
             randoms.insert(try box.exec(vm, ["sh", "-c", "head -c 16 /dev/urandom | md5sum"]).stdout)
-            let guest = Double(try box.exec(vm, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
-            #expect(abs(guest - Date().timeIntervalSince1970) < 2, "\(vm)'s clock is off by \(guest - Date().timeIntervalSince1970) s")
+            let guest =
+                Double(try box.exec(vm, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            #expect(
+                abs(guest - Date().timeIntervalSince1970) < 2,
+                "\(vm)'s clock is off by \(guest - Date().timeIntervalSince1970) s")
         }
         #expect(names.count == 3)
         #expect(randoms.count == 3)
@@ -199,7 +213,8 @@ struct UsableVMTests {
         let grown = box.write(pool("drift", size: 2, boot: "template"), as: "drift.yaml")
         _ = try box.run(["apply", "-f", grown], environment: ["VMPOOL_CLOCK_SYNC": "0", "VMPOOL_STANDBY": "0"])
         let newest = try #require(try box.ids(pool: "drift").last)
-        let guest = Double(try box.exec(newest, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let guest =
+            Double(try box.exec(newest, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
         #expect(Date().timeIntervalSince1970 - guest > 2, "without clock sync the clone's clock should lag")
     }
 }

@@ -35,7 +35,8 @@ struct PlanPropertyTests {
         return PoolSpec(
             name: name, size: Int.random(in: 0...4, using: &rng), vcpus: Int.random(in: 1...maxVcpus, using: &rng),
             memoryMiB: memory, maxVcpus: maxVcpus, maxMemoryMiB: memory + [0, 128, 256].randomElement(using: &rng)!,
-            boot: Bool.random(using: &rng) ? .template : .cold, state: Int.random(in: 0...3, using: &rng) == 0 ? .paused : .running,
+            boot: Bool.random(using: &rng) ? .template : .cold,
+            state: Int.random(in: 0...3, using: &rng) == 0 ? .paused : .running,
             warm: Int.random(in: 0...2, using: &rng))
     }
 

@@ -54,7 +54,8 @@ struct ReconcilerTests {
     @Test func aFailedActionSkipsOnlyItsDependents() async throws {
         let h = try SimHarness(faults: [.buildTemplate: 1])
         defer { h.directory.remove() }
-        let result = try await h.reconciler.apply([pool("tpl", size: 2, boot: .template), pool("cold", size: 2)], prune: [])
+        let result = try await h.reconciler.apply(
+            [pool("tpl", size: 2, boot: .template), pool("cold", size: 2)], prune: [])
         let byPool = Dictionary(grouping: result.results, by: \.action.pool)
         #expect(byPool["tpl"]?.allSatisfy { $0.outcome == .failed } == true)
         #expect(byPool["tpl"]?.filter { $0.error?.contains("depends on failed") == true }.count == 2)
@@ -103,7 +104,8 @@ struct ReconcilerTests {
         let shape = VMShape(pool: pool(), image: testImage)
         try h.driver.simulateStray(id: "web-0rphan", pool: "web", shape: shape)
         // A launch recorded and journaled whose vmpool died before the driver answered.
-        let half = VMRecord(id: "web-ha1f00", pool: "web", state: .creating, boot: .cold, shape: shape, createdAt: Date())
+        let half = VMRecord(
+            id: "web-ha1f00", pool: "web", state: .creating, boot: .cold, shape: shape, createdAt: Date())
         _ = try h.store.beginLaunch(half, operation: "create")
         try h.driver.simulateStray(id: "web-ha1f00", pool: "web", shape: shape)
         let result = try await h.reopened().reconciler.reconcile()
@@ -150,7 +152,8 @@ struct ReconcilerTests {
     @Test func simLimitsMatchQemu() async throws {
         let h = try SimHarness()
         defer { h.directory.remove() }
-        _ = try await h.reconciler.apply([pool(size: 1, vcpus: 1, memoryMiB: 256, maxVcpus: 2, maxMemoryMiB: 512)], prune: [])
+        _ = try await h.reconciler.apply(
+            [pool(size: 1, vcpus: 1, memoryMiB: 256, maxVcpus: 2, maxMemoryMiB: 512)], prune: [])
         let vm = try #require(try h.store.vms().first)
         await #expect(throws: DriverError.self) { try await h.driver.hotplugCPUs(vm.ref, shape: vm.shape, to: 3) }
         await #expect(throws: DriverError.self) { try await h.driver.hotplugMemory(vm.ref, shape: vm.shape, to: 300) }
@@ -221,7 +224,8 @@ struct StandbyTests {
     @Test func standbysGoWithTheirTemplateAndPool() async throws {
         let h = try SimHarness()
         defer { h.directory.remove() }
-        _ = try await h.reconciler.apply([pool("a", size: 1, boot: .template), pool("b", size: 1, boot: .template)], prune: [])
+        _ = try await h.reconciler.apply(
+            [pool("a", size: 1, boot: .template), pool("b", size: 1, boot: .template)], prune: [])
         #expect(try h.store.standbys().count == 4)
         // A new template: a's standbys are replaced by ones for the new template.
         let before = Set(try h.store.standbys().filter { $0.pool == "a" }.map(\.id))

@@ -41,7 +41,9 @@ struct FixtureCorpusTests {
         }
     }
 
-    @Test("invalid fixtures are rejected at the field they name", arguments: Corpus.files("invalid") + Corpus.files("cross-field"))
+    @Test(
+        "invalid fixtures are rejected at the field they name",
+        arguments: Corpus.files("invalid") + Corpus.files("cross-field"))
     func invalidFixtureIsRejected(_ file: String) throws {
         let expected = try #require(Corpus.expectedField(file), "fixture lacks its # expect: header")
         do {
@@ -52,7 +54,8 @@ struct FixtureCorpusTests {
             let fields = error.diagnostics.map(\.field)
             let matches = fields.contains { field in
                 field == expected || field.hasPrefix(expected + ".") || expected.hasPrefix(field + ".")
-                    || (field == "(document)" && ["document", "metadata", "spec", "metadata.labels"].contains(expected))
+                    || (field == "(document)"
+                        && ["document", "metadata", "spec", "metadata.labels"].contains(expected))
                     || (field == "(document)" && error.diagnostics.contains { $0.code == .syntax })
             }
             #expect(matches, "expected an error at \(expected), got \(error.diagnostics.map(\.description))")

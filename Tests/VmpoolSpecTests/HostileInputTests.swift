@@ -24,11 +24,13 @@ struct HostileInputTests {
                 #expect(!result.diagnostics.isEmpty, "\(attack.name) was accepted")
                 #expect(
                     result.diagnostics.contains { $0.code == code },
-                    "\(attack.name) should be \(attack.verdict), got \(result.diagnostics.prefix(3).map(\.description))")
+                    "\(attack.name) should be \(attack.verdict), got \(result.diagnostics.prefix(3).map(\.description))"
+                )
             case .validManifest(let pools):
                 #expect(
                     result.diagnostics.isEmpty,
-                    "\(attack.name) should be \(attack.verdict), got \(result.diagnostics.prefix(3).map(\.description))")
+                    "\(attack.name) should be \(attack.verdict), got \(result.diagnostics.prefix(3).map(\.description))"
+                )
                 #expect(result.pools.count == pools, "\(attack.name)")
             }
         }
@@ -82,7 +84,8 @@ struct HostileInputTests {
             let result = ManifestLoader.parse(Array(seed.utf8), file: "seed.yaml")
             #expect(result.diagnostics.isEmpty, "\(result.diagnostics.map(\.description))")
         }
-        let fields = Set((ManifestMutator.seeds + Self.corpusSeeds()).flatMap { ManifestMutator.fieldSites(in: $0).map(\.field) })
+        let fields = Set(
+            (ManifestMutator.seeds + Self.corpusSeeds()).flatMap { ManifestMutator.fieldSites(in: $0).map(\.field) })
         for field in [
             "apiVersion", "kind", "metadata.name", "metadata.labels", "metadata.labels.team", "spec.size", "spec.vcpus",
             "spec.memory", "spec.maxVcpus", "spec.maxMemory", "spec.boot", "spec.state", "spec.warm", "spec.placement",
@@ -101,7 +104,7 @@ struct HostileInputTests {
     @Test func mutatedManifestsGetLocatedErrorsAtTheBrokenField() throws {
         let seeds = Self.corpusSeeds() + ManifestMutator.seeds
         #expect(seeds.count > ManifestMutator.seeds.count)
-        var mutator = ManifestMutator(seed: 20261129)
+        var mutator = ManifestMutator(seed: 20_261_129)
         let memoryBefore = residentMiB()
         let started = ContinuousClock.now
         var accepted = 0
@@ -141,10 +144,12 @@ struct HostileInputTests {
         let rejected = Self.count - accepted
         #expect(
             unlocated.count == 0,
-            "\(unlocated.count) of \(rejected) rejected mutations have a diagnostic outside the input: \(unlocated.prefix(3))")
+            "\(unlocated.count) of \(rejected) rejected mutations have a diagnostic outside the input: \(unlocated.prefix(3))"
+        )
         #expect(
             missed.count == 0,
-            "\(missed.count) of \(targets) targeted mutations have no diagnostic at their field and line: \(missed.prefix(3))")
+            "\(missed.count) of \(targets) targeted mutations have no diagnostic at their field and line: \(missed.prefix(3))"
+        )
         #expect(targets > Self.count / 8, "only \(targets) targeted mutations")
         #expect(slowest < .seconds(2), "slowest input took \(slowest) of CPU time")
         #expect(growth < 200, "resident memory grew \(growth) MiB")
@@ -213,7 +218,9 @@ struct InputCheck {
             if !contains(diagnostic.location) {
                 return "\(diagnostic) is outside the input (\(lengths.count) lines)"
             }
-            if diagnostic.field.isEmpty || diagnostic.message.isEmpty { return "\(diagnostic) lacks a field or message" }
+            if diagnostic.field.isEmpty || diagnostic.message.isEmpty {
+                return "\(diagnostic) lacks a field or message"
+            }
             return nil
         }
         .prefix(5).map { $0 }

@@ -42,7 +42,9 @@ struct LoaderTests {
             """, file: "manifests/ci.yaml")
         let diagnostic = try #require(diagnostics.first)
         #expect(diagnostics.count == 1)
-        #expect(diagnostic.description == #"manifests/ci.yaml:7:10: spec.vcpus: expected an integer from 1 to 64, got "two""#)
+        #expect(
+            diagnostic.description
+                == #"manifests/ci.yaml:7:10: spec.vcpus: expected an integer from 1 to 64, got "two""#)
         #expect(diagnostic.code == .wrongType)
     }
 
@@ -71,8 +73,10 @@ struct LoaderTests {
     @Test func allFilesAreReportedInOneRun() throws {
         let dir = TemporaryDirectory()
         defer { dir.remove() }
-        let a = dir.write("a.yaml", "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: a}\nspec: {size: x, vcpus: 1, memory: 64}\n")
-        let b = dir.write("b.yml", "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: b}\nspec: {size: 1, vcpus: 0, memory: 64}\n")
+        let a = dir.write(
+            "a.yaml", "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: a}\nspec: {size: x, vcpus: 1, memory: 64}\n")
+        let b = dir.write(
+            "b.yml", "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: b}\nspec: {size: 1, vcpus: 0, memory: 64}\n")
         dir.write("ignored.txt", "not yaml")
         #expect(throws: ManifestError.self) { try ManifestLoader.load(paths: [dir.path]) }
         do {
@@ -122,7 +126,10 @@ struct LoaderTests {
             _ = try ManifestLoader.load(paths: ["/nonexistent/pools.yaml"])
             Issue.record("missing file accepted")
         } catch {
-            #expect(error.diagnostics.map(\.description) == ["/nonexistent/pools.yaml:1:1: (file): no such file or directory"])
+            #expect(
+                error.diagnostics.map(\.description) == [
+                    "/nonexistent/pools.yaml:1:1: (file): no such file or directory"
+                ])
         }
     }
 

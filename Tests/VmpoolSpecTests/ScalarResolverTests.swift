@@ -30,12 +30,12 @@ struct ScalarResolverTests {
         var state: UInt64 = 42
         var disagreements: [String] = []
         for _ in 0..<20_000 {
-            state = state &* 6364136223846793005 &+ 1442695040888963407
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
             let length = Int(state >> 60) + 1
             var text = ""
             var s = state
             for _ in 0..<length {
-                s = s &* 6364136223846793005 &+ 1442695040888963407
+                s = s &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
                 text.append(alphabet[Int(s >> 33) % alphabet.count])
             }
             if ScalarResolver.resolve(text).rawValue != yams(text) { disagreements.append(text) }

@@ -77,7 +77,8 @@ struct StoreTests {
         #expect(try store.vm("web-000001")?.state == .creating)
         vm.state = .running
         vm.pid = 4242
-        try store.finish(journal, outcome: .ok, updating: vm, event: Event(pool: "web", vm: vm.id, kind: "created", message: "ok"))
+        try store.finish(
+            journal, outcome: .ok, updating: vm, event: Event(pool: "web", vm: vm.id, kind: "created", message: "ok"))
         #expect(try store.unfinishedOperations().isEmpty)
         #expect(try store.vm("web-000001")?.pid == 4242)
         #expect(try store.journal().first?.outcome == .ok)
@@ -97,7 +98,8 @@ struct StoreTests {
         let dir = TemporaryDirectory()
         defer { dir.remove() }
         let store = try StateStore(directory: dir.path)
-        let ref = TemplateRef(id: "web-tmpl-000001", pool: "web", key: VMShape(pool: pool(), image: testImage).templateKey)
+        let ref = TemplateRef(
+            id: "web-tmpl-000001", pool: "web", key: VMShape(pool: pool(), image: testImage).templateKey)
         let journal = try store.beginTemplate(TemplateRecord(ref: ref, state: .building, createdAt: Date()))
         #expect(try store.templates().map(\.state) == [.building])
         try store.markTemplateReady(ref.id)
@@ -152,21 +154,26 @@ struct NetworkAllocationTests {
         var addresses: [String] = []
         // A /29 has 8 addresses: network, gateway and broadcast leave 5 for VMs.
         for index in 0..<5 {
-            let (vm, _) = try #require(try store.beginLaunch(record("web-00000\(index)"), operation: "create", network: bridged))
+            let (vm, _) = try #require(
+                try store.beginLaunch(record("web-00000\(index)"), operation: "create", network: bridged))
             addresses.append(try #require(vm.network?.address))
             #expect(vm.network?.gateway == "10.9.0.1")
         }
         #expect(Set(addresses).count == 5)
         #expect(!addresses.contains("10.9.0.1") && !addresses.contains("10.9.0.7"))
-        #expect(throws: StoreError.self) { try store.beginLaunch(self.record("web-000009"), operation: "create", network: bridged) }
+        #expect(throws: StoreError.self) {
+            try store.beginLaunch(self.record("web-000009"), operation: "create", network: bridged)
+        }
         try store.deleteVM("web-000002")
-        let (again, _) = try #require(try store.beginLaunch(record("web-00000a"), operation: "create", network: bridged))
+        let (again, _) = try #require(
+            try store.beginLaunch(record("web-00000a"), operation: "create", network: bridged))
         #expect(again.network?.address == addresses[2], "a stopped VM's address is free again")
 
         let forwarded = NetworkRequest(NetworkShape(mode: .user, ports: [22, 80]))
         var hostPorts: [Int] = []
         for index in 0..<50 {
-            let (vm, _) = try #require(try store.beginLaunch(record("user-\(index)"), operation: "create", network: forwarded))
+            let (vm, _) = try #require(
+                try store.beginLaunch(record("user-\(index)"), operation: "create", network: forwarded))
             hostPorts += vm.network?.ports.values.map { $0 } ?? []
             #expect(vm.network?.ports.keys.sorted() == [22, 80])
         }
@@ -184,7 +191,9 @@ struct NetworkAllocationTests {
         let busy = Set(StateStore.forwardedPorts.filter { $0 % 2 == 0 })
         for index in 0..<20 {
             let (vm, _) = try #require(
-                try store.beginLaunch(record("w-\(index)"), operation: "create", network: forwarded) { !busy.contains($0) })
+                try store.beginLaunch(record("w-\(index)"), operation: "create", network: forwarded) {
+                    !busy.contains($0)
+                })
             #expect(vm.network?.ports[22].map { !busy.contains($0) } == true)
         }
     }
@@ -204,7 +213,9 @@ struct SchemaVersionTests {
             Issue.record("a newer schema was accepted")
         } catch {
             #expect(error.code == .newerSchema)
-            #expect(error.message.contains("v99-from-the-future") && error.message.contains("v5-network-lease"), "\(error.message)")
+            #expect(
+                error.message.contains("v99-from-the-future") && error.message.contains("v5-network-lease"),
+                "\(error.message)")
         }
     }
 }

@@ -1,4 +1,5 @@
 import CVmpoolSys
+import VmpoolDriver
 import Foundation
 
 /// The result of running the built `vmpool` binary.
@@ -84,15 +85,9 @@ public final class RunningCommand: @unchecked Sendable {
             close(err)
             if inFD >= 0 { close(inFD) }
         }
-        let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-        let pid = argv.withUnsafeBufferPointer { args in
-            envp.withUnsafeBufferPointer { env in
-                vmpool_spawn_io(path, args.baseAddress, env.baseAddress, inFD, out, err)
+        let pid = withCStrings([path] + arguments) { args in
+            withCStrings(environment.map { "\($0.key)=\($0.value)" }) { env in
+                vmpool_spawn_io(path, args, env, inFD, out, err)
             }
         }
         guard pid > 0 else { throw CocoaError(.executableLoad) }

@@ -78,7 +78,10 @@ public struct ManifestMutator {
         var lines = seed.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         let rounds = 1 + below(4)
         for _ in 0..<rounds {
-            guard !lines.isEmpty else { lines = [""]; continue }
+            guard !lines.isEmpty else {
+                lines = [""]
+                continue
+            }
             let index = below(lines.count)
             switch below(10) {
             case 0: lines.remove(at: index)
@@ -155,7 +158,7 @@ public struct ManifestMutator {
           - name: data
             size: 1Ti
           image: {kernel: /boot/vmlinuz, cmdline: console=ttyS0}
-        """,
+        """
     ]
 
     // MARK: - Targeted fields
@@ -285,7 +288,8 @@ public struct ManifestMutator {
     }
 
     /// A site for `value` on `line` when the value is whole and free of anchors and aliases.
-    private static func site(_ field: String, value: Substring, line: String, index: Int, suffix: String) -> FieldSite? {
+    private static func site(_ field: String, value: Substring, line: String, index: Int, suffix: String) -> FieldSite?
+    {
         guard let first = value.first, !"&*|>".contains(first), !value.contains("&"), !value.contains("*") else {
             return nil
         }
@@ -336,7 +340,8 @@ public struct ManifestMutator {
         case "spec.state": return ["stopped", "Paused", "on"] + scalar
         case "spec.placement": return ["random", "Spread"] + scalar
         case "spec.image.kernel", "spec.image.initrd": return ["''", "\"a\\u0001b\"", "42"] + scalar
-        case "spec.image.cmdline": return ["\"console=ttyS0\\tquiet\"", String(repeating: "c", count: 2049), "1.0"] + scalar
+        case "spec.image.cmdline":
+            return ["\"console=ttyS0\\tquiet\"", String(repeating: "c", count: 2049), "1.0"] + scalar
         case "spec.network.mode": return ["wifi", "User", "null"] + scalar
         case "spec.network.bridge": return ["bridge-name-too-long", "'br 0'", "0"] + scalar
         case "spec.network.subnet": return ["10.77.0.1/24", "10.77.0.0/30", "10.77.0.0", "nope"] + scalar
@@ -351,7 +356,9 @@ public struct ManifestMutator {
         if field.hasPrefix("spec.disks["), field.hasSuffix(".name") {
             return ["Bad_Name", "''", String(repeating: "d", count: 33)] + scalar
         }
-        if field.hasPrefix("spec.disks["), field.hasSuffix(".size") { return ["0", "65Ti", "big", "1.5Gi", "-1"] + scalar }
+        if field.hasPrefix("spec.disks["), field.hasSuffix(".size") {
+            return ["0", "65Ti", "big", "1.5Gi", "-1"] + scalar
+        }
         if field.hasPrefix("spec.disks["), field.hasSuffix(".image") { return ["''"] + scalar }
         // A mapping written in flow style (`labels: {team: a}`) or an unknown leaf.
         return scalar
@@ -386,7 +393,8 @@ public struct ManifestMutator {
     static func aliasBomb(indent: String = "") -> String {
         var bomb = indent + "a0: &a0 [x, x, x, x, x, x, x, x, x]\n"
         for level in 1...9 {
-            bomb += indent + "a\(level): &a\(level) ["
+            bomb +=
+                indent + "a\(level): &a\(level) ["
                 + Array(repeating: "*a\(level - 1)", count: 9).joined(separator: ", ") + "]\n"
         }
         return bomb
@@ -397,7 +405,8 @@ public struct ManifestMutator {
     static func mergeFanOut(width: Int, depth: Int) -> String {
         var chain = "&m0 {team: infra}"
         for level in 1...depth {
-            chain += ", &m\(level) {<<: [" + Array(repeating: "*m\(level - 1)", count: width).joined(separator: ", ") + "]}"
+            chain +=
+                ", &m\(level) {<<: [" + Array(repeating: "*m\(level - 1)", count: width).joined(separator: ", ") + "]}"
         }
         return "apiVersion: vmpool/v1\nkind: Pool\nmetadata:\n  name: merged\n  labels:\n    <<: [\(chain)]\n"
             + "spec: {size: 1, vcpus: 1, memory: 64}\n"
@@ -441,7 +450,8 @@ public struct ManifestMutator {
             .validManifest(pools: 0))
         add(
             "invalid UTF-8",
-            Array("apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: \"".utf8) + [0xC3, 0x28, 0xFF] + Array("\"}\n".utf8),
+            Array("apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: \"".utf8) + [0xC3, 0x28, 0xFF]
+                + Array("\"}\n".utf8),
             .mustReject(.notUTF8))
         add("overlong UTF-8", [0xC0, 0xAF, 0x0A], .mustReject(.notUTF8))
         add("UTF-16 bytes", [0xFF, 0xFE, 0x61, 0x00, 0x3A, 0x00], .mustReject(.notUTF8))
@@ -463,7 +473,8 @@ public struct ManifestMutator {
         add("merge cycle", "a: &a {<<: *a}\n", .mustReject(.syntax))
         add(
             "self-referencing merge chain",
-            "x0: &x0 {size: 1}\n" + (1...40).map { "x\($0): &x\($0) {<<: [*x\($0 - 1), *x\($0 - 1)]}" }.joined(separator: "\n")
+            "x0: &x0 {size: 1}\n"
+                + (1...40).map { "x\($0): &x\($0) {<<: [*x\($0 - 1), *x\($0 - 1)]}" }.joined(separator: "\n")
                 + "\napiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: m}\nspec: {<<: *x40, vcpus: 1, memory: 64}\n",
             .mustReject(.tooDeep))
         return result

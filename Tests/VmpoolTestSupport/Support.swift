@@ -67,7 +67,9 @@ public func manifest(_ spec: PoolSpec) -> String {
     }
     if let network = spec.network {
         lines += ["  network:", "    mode: \(network.mode.rawValue)"]
-        if !network.ports.isEmpty { lines.append("    ports: [\(network.ports.map(String.init).joined(separator: ", "))]") }
+        if !network.ports.isEmpty {
+            lines.append("    ports: [\(network.ports.map(String.init).joined(separator: ", "))]")
+        }
         if let bridge = network.bridge { lines.append("    bridge: \(bridge)") }
         if let subnet = network.subnet { lines.append("    subnet: \(subnet)") }
     }

@@ -2,8 +2,8 @@ import ArgumentParser
 import Foundation
 import VmpoolPlanner
 import VmpoolReconciler
-import VmpoolStore
 import VmpoolSpec
+import VmpoolStore
 
 extension Vmpool {
     /// Records the manifests as the desired state and converges the host to it.
@@ -18,7 +18,8 @@ extension Vmpool {
         @Flag(help: "Delete pools applied earlier but absent from the input.")
         var prune = false
 
-        @Flag(name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
+        @Flag(
+            name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
         var allowEmpty = false
 
         @Flag(name: .customLong("dry-run"), help: "Print the plan and change nothing.")
@@ -48,7 +49,8 @@ extension Vmpool {
                 return
             }
             let session = try await Session(
-                options, locking: "apply", parallelism: execution.parallel, timeout: timeout.timeout, showProgress: true)
+                options, locking: "apply", parallelism: execution.parallel, timeout: timeout.timeout, showProgress: true
+            )
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []
             let cancellation = Cancellation()
             let reconciler = session.reconciler

@@ -33,7 +33,8 @@ extension Vmpool {
         func validate() throws {
             switch (Self.remote(source), Self.remote(destination)) {
             case (nil, nil): throw ValidationError("one of SRC and DST must be VM:PATH")
-            case (.some, .some): throw ValidationError("copying between two VMs is not supported; copy through the host")
+            case (.some, .some):
+                throw ValidationError("copying between two VMs is not supported; copy through the host")
             case (.some(let remote), nil), (nil, .some(let remote)):
                 if remote.path.isEmpty { throw ValidationError("VM:PATH needs a path after the colon") }
             }
@@ -47,7 +48,8 @@ extension Vmpool {
                 if let from = Self.remote(source) {
                     return try await CopyTransfer.fromGuest(access, record.ref, path: from.path, to: destination)
                 } else {
-                    return try await CopyTransfer.toGuest(access, record.ref, from: source, path: Self.remote(destination)!.path)
+                    return try await CopyTransfer.toGuest(
+                        access, record.ref, from: source, path: Self.remote(destination)!.path)
                 }
             }
             if code != 0 { throw ExitCode(code == GuestCommand.vmpoolFailed ? 1 : code) }
@@ -63,7 +65,9 @@ enum CopyTransfer {
         -> Int32
     {
         var info = stat()
-        guard lstat(source, &info) == 0 else { throw CommandFailure(description: "\(source): no such file or directory") }
+        guard lstat(source, &info) == 0 else {
+            throw CommandFailure(description: "\(source): no such file or directory")
+        }
         let url = URL(fileURLWithPath: source).standardizedFileURL
         let name = url.lastPathComponent
         let parent = url.deletingLastPathComponent().path
@@ -84,7 +88,8 @@ enum CopyTransfer {
         let local = tar.wait()
         guard local == 0 else { throw CommandFailure(description: "tar on the host failed (status \(local))") }
         guard outcome.exitStatus == 0 else {
-            throw CommandFailure(description: "tar in the guest failed (status \(outcome.exitStatus)); is \(target) a directory?")
+            throw CommandFailure(
+                description: "tar in the guest failed (status \(outcome.exitStatus)); is \(target) a directory?")
         }
         return 0
     }
@@ -97,7 +102,8 @@ enum CopyTransfer {
         let parent = remote.deletingLastPathComponent().path
         var isDirectory: ObjCBool = false
         let exists = FileManager.default.fileExists(atPath: destination, isDirectory: &isDirectory)
-        let target = exists && isDirectory.boolValue
+        let target =
+            exists && isDirectory.boolValue
             ? destination : (destination as NSString).deletingLastPathComponent.nonEmpty ?? "."
         let newName = exists && isDirectory.boolValue ? name : (destination as NSString).lastPathComponent
         var arguments = ["-x", "-f", "-", "-C", target, "--no-same-owner"]
@@ -112,7 +118,8 @@ enum CopyTransfer {
         close(pipe.write)
         let local = tar.wait()
         guard outcome.exitStatus == 0 else {
-            throw CommandFailure(description: "tar in the guest failed (status \(outcome.exitStatus)); does \(path) exist?")
+            throw CommandFailure(
+                description: "tar in the guest failed (status \(outcome.exitStatus)); does \(path) exist?")
         }
         guard local == 0 else { throw CommandFailure(description: "tar on the host failed (status \(local))") }
         return 0
@@ -133,8 +140,10 @@ enum CopyTransfer {
     static func quietExec(_ access: any GuestAccess, _ vm: VMRef, _ argv: [String]) async throws -> Int32 {
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }
-        return try await access.exec(vm, ExecRequest(argv: argv), streams: ExecStreams(stdin: null, stdout: null, stderr: null))
-            .exitStatus
+        return try await access.exec(
+            vm, ExecRequest(argv: argv), streams: ExecStreams(stdin: null, stdout: null, stderr: null)
+        )
+        .exitStatus
     }
 }
 
@@ -165,11 +174,8 @@ struct LocalProcess {
         let candidates: [String] = directories.map { "\($0)/\(program)" }
         let path = candidates.first { access($0, X_OK) == 0 }
         guard let path else { throw CommandFailure(description: "\(program) is not installed on the host") }
-        let words: [String] = [path] + arguments
-        let argv = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        let pid = argv.withUnsafeBufferPointer {
-            vmpool_spawn_io(path, $0.baseAddress, nil, stdin, stdout >= 0 ? stdout : 1, 2)
+        let pid = withCStrings([path] + arguments) {
+            vmpool_spawn_io(path, $0, nil, stdin, stdout >= 0 ? stdout : 1, 2)
         }
         guard pid > 0 else { throw CommandFailure(description: "cannot start \(program)") }
         return LocalProcess(pid: pid)

@@ -30,7 +30,9 @@ extension Vmpool {
             if ignoreNotFound {
                 names = pools.filter { known.contains($0) }
                 if names.isEmpty {
-                    printOut("Nothing to delete: \(pools.joined(separator: ", ")) \(pools.count == 1 ? "is" : "are") not applied.")
+                    printOut(
+                        "Nothing to delete: \(pools.joined(separator: ", ")) \(pools.count == 1 ? "is" : "are") not applied."
+                    )
                     return
                 }
             } else if let missing = pools.first(where: { !known.contains($0) }) {

@@ -80,7 +80,9 @@ extension Vmpool {
         @Option(help: "Only the events of this pool.", completion: Completions.pools)
         var pool: String?
 
-        @Option(parsing: .unconditional, help: "Only events of the last DURATION (30m, 2h).", transform: duration("--since"))
+        @Option(
+            parsing: .unconditional, help: "Only events of the last DURATION (30m, 2h).", transform: duration("--since")
+        )
         var since: Duration?
 
         @Flag(name: .shortAndLong, help: "Keep printing new events until interrupted.")
@@ -99,7 +101,10 @@ extension Vmpool {
             if format.output == .text && !events.isEmpty { printOut(EventText.header) }
             while true {
                 for event in events {
-                    printOut(format.output == .json ? try JSONValue.render(.object(EventText.json(event))).replacingOccurrences(of: "\n", with: "") : EventText.line(event))
+                    printOut(
+                        format.output == .json
+                            ? try JSONValue.render(.object(EventText.json(event))).replacingOccurrences(
+                                of: "\n", with: "") : EventText.line(event))
                 }
                 guard follow else { return }
                 let last = events.last?.id ?? 0
@@ -115,7 +120,9 @@ enum EventText {
     static let header = "TIME                      POOL            VM                KIND              MESSAGE"
 
     static func line(_ event: Event) -> String {
-        func pad(_ text: String, _ width: Int) -> String { text.padding(toLength: max(width, text.count), withPad: " ", startingAt: 0) }
+        func pad(_ text: String, _ width: Int) -> String {
+            text.padding(toLength: max(width, text.count), withPad: " ", startingAt: 0)
+        }
         return pad(JSONValue.rfc3339(event.at), 24) + "  " + pad(event.pool.isEmpty ? "-" : event.pool, 14) + "  "
             + pad(event.vm ?? "-", 16) + "  " + pad(event.kind, 16) + "  " + event.message
     }
@@ -147,10 +154,14 @@ struct PoolDescription {
             "  vcpus \(spec.vcpus) (ceiling \(spec.maxVcpus)), memory \(MemoryQuantity.format(spec.memoryMiB)) (ceiling \(MemoryQuantity.format(spec.maxMemoryMiB)))",
         ]
         if let image = spec.image {
-            lines.append("  image: kernel \(image.kernel ?? "(default)"), initrd \(image.initrd ?? "-"), cmdline \(image.cmdline ?? "(default)")")
+            lines.append(
+                "  image: kernel \(image.kernel ?? "(default)"), initrd \(image.initrd ?? "-"), cmdline \(image.cmdline ?? "(default)")"
+            )
         }
         for disk in spec.disks {
-            lines.append("  disk \(disk.name): \(disk.image ?? "empty")\(disk.sizeMiB.map { ", \(MemoryQuantity.format($0))" } ?? "")")
+            lines.append(
+                "  disk \(disk.name): \(disk.image ?? "empty")\(disk.sizeMiB.map { ", \(MemoryQuantity.format($0))" } ?? "")"
+            )
         }
         if let network = spec.network {
             var text = "  network: \(network.mode.rawValue)"
@@ -162,10 +173,19 @@ struct PoolDescription {
         lines.append(
             "Status:      \(readiness.ready)/\(spec.size) ready, \(readiness.warm)/\(spec.warm) warm, \(readiness.leased) leased, \(readiness.vms) VMs"
                 + (stored.deleting ? " (being deleted)" : ""))
-        lines.append("Template:    " + (templates.isEmpty ? "-" : templates.map { "\($0.ref.id) (\($0.state.rawValue), saved \(JSONValue.rfc3339($0.createdAt)))" }.joined(separator: "; ")))
-        lines.append("Standbys:    \(standbys.filter(\.1).count) ready" + (standbys.isEmpty ? "" : " (\(standbys.map(\.0.id).joined(separator: ", ")))"))
+        lines.append(
+            "Template:    "
+                + (templates.isEmpty
+                    ? "-"
+                    : templates.map { "\($0.ref.id) (\($0.state.rawValue), saved \(JSONValue.rfc3339($0.createdAt)))" }
+                        .joined(separator: "; ")))
+        lines.append(
+            "Standbys:    \(standbys.filter(\.1).count) ready"
+                + (standbys.isEmpty ? "" : " (\(standbys.map(\.0.id).joined(separator: ", ")))"))
         lines.append("VMs:")
-        lines.append(rows.isEmpty ? "  none" : TableRenderer.vms(rows).split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+        lines.append(
+            rows.isEmpty
+                ? "  none" : TableRenderer.vms(rows).split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
         lines.append("Events:")
         lines.append(events.isEmpty ? "  none" : events.map { "  " + EventText.line($0) }.joined(separator: "\n"))
         return lines.joined(separator: "\n")
@@ -174,13 +194,22 @@ struct PoolDescription {
     var json: [String: JSONValue] {
         [
             "name": .string(stored.spec.name), "generation": .int(stored.generation),
-            "spec": PoolRow(spec: stored.spec, generation: stored.generation, readiness: readiness, standbys: 0).json.filter { !["ready", "vms", "warmReady", "leased", "standbys"].contains($0.key) }.reduce(into: [String: JSONValue]()) { $0[$1.key] = $1.value }.json,
+            "spec": PoolRow(spec: stored.spec, generation: stored.generation, readiness: readiness, standbys: 0).json
+                .filter { !["ready", "vms", "warmReady", "leased", "standbys"].contains($0.key) }.reduce(
+                    into: [String: JSONValue]()
+                ) { $0[$1.key] = $1.value }.json,
             "status": .object([
                 "ready": .int(readiness.ready), "warm": .int(readiness.warm), "leased": .int(readiness.leased),
                 "vms": .int(readiness.vms), "deleting": .bool(stored.deleting),
             ]),
             "vms": .array(rows.map { .object($0.json) }),
-            "templates": .array(templates.map { .object(["id": .string($0.ref.id), "state": .string($0.state.rawValue), "savedAt": .string(JSONValue.rfc3339($0.createdAt))]) }),
+            "templates": .array(
+                templates.map {
+                    .object([
+                        "id": .string($0.ref.id), "state": .string($0.state.rawValue),
+                        "savedAt": .string(JSONValue.rfc3339($0.createdAt)),
+                    ])
+                }),
             "standbys": .array(standbys.map { .object(["id": .string($0.0.id), "ready": .bool($0.1)]) }),
             "events": .array(events.map { .object(EventText.json($0)) }),
         ]
@@ -203,14 +232,21 @@ struct VMDescription {
             "Image:       kernel \(record.shape.image.kernel), cmdline \(record.shape.image.cmdline)",
         ]
         for disk in record.shape.disks {
-            lines.append("Disk:        \(disk.name): \(disk.base ?? "empty") (\(disk.format ?? "new")), \(MemoryQuantity.format(disk.sizeMiB))")
+            lines.append(
+                "Disk:        \(disk.name): \(disk.base ?? "empty") (\(disk.format ?? "new")), \(MemoryQuantity.format(disk.sizeMiB))"
+            )
         }
         if let network = record.network {
-            lines.append("Network:     \(network.mode.rawValue), MAC \(network.mac)" + (network.address.map { ", address \($0)/\(network.prefix ?? 0) via \(network.gateway ?? "-")" } ?? ""))
+            lines.append(
+                "Network:     \(network.mode.rawValue), MAC \(network.mac)"
+                    + (network.address.map { ", address \($0)/\(network.prefix ?? 0) via \(network.gateway ?? "-")" }
+                        ?? ""))
             if !network.ports.isEmpty { lines.append("Ports:       \(row.portsText) (guest→127.0.0.1)") }
         }
         if let lease = record.lease {
-            lines.append("Lease:       \(lease.holder) since \(JSONValue.rfc3339(lease.leasedAt))" + (lease.expiresAt.map { ", until \(JSONValue.rfc3339($0))" } ?? ""))
+            lines.append(
+                "Lease:       \(lease.holder) since \(JSONValue.rfc3339(lease.leasedAt))"
+                    + (lease.expiresAt.map { ", until \(JSONValue.rfc3339($0))" } ?? ""))
         }
         lines.append("Created:     \(JSONValue.rfc3339(record.createdAt))")
         lines.append("Events:")
@@ -220,7 +256,12 @@ struct VMDescription {
 
     var json: [String: JSONValue] {
         var object = row.json
-        object["disks"] = .array(row.record.shape.disks.map { .object(["name": .string($0.name), "base": $0.base.map { .string($0) } ?? .null, "sizeMiB": .int($0.sizeMiB)]) })
+        object["disks"] = .array(
+            row.record.shape.disks.map {
+                .object([
+                    "name": .string($0.name), "base": $0.base.map { .string($0) } ?? .null, "sizeMiB": .int($0.sizeMiB),
+                ])
+            })
         object["mac"] = row.record.network.map { .string($0.mac) } ?? .null
         object["events"] = .array(events.map { .object(EventText.json($0)) })
         return object

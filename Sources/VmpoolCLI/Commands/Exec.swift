@@ -30,7 +30,9 @@ extension Vmpool {
         @Option(name: .shortAndLong, help: "Working directory in the guest (default /).")
         var workdir: String?
 
-        @Option(parsing: .unconditional, help: "Kill the command after this long (30s, 5m).", transform: duration("--timeout", allowZero: false))
+        @Option(
+            parsing: .unconditional, help: "Kill the command after this long (30s, 5m).",
+            transform: duration("--timeout", allowZero: false))
         var timeout: Duration?
 
         @Argument(help: "The VM's id (see `vmpool get vms`).", completion: Completions.vms)
@@ -66,7 +68,8 @@ extension Vmpool {
                     printError("vmpool exec: \(argv[0]): \(message)")
                     return code
                 case .timedOut:
-                    printError("vmpool exec: \(argv[0]) was killed after --timeout \(timeout.map(DurationText.format) ?? "")")
+                    printError(
+                        "vmpool exec: \(argv[0]) was killed after --timeout \(timeout.map(DurationText.format) ?? "")")
                     return outcome.exitStatus
                 default:
                     return outcome.exitStatus
@@ -94,12 +97,15 @@ enum GuestCommand {
             }
             guard let access = session.reconciler.driver as? any GuestAccess else {
                 throw CommandFailure(
-                    description: "the \(session.reconciler.driver.name) driver runs no guests; this needs --driver qemu")
+                    description: "the \(session.reconciler.driver.name) driver runs no guests; this needs --driver qemu"
+                )
             }
             if requireRunning {
                 let status = await session.reconciler.driver.status(of: [record.ref], depth: .hypervisor)[record.id]
                 guard record.state == .running, status?.liveness == .alive, status?.running != false else {
-                    let state = status?.liveness == .gone ? "not running (its process is gone)"
+                    let state =
+                        status?.liveness == .gone
+                        ? "not running (its process is gone)"
                         : status?.running == false ? "paused" : record.state.rawValue
                     throw CommandFailure(description: "VM \(id) is \(state); it must be running")
                 }

@@ -31,7 +31,10 @@ extension Vmpool {
 
             @OptionGroup var options: GlobalOptions
 
-            @Option(help: "Kernel to use (default: $VMPOOL_KERNEL, else Debian's cloud kernel, fetched once into $XDG_CACHE_HOME/vmpool).")
+            @Option(
+                help:
+                    "Kernel to use (default: $VMPOOL_KERNEL, else Debian's cloud kernel, fetched once into $XDG_CACHE_HOME/vmpool)."
+            )
             var kernel: String?
 
             @Option(help: "Directory to write the image to (default: STATE_DIR/image).")
@@ -40,13 +43,17 @@ extension Vmpool {
             @Option(help: "busybox binary to put in the initramfs (must be static).")
             var busybox: String = "/bin/busybox"
 
-            @Option(help: "Directory of the kernel's virtio modules with an order file (default: modules/ next to the kernel's boot/).")
+            @Option(
+                help:
+                    "Directory of the kernel's virtio modules with an order file (default: modules/ next to the kernel's boot/)."
+            )
             var modules: String?
 
             func run() async throws {
                 let directory = try output ?? GuestImage.directory(stateDirectory: options.stateDirectory(create: true))
                 let kernelPath = try kernel ?? GuestImage.findKernel()
-                let image = try GuestImage.build(kernel: kernelPath, busybox: busybox, output: directory, modules: modules)
+                let image = try GuestImage.build(
+                    kernel: kernelPath, busybox: busybox, output: directory, modules: modules)
                 printOut("guest image written to \(directory)")
                 printOut("  kernel  \(image.kernel)")
                 printOut("  initrd  \(image.initrd ?? "-")")

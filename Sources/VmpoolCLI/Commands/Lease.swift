@@ -27,14 +27,18 @@ extension Vmpool {
         var ttl: Duration?
 
         @Option(
-            parsing: .unconditional, help: "Wait up to this long for a ready VM (default: fail at once when none is ready).",
+            parsing: .unconditional,
+            help: "Wait up to this long for a ready VM (default: fail at once when none is ready).",
             transform: duration("--wait"))
         var wait: Duration?
 
         @Option(help: "Who holds the lease, as shown by get vms (default: USER@HOST).")
         var holder: String?
 
-        @Flag(help: "Run one pass after taking the VM, so the pool is refilled before this returns (needs the state dir lock).")
+        @Flag(
+            help:
+                "Run one pass after taking the VM, so the pool is refilled before this returns (needs the state dir lock)."
+        )
         var refill = false
 
         @Option(name: .shortAndLong, help: "Output format: text or json.")
@@ -48,7 +52,8 @@ extension Vmpool {
 
         func run() async throws {
             let session = try await Session(options, locking: nil, create: false)
-            let leases = Leases(store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
+            let leases = Leases(
+                store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
             // The lease is the caller's once its id is printed: a vmpool killed before that
             // leaves a lease the next pass ends.
             _ = try await leases.take(
@@ -82,7 +87,8 @@ extension Vmpool {
 
         func run() async throws {
             let session = try await Session(options, locking: nil, create: false)
-            let leases = Leases(store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
+            let leases = Leases(
+                store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
             var failed = false
             for id in vms {
                 do {

@@ -20,7 +20,9 @@ extension Vmpool {
         var vm: String
 
         func validate() throws {
-            if let tail, tail < 0 { throw ValidationError("--tail: expected a number of lines, 0 or more, got \(tail)") }
+            if let tail, tail < 0 {
+                throw ValidationError("--tail: expected a number of lines, 0 or more, got \(tail)")
+            }
         }
 
         func run() async throws {

@@ -17,7 +17,8 @@ extension Vmpool {
         @Flag(help: "Also plan deleting pools applied earlier but absent from the input.")
         var prune = false
 
-        @Flag(name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
+        @Flag(
+            name: .customLong("allow-empty"), help: "Let --prune run with no pools in the input (deletes every pool).")
         var allowEmpty = false
 
         @OptionGroup var format: OutputOptions

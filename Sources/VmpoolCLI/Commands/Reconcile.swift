@@ -27,7 +27,9 @@ extension Vmpool {
         @Option(help: "With --every: serve the lease API and /metrics on host:port or unix:PATH.")
         var listen: String?
 
-        @Option(name: .customLong("token-file"), help: "Bearer token the HTTP API requires (a file of mode 0600); needed to listen beyond loopback.")
+        @Option(
+            name: .customLong("token-file"),
+            help: "Bearer token the HTTP API requires (a file of mode 0600); needed to listen beyond loopback.")
         var tokenFile: String?
 
         func validate() throws {
@@ -38,7 +40,8 @@ extension Vmpool {
                 }
                 if !address.isLocal && tokenFile == nil {
                     throw ValidationError(
-                        "--listen \(listen) is reachable from other hosts: give --token-file (or listen on 127.0.0.1 or unix:PATH)")
+                        "--listen \(listen) is reachable from other hosts: give --token-file (or listen on 127.0.0.1 or unix:PATH)"
+                    )
                 }
             } else if tokenFile != nil {
                 throw ValidationError("--token-file needs --listen")
@@ -48,7 +51,8 @@ extension Vmpool {
         func run() async throws {
             let parallel = execution.parallel
             guard let interval = every else {
-                let session = try await Session(options, locking: "reconcile", parallelism: parallel, showProgress: true)
+                let session = try await Session(
+                    options, locking: "reconcile", parallelism: parallel, showProgress: true)
                 let cancellation = Cancellation()
                 let reconciler = session.reconciler
                 let result = try await withShutdownSignals(cancellation) {
@@ -70,7 +74,8 @@ extension Vmpool {
                 service.metrics = metrics
                 let reconciler = session.reconciler
                 let server = APIServer(
-                    leases: Leases(store: session.store, driver: reconciler.driver, stateDirectory: session.stateDirectory),
+                    leases: Leases(
+                        store: session.store, driver: reconciler.driver, stateDirectory: session.stateDirectory),
                     store: session.store, metrics: metrics, token: token, logger: session.logger,
                     observe: { try await reconciler.observe(depth: .hypervisor) })
                 services.append(.init(service: server.application(listening: address)))

@@ -25,9 +25,13 @@ extension Vmpool {
             let count = manifests.pools.count
             switch format.output {
             case .text:
-                printOut("\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))")
+                printOut(
+                    "\(count) pool\(count == 1 ? "" : "s") valid: \(manifests.pools.map(\.name).joined(separator: ", "))"
+                )
             case .json:
-                printOut(try JSONOutput.encode(.object(["valid": .bool(true), "pools": .array(manifests.pools.map { .string($0.name) })])))
+                printOut(
+                    try JSONOutput.encode(
+                        .object(["valid": .bool(true), "pools": .array(manifests.pools.map { .string($0.name) })])))
             }
         }
     }

@@ -88,7 +88,9 @@ enum PlanRenderer {
                 "dependsOn": .array(action.dependsOn.map { .int($0) }),
             ]
             if let state = action.state { object["state"] = .string(state.rawValue) }
-            if let change = action.vcpus { object["vcpus"] = .object(["from": .int(change.from), "to": .int(change.to)]) }
+            if let change = action.vcpus {
+                object["vcpus"] = .object(["from": .int(change.from), "to": .int(change.to)])
+            }
             if let change = action.memoryMiB {
                 object["memoryMiB"] = .object(["from": .int(change.from), "to": .int(change.to)])
             }
