@@ -28,18 +28,25 @@ struct ReconcileService: Service {
     func run() async throws {
         var backoff = Backoff(interval: interval, maximum: Self.maxBackoff)
         let cancellation = Cancellation()
+        var requeued = 0
         while !Task.isShuttingDownGracefully {
             let started = ContinuousClock.now
-            wake.drain()
+            // A wake (an apply, a delete, a lease) makes every pool due: the change may be what
+            // a backed-off pool was waiting for.
+            if wake.drain() { backoff.reset() }
+            var again = false
             await withGracefulShutdownHandler {
                 guard let lock = await takeLock() else { return }
-                await pass(&backoff, cancellation: cancellation)
+                again = await pass(&backoff, cancellation: cancellation)
                 withExtendedLifetime(lock) {}
                 await recordMetrics(since: started)
             } onGracefulShutdown: {
                 cancellation.cancel()
             }
             if Task.isShuttingDownGracefully || Task.isCancelled { break }
+            // Run again at once while pools keep moving, but not forever in a row.
+            requeued = again ? requeued + 1 : 0
+            if again && requeued <= 5 { continue }
             let elapsed = ContinuousClock.now - started
             guard elapsed < interval else { continue }
             if await wake.wait(upTo: interval - elapsed, stop: { Task.isShuttingDownGracefully }) {
@@ -87,25 +94,31 @@ struct ReconcileService: Service {
         return nil
     }
 
-    private func pass(_ backoff: inout Backoff, cancellation: Cancellation) async {
+    private func retryLater(_ pool: String, _ why: String, _ wait: Duration) {
+        logger.warning(
+            "pool not converged; retrying later",
+            metadata: ["pool": "\(pool)", "retry_in": "\(DurationText.format(wait))", "error": "\(why)"])
+    }
+
+    /// Returns whether to run again at once (a pool moved while the pass ran).
+    private func pass(_ backoff: inout Backoff, cancellation: Cancellation) async -> Bool {
+        var requeue = false
         do {
             let pools = try reconciler.store.pools().map(\.spec.name)
             let due = Set(pools.filter { backoff.isDue($0) })
-            guard !due.isEmpty else { return }
+            guard !due.isEmpty else { return false }
             let result = try await reconciler.reconcile(only: due, cancellation: cancellation)
-            var failed: [String: Bool] = [:]
-            for item in result.results where item.outcome == .failed {
-                failed[item.action.pool] = (failed[item.action.pool] ?? false) || item.terminal
-            }
-            for action in result.remaining.actions where failed[action.pool] == nil { failed[action.pool] = false }
             for pool in due {
-                if let terminal = failed[pool] {
-                    let wait = backoff.failed(pool, terminal: terminal)
-                    logger.warning(
-                        "pool not converged; retrying later",
-                        metadata: ["pool": "\(pool)", "retry_in": "\(DurationText.format(wait))"])
-                } else {
+                switch result.outcome(of: pool) {
+                case .converged:
                     backoff.succeeded(pool)
+                case .requeue:
+                    backoff.succeeded(pool)
+                    requeue = true
+                case .retry(let why):
+                    retryLater(pool, why, backoff.failed(pool, terminal: false))
+                case .terminal(let why):
+                    retryLater(pool, why, backoff.failed(pool, terminal: true))
                 }
             }
             if !result.plan.isEmpty || !result.recovery.isEmpty {
@@ -119,6 +132,7 @@ struct ReconcileService: Service {
         } catch {
             logger.error("reconcile pass failed: \(error)")
         }
+        return requeue
     }
 }
 

@@ -116,11 +116,14 @@ public struct Readiness: Sendable, Hashable {
 extension Reconciler {
     /// Reads the store and asks the driver about every recorded VM and template. Observers
     /// (`get`, a `plan` during an apply) ask at `.hypervisor` depth; the lock holder at `.guest`.
-    public func observe(depth: StatusDepth) async throws(StoreError) -> Observation {
+    /// A pass leaves out the leased VMs' status (`leased: false`): they are their holders',
+    /// and the planner decides about them from the clock alone.
+    public func observe(depth: StatusDepth, leased: Bool = true) async throws(StoreError) -> Observation {
         let pools = try store.pools()
         let records = try store.vms()
         let templates = try store.templates()
-        let statuses = await driver.status(of: records.map(\.ref), depth: depth)
+        let asked = leased ? records : records.filter { $0.lease == nil }
+        let statuses = await driver.status(of: asked.map(\.ref), depth: depth)
         var present = Set<String>()
         for template in templates where template.state == .ready {
             if await driver.templateExists(template.ref) { present.insert(template.ref.id) }

@@ -29,6 +29,19 @@ public struct ReconcilerConfiguration: Sendable {
     }
 }
 
+/// How a pool's pass ended.
+public enum PoolOutcome: Sendable, Hashable {
+    /// Nothing left to do.
+    case converged
+    /// Nothing failed, but the world moved meanwhile (a lease took a VM, a VM died): run
+    /// again soon, without backing off.
+    case requeue
+    /// An action failed; retrying may help (with backoff).
+    case retry(String)
+    /// An action failed in a way no retry fixes until the pool's spec changes.
+    case terminal(String)
+}
+
 /// How far a pass's actions have got.
 public struct PassProgress: Sendable {
     public var done: Int
@@ -64,6 +77,16 @@ public final class Reconciler: Sendable {
 
         /// The pass stopped early (shutdown, `--timeout`): work it would have done is left.
         public var interrupted = false
+
+        /// How each pool of the pass ended, for a service to schedule the next try by
+        /// (controller-runtime's `Result` and `TerminalError`).
+        public func outcome(of pool: String) -> PoolOutcome {
+            let failures = results.filter { $0.action.pool == pool && $0.outcome == .failed }
+            if let terminal = failures.first(where: \.terminal) { return .terminal(terminal.error ?? "failed") }
+            if let failure = failures.first { return .retry(failure.error ?? "failed") }
+            if remaining.actions.contains(where: { $0.pool == pool }) { return .requeue }
+            return .converged
+        }
 
         public var converged: Bool {
             !interrupted && remaining.isEmpty && results.allSatisfy { $0.outcome == .ok }
@@ -111,7 +134,7 @@ public final class Reconciler: Sendable {
     ) async throws(StoreError) -> PassResult {
         try store.markDeleting(prune)
         let recovery = try await recover()
-        let observation = try await observe(depth: .guest)
+        let observation = try await observe(depth: .guest, leased: false)
         try syncRecords(observation)
         var input = planInput(desired: pools, prune: prune, observation: observation)
         if let pruneReason { input.pruneReason = pruneReason }
@@ -126,7 +149,7 @@ public final class Reconciler: Sendable {
         if plan.isEmpty && recovery.isEmpty {
             remaining = Plan()
         } else {
-            let after = try await observe(depth: .guest)
+            let after = try await observe(depth: .guest, leased: false)
             var next = planInput(desired: pools, prune: after.storedNames(prune), observation: after)
             if let pruneReason { next.pruneReason = pruneReason }
             remaining = Planner.plan(next)
