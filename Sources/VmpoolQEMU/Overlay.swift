@@ -9,7 +9,9 @@ enum Overlay {
         guard let binary = QemuProcess.resolve(qemuImg) else {
             throw DriverError(.hostUnsupported, "qemu-img is not installed; install qemu-utils", vm: vm)
         }
-        var arguments = ["create", "-q", "-f", "qcow2"]
+        // 16 KiB clusters: a VM's first small writes allocate a quarter of what the default
+        // 64 KiB would, keeping a fresh clone's overlay small.
+        var arguments = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=16384"]
         if let backing = disk.backing {
             guard access(backing, R_OK) == 0 else {
                 throw DriverError(.imageMissing, "disk image \(backing) does not exist or is not readable", vm: vm)

@@ -137,6 +137,14 @@ public final class QemuDriver: HypervisorDriver {
                 let agent = try machine.agent()
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
+                // A NIC comes up once, in the template: its clones only change MAC and address.
+                if template.key.network != nil {
+                    try agent.hello(
+                        identity: AgentClient.Identity(
+                            hostname: VMID.hostname(of: template.id), machineID: AgentClient.entropyHex(bytes: 16),
+                            network: "eth0,\(NetworkAssignment.mac(for: template.id)),-,-"),
+                        timeout: .seconds(30))
+                }
                 agent.close()
                 try Self.settle(machine, paths: self.paths, timeout: bootTimeout)
                 try machine.save(to: stateFile + ".tmp")

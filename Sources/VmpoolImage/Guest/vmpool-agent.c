@@ -503,6 +503,7 @@ struct netconf {
     unsigned char mac[6];
     struct in_addr addr, gateway;
     int prefix;
+    int has_address;  // ADDR/PREFIX given; `-` brings the link up with no address (a template)
     int has_gateway;
 };
 
@@ -538,6 +539,12 @@ static int parse_net(const char *text, struct netconf *nc) {
         nc->mac[i] = (unsigned char)(hi << 4 | lo);
     }
     if (nc->mac[0] & 1) return -1;  // multicast
+    nc->has_address = strcmp(fields[2], "-") != 0;
+    if (!nc->has_address) {
+        nc->prefix = 0;
+        nc->has_gateway = 0;
+        return strcmp(fields[3], "-") == 0 ? 0 : -1;
+    }
     char *slash = strchr(fields[2], '/');
     if (!slash) return -1;
     *slash = 0;
@@ -600,14 +607,15 @@ static void nl_init(struct nlreq *r, unsigned short type, unsigned short flags, 
     r->h.nlmsg_flags = flags;
 }
 
+// Sets the link up (`up` 1) or down (0) and, with `mac`, its address, in one request; `up`
+// -1 leaves the link's state alone.
 static int link_set(int fd, int index, int up, const unsigned char *mac) {
     struct nlreq r;
     nl_init(&r, RTM_NEWLINK, 0, sizeof(struct ifinfomsg));
     r.u.link.ifi_family = AF_UNSPEC;
     r.u.link.ifi_index = index;
-    if (mac) {
-        nl_attr(&r, IFLA_ADDRESS, mac, 6);
-    } else {
+    if (mac) nl_attr(&r, IFLA_ADDRESS, mac, 6);
+    if (up >= 0) {
         r.u.link.ifi_change = IFF_UP;
         r.u.link.ifi_flags = up ? IFF_UP : 0;
     }
@@ -739,20 +747,25 @@ static int configure_net(const struct netconf *nc, char *err, size_t errlen) {
     }
     struct timeval tv = {.tv_sec = 5};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    const char *step;
-    int e;
-    if ((e = link_set(fd, index, 0, NULL))) step = "link down";
-    else if ((e = link_set(fd, index, 0, nc->mac))) step = "set MAC";
-    else if ((e = link_set(fd, index, 1, NULL))) step = "link up";
-    else if ((e = flush_addresses(fd, index))) step = "flush addresses";
-    else if ((e = add_address(fd, index, nc->addr, nc->prefix))) step = "add address";
-    else if (nc->has_gateway && (e = replace_default_route(fd, index, nc->gateway))) step = "default route";
+    const char *step = "set MAC, link up";
+    // virtio-net changes its MAC while up (IFF_LIVE_ADDR_CHANGE): a clone of a template whose
+    // link was up already keeps its rx rings, which a down/up would rebuild (costly under
+    // TCG). Devices that refuse get the down, MAC, up sequence.
+    int e = link_set(fd, index, 1, nc->mac);
+    if (e == EBUSY) {
+        if ((e = link_set(fd, index, 0, NULL))) step = "link down";
+        else if ((e = link_set(fd, index, -1, nc->mac))) step = "set MAC";
+        else if ((e = link_set(fd, index, 1, NULL))) step = "link up";
+    }
+    if (!e && (e = flush_addresses(fd, index))) step = "flush addresses";
+    if (!e && nc->has_address && (e = add_address(fd, index, nc->addr, nc->prefix))) step = "add address";
+    if (!e && nc->has_gateway && (e = replace_default_route(fd, index, nc->gateway))) step = "default route";
     close(fd);
     if (e) {
         snprintf(err, errlen, "net: %s %s: %s", step, nc->iface, strerror(e));
         return -1;
     }
-    announce(index, nc->mac, nc->addr);
+    if (nc->has_address) announce(index, nc->mac, nc->addr);
     return 0;
 }
 
