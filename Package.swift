@@ -114,7 +114,9 @@ let package = Package(
         ),
         .testTarget(
             name: "VmpoolReconcilerTests",
-            dependencies: ["VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport"]
+            dependencies: [
+                "VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport", .product(name: "GRDB", package: "GRDB.swift"),
+            ]
         ),
         .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolTestSupport"]),
         .testTarget(

@@ -80,7 +80,7 @@ public struct Leases: Sendable {
     /// marked stopping: the next pass's recovery stops it.
     public func release(_ id: String) async throws {
         let record = try store.release(id)
-        let journal = try store.begin(operation: "stop", pool: record.pool, vm: record.id)
+        let journal = try store.begin(operation: "release", pool: record.pool, vm: record.id)
         try? await driver.stop(record.ref)
         try store.finish(
             journal, outcome: .ok, deletingVM: record.id,

@@ -21,12 +21,18 @@ public struct RecoveryReport: Sendable, Hashable {
 
 extension Reconciler {
     /// Finishes or undoes whatever a vmpool that died left behind. The caller holds the lock,
-    /// so every open journal entry belongs to a dead process, but for leases: those are handed
-    /// over without the lock, and one whose vmpool still runs is not finished yet.
+    /// so every open journal entry belongs to a dead process, but for leases and releases:
+    /// those run without the lock, and one whose vmpool still runs is not finished yet.
     public func recover() async throws(StoreError) -> RecoveryReport {
         var report = RecoveryReport()
-        let open = try store.unfinishedOperations().filter {
-            $0.operation != "lease" || (kill($0.ownerPID, 0) != 0 && errno == ESRCH)
+        var open: [JournalEntry] = []
+        var inProgress = Set<String>()
+        for entry in try store.unfinishedOperations() {
+            if Self.locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH) {
+                if let vm = entry.vm { inProgress.insert(vm) }
+            } else {
+                open.append(entry)
+            }
         }
         report.unfinished = open.count
         var records = Dictionary(uniqueKeysWithValues: try store.vms().map { ($0.id, $0) })
@@ -43,7 +49,8 @@ extension Reconciler {
         }
 
         // Launches that never reported back, and stops that never finished: the VM goes.
-        for record in records.values where record.state == .creating || record.state == .stopping {
+        for record in records.values
+where (record.state == .creating || record.state == .stopping) && !inProgress.contains(record.id) {
             try? await driver.stop(record.ref)
             try store.deleteVM(record.id)
             records[record.id] = nil
@@ -95,4 +102,7 @@ extension Reconciler {
         }
         return report
     }
+
+    /// Operations journaled by a vmpool that does not hold the state-dir lock.
+    static let locklessOperations: Set<String> = ["lease", "release"]
 }

@@ -1,4 +1,5 @@
 import Foundation
+import GRDB
 import Testing
 import VmpoolDriver
 import VmpoolPlanner
@@ -115,6 +116,35 @@ struct ReconcilerTests {
         #expect(result.converged)
         let discovered = await h.driver.discover().map(\.id).sorted()
         #expect(discovered == (try h.store.vms().map(\.id)).sorted())
+    }
+
+    @Test func aReleaseStillRunningIsLeftToItsOwnerAndADeadOnesIsFinished() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 2)], prune: [])
+        let leases = Leases(store: h.store, driver: h.driver, stateDirectory: h.directory.path)
+        let first = try await leases.take(pool: "web", holder: "a", ttl: nil, wait: .zero)
+        let second = try await leases.take(pool: "web", holder: "b", ttl: nil, wait: .zero)
+        // Both releases got as far as marking the VM stopping; one's vmpool (this process) still
+        // runs, the other's died.
+        for record in [first, second] { _ = try h.store.release(record.id) }
+        let live = try h.store.begin(operation: "release", pool: "web", vm: first.id)
+        let dead = try h.store.begin(operation: "release", pool: "web", vm: second.id)
+        let exited = Process()
+        exited.executableURL = URL(fileURLWithPath: "/bin/true")
+        try exited.run()
+        exited.waitUntilExit()
+        try await DatabaseQueue(path: h.directory.path + "/" + StateStore.fileName).write { db in
+            try db.execute(
+                sql: "UPDATE journal SET ownerPid = ? WHERE id = ?", arguments: [exited.processIdentifier, dead])
+        }
+        let result = try await h.reopened().reconciler.reconcile()
+        #expect(result.recovery.unfinished == 1)
+        let ids = Set(try h.store.vms().map(\.id))
+        #expect(ids.contains(first.id), "a release whose vmpool runs is its own to finish")
+        #expect(!ids.contains(second.id))
+        #expect(try h.store.unfinishedOperations().map(\.id) == [live])
+        #expect(await h.driver.discover().contains { $0.id == first.id })
     }
 
     @Test func pruneDeletesAbsentPoolsAndTheirTemplates() async throws {
