@@ -50,7 +50,7 @@ extension Reconciler {
 
         // Launches that never reported back, and stops that never finished: the VM goes.
         for record in records.values
-where (record.state == .creating || record.state == .stopping) && !inProgress.contains(record.id) {
+        where (record.state == .creating || record.state == .stopping) && !inProgress.contains(record.id) {
             try? await driver.stop(record.ref)
             try store.deleteVM(record.id)
             records[record.id] = nil
