@@ -22,11 +22,14 @@ public struct ActionResult: Sendable, Hashable {
     public var createdVM: String?
     /// The failure will not go away by retrying (a missing image file).
     public var terminal: Bool
+    /// Why an action that succeeded changed nothing (a lease took its VM meanwhile).
+    public var note: String?
 
     public init(
         action: Action, outcome: Outcome, error: String? = nil, code: DriverError.Code? = nil,
-        createdVM: String? = nil, terminal: Bool = false
+        createdVM: String? = nil, terminal: Bool = false, note: String? = nil
     ) {
+        self.note = note
         self.action = action
         self.outcome = outcome
         self.error = error
@@ -42,6 +45,7 @@ extension Reconciler {
     public func execute(_ plan: Plan, input: PlanInput, cancellation: Cancellation) async -> [ActionResult] {
         guard !plan.isEmpty else { return [] }
         let pools = Dictionary(uniqueKeysWithValues: input.desired.map { ($0.spec.name, $0) })
+        let leased = Set(input.vms.filter { $0.lease != nil }.map(\.id))
         let deadline = configuration.timeout.map { ContinuousClock.now.advanced(by: $0) }
         var scheduler = ActionScheduler(plan.actions)
         await withTaskGroup(of: ChildTaskResult.self) { group in
@@ -61,7 +65,9 @@ extension Reconciler {
                         .finished(
                             index: index,
                             result: await self.run(
-                                action, pool: pools[action.pool], cancellation: cancellation, deadline: deadline))
+                                action, pool: pools[action.pool],
+                                plannedLeased: action.vm.map(leased.contains) ?? false,
+                                cancellation: cancellation, deadline: deadline))
                     }
                 }
                 guard let child = await group.next() else { break }
@@ -82,11 +88,12 @@ extension Reconciler {
 
     /// Runs one action; it is interrupted (and its half-done work undone) when the pass is
     /// aborted or its `--timeout` deadline passes.
-    func run(_ action: Action, pool: DesiredPool?, cancellation: Cancellation, deadline: ContinuousClock.Instant?)
-        async -> ActionResult
-    {
+    func run(
+        _ action: Action, pool: DesiredPool?, plannedLeased: Bool, cancellation: Cancellation,
+        deadline: ContinuousClock.Instant?
+    ) async -> ActionResult {
         await withTaskGroup(of: ActionResult?.self) { group in
-            group.addTask { await self.run(action, pool: pool) }
+            group.addTask { await self.run(action, pool: pool, plannedLeased: plannedLeased) }
             group.addTask {
                 while !cancellation.isAborted && deadline.map({ ContinuousClock.now < $0 }) ?? true {
                     try? await Task.sleep(for: .milliseconds(100))
@@ -115,18 +122,25 @@ extension Reconciler {
     }
 
     /// Runs one action, journaling each driver call before it happens.
-    func run(_ action: Action, pool: DesiredPool?) async -> ActionResult {
+    /// Runs one action. `plannedLeased` says whether the plan saw its VM leased: an action on
+    /// a VM whose lease came or went since does nothing (the VM is its holder's now, or
+    /// stopping), and the next pass plans anew.
+    func run(_ action: Action, pool: DesiredPool?, plannedLeased: Bool) async -> ActionResult {
         var logger = self.logger
         logger[metadataKey: "pool"] = "\(action.pool)"
         if let vm = action.vm { logger[metadataKey: "vm"] = "\(vm)" }
         logger.info("\(action.kind.rawValue): \(action.reason)")
         let started = ContinuousClock.now
         do {
-            let created = try await perform(action, pool: pool, logger: logger)
+            let created = try await perform(action, pool: pool, plannedLeased: plannedLeased, logger: logger)
             var metadata: Logger.Metadata = ["took_ms": "\((ContinuousClock.now - started).milliseconds)"]
             if let created { metadata["created"] = "\(created)" }
             logger.info("\(action.kind.rawValue) done", metadata: metadata)
             return ActionResult(action: action, outcome: .ok, createdVM: created)
+        } catch is LeasedMeanwhile {
+            let note = "its VM's lease changed while the pass ran; left to the next pass"
+            logger.info("\(action.kind.rawValue) skipped: \(note)")
+            return ActionResult(action: action, outcome: .ok, note: note)
         } catch let error as DriverError {
             logger.error("\(action.kind.rawValue) failed: \(error)")
             return ActionResult(
@@ -138,7 +152,12 @@ extension Reconciler {
         }
     }
 
-    private func perform(_ action: Action, pool: DesiredPool?, logger: Logger) async throws -> String? {
+    /// An action's VM was leased, or its lease ended, after the plan was made.
+    struct LeasedMeanwhile: Error {}
+
+    private func perform(_ action: Action, pool: DesiredPool?, plannedLeased: Bool, logger: Logger) async throws
+        -> String?
+    {
         switch action.kind {
         case .create, .clone:
             guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
@@ -148,43 +167,65 @@ extension Reconciler {
             guard let pool, let old = try record(action.vm) else {
                 throw DriverError(.notFound, "VM \(action.vm ?? "?") is not recorded")
             }
-            let created = try await launch(
-                pool, state: action.state ?? .running, slot: "replacement of \(old.id)", logger: logger)
-            try await stop(old, reason: "replaced by \(created)")
+            // Journaled first, so that no lease takes the VM being replaced; it runs on until
+            // its replacement does (a crash meanwhile leaves it running).
+            guard
+                let (current, journal) = try store.beginOnVM(
+                    old.id, operation: "stop", plannedLeased: plannedLeased)
+            else { throw LeasedMeanwhile() }
+            let created: String
+            do {
+                created = try await launch(
+                    pool, state: action.state ?? .running, slot: "replacement of \(old.id)", logger: logger)
+            } catch {
+                try? store.finish(journal, outcome: .failed, error: "\(error)")
+                throw error
+            }
+            var stopping = current
+            stopping.state = .stopping
+            try store.saveVM(stopping)
+            try await stop(stopping, journal: journal, reason: "replaced by \(created)")
             return created
         case .buildTemplate:
             guard let pool else { throw DriverError(.notFound, "pool \(action.pool) is not desired") }
             try await buildTemplate(pool)
             return nil
         case .resume:
-            try await journaled(action) { record in
+            try await journaled(action, plannedLeased: plannedLeased) { record in
                 try await driver.resume(record.ref)
                 record.state = .running
             }
             return nil
         case .pause:
-            try await journaled(action) { record in
+            try await journaled(action, plannedLeased: plannedLeased) { record in
                 try await driver.pause(record.ref)
                 record.state = .paused
             }
             return nil
         case .hotplugCPU:
-            try await journaled(action) { record in
+            try await journaled(action, plannedLeased: plannedLeased) { record in
                 guard let change = action.vcpus else { return }
                 try await driver.hotplugCPUs(record.ref, shape: record.shape, to: change.to)
                 record.shape.vcpus = change.to
             }
             return nil
         case .hotplugMemory:
-            try await journaled(action) { record in
+            try await journaled(action, plannedLeased: plannedLeased) { record in
                 guard let change = action.memoryMiB else { return }
                 try await driver.hotplugMemory(record.ref, shape: record.shape, to: change.to)
                 record.shape.memoryMiB = change.to
             }
             return nil
         case .stop:
-            guard let record = try record(action.vm) else { return nil }
-            try await stop(record, reason: action.reason)
+            guard let id = action.vm else { return nil }
+            guard
+                let (record, journal) = try store.beginOnVM(
+                    id, operation: "stop", plannedLeased: plannedLeased, stopping: true)
+            else {
+                if try store.vm(id) == nil { return nil }
+                throw LeasedMeanwhile()
+            }
+            try await stop(record, journal: journal, reason: action.reason)
             return nil
         case .deleteTemplate:
             guard let id = action.template else { return nil }
@@ -207,9 +248,14 @@ extension Reconciler {
 
     /// The one shape of an action on an existing VM: journaled before the driver call, the
     /// VM's new facts and the journal's close written together after it (or the failure).
-    private func journaled(_ action: Action, _ body: (inout VMRecord) async throws -> Void) async throws {
-        guard let record = try record(action.vm) else { throw DriverError(.notFound, "VM is not recorded") }
-        let journal = try store.begin(operation: action.kind.rawValue, pool: record.pool, vm: record.id)
+    private func journaled(
+        _ action: Action, plannedLeased: Bool, _ body: (inout VMRecord) async throws -> Void
+    ) async throws {
+        guard let id = action.vm, try store.vm(id) != nil else { throw DriverError(.notFound, "VM is not recorded") }
+        guard
+            let (record, journal) = try store.beginOnVM(
+                id, operation: action.kind.rawValue, plannedLeased: plannedLeased)
+        else { throw LeasedMeanwhile() }
         var updated = record
         do {
             try await body(&updated)
@@ -291,11 +337,8 @@ extension Reconciler {
         }
     }
 
-    private func stop(_ record: VMRecord, reason: String) async throws {
-        var stopping = record
-        stopping.state = .stopping
-        try store.saveVM(stopping)
-        let journal = try store.begin(operation: "stop", pool: record.pool, vm: record.id)
+    /// Stops a VM `beginOnVM` marked stopping and journaled, and forgets it.
+    private func stop(_ record: VMRecord, journal: Int64, reason: String) async throws {
         do {
             try await driver.stop(record.ref)
         } catch {

@@ -1,50 +1,56 @@
 import Foundation
-import GRDB
 import VmpoolDriver
 import VmpoolSpec
 
-/// vmpool's memory: desired pools, VMs, templates, the operation journal and events, in SQLite.
+/// vmpool's memory: desired pools, VMs, templates, the operation journal and events.
 ///
-/// One file in the state dir, WAL mode so that `get` and `plan` read while `apply` writes.
-/// Every method is one transaction.
+/// The logic lives here once; where the tables live is a `StoreBackend`: SQLite in the state
+/// dir (the default), or PostgreSQL shared by many hosts. Every method is one transaction.
 public final class StateStore: Sendable {
     public let directory: String
-    private let db: DatabasePool
+    private let backend: any StoreBackend
 
     public static let fileName = "state.sqlite"
 
-    /// Opens (creating when absent) the store in `directory`, which is created mode 0700.
-    public init(directory: String) throws(StoreError) {
-        self.directory = directory
+    /// Opens (creating when absent) the SQLite store in `directory`, which is created mode 0700.
+    public convenience init(directory: String) throws(StoreError) {
         try StateDirectory.prepare(directory)
-        var config = Configuration()
-        config.busyMode = .timeout(10)
-        config.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA synchronous = NORMAL")
-        }
+        let backend: SQLiteBackend
         do {
-            db = try DatabasePool(path: directory + "/" + Self.fileName, configuration: config)
-            let applied = try db.read { try Self.migrator.appliedIdentifiers($0) }
-            let known = Set(Self.migrator.migrations)
-            if let newer = applied.subtracting(known).sorted().last {
-                throw StoreError(
-                    .newerSchema,
-                    "the state store in \(directory) was written by a newer vmpool (schema \(newer)); this vmpool"
-                        + " knows up to \(Self.migrator.migrations.last ?? "none"): use the newer vmpool")
-            }
-            try Self.migrator.migrate(db)
-            // Private whatever the caller's umask: the database, its WAL and shared memory.
-            for suffix in ["", "-wal", "-shm"] { chmod(directory + "/" + Self.fileName + suffix, 0o600) }
-        } catch let error as StoreError {
-            throw error
+            backend = try SQLiteBackend(path: directory + "/" + Self.fileName)
         } catch {
             throw StoreError(.database, "cannot open the state store in \(directory): \(error)")
         }
+        try self.init(directory: directory, backend: backend)
     }
 
-    private func read<T>(_ body: @Sendable (Database) throws -> T) throws(StoreError) -> T {
+    /// Opens the store `backend` keeps, migrating its schema; `directory` is the state dir of
+    /// this host's runtime files.
+    public init(directory: String, backend: any StoreBackend) throws(StoreError) {
+        self.directory = directory
+        self.backend = backend
         do {
-            return try db.read(body)
+            let applied = try backend.appliedMigrations()
+            let known = Set(Self.migrations.map(\.identifier))
+            if let newer = applied.subtracting(known).sorted().last {
+                throw StoreError(
+                    .newerSchema,
+                    "the state store \(backend.location) was written by a newer vmpool (schema \(newer)); this vmpool"
+                        + " knows up to \(Self.migrations.last?.identifier ?? "none"): use the newer vmpool")
+            }
+            try backend.migrate(Self.migrations)
+        } catch let error as StoreError {
+            backend.close()
+            throw error
+        } catch {
+            backend.close()
+            throw StoreError(.database, "cannot open the state store \(backend.location): \(error)")
+        }
+    }
+
+    private func read<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
+        do {
+            return try backend.read(body)
         } catch let error as StoreError {
             throw error
         } catch {
@@ -52,9 +58,9 @@ public final class StateStore: Sendable {
         }
     }
 
-    private func write<T>(_ body: @Sendable (Database) throws -> T) throws(StoreError) -> T {
+    private func write<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
         do {
-            return try db.write(body)
+            return try backend.write(body)
         } catch let error as StoreError {
             throw error
         } catch {
@@ -67,7 +73,7 @@ public final class StateStore: Sendable {
     /// Every pool last applied, by name.
     public func pools() throws(StoreError) -> [StoredPool] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT name, spec, generation, updatedAt, deleting FROM pool ORDER BY name")
+            try db.query("SELECT name, spec, generation, updatedAt, deleting FROM pool ORDER BY name")
                 .map(Self.pool)
         }
     }
@@ -81,21 +87,19 @@ public final class StateStore: Sendable {
         return try write { db in
             var changed: [String] = []
             for (spec, json) in encoded {
-                let existing = try Row.fetchOne(
-                    db, sql: "SELECT spec, generation FROM pool WHERE name = ?", arguments: [spec.name])
+                let existing = try db.queryOne("SELECT spec, generation FROM pool WHERE name = ?", [spec.name])
                 if let existing {
-                    if (existing["spec"] as String) == json {
-                        try db.execute(sql: "UPDATE pool SET deleting = 0 WHERE name = ?", arguments: [spec.name])
+                    if try existing["spec"] as String == json {
+                        try db.execute("UPDATE pool SET deleting = 0 WHERE name = ?", [spec.name])
                         continue
                     }
                     try db.execute(
-                        sql: "UPDATE pool SET spec = ?, generation = generation + 1, updatedAt = ?, deleting = 0"
-                            + " WHERE name = ?",
-                        arguments: [json, now, spec.name])
+                        "UPDATE pool SET spec = ?, generation = generation + 1, updatedAt = ?, deleting = 0"
+                            + " WHERE name = ?", [json, now, spec.name])
                 } else {
                     try db.execute(
-                        sql: "INSERT INTO pool (name, spec, generation, updatedAt) VALUES (?, ?, 1, ?)",
-                        arguments: [spec.name, json, now])
+                        "INSERT INTO pool (name, spec, generation, updatedAt) VALUES (?, ?, 1, ?)",
+                        [spec.name, json, now])
                 }
                 try Self.insertEvent(db, Event(pool: spec.name, kind: "applied", message: "desired spec recorded"))
                 changed.append(spec.name)
@@ -110,7 +114,7 @@ public final class StateStore: Sendable {
         guard !names.isEmpty else { return }
         try write { db in
             for name in names {
-                try db.execute(sql: "UPDATE pool SET deleting = 1 WHERE name = ?", arguments: [name])
+                try db.execute("UPDATE pool SET deleting = 1 WHERE name = ?", [name])
             }
         }
     }
@@ -118,8 +122,8 @@ public final class StateStore: Sendable {
     /// Forgets a pool. Its VMs and templates must be gone already.
     public func deletePool(_ name: String) throws(StoreError) {
         try write { db in
-            try db.execute(sql: "DELETE FROM pool WHERE name = ?", arguments: [name])
-            try db.execute(sql: "DELETE FROM template WHERE pool = ?", arguments: [name])
+            try db.execute("DELETE FROM pool WHERE name = ?", [name])
+            try db.execute("DELETE FROM template WHERE pool = ?", [name])
             try Self.insertEvent(db, Event(pool: name, kind: "deleted", message: "pool forgotten"))
         }
     }
@@ -130,16 +134,13 @@ public final class StateStore: Sendable {
     public func vms(pool: String? = nil) throws(StoreError) -> [VMRecord] {
         try read { db in
             let columns = Self.vmColumns
-            let cursor =
+            let rows =
                 if let pool {
-                    try Row.fetchCursor(
-                        db, sql: "SELECT \(columns) FROM vm WHERE pool = ? ORDER BY createdAt, id", arguments: [pool])
+                    try db.query("SELECT \(columns) FROM vm WHERE pool = ? ORDER BY createdAt, id", [pool])
                 } else {
-                    try Row.fetchCursor(db, sql: "SELECT \(columns) FROM vm ORDER BY createdAt, id")
+                    try db.query("SELECT \(columns) FROM vm ORDER BY createdAt, id")
                 }
-            var result: [VMRecord] = []
-            while let row = try cursor.next() { result.append(try Self.vm(row)) }
-            return result
+            return try rows.map(Self.vm)
         }
     }
 
@@ -155,7 +156,7 @@ public final class StateStore: Sendable {
         portIsFree: @escaping @Sendable (Int) -> Bool = { _ in true }
     ) throws(StoreError) -> (VMRecord, Int64)? {
         try write { db in
-            if try Bool.fetchOne(db, sql: "SELECT 1 FROM vm WHERE id = ?", arguments: [record.id]) == true {
+            if try db.exists("SELECT 1 FROM vm WHERE id = ?", [record.id]) {
                 return nil
             }
             var record = record
@@ -175,7 +176,7 @@ public final class StateStore: Sendable {
 
     /// Allocates what a VM's NIC needs, inside the caller's transaction.
     private static func allocate(
-        _ db: Database, _ request: NetworkRequest, vm: String, portIsFree: (Int) -> Bool
+        _ db: any SQLTransaction, _ request: NetworkRequest, vm: String, portIsFree: (Int) -> Bool
     ) throws -> NetworkAssignment {
         var assignment = NetworkAssignment(mode: request.mode, mac: NetworkAssignment.mac(for: vm))
         for guest in request.ports {
@@ -183,7 +184,7 @@ public final class StateStore: Sendable {
             for _ in 0..<512 {
                 let candidate = Int.random(in: forwardedPorts)
                 let taken =
-                    try Bool.fetchOne(db, sql: "SELECT 1 FROM hostport WHERE port = ?", arguments: [candidate]) == true
+                    try db.exists("SELECT 1 FROM hostport WHERE port = ?", [candidate])
                 if !taken && portIsFree(candidate) {
                     chosen = candidate
                     break
@@ -192,21 +193,20 @@ public final class StateStore: Sendable {
             guard let port = chosen else {
                 throw StoreError(.exhausted, "no free port on 127.0.0.1 to forward guest port \(guest) from")
             }
-            try db.execute(
-                sql: "INSERT INTO hostport (port, vm, guest) VALUES (?, ?, ?)", arguments: [port, vm, guest])
+            try db.execute("INSERT INTO hostport (port, vm, guest) VALUES (?, ?, ?)", [port, vm, guest])
             assignment.ports[guest] = port
         }
         if request.mode == .bridge, let bridge = request.bridge, let subnet = request.subnet {
             let used = Set(
-                try Int64.fetchAll(db, sql: "SELECT address FROM address WHERE bridge = ?", arguments: [bridge]))
+                try db.query("SELECT address FROM address WHERE bridge = ?", [bridge]).map { row throws in
+                    try row["address"] as Int64
+                })
             guard let index = (0..<subnet.assignable).first(where: { !used.contains(Int64(subnet.vmAddress($0))) })
             else {
                 throw StoreError(.exhausted, "no free address left in \(subnet) on bridge \(bridge)")
             }
             let address = subnet.vmAddress(index)
-            try db.execute(
-                sql: "INSERT INTO address (bridge, address, vm) VALUES (?, ?, ?)",
-                arguments: [bridge, Int64(address), vm])
+            try db.execute("INSERT INTO address (bridge, address, vm) VALUES (?, ?, ?)", [bridge, Int64(address), vm])
             assignment.bridge = bridge
             assignment.address = IPv4Subnet.format(address)
             assignment.prefix = subnet.prefix
@@ -217,21 +217,22 @@ public final class StateStore: Sendable {
     }
 
     /// Forgets a VM's row and everything allocated to it.
-    private static func deleteVMRow(_ db: Database, _ id: String) throws {
-        try db.execute(sql: "DELETE FROM vm WHERE id = ?", arguments: [id])
-        try db.execute(sql: "DELETE FROM hostport WHERE vm = ?", arguments: [id])
-        try db.execute(sql: "DELETE FROM address WHERE vm = ?", arguments: [id])
+    private static func deleteVMRow(_ db: any SQLTransaction, _ id: String) throws {
+        try db.execute("DELETE FROM vm WHERE id = ?", [id])
+        try db.execute("DELETE FROM hostport WHERE vm = ?", [id])
+        try db.execute("DELETE FROM address WHERE vm = ?", [id])
     }
 
     /// Every host port and address allocated, by VM (for checks and recovery).
     public func allocations() throws(StoreError) -> (ports: [Int: String], addresses: [String: String]) {
         try read { db in
             var ports: [Int: String] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT port, vm FROM hostport") { ports[row["port"]] = row["vm"] }
+            for row in try db.query("SELECT port, vm FROM hostport") { ports[try row["port"]] = try row["vm"] }
             var addresses: [String: String] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT bridge, address, vm FROM address") {
-                let address: Int64 = row["address"]
-                addresses["\(row["bridge"] as String)/\(IPv4Subnet.format(UInt32(address)))"] = row["vm"]
+            for row in try db.query("SELECT bridge, address, vm FROM address") {
+                let address: Int64 = try row["address"]
+                let bridge: String = try row["bridge"]
+                addresses["\(bridge)/\(IPv4Subnet.format(UInt32(address)))"] = try row["vm"]
             }
             return (ports, addresses)
         }
@@ -257,37 +258,37 @@ public final class StateStore: Sendable {
     {
         try write { db in
             guard
-                try Bool.fetchOne(db, sql: "SELECT 1 FROM pool WHERE name = ? AND deleting = 0", arguments: [pool])
-                    == true
+                try db.exists("SELECT 1 FROM pool WHERE name = ? AND deleting = 0", [pool])
             else {
                 throw StoreError(.notFound, "no pool named \"\(pool)\" has been applied")
             }
-            for waiter in try Row.fetchAll(
-                db, sql: "SELECT id, pid FROM leasewait WHERE pool = ? ORDER BY id", arguments: [pool])
-            {
-                let id: Int64 = waiter["id"]
+            for waiter in try db.query("SELECT id, pid FROM leasewait WHERE pool = ? ORDER BY id", [pool]) {
+                let id: Int64 = try waiter["id"]
                 if id == ticket { break }
-                let pid: Int64 = waiter["pid"]
-                if kill(pid_t(pid), 0) != 0 && errno == ESRCH {
+                let pid: Int32 = try waiter["pid"]
+                if kill(pid, 0) != 0 && errno == ESRCH {
                     // A waiter that died gives up its place.
-                    try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [id])
+                    try db.execute("DELETE FROM leasewait WHERE id = ?", [id])
                     continue
                 }
                 return .waitYourTurn
             }
             guard
-                let row = try Row.fetchOne(
-                    db,
-                    sql: "SELECT \(Self.vmColumns) FROM vm WHERE pool = ? AND state = 'running' AND leaseHolder IS NULL"
-                        + " ORDER BY createdAt, id LIMIT 1",
-                    arguments: [pool])
+                let row = try db.queryOne(
+                    // Not a VM a pass is acting on (an open journal entry): pausing, stopping.
+                    """
+                    SELECT \(Self.vmColumns) FROM vm
+                    WHERE pool = ? AND state = 'running' AND leaseHolder IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM journal WHERE journal.vm = vm.id AND journal.finishedAt IS NULL)
+                    ORDER BY createdAt, id LIMIT 1
+                    """, [pool])
             else { return .noneReady }
             var record = try Self.vm(row)
             let now = Date()
             record.lease = Lease(
                 holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
-            try Self.upsertVM(db, record)
-            if let ticket { try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
+            try Self.writeLease(db, record)
+            if let ticket { try db.execute("DELETE FROM leasewait WHERE id = ?", [ticket]) }
             _ = try Self.insertJournal(db, operation: "lease", pool: pool, vm: record.id, template: nil)
             try Self.insertEvent(
                 db,
@@ -303,34 +304,32 @@ public final class StateStore: Sendable {
     public func closeLeaseJournal(vm: String, outcome: JournalEntry.Outcome, error: String? = nil) throws(StoreError) {
         try write { db in
             try db.execute(
-                sql: """
-                    UPDATE journal SET finishedAt = ?, outcome = ?, error = ?
-                    WHERE operation = 'lease' AND vm = ? AND finishedAt IS NULL
-                    """,
-                arguments: [Date().timeIntervalSince1970, outcome.rawValue, error, vm])
+                """
+                UPDATE journal SET finishedAt = ?, outcome = ?, error = ?
+                WHERE operation = 'lease' AND vm = ? AND finishedAt IS NULL
+                """, [Date().timeIntervalSince1970, outcome.rawValue, error, vm])
         }
     }
 
     /// Takes a place in `pool`'s queue of callers waiting for a VM (`lease --wait`).
     public func enqueueLeaseWait(pool: String, holder: String) throws(StoreError) -> Int64 {
         try write { db in
-            try db.execute(
-                sql: "INSERT INTO leasewait (pool, holder, pid, since) VALUES (?, ?, ?, ?)",
-                arguments: [pool, holder, getpid(), Date().timeIntervalSince1970])
-            return db.lastInsertedRowID
+            try db.insertReturningID(
+                "INSERT INTO leasewait (pool, holder, pid, since) VALUES (?, ?, ?, ?)",
+                [pool, holder, getpid(), Date().timeIntervalSince1970])
         }
     }
 
     public func dequeueLeaseWait(_ ticket: Int64) throws(StoreError) {
-        try write { db in try db.execute(sql: "DELETE FROM leasewait WHERE id = ?", arguments: [ticket]) }
+        try write { db in try db.execute("DELETE FROM leasewait WHERE id = ?", [ticket]) }
     }
 
     /// Callers waiting for a VM of each pool.
     public func leaseWaiters() throws(StoreError) -> [String: Int] {
         try read { db in
             var result: [String: Int] = [:]
-            for row in try Row.fetchAll(db, sql: "SELECT pool, count(*) AS n FROM leasewait GROUP BY pool") {
-                result[row["pool"]] = row["n"]
+            for row in try db.query("SELECT pool, count(*) AS n FROM leasewait GROUP BY pool") {
+                result[try row["pool"]] = try row["n"]
             }
             return result
         }
@@ -341,7 +340,7 @@ public final class StateStore: Sendable {
     /// stops it, or the next pass's recovery does.
     public func release(_ id: String) throws(StoreError) -> VMRecord {
         try write { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.vmColumns) FROM vm WHERE id = ?", arguments: [id])
+            guard let row = try db.queryOne("SELECT \(Self.vmColumns) FROM vm WHERE id = ?", [id])
             else { throw StoreError(.notFound, "no VM named \"\(id)\"") }
             var record = try Self.vm(row)
             guard let lease = record.lease else { throw StoreError(.conflict, "VM \(id) is not leased") }
@@ -367,30 +366,29 @@ public final class StateStore: Sendable {
     public func recordBridge(_ name: String, subnet: String, createdByVmpool: Bool) throws(StoreError) {
         try write { db in
             try db.execute(
-                sql: """
-                    INSERT INTO bridge (name, subnet, createdByVmpool) VALUES (?, ?, ?)
-                    ON CONFLICT(name) DO UPDATE SET createdByVmpool = max(createdByVmpool, excluded.createdByVmpool)
-                    """,
-                arguments: [name, subnet, createdByVmpool])
+                """
+                INSERT INTO bridge (name, subnet, createdByVmpool) VALUES (?, ?, ?)
+                ON CONFLICT(name) DO UPDATE SET createdByVmpool = max(createdByVmpool, excluded.createdByVmpool)
+                """, [name, subnet, createdByVmpool])
         }
     }
 
     public func bridges() throws(StoreError) -> [(name: String, subnet: String, createdByVmpool: Bool)] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM bridge ORDER BY name").map {
-                ($0["name"], $0["subnet"], $0["createdByVmpool"])
+            try db.query("SELECT * FROM bridge ORDER BY name").map {
+                (try $0["name"], try $0["subnet"], try $0["createdByVmpool"])
             }
         }
     }
 
     public func forgetBridge(_ name: String) throws(StoreError) {
-        try write { db in try db.execute(sql: "DELETE FROM bridge WHERE name = ?", arguments: [name]) }
+        try write { db in try db.execute("DELETE FROM bridge WHERE name = ?", [name]) }
     }
 
     /// One VM by id.
     public func vm(_ id: String) throws(StoreError) -> VMRecord? {
         try read { db in
-            try Row.fetchOne(db, sql: "SELECT \(Self.vmColumns) FROM vm WHERE id = ?", arguments: [id]).map(Self.vm)
+            try db.queryOne("SELECT \(Self.vmColumns) FROM vm WHERE id = ?", [id]).map(Self.vm)
         }
     }
 
@@ -414,6 +412,28 @@ public final class StateStore: Sendable {
         try write { db in try Self.insertJournal(db, operation: operation, pool: pool, vm: vm, template: template) }
     }
 
+    /// Opens a journal entry for `operation` on the existing VM `id`, provided the VM is still
+    /// leased, or not, as the caller planned: `nil` when a lease came (or ended) meanwhile, or
+    /// the VM is gone. A lease never takes a VM with an open entry, so once this returns an
+    /// entry the VM stays as planned until the entry is closed. `stopping` marks the VM
+    /// stopping in the same transaction. Returns the VM as stored now, and the entry.
+    public func beginOnVM(_ id: String, operation: String, plannedLeased: Bool, stopping: Bool = false)
+        throws(StoreError) -> (VMRecord, Int64)?
+    {
+        try write { db in
+            guard let row = try db.queryOne("SELECT \(Self.vmColumns) FROM vm WHERE id = ?", [id]) else { return nil }
+            var record = try Self.vm(row)
+            guard (record.lease != nil) == plannedLeased else { return nil }
+            if stopping && record.state != .stopping {
+                record.state = .stopping
+                try Self.upsertVM(db, record)
+            }
+            let journal = try Self.insertJournal(
+                db, operation: operation, pool: record.pool, vm: record.id, template: nil)
+            return (record, journal)
+        }
+    }
+
     /// Writes a VM record outside any operation (recovery, adoption).
     public func saveVM(_ record: VMRecord) throws(StoreError) {
         try write { db in try Self.upsertVM(db, record) }
@@ -427,7 +447,7 @@ public final class StateStore: Sendable {
 
     public func templates() throws(StoreError) -> [TemplateRecord] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT id, pool, key, state, createdAt FROM template ORDER BY createdAt")
+            try db.query("SELECT id, pool, key, state, createdAt FROM template ORDER BY createdAt")
                 .map(Self.template)
         }
     }
@@ -437,11 +457,12 @@ public final class StateStore: Sendable {
         let key = try Self.encode(record.ref.key)
         return try write { db in
             try db.execute(
-                sql: "INSERT OR REPLACE INTO template (id, pool, key, state, createdAt) VALUES (?, ?, ?, ?, ?)",
-                arguments: [
-                    record.ref.id, record.ref.pool, key, record.state.rawValue,
-                    record.createdAt.timeIntervalSince1970,
-                ])
+                """
+                INSERT INTO template (id, pool, key, state, createdAt) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET
+                    pool = excluded.pool, key = excluded.key, state = excluded.state, createdAt = excluded.createdAt
+                """,
+                [record.ref.id, record.ref.pool, key, record.state.rawValue, record.createdAt.timeIntervalSince1970])
             return try Self.insertJournal(
                 db, operation: "build-template", pool: record.ref.pool, vm: nil, template: record.ref.id)
         }
@@ -449,12 +470,12 @@ public final class StateStore: Sendable {
 
     public func markTemplateReady(_ id: String) throws(StoreError) {
         try write { db in
-            try db.execute(sql: "UPDATE template SET state = 'ready' WHERE id = ?", arguments: [id])
+            try db.execute("UPDATE template SET state = 'ready' WHERE id = ?", [id])
         }
     }
 
     public func deleteTemplate(_ id: String) throws(StoreError) {
-        try write { db in try db.execute(sql: "DELETE FROM template WHERE id = ?", arguments: [id]) }
+        try write { db in try db.execute("DELETE FROM template WHERE id = ?", [id]) }
     }
 
     // MARK: - Standbys
@@ -462,11 +483,10 @@ public final class StateStore: Sendable {
     /// Every standby, oldest first.
     public func standbys() throws(StoreError) -> [StandbyRecord] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM standby ORDER BY createdAt, id").map { row in
-                let pid: Int64? = row["pid"]
-                return StandbyRecord(
-                    id: row["id"], pool: row["pool"], template: row["template"], pid: pid.map { Int32($0) },
-                    ready: row["ready"], createdAt: Date(timeIntervalSince1970: row["createdAt"]))
+            try db.query("SELECT * FROM standby ORDER BY createdAt, id").map { row in
+                StandbyRecord(
+                    id: try row["id"], pool: try row["pool"], template: try row["template"], pid: try row["pid"],
+                    ready: try row["ready"], createdAt: Date(timeIntervalSince1970: try row["createdAt"]))
             }
         }
     }
@@ -475,26 +495,23 @@ public final class StateStore: Sendable {
     public func beginStandby(id: String, pool: String, template: String) throws(StoreError) -> Bool {
         try write { db in
             let taken =
-                try Bool.fetchOne(
-                    db, sql: "SELECT 1 FROM vm WHERE id = ? UNION SELECT 1 FROM standby WHERE id = ?",
-                    arguments: [id, id]) == true
+                try db.exists("SELECT 1 FROM vm WHERE id = ? UNION SELECT 1 FROM standby WHERE id = ?", [id, id])
             if taken { return false }
             try db.execute(
-                sql: "INSERT INTO standby (id, pool, template, createdAt) VALUES (?, ?, ?, ?)",
-                arguments: [id, pool, template, Date().timeIntervalSince1970])
+                "INSERT INTO standby (id, pool, template, createdAt) VALUES (?, ?, ?, ?)",
+                [id, pool, template, Date().timeIntervalSince1970])
             return true
         }
     }
 
     public func markStandbyReady(_ id: String, pid: Int32?) throws(StoreError) {
         try write { db in
-            try db.execute(
-                sql: "UPDATE standby SET ready = 1, pid = ? WHERE id = ?", arguments: [pid.map { Int64($0) }, id])
+            try db.execute("UPDATE standby SET ready = 1, pid = ? WHERE id = ?", [pid.map { Int64($0) }, id])
         }
     }
 
     public func deleteStandby(_ id: String) throws(StoreError) {
-        try write { db in try db.execute(sql: "DELETE FROM standby WHERE id = ?", arguments: [id]) }
+        try write { db in try db.execute("DELETE FROM standby WHERE id = ?", [id]) }
     }
 
     /// Turns a ready standby of `template` into the VM `record` describes (taking the
@@ -505,18 +522,17 @@ public final class StateStore: Sendable {
     ) throws(StoreError) -> (VMRecord, Int64)? {
         try write { db in
             guard
-                let row = try Row.fetchOne(
-                    db, sql: "SELECT id, pid FROM standby WHERE template = ? AND ready = 1 ORDER BY createdAt LIMIT 1",
-                    arguments: [template])
+                let row = try db.queryOne(
+                    "SELECT id, pid FROM standby WHERE template = ? AND ready = 1 ORDER BY createdAt LIMIT 1",
+                    [template])
             else { return nil }
             var claimed = record
-            claimed.id = row["id"]
-            let pid: Int64? = row["pid"]
-            claimed.pid = pid.map { Int32($0) }
+            claimed.id = try row["id"]
+            claimed.pid = try row["pid"]
             if let network {
                 claimed.network = try Self.allocate(db, network, vm: claimed.id, portIsFree: portIsFree)
             }
-            try db.execute(sql: "DELETE FROM standby WHERE id = ?", arguments: [claimed.id])
+            try db.execute("DELETE FROM standby WHERE id = ?", [claimed.id])
             try Self.upsertVM(db, claimed)
             let journal = try Self.insertJournal(
                 db, operation: "clone", pool: claimed.pool, vm: claimed.id, template: template)
@@ -534,14 +550,14 @@ public final class StateStore: Sendable {
     /// Journal entries whose operation never reported back: a vmpool died during them.
     public func unfinishedOperations() throws(StoreError) -> [JournalEntry] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM journal WHERE finishedAt IS NULL ORDER BY id").map(Self.journal)
+            try db.query("SELECT * FROM journal WHERE finishedAt IS NULL ORDER BY id").map(Self.journal)
         }
     }
 
     /// The most recent journal entries, newest first.
     public func journal(limit: Int = 100) throws(StoreError) -> [JournalEntry] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM journal ORDER BY id DESC LIMIT ?", arguments: [limit]).map(
+            try db.query("SELECT * FROM journal ORDER BY id DESC LIMIT ?", [limit]).map(
                 Self.journal)
         }
     }
@@ -559,7 +575,7 @@ public final class StateStore: Sendable {
     ) throws(StoreError) -> [Event] {
         try read { db in
             var conditions = ["id > ?"]
-            var arguments: [any DatabaseValueConvertible] = [afterID]
+            var arguments: [any SQLBindable] = [afterID]
             if let pool {
                 conditions.append("pool = ?")
                 arguments.append(pool)
@@ -574,56 +590,62 @@ public final class StateStore: Sendable {
             }
             let sql =
                 "SELECT * FROM (SELECT * FROM event WHERE \(conditions.joined(separator: " AND "))"
-                + " ORDER BY id DESC LIMIT ?) ORDER BY id"
+                + " ORDER BY id DESC LIMIT ?) AS recent ORDER BY id"
             arguments.append(limit)
-            return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(arguments)).map(Self.event)
+            return try db.query(sql, arguments).map(Self.event)
         }
     }
 
-    private static func event(_ row: Row) -> Event {
+    private static func event(_ row: SQLRow) throws -> Event {
         var event = Event(
-            at: Date(timeIntervalSince1970: row["at"]), pool: row["pool"], vm: row["vm"], kind: row["kind"],
-            message: row["message"])
-        event.id = row["id"]
+            at: Date(timeIntervalSince1970: try row["at"]), pool: try row["pool"], vm: try row["vm"],
+            kind: try row["kind"], message: try row["message"])
+        event.id = try row["id"] as Int64
         return event
     }
 
     // MARK: - Rows
 
-    private static func insertJournal(_ db: Database, operation: String, pool: String, vm: String?, template: String?)
-        throws -> Int64
-    {
-        try db.execute(
-            sql: """
-                INSERT INTO journal (operation, pool, vm, template, startedAt, ownerPid) VALUES (?, ?, ?, ?, ?, ?)
-                """,
-            arguments: [operation, pool, vm, template, Date().timeIntervalSince1970, getpid()])
-        return db.lastInsertedRowID
+    private static func insertJournal(
+        _ db: any SQLTransaction, operation: String, pool: String, vm: String?, template: String?
+    ) throws -> Int64 {
+        try db.insertReturningID(
+            "INSERT INTO journal (operation, pool, vm, template, startedAt, ownerPid) VALUES (?, ?, ?, ?, ?, ?)",
+            [operation, pool, vm, template, Date().timeIntervalSince1970, getpid()])
     }
 
-    private static func closeJournal(_ db: Database, _ id: Int64, outcome: JournalEntry.Outcome, error: String?)
-        throws
-    {
+    private static func closeJournal(
+        _ db: any SQLTransaction, _ id: Int64, outcome: JournalEntry.Outcome, error: String?
+    ) throws {
         try db.execute(
-            sql: "UPDATE journal SET finishedAt = ?, outcome = ?, error = ? WHERE id = ?",
-            arguments: [Date().timeIntervalSince1970, outcome.rawValue, error, id])
+            "UPDATE journal SET finishedAt = ?, outcome = ?, error = ? WHERE id = ?",
+            [Date().timeIntervalSince1970, outcome.rawValue, error, id])
     }
 
-    private static func insertEvent(_ db: Database, _ event: Event) throws {
+    private static func insertEvent(_ db: any SQLTransaction, _ event: Event) throws {
         try db.execute(
-            sql: "INSERT INTO event (at, pool, vm, kind, message) VALUES (?, ?, ?, ?, ?)",
-            arguments: [event.at.timeIntervalSince1970, event.pool, event.vm, event.kind, event.message])
+            "INSERT INTO event (at, pool, vm, kind, message) VALUES (?, ?, ?, ?, ?)",
+            [event.at.timeIntervalSince1970, event.pool, event.vm, event.kind, event.message])
     }
 
-    private static func upsertVM(_ db: Database, _ r: VMRecord) throws {
+    /// Writes a VM's row. Its lease is written when the row is new, and otherwise only by
+    /// `lease` and `release`: a pass that read the VM before a lease took it cannot undo the
+    /// lease by writing what it read.
+    private static func upsertVM(_ db: any SQLTransaction, _ r: VMRecord) throws {
         try db.execute(
-            sql: """
-                INSERT OR REPLACE INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
-                    initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape, network, leaseHolder,
-                    leasedAt, leaseExpiresAt)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """,
-            arguments: [
+            """
+            INSERT INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
+                initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape, network, leaseHolder,
+                leasedAt, leaseExpiresAt)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (id) DO UPDATE SET
+                pool = excluded.pool, state = excluded.state, boot = excluded.boot, vcpus = excluded.vcpus,
+                memoryMiB = excluded.memoryMiB, maxVcpus = excluded.maxVcpus, maxMemoryMiB = excluded.maxMemoryMiB,
+                kernel = excluded.kernel, initrd = excluded.initrd, cmdline = excluded.cmdline, pid = excluded.pid,
+                templateId = excluded.templateId, createdAt = excluded.createdAt, updatedAt = excluded.updatedAt,
+                lastError = excluded.lastError, shape = excluded.shape, network = excluded.network
+            """,
+            [
                 r.id, r.pool, r.state.rawValue, r.boot.rawValue, r.shape.vcpus, r.shape.memoryMiB, r.shape.maxVcpus,
                 r.shape.maxMemoryMiB, r.shape.image.kernel, r.shape.image.initrd, r.shape.image.cmdline,
                 r.pid.map { Int64($0) }, r.templateID, r.createdAt.timeIntervalSince1970,
@@ -632,66 +654,77 @@ public final class StateStore: Sendable {
             ])
     }
 
+    /// Writes the lease columns of `r` (a lease given or ended).
+    private static func writeLease(_ db: any SQLTransaction, _ r: VMRecord) throws {
+        try db.execute(
+            "UPDATE vm SET leaseHolder = ?, leasedAt = ?, leaseExpiresAt = ?, updatedAt = ? WHERE id = ?",
+            [
+                r.lease?.holder, r.lease?.leasedAt.timeIntervalSince1970, r.lease?.expiresAt?.timeIntervalSince1970,
+                Date().timeIntervalSince1970, r.id,
+            ])
+    }
+
     private static let vmColumns =
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
         + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt"
 
-    private static func vm(_ row: Row) throws -> VMRecord {
-        let id: String = row["id"]
-        guard let state = VMState(rawValue: row["state"]), let boot = BootMode(rawValue: row["boot"]) else {
+    private static func vm(_ row: SQLRow) throws -> VMRecord {
+        let id: String = try row["id"]
+        guard let state = VMState(rawValue: try row["state"]), let boot = BootMode(rawValue: try row["boot"]) else {
             throw StoreError(.corrupt, "VM \(id) has an unknown state or boot mode")
         }
         let shape: VMShape
-        if let json: String = row["shape"] {
+        if let json: String = try row["shape"] {
             shape = try decode(json)
         } else {
-            let image = BootImage(kernel: row["kernel"], initrd: row["initrd"], cmdline: row["cmdline"])
+            let image = BootImage(kernel: try row["kernel"], initrd: try row["initrd"], cmdline: try row["cmdline"])
             shape = VMShape(
-                vcpus: row["vcpus"], memoryMiB: row["memoryMiB"], maxVcpus: row["maxVcpus"],
-                maxMemoryMiB: row["maxMemoryMiB"], image: image)
+                vcpus: try row["vcpus"], memoryMiB: try row["memoryMiB"], maxVcpus: try row["maxVcpus"],
+                maxMemoryMiB: try row["maxMemoryMiB"], image: image)
         }
-        let pid: Int64? = row["pid"]
-        let network: NetworkAssignment? = try (row["network"] as String?).map { try decode($0) }
+        let pid: Int32? = try row["pid"]
+        let network: NetworkAssignment? = try (try row["network"] as String?).map { try decode($0) }
         var lease: Lease?
-        if let holder: String = row["leaseHolder"], let at: Double = row["leasedAt"] {
-            let expires: Double? = row["leaseExpiresAt"]
+        if let holder: String = try row["leaseHolder"], let at: Double = try row["leasedAt"] {
+            let expires: Double? = try row["leaseExpiresAt"]
             lease = Lease(
                 holder: holder, leasedAt: Date(timeIntervalSince1970: at),
                 expiresAt: expires.map { Date(timeIntervalSince1970: $0) })
         }
         return VMRecord(
-            id: id, pool: row["pool"], state: state, boot: boot, shape: shape, pid: pid.map { Int32($0) },
-            templateID: row["templateId"], createdAt: Date(timeIntervalSince1970: row["createdAt"]),
-            updatedAt: Date(timeIntervalSince1970: row["updatedAt"]), lastError: row["lastError"], network: network,
-            lease: lease)
+            id: id, pool: try row["pool"], state: state, boot: boot, shape: shape, pid: pid,
+            templateID: try row["templateId"], createdAt: Date(timeIntervalSince1970: try row["createdAt"]),
+            updatedAt: Date(timeIntervalSince1970: try row["updatedAt"]), lastError: try row["lastError"],
+            network: network, lease: lease)
     }
 
-    private static func pool(_ row: Row) throws -> StoredPool {
-        let spec: PoolSpec = try decode(row["spec"])
+    private static func pool(_ row: SQLRow) throws -> StoredPool {
+        let spec: PoolSpec = try decode(try row["spec"])
         return StoredPool(
-            spec: spec, generation: row["generation"], updatedAt: Date(timeIntervalSince1970: row["updatedAt"]),
-            deleting: row["deleting"])
+            spec: spec, generation: try row["generation"], updatedAt: Date(timeIntervalSince1970: try row["updatedAt"]),
+            deleting: try row["deleting"])
     }
 
-    private static func template(_ row: Row) throws -> TemplateRecord {
-        let key: TemplateKey = try decode(row["key"])
-        guard let state = TemplateRecord.State(rawValue: row["state"]) else {
-            throw StoreError(.corrupt, "template \(row["id"] as String) has an unknown state")
+    private static func template(_ row: SQLRow) throws -> TemplateRecord {
+        let key: TemplateKey = try decode(try row["key"])
+        let id: String = try row["id"]
+        guard let state = TemplateRecord.State(rawValue: try row["state"]) else {
+            throw StoreError(.corrupt, "template \(id) has an unknown state")
         }
         return TemplateRecord(
-            ref: TemplateRef(id: row["id"], pool: row["pool"], key: key), state: state,
-            createdAt: Date(timeIntervalSince1970: row["createdAt"]))
+            ref: TemplateRef(id: id, pool: try row["pool"], key: key), state: state,
+            createdAt: Date(timeIntervalSince1970: try row["createdAt"]))
     }
 
-    private static func journal(_ row: Row) -> JournalEntry {
-        let finished: Double? = row["finishedAt"]
-        let outcome: String? = row["outcome"]
+    private static func journal(_ row: SQLRow) throws -> JournalEntry {
+        let finished: Double? = try row["finishedAt"]
+        let outcome: String? = try row["outcome"]
         return JournalEntry(
-            id: row["id"], operation: row["operation"], pool: row["pool"], vm: row["vm"], template: row["template"],
-            startedAt: Date(timeIntervalSince1970: row["startedAt"]),
+            id: try row["id"], operation: try row["operation"], pool: try row["pool"], vm: try row["vm"],
+            template: try row["template"], startedAt: Date(timeIntervalSince1970: try row["startedAt"]),
             finishedAt: finished.map { Date(timeIntervalSince1970: $0) },
-            outcome: outcome.flatMap(JournalEntry.Outcome.init(rawValue:)), error: row["error"],
-            ownerPID: Int32(row["ownerPid"] as Int64))
+            outcome: outcome.flatMap(JournalEntry.Outcome.init(rawValue:)), error: try row["error"],
+            ownerPID: try row["ownerPid"])
     }
 
     static func encode<T: Encodable>(_ value: T) throws(StoreError) -> String {

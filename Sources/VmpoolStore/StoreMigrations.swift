@@ -1,131 +1,123 @@
-import GRDB
-
 extension StateStore {
-    /// Every schema change in order. A state dir is migrated when opened; a migration is never
-    /// edited once released, only followed by a new one.
-    static var migrator: DatabaseMigrator {
-        var migrator = DatabaseMigrator()
-        migrator.registerMigration("v1") { db in
-            try db.execute(
-                sql: """
-                    CREATE TABLE pool (
-                        name TEXT PRIMARY KEY NOT NULL,
-                        spec TEXT NOT NULL,
-                        generation INTEGER NOT NULL,
-                        updatedAt DOUBLE NOT NULL
-                    );
-                    CREATE TABLE vm (
-                        id TEXT PRIMARY KEY NOT NULL,
-                        pool TEXT NOT NULL,
-                        state TEXT NOT NULL,
-                        boot TEXT NOT NULL,
-                        vcpus INTEGER NOT NULL,
-                        memoryMiB INTEGER NOT NULL,
-                        maxVcpus INTEGER NOT NULL,
-                        maxMemoryMiB INTEGER NOT NULL,
-                        kernel TEXT NOT NULL,
-                        initrd TEXT,
-                        cmdline TEXT NOT NULL,
-                        pid INTEGER,
-                        templateId TEXT,
-                        createdAt DOUBLE NOT NULL,
-                        updatedAt DOUBLE NOT NULL,
-                        lastError TEXT
-                    );
-                    CREATE INDEX vm_pool ON vm(pool);
-                    CREATE TABLE template (
-                        id TEXT PRIMARY KEY NOT NULL,
-                        pool TEXT NOT NULL,
-                        key TEXT NOT NULL,
-                        state TEXT NOT NULL,
-                        createdAt DOUBLE NOT NULL
-                    );
-                    CREATE INDEX template_pool ON template(pool);
-                    CREATE TABLE journal (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT,
-                        operation TEXT NOT NULL,
-                        pool TEXT NOT NULL,
-                        vm TEXT,
-                        template TEXT,
-                        startedAt DOUBLE NOT NULL,
-                        finishedAt DOUBLE,
-                        outcome TEXT,
-                        error TEXT,
-                        ownerPid INTEGER NOT NULL
-                    );
-                    CREATE INDEX journal_open ON journal(finishedAt) WHERE finishedAt IS NULL;
-                    CREATE TABLE event (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT,
-                        at DOUBLE NOT NULL,
-                        pool TEXT NOT NULL,
-                        vm TEXT,
-                        kind TEXT NOT NULL,
-                        message TEXT NOT NULL
-                    );
-                    CREATE INDEX event_pool ON event(pool, id);
-                    """)
-        }
+    /// Every schema change in order. A store is migrated when opened; a migration is never
+    /// edited once released, only followed by a new one. The SQL is SQLite's; PostgreSQL's
+    /// differs in column types only (`StoreMigration.postgresTypes`).
+    static let migrations: [StoreMigration] = [
+        StoreMigration(
+            "v1",
+            """
+            CREATE TABLE pool (
+                name TEXT PRIMARY KEY NOT NULL,
+                spec TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                updatedAt DOUBLE NOT NULL
+            );
+            CREATE TABLE vm (
+                id TEXT PRIMARY KEY NOT NULL,
+                pool TEXT NOT NULL,
+                state TEXT NOT NULL,
+                boot TEXT NOT NULL,
+                vcpus INTEGER NOT NULL,
+                memoryMiB INTEGER NOT NULL,
+                maxVcpus INTEGER NOT NULL,
+                maxMemoryMiB INTEGER NOT NULL,
+                kernel TEXT NOT NULL,
+                initrd TEXT,
+                cmdline TEXT NOT NULL,
+                pid INTEGER,
+                templateId TEXT,
+                createdAt DOUBLE NOT NULL,
+                updatedAt DOUBLE NOT NULL,
+                lastError TEXT
+            );
+            CREATE INDEX vm_pool ON vm(pool);
+            CREATE TABLE template (
+                id TEXT PRIMARY KEY NOT NULL,
+                pool TEXT NOT NULL,
+                key TEXT NOT NULL,
+                state TEXT NOT NULL,
+                createdAt DOUBLE NOT NULL
+            );
+            CREATE INDEX template_pool ON template(pool);
+            CREATE TABLE journal (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                operation TEXT NOT NULL,
+                pool TEXT NOT NULL,
+                vm TEXT,
+                template TEXT,
+                startedAt DOUBLE NOT NULL,
+                finishedAt DOUBLE,
+                outcome TEXT,
+                error TEXT,
+                ownerPid INTEGER NOT NULL
+            );
+            CREATE INDEX journal_open ON journal(finishedAt) WHERE finishedAt IS NULL;
+            CREATE TABLE event (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                at DOUBLE NOT NULL,
+                pool TEXT NOT NULL,
+                vm TEXT,
+                kind TEXT NOT NULL,
+                message TEXT NOT NULL
+            );
+            CREATE INDEX event_pool ON event(pool, id);
+            """),
         // A delete interrupted halfway is finished by the next pass, not undone.
-        migrator.registerMigration("v2-pool-deleting") { db in
-            try db.execute(sql: "ALTER TABLE pool ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0")
-        }
+        StoreMigration(
+            "v2-pool-deleting", "ALTER TABLE pool ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0"),
         // Standbys: hypervisor processes started ahead of clones (the VM cache).
-        migrator.registerMigration("v3-standby") { db in
-            try db.execute(
-                sql: """
-                    CREATE TABLE standby (
-                        id TEXT PRIMARY KEY NOT NULL,
-                        pool TEXT NOT NULL,
-                        template TEXT NOT NULL,
-                        pid INTEGER,
-                        ready INTEGER NOT NULL DEFAULT 0,
-                        createdAt DOUBLE NOT NULL
-                    );
-                    CREATE INDEX standby_template ON standby(template, ready);
-                    """)
-        }
+        StoreMigration(
+            "v3-standby",
+            """
+            CREATE TABLE standby (
+                id TEXT PRIMARY KEY NOT NULL,
+                pool TEXT NOT NULL,
+                template TEXT NOT NULL,
+                pid INTEGER,
+                ready INTEGER NOT NULL DEFAULT 0,
+                createdAt DOUBLE NOT NULL
+            );
+            CREATE INDEX standby_template ON standby(template, ready);
+            """),
         // The whole shape (disks, network, image identity) as JSON; the flat columns stay for
         // readers of older state dirs.
-        migrator.registerMigration("v4-vm-shape") { db in
-            try db.execute(sql: "ALTER TABLE vm ADD COLUMN shape TEXT")
-        }
+        StoreMigration(
+            "v4-vm-shape", "ALTER TABLE vm ADD COLUMN shape TEXT"),
         // Networks and leases: what a VM was given (forwarded ports, an address) is allocated in
         // tables whose keys make double allocation impossible, and freed with the VM's row.
-        migrator.registerMigration("v5-network-lease") { db in
-            try db.execute(
-                sql: """
-                    ALTER TABLE vm ADD COLUMN network TEXT;
-                    ALTER TABLE vm ADD COLUMN leaseHolder TEXT;
-                    ALTER TABLE vm ADD COLUMN leasedAt DOUBLE;
-                    ALTER TABLE vm ADD COLUMN leaseExpiresAt DOUBLE;
-                    CREATE TABLE hostport (
-                        port INTEGER PRIMARY KEY NOT NULL,
-                        vm TEXT NOT NULL,
-                        guest INTEGER NOT NULL
-                    );
-                    CREATE INDEX hostport_vm ON hostport(vm);
-                    CREATE TABLE address (
-                        bridge TEXT NOT NULL,
-                        address INTEGER NOT NULL,
-                        vm TEXT NOT NULL,
-                        PRIMARY KEY (bridge, address)
-                    );
-                    CREATE INDEX address_vm ON address(vm);
-                    CREATE TABLE bridge (
-                        name TEXT PRIMARY KEY NOT NULL,
-                        subnet TEXT NOT NULL,
-                        createdByVmpool INTEGER NOT NULL
-                    );
-                    CREATE TABLE leasewait (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT,
-                        pool TEXT NOT NULL,
-                        holder TEXT NOT NULL,
-                        pid INTEGER NOT NULL,
-                        since DOUBLE NOT NULL
-                    );
-                    CREATE INDEX leasewait_pool ON leasewait(pool, id);
-                    """)
-        }
-        return migrator
-    }
+        StoreMigration(
+            "v5-network-lease",
+            """
+            ALTER TABLE vm ADD COLUMN network TEXT;
+            ALTER TABLE vm ADD COLUMN leaseHolder TEXT;
+            ALTER TABLE vm ADD COLUMN leasedAt DOUBLE;
+            ALTER TABLE vm ADD COLUMN leaseExpiresAt DOUBLE;
+            CREATE TABLE hostport (
+                port INTEGER PRIMARY KEY NOT NULL,
+                vm TEXT NOT NULL,
+                guest INTEGER NOT NULL
+            );
+            CREATE INDEX hostport_vm ON hostport(vm);
+            CREATE TABLE address (
+                bridge TEXT NOT NULL,
+                address INTEGER NOT NULL,
+                vm TEXT NOT NULL,
+                PRIMARY KEY (bridge, address)
+            );
+            CREATE INDEX address_vm ON address(vm);
+            CREATE TABLE bridge (
+                name TEXT PRIMARY KEY NOT NULL,
+                subnet TEXT NOT NULL,
+                createdByVmpool INTEGER NOT NULL
+            );
+            CREATE TABLE leasewait (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                pool TEXT NOT NULL,
+                holder TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                since DOUBLE NOT NULL
+            );
+            CREATE INDEX leasewait_pool ON leasewait(pool, id);
+            """),
+    ]
 }

@@ -147,6 +147,44 @@ struct ReconcilerTests {
         #expect(await h.driver.discover().contains { $0.id == first.id })
     }
 
+    @Test(arguments: [(size: 0, vcpus: 1, kind: Action.Kind.stop), (size: 1, vcpus: 2, kind: .hotplugCPU)])
+    func anActionOnAVMLeasedAfterThePlanWasMadeDoesNothing(size: Int, vcpus: Int, kind: Action.Kind) async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 1)], prune: [])
+        let spec = pool(size: size, vcpus: vcpus)
+        try h.store.applyDesired([spec])
+        let observation = try await h.reconciler.observe(depth: .guest, leased: false)
+        let input = h.reconciler.planInput(desired: [spec], prune: [], observation: observation)
+        let plan = Planner.plan(input)
+        #expect(plan.actions.map(\.kind) == [kind])
+        // A consumer leases the VM between the plan and its execution.
+        let leases = Leases(store: h.store, driver: h.driver, stateDirectory: h.directory.path)
+        let taken = try await leases.take(pool: "web", holder: "ci", ttl: nil, wait: .zero)
+        let results = await h.reconciler.execute(plan, input: input, cancellation: Cancellation())
+        #expect(results.map(\.outcome) == [.ok])
+        #expect(results.first?.note != nil, "the action says it did nothing")
+        let after = try #require(try h.store.vm(taken.id))
+        #expect(after.lease?.holder == "ci")
+        #expect(after.state == .running && after.shape.vcpus == 1)
+        #expect(await h.driver.discover().map(\.id) == [taken.id])
+        #expect(try h.store.unfinishedOperations().isEmpty)
+    }
+
+    @Test func noLeaseTakesAVMAPassIsActingOn() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool(size: 1)], prune: [])
+        let vm = try #require(try h.store.vms().first)
+        let opened = try #require(try h.store.beginOnVM(vm.id, operation: "pause", plannedLeased: false))
+        let leases = Leases(store: h.store, driver: h.driver, stateDirectory: h.directory.path)
+        await #expect(throws: Leases.Failure.self) {
+            try await leases.take(pool: "web", holder: "ci", ttl: nil, wait: .zero)
+        }
+        try h.store.finish(opened.1, outcome: .ok)
+        #expect(try await leases.take(pool: "web", holder: "ci", ttl: nil, wait: .zero).id == vm.id)
+    }
+
     @Test func pruneDeletesAbsentPoolsAndTheirTemplates() async throws {
         let h = try SimHarness()
         defer { h.directory.remove() }

@@ -59,12 +59,18 @@ enum PlanRenderer {
             }
             var text = line(item.action)
             if let vm = item.createdVM { text += " → \(vm)" }
-            text += item.outcome == .ok ? "  [ok]" : "  [failed: \(item.error ?? "unknown")]"
+            switch (item.outcome, item.note) {
+            case (.ok, nil): text += "  [ok]"
+            case (.ok, let note?): text += "  [ok, nothing done: \(note)]"
+            case (.failed, _): text += "  [failed: \(item.error ?? "unknown")]"
+            }
             lines.append(text)
         }
         let failed = result.results.filter { $0.outcome == .failed }.count
         var done: [Action.Kind: Int] = [:]
-        for item in result.results where item.outcome == .ok { done[item.action.kind, default: 0] += 1 }
+        for item in result.results where item.outcome == .ok && item.note == nil {
+            done[item.action.kind, default: 0] += 1
+        }
         lines.append("")
         let applied = summaryText(done)
         lines.append("Applied: " + (applied.isEmpty ? "nothing" : applied) + "; \(failed) failed.")
@@ -100,6 +106,7 @@ enum PlanRenderer {
                 object["error"] = result.error.map { .string($0) } ?? .null
                 if let code = result.code { object["errorCode"] = .string(code.description) }
                 if let created = result.createdVM { object["createdVM"] = .string(created) }
+                if let note = result.note { object["note"] = .string(note) }
             }
             return .object(object)
         }

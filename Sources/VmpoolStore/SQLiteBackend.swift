@@ -1,0 +1,103 @@
+import Foundation
+import GRDB
+
+/// The embedded store: one SQLite file (GRDB), WAL mode so that `get` and `plan` read while
+/// `apply` writes; `synchronous = NORMAL`, so a commit survives a crash of vmpool at any
+/// instant (not a power cut of the last moments).
+final class SQLiteBackend: StoreBackend {
+    let path: String
+    private let pool: DatabasePool
+
+    var location: String { path }
+
+    init(path: String) throws {
+        self.path = path
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+        }
+        pool = try DatabasePool(path: path, configuration: config)
+        // Private whatever the caller's umask: the database, its WAL and shared memory.
+        for suffix in ["", "-wal", "-shm"] { chmod(path + suffix, 0o600) }
+    }
+
+    func read<T>(_ body: (any SQLTransaction) throws -> T) throws -> T {
+        try pool.read { db in try body(Transaction(db: db)) }
+    }
+
+    /// One IMMEDIATE transaction (GRDB's default for writes): it holds SQLite's write lock
+    /// from its first statement, so other processes' writers wait their turn.
+    func write<T>(_ body: (any SQLTransaction) throws -> T) throws -> T {
+        try pool.write { db in try body(Transaction(db: db)) }
+    }
+
+    func appliedMigrations() throws -> Set<String> {
+        try pool.read { try Self.migrator([]).appliedIdentifiers($0) }
+    }
+
+    func migrate(_ migrations: [StoreMigration]) throws {
+        try Self.migrator(migrations).migrate(pool)
+        for suffix in ["", "-wal", "-shm"] { chmod(path + suffix, 0o600) }
+    }
+
+    func close() {
+        try? pool.close()
+    }
+
+    /// GRDB's migrator, whose table (`grdb_migrations`) state dirs written before the
+    /// PostgreSQL store came already have.
+    private static func migrator(_ migrations: [StoreMigration]) -> DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        for migration in migrations {
+            migrator.registerMigration(migration.identifier) { db in try db.execute(sql: migration.sqlite) }
+        }
+        return migrator
+    }
+
+    struct Transaction: SQLTransaction {
+        let db: Database
+
+        func execute(_ sql: String, _ arguments: [any SQLBindable]) throws {
+            let statement = try db.cachedStatement(sql: sql)
+            try statement.execute(arguments: Self.arguments(arguments))
+        }
+
+        func query(_ sql: String, _ arguments: [any SQLBindable]) throws -> [SQLRow] {
+            let statement = try db.cachedStatement(sql: sql)
+            statement.arguments = Self.arguments(arguments)
+            let columns = SQLRow.Columns(statement.columnNames)
+            let width = statement.columnCount
+            var rows: [SQLRow] = []
+            let cursor = try Row.fetchCursor(statement)
+            while let row = try cursor.next() {
+                var values: [SQLValue] = []
+                values.reserveCapacity(width)
+                for i in 0..<width {
+                    let value: DatabaseValue = row[i]
+                    switch value.storage {
+                    case .null: values.append(.null)
+                    case .int64(let v): values.append(.integer(v))
+                    case .double(let v): values.append(.real(v))
+                    case .string(let v): values.append(.text(v))
+                    case .blob(let v): values.append(.text(String(decoding: v, as: UTF8.self)))
+                    }
+                }
+                rows.append(SQLRow(columns: columns, values: values))
+            }
+            return rows
+        }
+
+        static func arguments(_ arguments: [any SQLBindable]) -> StatementArguments {
+            StatementArguments(
+                arguments.map { argument -> DatabaseValue in
+                    switch argument.sqlValue {
+                    case .null: .null
+                    case .integer(let v): v.databaseValue
+                    case .real(let v): v.databaseValue
+                    case .text(let v): v.databaseValue
+                    }
+                })
+        }
+    }
+}
