@@ -25,16 +25,26 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // Manifest model, loading and validation: YAML in, typed pool specs or located errors out.
         .target(name: "VmpoolSpec", dependencies: [.product(name: "Yams", package: "Yams")]),
         // The hypervisor seam: the driver protocol and the VM facts every driver reports.
         .target(name: "VmpoolDriver", dependencies: ["VmpoolSpec"]),
-        // SQLite state: desired pools, VMs, templates, the operation journal, events, the state-dir lock.
+        // The state store: desired pools, VMs, templates, the operation journal, events, hosts,
+        // written once over a backend seam; SQLite (GRDB) in the state dir; the state-dir lock.
         .target(
             name: "VmpoolStore",
             dependencies: ["VmpoolSpec", "VmpoolDriver", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
+        // The store on PostgreSQL, shared by many hosts (postgres-nio).
+        .target(
+            name: "VmpoolStorePostgres",
+            dependencies: [
+                "VmpoolStore", .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         // Pure planning: (desired, observed) -> ordered actions.
         .target(name: "VmpoolPlanner", dependencies: ["VmpoolSpec", "VmpoolDriver"]),
@@ -89,7 +99,7 @@ let package = Package(
             name: "VmpoolCLI",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
-                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService",
+                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

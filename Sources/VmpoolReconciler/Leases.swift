@@ -48,8 +48,13 @@ public struct Leases: Sendable {
             case .leased(let record):
                 // The store says it runs; the hypervisor must agree, or the VM goes and the
                 // next one is tried.
-                let status = await driver.status(of: [record.ref], depth: .hypervisor)[record.id]
-                if status?.liveness == .alive && status?.running != false {
+                // (A VM on another host is that host's to watch: its record is what counts.)
+                var runs = record.host != store.host
+                if !runs {
+                    let status = await driver.status(of: [record.ref], depth: .hypervisor)[record.id]
+                    runs = status?.liveness == .alive && status?.running != false
+                }
+                if runs {
                     Wake.send(directory: stateDirectory)
                     do {
                         try await handOver(record)
@@ -80,6 +85,8 @@ public struct Leases: Sendable {
     /// marked stopping: the next pass's recovery stops it.
     public func release(_ id: String) async throws {
         let record = try store.release(id)
+        // A VM on another host is stopped by that host's next pass.
+        guard record.host == store.host else { return }
         let journal = try store.begin(operation: "release", pool: record.pool, vm: record.id)
         try? await driver.stop(record.ref)
         try store.finish(

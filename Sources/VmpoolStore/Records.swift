@@ -35,12 +35,15 @@ public struct VMRecord: Sendable, Hashable {
     public var network: NetworkAssignment?
     /// Who holds the VM, when it is leased: it no longer counts toward its pool.
     public var lease: Lease?
+    /// The host that runs it; empty on a single-host store.
+    public var host: String
 
     public init(
         id: String, pool: String, state: VMState, boot: BootMode, shape: VMShape, pid: Int32? = nil,
         templateID: String? = nil, createdAt: Date, updatedAt: Date? = nil, lastError: String? = nil,
-        network: NetworkAssignment? = nil, lease: Lease? = nil
+        network: NetworkAssignment? = nil, lease: Lease? = nil, host: String = ""
     ) {
+        self.host = host
         self.network = network
         self.lease = lease
         self.id = id
@@ -122,15 +125,22 @@ public struct Event: Sendable, Hashable {
 public struct StoreError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Kind: String, Hashable, Sendable {
-            case stateDir, database, locked, corrupt, exhausted, notFound, conflict, newerSchema
+            case stateDir, database, locked, corrupt, exhausted, notFound, conflict, newerSchema, badLocation,
+                unavailable, fenced
         }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
 
         /// The state dir cannot be created or has the wrong owner or mode.
         public static let stateDir = Code(.stateDir)
-        /// SQLite failed.
+        /// The database failed a statement.
         public static let database = Code(.database)
+        /// The cluster declared this host dead; it must rejoin before it writes again.
+        public static let fenced = Code(.fenced)
+        /// `--store` does not name a store vmpool can use.
+        public static let badLocation = Code(.badLocation)
+        /// The database cannot be reached, or did not answer in time.
+        public static let unavailable = Code(.unavailable)
         /// Another vmpool holds the state dir lock past the timeout.
         public static let locked = Code(.locked)
         /// A stored row cannot be decoded.

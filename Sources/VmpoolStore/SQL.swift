@@ -78,9 +78,9 @@ extension Optional: SQLReadable where Wrapped: SQLReadable {
 /// One result row. Columns are found by name whatever their case: PostgreSQL folds unquoted
 /// names to lower case, SQLite keeps them as written.
 public struct SQLRow: Sendable {
-    final class Columns: Sendable {
+    public final class Columns: Sendable {
         let index: [String: Int]
-        init(_ names: [String]) {
+        public init(_ names: [String]) {
             var index: [String: Int] = [:]
             for (i, name) in names.enumerated() { index[name.lowercased()] = i }
             self.index = index
@@ -89,6 +89,11 @@ public struct SQLRow: Sendable {
 
     let columns: Columns
     let values: [SQLValue]
+
+    public init(columns: Columns, values: [SQLValue]) {
+        self.columns = columns
+        self.values = values
+    }
 
     /// The value of `column`, converted; a column that is absent, or holds a value of another
     /// type (a damaged store), throws.

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import VmpoolDriver
 import VmpoolSpec
 
@@ -8,7 +9,12 @@ import VmpoolSpec
 /// dir (the default), or PostgreSQL shared by many hosts. Every method is one transaction.
 public final class StateStore: Sendable {
     public let directory: String
-    private let backend: any StoreBackend
+    let backend: any StoreBackend
+    /// The host this store's rows are written for (`--host`); empty on a single-host store.
+    public let host: String
+    /// This host's epoch once it has joined the cluster: every write checks that the cluster
+    /// has not declared the host dead since (fencing), and fails if it has.
+    let epoch = Mutex<Int64?>(nil)
 
     public static let fileName = "state.sqlite"
 
@@ -26,9 +32,10 @@ public final class StateStore: Sendable {
 
     /// Opens the store `backend` keeps, migrating its schema; `directory` is the state dir of
     /// this host's runtime files.
-    public init(directory: String, backend: any StoreBackend) throws(StoreError) {
+    public init(directory: String, backend: any StoreBackend, host: String = "") throws(StoreError) {
         self.directory = directory
         self.backend = backend
+        self.host = host
         do {
             let applied = try backend.appliedMigrations()
             let known = Set(Self.migrations.map(\.identifier))
@@ -48,7 +55,7 @@ public final class StateStore: Sendable {
         }
     }
 
-    private func read<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
+    func read<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
         do {
             return try backend.read(body)
         } catch let error as StoreError {
@@ -58,9 +65,15 @@ public final class StateStore: Sendable {
         }
     }
 
-    private func write<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
+    /// One write transaction; on a host that has joined a cluster, only while the cluster
+    /// still counts the host as alive with the epoch it joined with.
+    func write<T>(_ body: (any SQLTransaction) throws -> T) throws(StoreError) -> T {
+        let joined = epoch.withLock { $0 }
         do {
-            return try backend.write(body)
+            return try backend.write { db in
+                if let joined { try self.checkEpoch(db, joined) }
+                return try body(db)
+            }
         } catch let error as StoreError {
             throw error
         } catch {
@@ -101,7 +114,7 @@ public final class StateStore: Sendable {
                         "INSERT INTO pool (name, spec, generation, updatedAt) VALUES (?, ?, 1, ?)",
                         [spec.name, json, now])
                 }
-                try Self.insertEvent(db, Event(pool: spec.name, kind: "applied", message: "desired spec recorded"))
+                try self.insertEventRow(db, Event(pool: spec.name, kind: "applied", message: "desired spec recorded"))
                 changed.append(spec.name)
             }
             return changed
@@ -124,7 +137,7 @@ public final class StateStore: Sendable {
         try write { db in
             try db.execute("DELETE FROM pool WHERE name = ?", [name])
             try db.execute("DELETE FROM template WHERE pool = ?", [name])
-            try Self.insertEvent(db, Event(pool: name, kind: "deleted", message: "pool forgotten"))
+            try self.insertEventRow(db, Event(pool: name, kind: "deleted", message: "pool forgotten"))
         }
     }
 
@@ -136,9 +149,10 @@ public final class StateStore: Sendable {
             let columns = Self.vmColumns
             let rows =
                 if let pool {
-                    try db.query("SELECT \(columns) FROM vm WHERE pool = ? ORDER BY createdAt, id", [pool])
+                    try db.query(
+                        "SELECT \(columns) FROM vm WHERE host = ? AND pool = ? ORDER BY createdAt, id", [host, pool])
                 } else {
-                    try db.query("SELECT \(columns) FROM vm ORDER BY createdAt, id")
+                    try db.query("SELECT \(columns) FROM vm WHERE host = ? ORDER BY createdAt, id", [host])
                 }
             return try rows.map(Self.vm)
         }
@@ -161,10 +175,10 @@ public final class StateStore: Sendable {
             }
             var record = record
             if let network {
-                record.network = try Self.allocate(db, network, vm: record.id, portIsFree: portIsFree)
+                record.network = try self.allocate(db, network, vm: record.id, portIsFree: portIsFree)
             }
-            try Self.upsertVM(db, record)
-            let journal = try Self.insertJournal(
+            try self.upsertVM(db, record)
+            let journal = try self.insertJournal(
                 db, operation: operation, pool: record.pool, vm: record.id, template: nil)
             return (record, journal)
         }
@@ -175,16 +189,16 @@ public final class StateStore: Sendable {
     public static let forwardedPorts = 20000...32767
 
     /// Allocates what a VM's NIC needs, inside the caller's transaction.
-    private static func allocate(
+    private func allocate(
         _ db: any SQLTransaction, _ request: NetworkRequest, vm: String, portIsFree: (Int) -> Bool
     ) throws -> NetworkAssignment {
         var assignment = NetworkAssignment(mode: request.mode, mac: NetworkAssignment.mac(for: vm))
         for guest in request.ports {
             var chosen: Int?
             for _ in 0..<512 {
-                let candidate = Int.random(in: forwardedPorts)
+                let candidate = Int.random(in: Self.forwardedPorts)
                 let taken =
-                    try db.exists("SELECT 1 FROM hostport WHERE port = ?", [candidate])
+                    try db.exists("SELECT 1 FROM hostport WHERE host = ? AND port = ?", [host, candidate])
                 if !taken && portIsFree(candidate) {
                     chosen = candidate
                     break
@@ -193,12 +207,13 @@ public final class StateStore: Sendable {
             guard let port = chosen else {
                 throw StoreError(.exhausted, "no free port on 127.0.0.1 to forward guest port \(guest) from")
             }
-            try db.execute("INSERT INTO hostport (port, vm, guest) VALUES (?, ?, ?)", [port, vm, guest])
+            try db.execute("INSERT INTO hostport (host, port, vm, guest) VALUES (?, ?, ?, ?)", [host, port, vm, guest])
             assignment.ports[guest] = port
         }
         if request.mode == .bridge, let bridge = request.bridge, let subnet = request.subnet {
             let used = Set(
-                try db.query("SELECT address FROM address WHERE bridge = ?", [bridge]).map { row throws in
+                try db.query("SELECT address FROM address WHERE host = ? AND bridge = ?", [host, bridge]).map {
+                    row throws in
                     try row["address"] as Int64
                 })
             guard let index = (0..<subnet.assignable).first(where: { !used.contains(Int64(subnet.vmAddress($0))) })
@@ -206,7 +221,9 @@ public final class StateStore: Sendable {
                 throw StoreError(.exhausted, "no free address left in \(subnet) on bridge \(bridge)")
             }
             let address = subnet.vmAddress(index)
-            try db.execute("INSERT INTO address (bridge, address, vm) VALUES (?, ?, ?)", [bridge, Int64(address), vm])
+            try db.execute(
+                "INSERT INTO address (host, bridge, address, vm) VALUES (?, ?, ?, ?)",
+                [host, bridge, Int64(address), vm])
             assignment.bridge = bridge
             assignment.address = IPv4Subnet.format(address)
             assignment.prefix = subnet.prefix
@@ -217,7 +234,7 @@ public final class StateStore: Sendable {
     }
 
     /// Forgets a VM's row and everything allocated to it.
-    private static func deleteVMRow(_ db: any SQLTransaction, _ id: String) throws {
+    private func deleteVMRow(_ db: any SQLTransaction, _ id: String) throws {
         try db.execute("DELETE FROM vm WHERE id = ?", [id])
         try db.execute("DELETE FROM hostport WHERE vm = ?", [id])
         try db.execute("DELETE FROM address WHERE vm = ?", [id])
@@ -227,9 +244,11 @@ public final class StateStore: Sendable {
     public func allocations() throws(StoreError) -> (ports: [Int: String], addresses: [String: String]) {
         try read { db in
             var ports: [Int: String] = [:]
-            for row in try db.query("SELECT port, vm FROM hostport") { ports[try row["port"]] = try row["vm"] }
+            for row in try db.query("SELECT port, vm FROM hostport WHERE host = ?", [host]) {
+                ports[try row["port"]] = try row["vm"]
+            }
             var addresses: [String: String] = [:]
-            for row in try db.query("SELECT bridge, address, vm FROM address") {
+            for row in try db.query("SELECT bridge, address, vm FROM address WHERE host = ?", [host]) {
                 let address: Int64 = try row["address"]
                 let bridge: String = try row["bridge"]
                 addresses["\(bridge)/\(IPv4Subnet.format(UInt32(address)))"] = try row["vm"]
@@ -262,12 +281,22 @@ public final class StateStore: Sendable {
             else {
                 throw StoreError(.notFound, "no pool named \"\(pool)\" has been applied")
             }
-            for waiter in try db.query("SELECT id, pid FROM leasewait WHERE pool = ? ORDER BY id", [pool]) {
+            let now = Date().timeIntervalSince1970
+            if let ticket { try db.execute("UPDATE leasewait SET seenAt = ? WHERE id = ?", [now, ticket]) }
+            for waiter in try db.query(
+                "SELECT id, pid, host, seenAt FROM leasewait WHERE pool = ? ORDER BY id", [pool])
+            {
                 let id: Int64 = try waiter["id"]
                 if id == ticket { break }
                 let pid: Int32 = try waiter["pid"]
-                if kill(pid, 0) != 0 && errno == ESRCH {
-                    // A waiter that died gives up its place.
+                let waiterHost: String = try waiter["host"]
+                let seenAt: Double = try waiter["seenAt"]
+                // A waiter that died gives up its place: on this host, its process is gone; on
+                // another, it has not asked again for longer than any waiter's poll.
+                let dead =
+                    waiterHost == host
+                    ? kill(pid, 0) != 0 && errno == ESRCH : now - seenAt > Self.waiterSilence.seconds
+                if dead {
                     try db.execute("DELETE FROM leasewait WHERE id = ?", [id])
                     continue
                 }
@@ -284,13 +313,13 @@ public final class StateStore: Sendable {
                     """, [pool])
             else { return .noneReady }
             var record = try Self.vm(row)
-            let now = Date()
+            let leasedAt = Date()
             record.lease = Lease(
-                holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
-            try Self.writeLease(db, record)
+                holder: holder, leasedAt: leasedAt, expiresAt: ttl.map { leasedAt.addingTimeInterval($0.seconds) })
+            try self.writeLease(db, record)
             if let ticket { try db.execute("DELETE FROM leasewait WHERE id = ?", [ticket]) }
-            _ = try Self.insertJournal(db, operation: "lease", pool: pool, vm: record.id, template: nil)
-            try Self.insertEvent(
+            _ = try self.insertJournal(db, operation: "lease", pool: pool, vm: record.id, template: nil)
+            try self.insertEventRow(
                 db,
                 Event(
                     pool: pool, vm: record.id, kind: "leased",
@@ -311,12 +340,15 @@ public final class StateStore: Sendable {
         }
     }
 
+    /// How long a waiter on another host may go without asking before it loses its place.
+    public static let waiterSilence = Duration.seconds(10)
+
     /// Takes a place in `pool`'s queue of callers waiting for a VM (`lease --wait`).
     public func enqueueLeaseWait(pool: String, holder: String) throws(StoreError) -> Int64 {
         try write { db in
             try db.insertReturningID(
-                "INSERT INTO leasewait (pool, holder, pid, since) VALUES (?, ?, ?, ?)",
-                [pool, holder, getpid(), Date().timeIntervalSince1970])
+                "INSERT INTO leasewait (pool, holder, pid, since, host, seenAt) VALUES (?, ?, ?, ?, ?, ?)",
+                [pool, holder, getpid(), Date().timeIntervalSince1970, host, Date().timeIntervalSince1970])
         }
     }
 
@@ -346,8 +378,8 @@ public final class StateStore: Sendable {
             guard let lease = record.lease else { throw StoreError(.conflict, "VM \(id) is not leased") }
             guard record.state != .stopping else { return record }
             record.state = .stopping
-            try Self.upsertVM(db, record)
-            try Self.insertEvent(
+            try self.upsertVM(db, record)
+            try self.insertEventRow(
                 db, Event(pool: record.pool, vm: id, kind: "released", message: "by \(lease.holder); the VM is stopped")
             )
             return record
@@ -367,22 +399,24 @@ public final class StateStore: Sendable {
         try write { db in
             try db.execute(
                 """
-                INSERT INTO bridge (name, subnet, createdByVmpool) VALUES (?, ?, ?)
-                ON CONFLICT(name) DO UPDATE SET createdByVmpool = max(createdByVmpool, excluded.createdByVmpool)
-                """, [name, subnet, createdByVmpool])
+                INSERT INTO bridge (host, name, subnet, createdByVmpool) VALUES (?, ?, ?, ?)
+                ON CONFLICT (host, name) DO UPDATE SET createdByVmpool =
+                    CASE WHEN excluded.createdByVmpool > bridge.createdByVmpool
+                    THEN excluded.createdByVmpool ELSE bridge.createdByVmpool END
+                """, [host, name, subnet, createdByVmpool])
         }
     }
 
     public func bridges() throws(StoreError) -> [(name: String, subnet: String, createdByVmpool: Bool)] {
         try read { db in
-            try db.query("SELECT * FROM bridge ORDER BY name").map {
+            try db.query("SELECT * FROM bridge WHERE host = ? ORDER BY name", [host]).map {
                 (try $0["name"], try $0["subnet"], try $0["createdByVmpool"])
             }
         }
     }
 
     public func forgetBridge(_ name: String) throws(StoreError) {
-        try write { db in try db.execute("DELETE FROM bridge WHERE name = ?", [name]) }
+        try write { db in try db.execute("DELETE FROM bridge WHERE host = ? AND name = ?", [host, name]) }
     }
 
     /// One VM by id.
@@ -398,10 +432,10 @@ public final class StateStore: Sendable {
         deletingVM: String? = nil, event: Event? = nil
     ) throws(StoreError) {
         try write { db in
-            if let record { try Self.upsertVM(db, record) }
-            if let deletingVM { try Self.deleteVMRow(db, deletingVM) }
-            try Self.closeJournal(db, journal, outcome: outcome, error: error)
-            if let event { try Self.insertEvent(db, event) }
+            if let record { try self.upsertVM(db, record) }
+            if let deletingVM { try self.deleteVMRow(db, deletingVM) }
+            try self.closeJournal(db, journal, outcome: outcome, error: error)
+            if let event { try self.insertEventRow(db, event) }
         }
     }
 
@@ -409,7 +443,7 @@ public final class StateStore: Sendable {
     public func begin(operation: String, pool: String, vm: String? = nil, template: String? = nil)
         throws(StoreError) -> Int64
     {
-        try write { db in try Self.insertJournal(db, operation: operation, pool: pool, vm: vm, template: template) }
+        try write { db in try self.insertJournal(db, operation: operation, pool: pool, vm: vm, template: template) }
     }
 
     /// Opens a journal entry for `operation` on the existing VM `id`, provided the VM is still
@@ -426,9 +460,9 @@ public final class StateStore: Sendable {
             guard (record.lease != nil) == plannedLeased else { return nil }
             if stopping && record.state != .stopping {
                 record.state = .stopping
-                try Self.upsertVM(db, record)
+                try self.upsertVM(db, record)
             }
-            let journal = try Self.insertJournal(
+            let journal = try self.insertJournal(
                 db, operation: operation, pool: record.pool, vm: record.id, template: nil)
             return (record, journal)
         }
@@ -436,19 +470,21 @@ public final class StateStore: Sendable {
 
     /// Writes a VM record outside any operation (recovery, adoption).
     public func saveVM(_ record: VMRecord) throws(StoreError) {
-        try write { db in try Self.upsertVM(db, record) }
+        try write { db in try self.upsertVM(db, record) }
     }
 
     public func deleteVM(_ id: String) throws(StoreError) {
-        try write { db in try Self.deleteVMRow(db, id) }
+        try write { db in try self.deleteVMRow(db, id) }
     }
 
     // MARK: - Templates
 
     public func templates() throws(StoreError) -> [TemplateRecord] {
         try read { db in
-            try db.query("SELECT id, pool, key, state, createdAt FROM template ORDER BY createdAt")
-                .map(Self.template)
+            try db.query(
+                "SELECT id, pool, key, state, createdAt FROM template WHERE host = ? ORDER BY createdAt", [host]
+            )
+            .map(Self.template)
         }
     }
 
@@ -458,12 +494,15 @@ public final class StateStore: Sendable {
         return try write { db in
             try db.execute(
                 """
-                INSERT INTO template (id, pool, key, state, createdAt) VALUES (?, ?, ?, ?, ?)
+                INSERT INTO template (id, pool, key, state, createdAt, host) VALUES (?, ?, ?, ?, ?, ?)
                 ON CONFLICT (id) DO UPDATE SET
                     pool = excluded.pool, key = excluded.key, state = excluded.state, createdAt = excluded.createdAt
                 """,
-                [record.ref.id, record.ref.pool, key, record.state.rawValue, record.createdAt.timeIntervalSince1970])
-            return try Self.insertJournal(
+                [
+                    record.ref.id, record.ref.pool, key, record.state.rawValue, record.createdAt.timeIntervalSince1970,
+                    host,
+                ])
+            return try self.insertJournal(
                 db, operation: "build-template", pool: record.ref.pool, vm: nil, template: record.ref.id)
         }
     }
@@ -483,7 +522,7 @@ public final class StateStore: Sendable {
     /// Every standby, oldest first.
     public func standbys() throws(StoreError) -> [StandbyRecord] {
         try read { db in
-            try db.query("SELECT * FROM standby ORDER BY createdAt, id").map { row in
+            try db.query("SELECT * FROM standby WHERE host = ? ORDER BY createdAt, id", [host]).map { row in
                 StandbyRecord(
                     id: try row["id"], pool: try row["pool"], template: try row["template"], pid: try row["pid"],
                     ready: try row["ready"], createdAt: Date(timeIntervalSince1970: try row["createdAt"]))
@@ -498,8 +537,8 @@ public final class StateStore: Sendable {
                 try db.exists("SELECT 1 FROM vm WHERE id = ? UNION SELECT 1 FROM standby WHERE id = ?", [id, id])
             if taken { return false }
             try db.execute(
-                "INSERT INTO standby (id, pool, template, createdAt) VALUES (?, ?, ?, ?)",
-                [id, pool, template, Date().timeIntervalSince1970])
+                "INSERT INTO standby (id, pool, template, createdAt, host) VALUES (?, ?, ?, ?, ?)",
+                [id, pool, template, Date().timeIntervalSince1970, host])
             return true
         }
     }
@@ -523,18 +562,18 @@ public final class StateStore: Sendable {
         try write { db in
             guard
                 let row = try db.queryOne(
-                    "SELECT id, pid FROM standby WHERE template = ? AND ready = 1 ORDER BY createdAt LIMIT 1",
-                    [template])
+                    "SELECT id, pid FROM standby WHERE host = ? AND template = ? AND ready = 1 ORDER BY createdAt LIMIT 1",
+                    [host, template])
             else { return nil }
             var claimed = record
             claimed.id = try row["id"]
             claimed.pid = try row["pid"]
             if let network {
-                claimed.network = try Self.allocate(db, network, vm: claimed.id, portIsFree: portIsFree)
+                claimed.network = try self.allocate(db, network, vm: claimed.id, portIsFree: portIsFree)
             }
             try db.execute("DELETE FROM standby WHERE id = ?", [claimed.id])
-            try Self.upsertVM(db, claimed)
-            let journal = try Self.insertJournal(
+            try self.upsertVM(db, claimed)
+            let journal = try self.insertJournal(
                 db, operation: "clone", pool: claimed.pool, vm: claimed.id, template: template)
             return (claimed, journal)
         }
@@ -544,13 +583,14 @@ public final class StateStore: Sendable {
 
     /// Closes a journal entry without touching VM records.
     public func finish(_ journal: Int64, outcome: JournalEntry.Outcome, error: String? = nil) throws(StoreError) {
-        try write { db in try Self.closeJournal(db, journal, outcome: outcome, error: error) }
+        try write { db in try self.closeJournal(db, journal, outcome: outcome, error: error) }
     }
 
     /// Journal entries whose operation never reported back: a vmpool died during them.
     public func unfinishedOperations() throws(StoreError) -> [JournalEntry] {
         try read { db in
-            try db.query("SELECT * FROM journal WHERE finishedAt IS NULL ORDER BY id").map(Self.journal)
+            try db.query("SELECT * FROM journal WHERE finishedAt IS NULL AND host = ? ORDER BY id", [host]).map(
+                Self.journal)
         }
     }
 
@@ -565,7 +605,7 @@ public final class StateStore: Sendable {
     // MARK: - Events
 
     public func record(_ event: Event) throws(StoreError) {
-        try write { db in try Self.insertEvent(db, event) }
+        try write { db in try self.insertEventRow(db, event) }
     }
 
     /// Events in the order they happened: of `pool` or `vm` (or all), at or after `since`, after
@@ -606,15 +646,15 @@ public final class StateStore: Sendable {
 
     // MARK: - Rows
 
-    private static func insertJournal(
+    private func insertJournal(
         _ db: any SQLTransaction, operation: String, pool: String, vm: String?, template: String?
     ) throws -> Int64 {
         try db.insertReturningID(
-            "INSERT INTO journal (operation, pool, vm, template, startedAt, ownerPid) VALUES (?, ?, ?, ?, ?, ?)",
-            [operation, pool, vm, template, Date().timeIntervalSince1970, getpid()])
+            "INSERT INTO journal (operation, pool, vm, template, startedAt, ownerPid, host) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [operation, pool, vm, template, Date().timeIntervalSince1970, getpid(), host])
     }
 
-    private static func closeJournal(
+    private func closeJournal(
         _ db: any SQLTransaction, _ id: Int64, outcome: JournalEntry.Outcome, error: String?
     ) throws {
         try db.execute(
@@ -622,22 +662,22 @@ public final class StateStore: Sendable {
             [Date().timeIntervalSince1970, outcome.rawValue, error, id])
     }
 
-    private static func insertEvent(_ db: any SQLTransaction, _ event: Event) throws {
+    func insertEventRow(_ db: any SQLTransaction, _ event: Event) throws {
         try db.execute(
-            "INSERT INTO event (at, pool, vm, kind, message) VALUES (?, ?, ?, ?, ?)",
-            [event.at.timeIntervalSince1970, event.pool, event.vm, event.kind, event.message])
+            "INSERT INTO event (at, pool, vm, kind, message, host) VALUES (?, ?, ?, ?, ?, ?)",
+            [event.at.timeIntervalSince1970, event.pool, event.vm, event.kind, event.message, host])
     }
 
     /// Writes a VM's row. Its lease is written when the row is new, and otherwise only by
     /// `lease` and `release`: a pass that read the VM before a lease took it cannot undo the
     /// lease by writing what it read.
-    private static func upsertVM(_ db: any SQLTransaction, _ r: VMRecord) throws {
+    private func upsertVM(_ db: any SQLTransaction, _ r: VMRecord) throws {
         try db.execute(
             """
             INSERT INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,
                 initrd, cmdline, pid, templateId, createdAt, updatedAt, lastError, shape, network, leaseHolder,
-                leasedAt, leaseExpiresAt)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                leasedAt, leaseExpiresAt, host)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (id) DO UPDATE SET
                 pool = excluded.pool, state = excluded.state, boot = excluded.boot, vcpus = excluded.vcpus,
                 memoryMiB = excluded.memoryMiB, maxVcpus = excluded.maxVcpus, maxMemoryMiB = excluded.maxMemoryMiB,
@@ -649,13 +689,15 @@ public final class StateStore: Sendable {
                 r.id, r.pool, r.state.rawValue, r.boot.rawValue, r.shape.vcpus, r.shape.memoryMiB, r.shape.maxVcpus,
                 r.shape.maxMemoryMiB, r.shape.image.kernel, r.shape.image.initrd, r.shape.image.cmdline,
                 r.pid.map { Int64($0) }, r.templateID, r.createdAt.timeIntervalSince1970,
-                Date().timeIntervalSince1970, r.lastError, try encode(r.shape), try r.network.map { try encode($0) },
+                Date().timeIntervalSince1970, r.lastError, try Self.encode(r.shape),
+                try r.network.map { try Self.encode($0) },
                 r.lease?.holder, r.lease?.leasedAt.timeIntervalSince1970, r.lease?.expiresAt?.timeIntervalSince1970,
+                r.host.isEmpty ? host : r.host,
             ])
     }
 
     /// Writes the lease columns of `r` (a lease given or ended).
-    private static func writeLease(_ db: any SQLTransaction, _ r: VMRecord) throws {
+    private func writeLease(_ db: any SQLTransaction, _ r: VMRecord) throws {
         try db.execute(
             "UPDATE vm SET leaseHolder = ?, leasedAt = ?, leaseExpiresAt = ?, updatedAt = ? WHERE id = ?",
             [
@@ -664,11 +706,11 @@ public final class StateStore: Sendable {
             ])
     }
 
-    private static let vmColumns =
+    static let vmColumns =
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
-        + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt"
+        + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt, host"
 
-    private static func vm(_ row: SQLRow) throws -> VMRecord {
+    static func vm(_ row: SQLRow) throws -> VMRecord {
         let id: String = try row["id"]
         guard let state = VMState(rawValue: try row["state"]), let boot = BootMode(rawValue: try row["boot"]) else {
             throw StoreError(.corrupt, "VM \(id) has an unknown state or boot mode")
@@ -695,7 +737,7 @@ public final class StateStore: Sendable {
             id: id, pool: try row["pool"], state: state, boot: boot, shape: shape, pid: pid,
             templateID: try row["templateId"], createdAt: Date(timeIntervalSince1970: try row["createdAt"]),
             updatedAt: Date(timeIntervalSince1970: try row["updatedAt"]), lastError: try row["lastError"],
-            network: network, lease: lease)
+            network: network, lease: lease, host: try row["host"])
     }
 
     private static func pool(_ row: SQLRow) throws -> StoredPool {

@@ -119,5 +119,69 @@ extension StateStore {
             );
             CREATE INDEX leasewait_pool ON leasewait(pool, id);
             """),
+        // Many hosts on one store: host-scoped rows name their host ('' on a single-host
+        // store), host ports, addresses and bridges are per host, and the cluster's hosts and
+        // the placement of each pool's VMs on them are tables of their own.
+        StoreMigration(
+            "v6-hosts",
+            """
+            ALTER TABLE vm ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            CREATE INDEX vm_host ON vm(host, pool);
+            ALTER TABLE template ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            ALTER TABLE standby ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            ALTER TABLE journal ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            ALTER TABLE event ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            ALTER TABLE leasewait ADD COLUMN host TEXT NOT NULL DEFAULT '';
+            ALTER TABLE leasewait ADD COLUMN seenAt DOUBLE NOT NULL DEFAULT 0;
+            ALTER TABLE pool ADD COLUMN unplaced INTEGER NOT NULL DEFAULT 0;
+            CREATE TABLE hostport_v6 (
+                host TEXT NOT NULL DEFAULT '',
+                port INTEGER NOT NULL,
+                vm TEXT NOT NULL,
+                guest INTEGER NOT NULL,
+                PRIMARY KEY (host, port)
+            );
+            INSERT INTO hostport_v6 (port, vm, guest) SELECT port, vm, guest FROM hostport;
+            DROP TABLE hostport;
+            ALTER TABLE hostport_v6 RENAME TO hostport;
+            CREATE INDEX hostport_vm ON hostport(vm);
+            CREATE TABLE address_v6 (
+                host TEXT NOT NULL DEFAULT '',
+                bridge TEXT NOT NULL,
+                address INTEGER NOT NULL,
+                vm TEXT NOT NULL,
+                PRIMARY KEY (host, bridge, address)
+            );
+            INSERT INTO address_v6 (bridge, address, vm) SELECT bridge, address, vm FROM address;
+            DROP TABLE address;
+            ALTER TABLE address_v6 RENAME TO address;
+            CREATE INDEX address_vm ON address(vm);
+            CREATE TABLE bridge_v6 (
+                host TEXT NOT NULL DEFAULT '',
+                name TEXT NOT NULL,
+                subnet TEXT NOT NULL,
+                createdByVmpool INTEGER NOT NULL,
+                PRIMARY KEY (host, name)
+            );
+            INSERT INTO bridge_v6 (name, subnet, createdByVmpool) SELECT name, subnet, createdByVmpool FROM bridge;
+            DROP TABLE bridge;
+            ALTER TABLE bridge_v6 RENAME TO bridge;
+            CREATE TABLE host (
+                name TEXT PRIMARY KEY NOT NULL,
+                epoch INTEGER NOT NULL,
+                vcpus INTEGER NOT NULL,
+                memoryMiB INTEGER NOT NULL,
+                heartbeatAt DOUBLE NOT NULL,
+                registeredAt DOUBLE NOT NULL,
+                fencedAt DOUBLE
+            );
+            CREATE TABLE placement (
+                pool TEXT NOT NULL,
+                host TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                warm INTEGER NOT NULL,
+                PRIMARY KEY (pool, host)
+            );
+            """),
     ]
 }

@@ -214,7 +214,7 @@ struct SchemaVersionTests {
         } catch {
             #expect(error.code == .newerSchema)
             #expect(
-                error.message.contains("v99-from-the-future") && error.message.contains("v5-network-lease"),
+                error.message.contains("v99-from-the-future") && error.message.contains("v6-hosts"),
                 "\(error.message)")
         }
     }

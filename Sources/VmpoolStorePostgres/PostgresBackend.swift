@@ -1,0 +1,321 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import PostgresNIO
+import VmpoolStore
+
+/// The store on a PostgreSQL server, shared by every host of a cluster.
+///
+/// One connection per vmpool process, one transaction at a time on it. Writes take a
+/// transaction-scoped advisory lock, so they are serialized cluster-wide the way SQLite
+/// serializes a state dir's writers: the store's read-then-write transactions (is this id
+/// taken? which VM is free to lease?) need no retry logic. Reads run in REPEATABLE READ
+/// snapshots and never wait for writers.
+///
+/// `synchronous_commit` is off for vmpool's sessions: a commit is durable once PostgreSQL
+/// has it, whatever happens to vmpool (the guarantee SQLite's WAL mode with
+/// `synchronous = NORMAL` gives the single-host store); a crash of the database server
+/// itself may lose its last fraction of a second of commits, never consistency.
+///
+/// Every round trip has a deadline: a host cut off from the database gets an error within
+/// `timeout`, not a hang, and the server ends a session idle inside a transaction, or whose
+/// peer stopped answering, within about the same time, releasing its locks.
+public final class PostgresBackend: StoreBackend, @unchecked Sendable {
+    public let location: String
+    private let configuration: PostgresConnection.Configuration
+    private let timeout: TimeAmount
+    private let logger: Logger
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var connection: PostgresConnection?
+    private var nextID = 1
+
+    /// Advisory lock keys (one namespace, vmpool's).
+    public enum LockKey: Int64 {
+        case writes = 0x766D_706F_6F6C_0001
+        case migrations = 0x766D_706F_6F6C_0002
+        case placer = 0x766D_706F_6F6C_0003
+    }
+
+    /// Connects to `location` (checking that it answers) within `timeout`.
+    public init(_ location: StoreLocation.PostgresLocation, timeout: Duration = .seconds(10), logger: Logger)
+        throws(StoreError)
+    {
+        self.location = location.description
+        self.logger = logger
+        self.timeout = .nanoseconds(
+            timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)
+        var configuration: PostgresConnection.Configuration
+        if let socket = location.socketDirectory {
+            configuration = .init(
+                unixSocketPath: socket + "/.s.PGSQL.\(location.port)", username: location.user,
+                password: location.password, database: location.database)
+        } else {
+            let tls: PostgresConnection.Configuration.TLS
+            do {
+                switch location.tls {
+                case .disable: tls = .disable
+                case .prefer: tls = .prefer(try NIOSSLContext(configuration: .makeClientConfiguration()))
+                case .require: tls = .require(try NIOSSLContext(configuration: .makeClientConfiguration()))
+                }
+            } catch {
+                throw StoreError(.badLocation, "cannot set up TLS for \(location): \(error)")
+            }
+            configuration = .init(
+                host: location.host, port: location.port, username: location.user, password: location.password,
+                database: location.database, tls: tls)
+        }
+        configuration.options.connectTimeout = self.timeout
+        let seconds = max(2, Int(timeout.components.seconds))
+        configuration.options.additionalStartupParameters = [
+            ("application_name", "vmpool"),
+            ("synchronous_commit", "off"),
+            ("idle_in_transaction_session_timeout", "\(seconds * 1000)"),
+            ("tcp_keepalives_idle", "\(max(1, seconds / 2))"),
+            ("tcp_keepalives_interval", "1"),
+            ("tcp_keepalives_count", "\(max(1, seconds / 2))"),
+        ]
+        self.configuration = configuration
+        lock.lock()
+        defer { lock.unlock() }
+        _ = try connected()
+    }
+
+    deinit {
+        if let connection { _ = try? wait(connection.close()) }
+    }
+
+    public func close() {
+        lock.lock()
+        defer { lock.unlock() }
+        if let connection { _ = try? wait(connection.close()) }
+        connection = nil
+    }
+
+    // MARK: - Transactions
+
+    public func read<T>(_ body: (any SQLTransaction) throws -> T) throws -> T {
+        try transaction(begin: "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", body)
+    }
+
+    public func write<T>(_ body: (any SQLTransaction) throws -> T) throws -> T {
+        try transaction(begin: "BEGIN; SELECT pg_advisory_xact_lock(\(LockKey.writes.rawValue))", body)
+    }
+
+    private func transaction<T>(begin: String, _ body: (any SQLTransaction) throws -> T) throws -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        let connection = try connected()
+        try simple(connection, begin)
+        do {
+            let result = try body(Transaction(backend: self, connection: connection))
+            try simple(connection, "COMMIT")
+            return result
+        } catch {
+            if self.connection != nil { try? simple(connection, "ROLLBACK") }
+            throw error
+        }
+    }
+
+    /// Holds `key` for this process's session, if no other session holds it: the lock goes
+    /// when the session does (vmpool exits, or its host stops answering). `true` when held.
+    public func tryHoldSessionLock(_ key: LockKey) throws(StoreError) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        do {
+            let connection = try connected()
+            // Held already by this session: asking again would stack a second hold.
+            let held = try rows(
+                connection,
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"
+                    + " AND (classid::bigint << 32 | objid::bigint) = \(key.rawValue)", [])
+            if !held.isEmpty { return true }
+            let got = try rows(connection, "SELECT pg_try_advisory_lock(\(key.rawValue)) AS got", [])
+            return try got.first?["got"] as Bool? ?? false
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.database, "\(location): \(Self.describe(error))")
+        }
+    }
+
+    // MARK: - Migrations
+
+    public func appliedMigrations() throws -> Set<String> {
+        try read { db in
+            guard try db.queryOne("SELECT to_regclass('vmpool_migrations') IS NOT NULL AS present")?["present"] == true
+            else { return [] }
+            return Set(try db.query("SELECT identifier FROM vmpool_migrations").map { try $0["identifier"] })
+        }
+    }
+
+    public func migrate(_ migrations: [StoreMigration]) throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let connection = try connected()
+        try simple(connection, "BEGIN; SELECT pg_advisory_xact_lock(\(LockKey.migrations.rawValue))")
+        do {
+            try simple(connection, "CREATE TABLE IF NOT EXISTS vmpool_migrations (identifier TEXT PRIMARY KEY)")
+            let applied = Set(
+                try rows(connection, "SELECT identifier FROM vmpool_migrations", []).map {
+                    try $0["identifier"] as String
+                })
+            for migration in migrations where !applied.contains(migration.identifier) {
+                try simple(connection, migration.postgres)
+                try rows(
+                    connection, "INSERT INTO vmpool_migrations (identifier) VALUES ($1)", [.text(migration.identifier)])
+                logger.debug("store migrated", metadata: ["migration": "\(migration.identifier)"])
+            }
+            try simple(connection, "COMMIT")
+        } catch {
+            if self.connection != nil { try? simple(connection, "ROLLBACK") }
+            throw error
+        }
+    }
+
+    // MARK: - The connection
+
+    /// The open connection, or a new one. Caller holds `lock`.
+    private func connected() throws(StoreError) -> PostgresConnection {
+        if let connection, !connection.isClosed { return connection }
+        connection = nil
+        let id = nextID
+        nextID += 1
+        do {
+            let opened = try wait(
+                PostgresConnection.connect(
+                    on: MultiThreadedEventLoopGroup.singleton.any(), configuration: configuration, id: id,
+                    logger: logger))
+            connection = opened
+            return opened
+        } catch {
+            throw StoreError(.unavailable, "cannot reach the store \(location): \(Self.describe(error))")
+        }
+    }
+
+    @discardableResult
+    fileprivate func rows(_ connection: PostgresConnection, _ sql: String, _ values: [SQLValue]) throws -> [SQLRow] {
+        var bindings = PostgresBindings(capacity: values.count)
+        for value in values {
+            switch value {
+            case .null: bindings.appendNull()
+            case .integer(let v): bindings.append(v)
+            case .real(let v): bindings.append(v)
+            case .text(let v): bindings.append(v)
+            }
+        }
+        let result = try wait(
+            connection.query(PostgresQuery(unsafeSQL: sql, binds: bindings), logger: logger), connection: connection)
+        return try Self.convert(result.rows)
+    }
+
+    private func simple(_ connection: PostgresConnection, _ sql: String) throws {
+        _ = try wait(connection.simpleQuery(sql), connection: connection)
+    }
+
+    /// Waits for `future` at most `timeout`; past it the connection is closed (failing what
+    /// is in flight), and the next call opens a new one.
+    private func wait<T: Sendable>(_ future: EventLoopFuture<T>, connection: PostgresConnection? = nil)
+        throws(StoreError)
+        -> T
+    {
+        let done = DispatchSemaphore(value: 0)
+        let box = ResultBox<T>()
+        future.whenComplete { result in
+            box.result = result
+            done.signal()
+        }
+        let nanoseconds = Int(timeout.nanoseconds)
+        if done.wait(timeout: .now() + .nanoseconds(nanoseconds)) == .timedOut {
+            if let connection {
+                connection.close().whenComplete { _ in }
+                if self.connection === connection { self.connection = nil }
+            }
+            throw StoreError(
+                .unavailable, "the store \(location) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
+        }
+        switch box.result! {
+        case .success(let value): return value
+        case .failure(let error):
+            if let connection, connection.isClosed, self.connection === connection { self.connection = nil }
+            if let error = error as? PSQLError, error.code == .server {
+                throw StoreError(.database, "\(location): \(Self.describe(error))")
+            }
+            throw StoreError(.unavailable, "the store \(location) failed: \(Self.describe(error))")
+        }
+    }
+
+    private final class ResultBox<T>: @unchecked Sendable {
+        var result: Result<T, any Error>?
+    }
+
+    /// What went wrong, in the server's words where it gave some; never the connection's
+    /// configuration (which holds the password).
+    static func describe(_ error: any Error) -> String {
+        guard let error = error as? PSQLError else { return "\(error)" }
+        if let message = error.serverInfo?[.message] {
+            let code = error.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? ""
+            return message + code
+        }
+        if let underlying = error.underlying { return "\(underlying)" }
+        return "\(error.code)"
+    }
+
+    static func convert(_ rows: [PostgresRow]) throws -> [SQLRow] {
+        guard let first = rows.first else { return [] }
+        let columns = SQLRow.Columns(first.map(\.columnName))
+        return try rows.map { row in
+            var values: [SQLValue] = []
+            values.reserveCapacity(row.count)
+            for cell in row {
+                guard cell.bytes != nil else {
+                    values.append(.null)
+                    continue
+                }
+                switch cell.dataType {
+                case .int8: values.append(.integer(try cell.decode(Int64.self)))
+                case .int4: values.append(.integer(Int64(try cell.decode(Int32.self))))
+                case .int2: values.append(.integer(Int64(try cell.decode(Int16.self))))
+                case .bool: values.append(.integer(try cell.decode(Bool.self) ? 1 : 0))
+                case .float8: values.append(.real(try cell.decode(Double.self)))
+                case .float4: values.append(.real(Double(try cell.decode(Float.self))))
+                default: values.append(.text(try cell.decode(String.self)))
+                }
+            }
+            return SQLRow(columns: columns, values: values)
+        }
+    }
+
+    struct Transaction: SQLTransaction {
+        let backend: PostgresBackend
+        let connection: PostgresConnection
+
+        func execute(_ sql: String, _ arguments: [any SQLBindable]) throws {
+            try backend.rows(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+        }
+
+        func query(_ sql: String, _ arguments: [any SQLBindable]) throws -> [SQLRow] {
+            try backend.rows(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+        }
+
+        /// `?` placeholders, outside quotes, as PostgreSQL's `$1`, `$2`, ...
+        static func numbered(_ sql: String) -> String {
+            var result = ""
+            result.reserveCapacity(sql.utf8.count + 16)
+            var n = 0
+            var quoted = false
+            for character in sql {
+                if character == "'" { quoted.toggle() }
+                if character == "?" && !quoted {
+                    n += 1
+                    result += "$\(n)"
+                } else {
+                    result.append(character)
+                }
+            }
+            return result
+        }
+    }
+}
