@@ -111,8 +111,8 @@ let package = Package(
         .target(
             name: "VmpoolTestSupport",
             dependencies: [
-                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolSim", "VmpoolReconciler", "CVmpoolSys",
-                .product(name: "Logging", package: "swift-log"),
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolStorePostgres", "VmpoolSim", "VmpoolReconciler",
+                "CVmpoolSys", .product(name: "Logging", package: "swift-log"),
             ],
             path: "Tests/VmpoolTestSupport"
         ),

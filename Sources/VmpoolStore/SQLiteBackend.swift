@@ -101,3 +101,10 @@ final class SQLiteBackend: StoreBackend {
         }
     }
 }
+
+/// Opens SQLite stores at a path of the caller's choosing (`--store sqlite:PATH`).
+public enum SQLiteStoreBackend {
+    public static func open(path: String) throws -> any StoreBackend {
+        try SQLiteBackend(path: path)
+    }
+}

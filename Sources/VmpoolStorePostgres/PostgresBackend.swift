@@ -211,8 +211,30 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         return try Self.convert(result.rows)
     }
 
+    /// Runs `sql`, one statement after another when it holds several (PostgreSQL's extended
+    /// protocol takes one at a time).
     private func simple(_ connection: PostgresConnection, _ sql: String) throws {
-        _ = try wait(connection.simpleQuery(sql), connection: connection)
+        for statement in Self.statements(sql) {
+            try rows(connection, statement, [])
+        }
+    }
+
+    /// `sql` split at semicolons outside quotes.
+    static func statements(_ sql: String) -> [String] {
+        var result: [String] = []
+        var current = ""
+        var quoted = false
+        for character in sql {
+            if character == "'" { quoted.toggle() }
+            if character == ";" && !quoted {
+                result.append(current)
+                current = ""
+            } else {
+                current.append(character)
+            }
+        }
+        result.append(current)
+        return result.map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { !$0.isEmpty }
     }
 
     /// Waits for `future` at most `timeout`; past it the connection is closed (failing what

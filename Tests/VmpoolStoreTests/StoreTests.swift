@@ -42,10 +42,11 @@ struct StoreTests {
         #expect(info.st_mode & 0o777 == 0o700)
     }
 
-    @Test func applyingBumpsTheGenerationOnlyOnChange() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func applyingBumpsTheGenerationOnlyOnChange(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         #expect(try store.applyDesired([pool("web"), pool("db")]) == ["web", "db"])
         #expect(try store.applyDesired([pool("web"), pool("db", size: 5)]) == ["db"])
         let pools = try store.pools()
@@ -67,10 +68,11 @@ struct StoreTests {
         #expect(try reopened.vms().map(\.id) == ["web-000001"])
     }
 
-    @Test func aLaunchIsJournaledWithItsRecordAndClosedWithItsOutcome() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func aLaunchIsJournaledWithItsRecordAndClosedWithItsOutcome(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         var vm = record("web-000001", state: .creating)
         let journal = try #require(try store.beginLaunch(vm, operation: "create")).1
         #expect(try store.unfinishedOperations().map(\.id) == [journal])
@@ -85,19 +87,21 @@ struct StoreTests {
         #expect(try store.events(pool: "web").last?.kind == "created")
     }
 
-    @Test func aTakenIdIsRefused() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func aTakenIdIsRefused(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         #expect(try store.beginLaunch(record("web-000001"), operation: "create") != nil)
         #expect(try store.beginLaunch(record("web-000001"), operation: "create") == nil)
         #expect(try store.unfinishedOperations().count == 1)
     }
 
-    @Test func templatesMoveFromBuildingToReady() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func templatesMoveFromBuildingToReady(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         let ref = TemplateRef(
             id: "web-tmpl-000001", pool: "web", key: VMShape(pool: pool(), image: testImage).templateKey)
         let journal = try store.beginTemplate(TemplateRecord(ref: ref, state: .building, createdAt: Date()))
@@ -146,10 +150,11 @@ struct NetworkAllocationTests {
             shape: VMShape(pool: VmpoolTestSupport.pool("web"), image: testImage), createdAt: Date())
     }
 
-    @Test func portsAndAddressesAreNeverGivenTwiceAndAreFreedWithTheVM() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func portsAndAddressesAreNeverGivenTwiceAndAreFreedWithTheVM(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         let bridged = NetworkRequest(NetworkShape(mode: .bridge, bridge: "vmpool0", subnet: "10.9.0.0/29"))
         var addresses: [String] = []
         // A /29 has 8 addresses: network, gateway and broadcast leave 5 for VMs.
@@ -183,10 +188,11 @@ struct NetworkAllocationTests {
         #expect(try store.allocations().ports.count == 98)
     }
 
-    @Test func aPortSomethingElseListensOnIsNotChosen() throws {
-        let dir = TemporaryDirectory()
-        defer { dir.remove() }
-        let store = try StateStore(directory: dir.path)
+    @Test(arguments: StoreEngine.available)
+    func aPortSomethingElseListensOnIsNotChosen(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
         let forwarded = NetworkRequest(NetworkShape(mode: .user, ports: [22]))
         let busy = Set(StateStore.forwardedPorts.filter { $0 % 2 == 0 })
         for index in 0..<20 {
