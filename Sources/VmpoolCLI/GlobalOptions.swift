@@ -36,6 +36,22 @@ public struct GlobalOptions: ParsableArguments {
         name: .customLong("lock-timeout"), help: "How long to wait for another vmpool on this state dir (default 60s).")
     var lockTimeout: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "The state store: sqlite:PATH, or postgres://USER@HOST[:PORT]/DATABASE shared by many hosts (env VMPOOL_STORE; default: SQLite in the state dir).",
+            valueName: "url"))
+    var store: String?
+
+    @Option(help: "This host's name on a shared store (env VMPOOL_HOST; default: the hostname).")
+    var host: String?
+
+    @Option(
+        name: .customLong("host-timeout"), parsing: .unconditional,
+        help:
+            "On a shared store: a host silent this long has its VMs placed on others (env VMPOOL_HOST_TIMEOUT; default 30s)."
+    )
+    var hostTimeout: String?
+
     public init() {}
 
     var environment: [String: String] { ProcessInfo.processInfo.environment }
@@ -124,7 +140,46 @@ public struct GlobalOptions: ParsableArguments {
         return format
     }
 
+    /// Where the store is (`--store`, `VMPOOL_STORE`); SQLite in `stateDirectory` by default.
+    func storeLocation(stateDirectory: String) throws -> StoreLocation {
+        let text = store ?? environment["VMPOOL_STORE"] ?? ""
+        if text.isEmpty { return .sqlite(path: stateDirectory + "/" + StateStore.fileName) }
+        do {
+            return try StoreLocation.parse(text, stateDirectory: stateDirectory, environment: environment)
+        } catch {
+            throw ValidationError((store == nil ? "VMPOOL_STORE: " : "--store: ") + error.message)
+        }
+    }
+
+    /// Whether the store is shared by many hosts (PostgreSQL).
+    var sharedStore: Bool {
+        if case .postgres = try? storeLocation(stateDirectory: givenStateDir) { return true }
+        return false
+    }
+
+    /// This host's name on a shared store: letters, digits, dots, dashes and underscores.
+    func resolvedHost() throws -> String {
+        let text = host ?? environment["VMPOOL_HOST"] ?? ""
+        let name = text.isEmpty ? ProcessInfo.processInfo.hostName : text
+        let allowed = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+        guard !name.isEmpty, name.count <= 63, name.allSatisfy(allowed.contains) else {
+            throw ValidationError(
+                (host == nil ? "VMPOOL_HOST" : "--host")
+                    + ": expected 1 to 63 letters, digits, dots, dashes or underscores, got \"\(name)\"")
+        }
+        return name
+    }
+
+    func resolvedHostTimeout() throws -> Duration {
+        let fromEnvironment = hostTimeout == nil
+        guard let text = hostTimeout ?? environment["VMPOOL_HOST_TIMEOUT"], !text.isEmpty else { return .seconds(30) }
+        return try duration(fromEnvironment ? "VMPOOL_HOST_TIMEOUT" : "--host-timeout", allowZero: false)(text)
+    }
+
     public func validate() throws {
+        _ = try storeLocation(stateDirectory: "/")
+        _ = try resolvedHostTimeout()
+        if host != nil || environment["VMPOOL_HOST"] != nil { _ = try resolvedHost() }
         _ = try resolvedDriver()
         _ = try resolvedLogLevel()
         _ = try resolvedLogFormat()

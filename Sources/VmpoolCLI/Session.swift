@@ -6,6 +6,7 @@ import VmpoolImage
 import VmpoolReconciler
 import VmpoolSpec
 import VmpoolStore
+import VmpoolStorePostgres
 
 /// What a command needs to act on a state dir: store, driver, reconciler, and (for
 /// commands that change anything) the state dir lock.
@@ -19,6 +20,8 @@ struct Session {
 
     /// The state dir, resolved to its real path.
     let stateDirectory: String
+    /// This host's part in a cluster, on a shared (PostgreSQL) store.
+    let cluster: ClusterMember?
 
     /// Opens the state dir. `locking` names the command for the lock holder record; such a
     /// session holds the lock until it ends. `create` makes an absent state dir, else an
@@ -28,7 +31,7 @@ struct Session {
 
     init(
         _ options: GlobalOptions, locking command: String?, create: Bool = true, parallelism: Int = 4,
-        timeout: Duration? = nil, showProgress: Bool = false
+        timeout: Duration? = nil, showProgress: Bool = false, capacity: HostCapacity? = nil
     ) async throws {
         self.options = options
         let progress = showProgress && ProgressLine.wanted(options) ? ProgressLine(verb: command ?? "pass") : nil
@@ -38,7 +41,18 @@ struct Session {
         let dir = try options.stateDirectory(create: create)
         stateDirectory = dir
         lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
-        store = try StateStore(directory: dir)
+        let location = try options.storeLocation(stateDirectory: dir)
+        let store: StateStore
+        switch location {
+        case .sqlite:
+            store = try StateStore.open(location, directory: dir, logger: logger)
+            cluster = nil
+        case .postgres:
+            store = try StateStore.open(location, directory: dir, host: try options.resolvedHost(), logger: logger)
+            cluster = ClusterMember(
+                store: store, hostTimeout: try options.resolvedHostTimeout(), capacity: capacity, logger: logger)
+        }
+        self.store = store
         let driver = try options.makeDriver(stateDirectory: dir, logger: logger)
         let defaultImage: BootImage? =
             driver.name == "sim" ? GuestImage.simDefault : GuestImage.installed(stateDirectory: dir)
@@ -46,6 +60,7 @@ struct Session {
         var configuration = ReconcilerConfiguration(
             parallelism: parallelism, defaultImage: defaultImage, timeout: timeout, standbys: standbys)
         if let progress { configuration.progress = { progress.update($0) } }
+        configuration.cluster = cluster
         reconciler = Reconciler(store: store, driver: driver, configuration: configuration, logger: logger)
     }
 }

@@ -241,7 +241,8 @@ extension Reconciler {
             if try !store.vms(pool: action.pool).isEmpty {
                 throw DriverError(.invalidState, "pool \(action.pool) still has VMs")
             }
-            try store.deletePool(action.pool)
+            // On a cluster, the last host to stop its VMs of the pool forgets it.
+            if try store.allVMs(pool: action.pool).isEmpty { try store.deletePool(action.pool) }
             return nil
         }
     }

@@ -118,12 +118,21 @@ extension Reconciler {
     /// (`get`, a `plan` during an apply) ask at `.hypervisor` depth; the lock holder at `.guest`.
     /// A pass leaves out the leased VMs' status (`leased: false`): they are their holders',
     /// and the planner decides about them from the clock alone.
-    public func observe(depth: StatusDepth, leased: Bool = true) async throws(StoreError) -> Observation {
+    ///
+    /// `allHosts` (what `get` and `describe` show on a cluster) adds the other hosts' VMs,
+    /// whose condition is what their records say: their own hosts watch them.
+    public func observe(depth: StatusDepth, leased: Bool = true, allHosts: Bool = false) async throws(StoreError)
+        -> Observation
+    {
         let pools = try store.pools()
-        let records = try store.vms()
+        let records = allHosts ? try store.allVMs() : try store.vms()
         let templates = try store.templates()
-        let asked = leased ? records : records.filter { $0.lease == nil }
-        let statuses = await driver.status(of: asked.map(\.ref), depth: depth)
+        let local = records.filter { $0.host == store.host }
+        let asked = leased ? local : local.filter { $0.lease == nil }
+        var statuses = await driver.status(of: asked.map(\.ref), depth: depth)
+        for record in records where record.host != store.host {
+            statuses[record.id] = VMStatus(liveness: .alive, running: record.state == .running)
+        }
         var present = Set<String>()
         for template in templates where template.state == .ready {
             if await driver.templateExists(template.ref) { present.insert(template.ref.id) }

@@ -20,6 +20,9 @@ public struct ReconcilerConfiguration: Sendable {
     public var standbys: Int
     /// Told after each action finishes (a live progress line on a terminal).
     public var progress: (@Sendable (PassProgress) -> Void)?
+    /// This host's part in a cluster sharing a PostgreSQL store: a pass checks in, places
+    /// (when this host is the placer), and converges this host's share of each pool.
+    public var cluster: ClusterMember?
 
     public init(parallelism: Int = 4, defaultImage: BootImage? = nil, timeout: Duration? = nil, standbys: Int = 2) {
         self.parallelism = max(1, parallelism)
@@ -106,9 +109,14 @@ public final class Reconciler: Sendable {
     public func reconcile(
         only names: Set<String>? = nil, cancellation: Cancellation = Cancellation()
     ) async throws(StoreError) -> PassResult {
+        if let cluster = configuration.cluster {
+            try cluster.checkIn()
+            _ = try cluster.placeIfPlacer()
+        }
         let stored = try store.pools().filter { names?.contains($0.spec.name) ?? true }
         let deleting = Set(stored.filter(\.deleting).map(\.spec.name))
-        let pools = stored.filter { !$0.deleting }.map(\.spec)
+        var pools = stored.filter { !$0.deleting }.map(\.spec)
+        if let cluster = configuration.cluster { pools = try cluster.localShare(of: pools) }
         return try await converge(pools, prune: deleting, cancellation: cancellation)
     }
 

@@ -54,6 +54,7 @@ public struct VMRow: Sendable {
     public var json: [String: JSONValue] {
         [
             "id": .string(record.id), "pool": .string(record.pool), "state": .string(state),
+            "host": record.host.isEmpty ? .null : .string(record.host),
             "vcpus": .int(record.shape.vcpus), "memoryMiB": .int(record.shape.memoryMiB),
             "boot": .string(record.boot.rawValue), "pid": record.pid.map { .int(Int($0)) } ?? .null,
             "createdAt": .string(JSONValue.rfc3339(record.createdAt)),

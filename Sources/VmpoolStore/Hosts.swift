@@ -110,6 +110,18 @@ extension StateStore {
         }
     }
 
+    /// Takes (or confirms this process holds) the placer lock: one process at a time places
+    /// the cluster's VMs on its hosts.
+    public func tryBecomePlacer() throws(StoreError) -> Bool {
+        do {
+            return try backend.tryHoldPlacerLock()
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.database, "taking the placer lock failed: \(error)")
+        }
+    }
+
     /// Every host of the cluster, by name.
     public func hosts() throws(StoreError) -> [HostRecord] {
         try read { db in

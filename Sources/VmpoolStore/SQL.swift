@@ -153,7 +153,15 @@ public protocol StoreBackend: Sendable {
     func appliedMigrations() throws -> Set<String>
     /// Applies `migrations` not applied yet, in order, each in its own transaction.
     func migrate(_ migrations: [StoreMigration]) throws
+    /// Takes (or confirms this process holds) the cluster's placer lock, held until the
+    /// process's connection ends; `false` while another process holds it.
+    func tryHoldPlacerLock() throws -> Bool
     func close()
+}
+
+extension StoreBackend {
+    /// A store no other host shares: this process is always its placer.
+    public func tryHoldPlacerLock() throws -> Bool { true }
 }
 
 /// One schema change, with its SQL for each engine.

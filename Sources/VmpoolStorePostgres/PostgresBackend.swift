@@ -119,6 +119,10 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         }
     }
 
+    public func tryHoldPlacerLock() throws -> Bool {
+        try tryHoldSessionLock(.placer)
+    }
+
     /// Holds `key` for this process's session, if no other session holds it: the lock goes
     /// when the session does (vmpool exits, or its host stops answering). `true` when held.
     public func tryHoldSessionLock(_ key: LockKey) throws(StoreError) -> Bool {

@@ -48,6 +48,15 @@ extension Vmpool {
                 }
                 return
             }
+            if options.sharedStore {
+                let probe = try await Session(options, locking: nil, parallelism: execution.parallel)
+                guard let cluster = probe.cluster else { return }
+                let prunable = prune ? try pruneSet(probe, keeping: manifests) : []
+                try await ClusterApply.apply(
+                    probe, cluster: cluster, pools: manifests.pools, prune: prunable, timeout: timeout.timeout,
+                    output: output)
+                return
+            }
             let session = try await Session(
                 options, locking: "apply", parallelism: execution.parallel, timeout: timeout.timeout, showProgress: true
             )

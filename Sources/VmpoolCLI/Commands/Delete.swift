@@ -24,7 +24,10 @@ extension Vmpool {
 
         func run() async throws {
             if ignoreNotFound, (try? options.stateDirectory(create: false)) == nil { return }
-            let session = try await Session(options, locking: "delete", create: false, showProgress: true)
+            let session =
+                options.sharedStore
+                ? try await Session(options, locking: nil, create: false)
+                : try await Session(options, locking: "delete", create: false, showProgress: true)
             let known = Set(try session.store.pools().map(\.spec.name))
             var names = pools
             if ignoreNotFound {
@@ -37,6 +40,10 @@ extension Vmpool {
                 }
             } else if let missing = pools.first(where: { !known.contains($0) }) {
                 throw CommandFailure(description: "no pool named \"\(missing)\" has been applied")
+            }
+            if let cluster = session.cluster {
+                try await ClusterApply.delete(session, cluster: cluster, names: Set(names), output: output)
+                return
             }
             let cancellation = Cancellation()
             let reconciler = session.reconciler

@@ -25,7 +25,7 @@ extension Vmpool {
 
             func run() async throws {
                 let session = try await Session(options, locking: nil, create: false)
-                let observation = try await session.reconciler.observe(depth: .hypervisor)
+                let observation = try await session.reconciler.observe(depth: .hypervisor, allHosts: true)
                 guard let stored = observation.pools.first(where: { $0.spec.name == name }) else {
                     throw CommandFailure(description: "no pool named \"\(name)\" has been applied")
                 }
@@ -57,7 +57,7 @@ extension Vmpool {
 
             func run() async throws {
                 let session = try await Session(options, locking: nil, create: false)
-                let observation = try await session.reconciler.observe(depth: .hypervisor)
+                let observation = try await session.reconciler.observe(depth: .hypervisor, allHosts: true)
                 guard let row = VMRow.rows(observation).first(where: { $0.record.id == id }) else {
                     throw CommandFailure(description: "no VM named \"\(id)\" (see vmpool get vms)")
                 }

@@ -95,6 +95,11 @@ enum GuestCommand {
             guard let record = try session.store.vm(id) else {
                 throw CommandFailure(description: "no VM named \"\(id)\" (see vmpool get vms)")
             }
+            guard record.host == session.store.host else {
+                throw CommandFailure(
+                    description: "VM \(id) runs on host \(record.host), not on \(session.store.host): run this there"
+                        + " (vmpool get vms shows each VM's host)")
+            }
             guard let access = session.reconciler.driver as? any GuestAccess else {
                 throw CommandFailure(
                     description: "the \(session.reconciler.driver.name) driver runs no guests; this needs --driver qemu"

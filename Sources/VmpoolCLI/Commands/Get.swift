@@ -10,7 +10,8 @@ extension Vmpool {
     /// Lists pools or VMs with what the hypervisor says about them.
     struct Get: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "List pools or VMs.", subcommands: [Pools.self, VMs.self])
+            abstract: "List pools, VMs or the hosts of a shared store.",
+            subcommands: [Pools.self, VMs.self, Hosts.self])
 
         struct Pools: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -26,7 +27,7 @@ extension Vmpool {
 
             func run() async throws {
                 let session = try await Session(options, locking: nil, create: false)
-                let observation = try await session.reconciler.observe(depth: .hypervisor)
+                let observation = try await session.reconciler.observe(depth: .hypervisor, allHosts: true)
                 var pools = observation.pools
                 if !names.isEmpty {
                     let known = Set(pools.map(\.spec.name))
@@ -70,7 +71,7 @@ extension Vmpool {
                 if let pool, try !session.store.pools().contains(where: { $0.spec.name == pool }) {
                     throw CommandFailure(description: "no pool named \"\(pool)\" has been applied")
                 }
-                let observation = try await session.reconciler.observe(depth: .hypervisor)
+                let observation = try await session.reconciler.observe(depth: .hypervisor, allHosts: true)
                 let rows = VMRow.rows(observation, pool: pool)
                 switch output {
                 case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
@@ -78,6 +79,73 @@ extension Vmpool {
                 }
             }
         }
+    }
+}
+
+extension Vmpool.Get {
+    struct Hosts: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the hosts sharing the store, with their capacity, use and heartbeat.", aliases: ["host"])
+
+        @OptionGroup var options: GlobalOptions
+
+        @Option(name: .shortAndLong, help: "Output format: text or json.")
+        var output: OutputFormat = .text
+
+        func run() async throws {
+            let session = try await Session(options, locking: nil, create: false)
+            guard let cluster = session.cluster else {
+                throw CommandFailure(
+                    description:
+                        "the store is this host's own (SQLite); hosts share a PostgreSQL store (--store postgres://...)"
+                )
+            }
+            let vms = try session.store.allVMs()
+            let byHost = Dictionary(grouping: vms, by: \.host)
+            let now = Date()
+            let rows = try session.store.hosts().map { host in
+                HostRow(
+                    record: host, alive: host.isAlive(timeout: cluster.hostTimeout, now: now),
+                    vms: byHost[host.name] ?? [], now: now)
+            }
+            switch output {
+            case .json: printOut(try JSONOutput.encode(rows.map(\.json)))
+            case .text: printOut(TableRenderer.hosts(rows))
+            }
+        }
+    }
+}
+
+/// A host of a shared store as `get hosts` shows it.
+struct HostRow {
+    var record: HostRecord
+    var alive: Bool
+    var vms: Int
+    var usedVcpus: Int
+    var usedMemoryMiB: Int
+    var heartbeatAge: Int
+
+    init(record: HostRecord, alive: Bool, vms: [VMRecord], now: Date) {
+        self.record = record
+        self.alive = alive
+        self.vms = vms.count
+        usedVcpus = vms.reduce(0) { $0 + $1.shape.vcpus }
+        usedMemoryMiB = vms.reduce(0) { $0 + $1.shape.memoryMiB }
+        heartbeatAge = max(0, Int(now.timeIntervalSince(record.heartbeatAt).rounded()))
+    }
+
+    /// `ready` (heartbeating), `silent` (late, not declared dead yet), `dead` (its VMs were
+    /// placed elsewhere; it rejoins when it is back).
+    var state: String { record.fencedAt != nil ? "dead" : alive ? "ready" : "silent" }
+
+    var json: [String: JSONValue] {
+        [
+            "name": .string(record.name), "state": .string(state), "vms": .int(vms), "epoch": .int(Int(record.epoch)),
+            "capacity": .object(["vcpus": .int(record.capacity.vcpus), "memoryMiB": .int(record.capacity.memoryMiB)]),
+            "used": .object(["vcpus": .int(usedVcpus), "memoryMiB": .int(usedMemoryMiB)]),
+            "heartbeatAt": .string(JSONValue.rfc3339(record.heartbeatAt)),
+            "fencedAt": record.fencedAt.map { .string(JSONValue.rfc3339($0)) } ?? .null,
+        ]
     }
 }
 

@@ -5,6 +5,7 @@ import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
 import VmpoolService
+import VmpoolSpec
 import VmpoolStore
 
 extension Vmpool {
@@ -28,11 +29,49 @@ extension Vmpool {
         var listen: String?
 
         @Option(
+            help: ArgumentHelp(
+                "On a shared store: what this host offers the cluster's VMs, vcpus=N,memory=SIZE (env VMPOOL_CAPACITY; default: the machine's CPUs and memory).",
+                valueName: "vcpus=N,memory=SIZE"))
+        var capacity: String?
+
+        @Option(
             name: .customLong("token-file"),
             help: "Bearer token the HTTP API requires (a file of mode 0600); needed to listen beyond loopback.")
         var tokenFile: String?
 
+        /// `--capacity`, or what the machine has.
+        func resolvedCapacity() throws -> HostCapacity {
+            let fromEnvironment = capacity == nil
+            let name = fromEnvironment ? "VMPOOL_CAPACITY" : "--capacity"
+            var result = HostCapacity(
+                vcpus: ProcessInfo.processInfo.activeProcessorCount,
+                memoryMiB: Int(ProcessInfo.processInfo.physicalMemory / 1_048_576))
+            guard let text = capacity ?? ProcessInfo.processInfo.environment["VMPOOL_CAPACITY"], !text.isEmpty else {
+                return result
+            }
+            for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+                let pair = part.split(separator: "=", maxSplits: 1).map(String.init)
+                switch (pair.first, pair.count == 2 ? pair[1] : nil) {
+                case ("vcpus", let value?):
+                    guard let n = Int(value), (1...100_000).contains(n) else {
+                        throw ValidationError("\(name): vcpus: expected an integer from 1 to 100000, got \"\(value)\"")
+                    }
+                    result.vcpus = n
+                case ("memory", let value?):
+                    guard let mib = MemoryQuantity.parse(value) ?? Int(value).flatMap({ $0 >= 64 ? $0 : nil }) else {
+                        throw ValidationError("\(name): memory: \(MemoryQuantity.expectation), got \"\(value)\"")
+                    }
+                    result.memoryMiB = mib
+                default:
+                    throw ValidationError(
+                        "\(name): expected vcpus=N,memory=SIZE (like vcpus=16,memory=64Gi), got \"\(text)\"")
+                }
+            }
+            return result
+        }
+
         func validate() throws {
+            _ = try resolvedCapacity()
             if let listen {
                 guard every != nil else { throw ValidationError("--listen needs --every (the service)") }
                 guard let address = ListenAddress(listen) else {
@@ -52,9 +91,12 @@ extension Vmpool {
             let parallel = execution.parallel
             guard let interval = every else {
                 let session = try await Session(
-                    options, locking: "reconcile", parallelism: parallel, showProgress: true)
+                    options, locking: "reconcile", parallelism: parallel, showProgress: true,
+                    capacity: try resolvedCapacity())
                 let cancellation = Cancellation()
                 let reconciler = session.reconciler
+                let heartbeats = session.cluster?.heartbeats()
+                defer { heartbeats?.cancel() }
                 let result = try await withShutdownSignals(cancellation) {
                     try await reconciler.reconcile(cancellation: cancellation)
                 }
@@ -63,7 +105,10 @@ extension Vmpool {
                 return
             }
             // The service takes the state dir lock for each pass, not for its whole life.
-            let session = try await Session(options, locking: nil, parallelism: parallel)
+            let session = try await Session(
+                options, locking: nil, parallelism: parallel, capacity: try resolvedCapacity())
+            let heartbeats = session.cluster?.heartbeats()
+            defer { heartbeats?.cancel() }
             var service = ReconcileService(
                 reconciler: session.reconciler, interval: interval, logger: session.logger,
                 stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory))
@@ -77,7 +122,7 @@ extension Vmpool {
                     leases: Leases(
                         store: session.store, driver: reconciler.driver, stateDirectory: session.stateDirectory),
                     store: session.store, metrics: metrics, token: token, logger: session.logger,
-                    observe: { try await reconciler.observe(depth: .hypervisor) })
+                    observe: { try await reconciler.observe(depth: .hypervisor, allHosts: true) })
                 services.append(.init(service: server.application(listening: address)))
                 session.logger.notice("serving the lease API and /metrics on \(address)")
             }

@@ -32,16 +32,37 @@ enum TableRenderer {
             })
     }
 
+    /// VMs; a HOST column when any VM runs on a named host (a shared store).
     static func vms(_ rows: [VMRow]) -> String {
         if rows.isEmpty { return "No VMs." }
+        let hosts = rows.contains { !$0.record.host.isEmpty }
+        var header = ["ID", "POOL", "STATE", "VCPUS", "MEMORY", "BOOT", "PID", "ADDRESS", "PORTS", "LEASE", "CREATED"]
+        if hosts { header.insert("HOST", at: 2) }
         return table(
-            ["ID", "POOL", "STATE", "VCPUS", "MEMORY", "BOOT", "PID", "ADDRESS", "PORTS", "LEASE", "CREATED"],
+            header,
             rows.map { row in
-                [
+                var cells = [
                     row.record.id, row.record.pool, row.state + (row.problem.map { " (\($0))" } ?? ""),
                     "\(row.record.shape.vcpus)", MemoryQuantity.format(row.record.shape.memoryMiB),
                     row.record.boot.rawValue, row.record.pid.map(String.init) ?? "-", row.address ?? "-", row.portsText,
                     row.record.lease?.holder ?? "-", JSONOutput.rfc3339(row.record.createdAt),
+                ]
+                if hosts { cells.insert(row.record.host, at: 2) }
+                return cells
+            })
+    }
+
+    /// The hosts of a shared store.
+    static func hosts(_ rows: [HostRow]) -> String {
+        if rows.isEmpty { return "No hosts have joined (a host joins with its first vmpool reconcile)." }
+        return table(
+            ["NAME", "STATE", "VMS", "VCPUS", "MEMORY", "HEARTBEAT", "EPOCH"],
+            rows.map { row in
+                [
+                    row.record.name, row.state, "\(row.vms)", "\(row.usedVcpus)/\(row.record.capacity.vcpus)",
+                    (row.usedMemoryMiB == 0 ? "0" : MemoryQuantity.format(row.usedMemoryMiB)) + "/"
+                        + MemoryQuantity.format(row.record.capacity.memoryMiB),
+                    "\(row.heartbeatAge)s ago", "\(row.record.epoch)",
                 ]
             })
     }
