@@ -106,7 +106,14 @@ struct ReconcileService: Service {
         do {
             let pools = try reconciler.store.pools().map(\.spec.name)
             let due = Set(pools.filter { backoff.isDue($0) })
-            guard !due.isEmpty else { return false }
+            guard !due.isEmpty else {
+                // Nothing to converge here, but a cluster's host still checks in and places.
+                if let cluster = reconciler.configuration.cluster {
+                    try cluster.checkIn()
+                    _ = try cluster.placeIfPlacer()
+                }
+                return false
+            }
             let result = try await reconciler.reconcile(only: due, cancellation: cancellation)
             for pool in due {
                 switch result.outcome(of: pool) {

@@ -38,7 +38,9 @@ struct Session {
         self.progress = progress
         let logger = try options.makeLogger(quiet: progress != nil)
         self.logger = logger
-        let dir = try options.stateDirectory(create: create)
+        // On a shared store, the state dir holds only this host's runtime files: observers on any
+        // host may make it.
+        let dir = try options.stateDirectory(create: create || options.sharedStore)
         stateDirectory = dir
         lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
         let location = try options.storeLocation(stateDirectory: dir)
@@ -48,9 +50,12 @@ struct Session {
             store = try StateStore.open(location, directory: dir, logger: logger)
             cluster = nil
         case .postgres:
-            store = try StateStore.open(location, directory: dir, host: try options.resolvedHost(), logger: logger)
-            cluster = ClusterMember(
-                store: store, hostTimeout: try options.resolvedHostTimeout(), capacity: capacity, logger: logger)
+            // A host that cannot get an answer within half its timeout is as good as cut off.
+            let hostTimeout = try options.resolvedHostTimeout()
+            let storeTimeout = max(.seconds(2), min(.seconds(10), hostTimeout / 2))
+            store = try StateStore.open(
+                location, directory: dir, host: try options.resolvedHost(), timeout: storeTimeout, logger: logger)
+            cluster = ClusterMember(store: store, hostTimeout: hostTimeout, capacity: capacity, logger: logger)
         }
         self.store = store
         let driver = try options.makeDriver(stateDirectory: dir, logger: logger)

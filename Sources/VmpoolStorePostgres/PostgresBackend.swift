@@ -256,7 +256,8 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         let nanoseconds = Int(timeout.nanoseconds)
         if done.wait(timeout: .now() + .nanoseconds(nanoseconds)) == .timedOut {
             if let connection {
-                connection.close().whenComplete { _ in }
+                // The closure keeps the connection alive until its channel has closed.
+                connection.close().whenComplete { _ in withExtendedLifetime(connection) {} }
                 if self.connection === connection { self.connection = nil }
             }
             throw StoreError(

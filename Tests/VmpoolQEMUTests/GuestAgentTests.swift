@@ -18,6 +18,7 @@ struct GuestAgentTests {
         else { return nil }
         let path = NSTemporaryDirectory() + "vmpool-agent-\(getpid())"
         FileManager.default.createFile(atPath: path, contents: data, attributes: [.posixPermissions: 0o700])
+        atexit { if let path = GuestAgentTests.binary { unlink(path) } }
         return path
     }()
 

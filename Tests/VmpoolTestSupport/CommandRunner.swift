@@ -94,6 +94,12 @@ public final class RunningCommand: @unchecked Sendable {
         self.pid = pid
     }
 
+    deinit {
+        // Never waited for: its output files go with it (the child keeps its descriptors).
+        unlink(outPath)
+        unlink(errPath)
+    }
+
     public func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(pid, signal) }
 
     /// Waits for the child and returns its exit status (128+signal when killed) and output.

@@ -35,9 +35,13 @@ extension Vmpool {
                 let alive = Set(await session.reconciler.driver.discover().map(\.id))
                 let standbys = try session.store.standbys().filter { $0.pool == name }
                 let events = try session.store.events(pool: name, limit: 15)
-                let description = PoolDescription(
+                var description = PoolDescription(
                     stored: stored, readiness: readiness, rows: rows, templates: templates,
                     standbys: standbys.map { ($0, $0.ready && alive.contains($0.id)) }, events: events)
+                if session.cluster != nil {
+                    description.placement = try session.store.placements().filter { $0.pool == name }
+                    description.unplaced = try session.store.unplaced()[name] ?? 0
+                }
                 switch format.output {
                 case .text: printOut(description.text)
                 case .json: printOut(try JSONOutput.encode(.object(description.json)))
@@ -142,6 +146,9 @@ struct PoolDescription {
     var templates: [TemplateRecord]
     var standbys: [(StandbyRecord, Bool)]
     var events: [Event]
+    /// On a shared store: each host's share, and the VMs no host has room for.
+    var placement: [PlacementRecord]?
+    var unplaced = 0
 
     var text: String {
         let spec = stored.spec
@@ -173,6 +180,13 @@ struct PoolDescription {
         lines.append(
             "Status:      \(readiness.ready)/\(spec.size) ready, \(readiness.warm)/\(spec.warm) warm, \(readiness.leased) leased, \(readiness.vms) VMs"
                 + (stored.deleting ? " (being deleted)" : ""))
+        if let placement {
+            let shares = placement.map { "\($0.host) \($0.size)" + ($0.warm > 0 ? "+\($0.warm) warm" : "") }
+            lines.append(
+                "Placement:   " + (shares.isEmpty ? "on no host" : shares.joined(separator: ", "))
+                    + (unplaced > 0
+                        ? "; \(unplaced) VM\(unplaced == 1 ? "" : "s") fit on no live host's declared capacity" : ""))
+        }
         lines.append(
             "Template:    "
                 + (templates.isEmpty
@@ -203,6 +217,15 @@ struct PoolDescription {
                 "vms": .int(readiness.vms), "deleting": .bool(stored.deleting),
             ]),
             "vms": .array(rows.map { .object($0.json) }),
+            "placement": placement.map { shares in
+                .object([
+                    "hosts": .array(
+                        shares.map {
+                            .object(["host": .string($0.host), "size": .int($0.size), "warm": .int($0.warm)])
+                        }),
+                    "unplaced": .int(unplaced),
+                ])
+            } ?? .null,
             "templates": .array(
                 templates.map {
                     .object([
