@@ -84,17 +84,8 @@ public final class ClusterMember: Sendable {
             report.fenced.append(host.name)
             logger.warning("declared a silent host dead; its VMs are placed again", metadata: ["host": "\(host.name)"])
         }
-        let leased = try store.leasedUsage()
-        let live = try store.hosts().filter { $0.isAlive(timeout: hostTimeout, now: now) }.map { host in
-            Placer.Host(
-                name: host.name, vcpus: host.capacity.vcpus, memoryMiB: host.capacity.memoryMiB,
-                usedVcpus: leased[host.name]?.vcpus ?? 0, usedMemoryMiB: leased[host.name]?.memoryMiB ?? 0)
-        }
         let pools = try store.pools().filter { !$0.deleting }.map(\.spec)
-        let current = try store.placements().map {
-            Placer.Share(pool: $0.pool, host: $0.host, size: $0.size, warm: $0.warm)
-        }
-        let result = Placer.place(pools: pools.map(Placer.Pool.init), hosts: live, current: current)
+        let (current, result) = try propose(pools, now: now)
         report.unplaced = result.unplaced
         let before = try store.unplaced()
         guard Set(result.shares) != Set(current) || before != result.unplaced.filter({ $0.value > 0 }) else {
@@ -128,6 +119,23 @@ public final class ClusterMember: Sendable {
             result.shares.map { PlacementRecord(pool: $0.pool, host: $0.host, size: $0.size, warm: $0.warm) },
             unplaced: result.unplaced, events: events)
         return report
+    }
+
+    /// Where `pools` would be placed now: the shares recorded today, and what placing `pools`
+    /// on the live hosts (sticky to those shares) gives. Changes nothing.
+    public func propose(_ pools: [PoolSpec], now: Date = Date()) throws(StoreError) -> (
+        current: [Placer.Share], proposed: Placer.Result
+    ) {
+        let leased = try store.leasedUsage()
+        let live = try store.hosts().filter { $0.isAlive(timeout: hostTimeout, now: now) }.map { host in
+            Placer.Host(
+                name: host.name, vcpus: host.capacity.vcpus, memoryMiB: host.capacity.memoryMiB,
+                usedVcpus: leased[host.name]?.vcpus ?? 0, usedMemoryMiB: leased[host.name]?.memoryMiB ?? 0)
+        }
+        let current = try store.placements().map {
+            Placer.Share(pool: $0.pool, host: $0.host, size: $0.size, warm: $0.warm)
+        }
+        return (current, Placer.place(pools: pools.map(Placer.Pool.init), hosts: live, current: current))
     }
 
     /// `pools` as this host must run them: its share of each pool's VMs and warm spares.

@@ -246,10 +246,25 @@ def test_spread_and_pack(cluster):
     cluster.apply(pool("web", 6))
     assert cluster.by_host("web") == {"h1": 2, "h2": 2, "h3": 2}
     # 8 vcpus a host, web takes 2 of each: pack puts 3 VMs of 2 vcpus on h1, then h2.
-    cluster.apply(pool("web", 6) + "---\n" + pool("batch", 6, vcpus=2, placement="pack"))
+    both = pool("web", 6) + "---\n" + pool("batch", 6, vcpus=2, placement="pack")
+    path = os.path.join(cluster.dir, "both.yaml")
+    with open(path, "w") as f:
+        f.write(both)
+    # plan, from any host, shows the placement the apply will make, and changes nothing.
+    planned = cluster.vmpool("plan", "-f", path, "--detailed-exitcode", check=False)
+    assert planned.returncode == 2, planned.stdout + planned.stderr
+    assert "+   create" in planned.stdout and "h1: 0 → 3 VMs" in planned.stdout, planned.stdout
+    shown = json.loads(cluster.vmpool("plan", "-f", path, "-o", "json", check=False).stdout)
+    batch = next(p for p in shown["pools"] if p["pool"] == "batch")
+    assert batch["change"] == "create" and batch["unplaced"] == 0
+    assert {h: c["planned"] for h, c in batch["hosts"].items()} == {"h1": 3, "h2": 3}
+    assert "batch" not in cluster.by_host(), "plan placed nothing"
+    cluster.apply(both)
     assert cluster.by_host("web") == {"h1": 2, "h2": 2, "h3": 2}, "placed VMs stay where they are"
     assert cluster.by_host("batch") == {"h1": 3, "h2": 3}
     cluster.eventually(lambda: assert_no_duplicates(cluster) or True, what="hypervisors match the store")
+    again = cluster.vmpool("plan", "-f", path, "--detailed-exitcode", check=False)
+    assert again.returncode == 0 and again.stdout.startswith("No changes."), again.stdout + again.stderr
 
 
 def test_a_killed_hosts_vms_come_back_on_the_others(cluster):

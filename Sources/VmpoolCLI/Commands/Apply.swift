@@ -39,6 +39,16 @@ extension Vmpool {
             if dryRun {
                 let session = try await Session(options, locking: nil)
                 let prunable = prune ? try pruneSet(session, keeping: manifests) : []
+                if let cluster = session.cluster {
+                    let plan = try ClusterPlan.make(session, cluster: cluster, pools: manifests.pools, prune: prunable)
+                    switch output {
+                    case .text:
+                        printOut(plan.text)
+                        printOut("Dry run: nothing was changed.")
+                    case .json: printOut(try JSONOutput.encode(plan.json))
+                    }
+                    return
+                }
                 let plan = try await preview(session, manifests.pools, prune: prunable)
                 switch output {
                 case .text:

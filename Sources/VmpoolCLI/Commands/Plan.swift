@@ -33,6 +33,16 @@ extension Vmpool {
             try checkImages(manifests)
             let session = try await Session(options, locking: nil)
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []
+            if let cluster = session.cluster {
+                let plan = try ClusterPlan.make(session, cluster: cluster, pools: manifests.pools, prune: prunable)
+                noteAbsentPools(session, manifests: manifests, pruning: prune)
+                switch output {
+                case .text: printOut(plan.text)
+                case .json: printOut(try JSONOutput.encode(plan.json))
+                }
+                if detailedExitcode && plan.hasChanges { throw ExitCode(2) }
+                return
+            }
             let plan = try await preview(session, manifests.pools, prune: prunable)
             noteAbsentPools(session, manifests: manifests, pruning: prune)
             switch output {
