@@ -21,6 +21,8 @@ struct ReconcileService: Service {
     /// Where the lock lives.
     let stateDirectory: String
     let wake: Wake.Listener
+    /// On a shared store: the other hosts' change notices, which wake this service too.
+    var changes: (any ChangeWatch)?
     /// Set with `--listen`: pool gauges and pass durations are recorded after each pass.
     var metrics: ServiceMetrics?
     static let maxBackoff: Duration = .seconds(600)
@@ -33,7 +35,8 @@ struct ReconcileService: Service {
             let started = ContinuousClock.now
             // A wake (an apply, a delete, a lease) makes every pool due: the change may be what
             // a backed-off pool was waiting for.
-            if wake.drain() { backoff.reset() }
+            let woken = wake.drain()
+            if changes?.drain() == true || woken { backoff.reset() }
             var again = false
             await withGracefulShutdownHandler {
                 guard let lock = await takeLock() else { return }
@@ -49,7 +52,9 @@ struct ReconcileService: Service {
             if again && requeued <= 5 { continue }
             let elapsed = ContinuousClock.now - started
             guard elapsed < interval else { continue }
-            if await wake.wait(upTo: interval - elapsed, stop: { Task.isShuttingDownGracefully }) {
+            if await wake.wait(
+                upTo: interval - elapsed, also: { changes?.drain() == true }, stop: { Task.isShuttingDownGracefully })
+            {
                 // Woken: every pool is due again (a change may have fixed a failing one).
                 backoff.reset()
                 logger.debug("woken: running a pass now")

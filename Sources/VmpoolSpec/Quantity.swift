@@ -2,7 +2,7 @@
 public enum MemoryQuantity {
     /// What a quantity looks like, for error messages.
     public static let expectation =
-        "expected a memory size of at least 64Mi: an integer number of MiB (256), or a string like 256Mi or 1Gi"
+        "expected a memory size from 64Mi to 9999Gi: an integer number of MiB (256), or a string like 256Mi or 1Gi"
 
     /// Parses the string form. `nil` when it is not `^(6[4-9]|[7-9]\d|[1-9]\d{2,6})Mi$` or `^[1-9]\d{0,3}Gi$`.
     public static func parse(_ text: String) -> Int? {

@@ -66,6 +66,8 @@ extension StateStore {
                             pool: "", kind: "host-rejoined",
                             message:
                                 "host \(self.host) rejoined; the cluster had declared it dead and re-placed its VMs"))
+                    // The placer may place VMs that fit nowhere on it now.
+                    try self.backend.announceChange(db)
                 }
                 return (try row["epoch"], fencedAt != nil)
             }
@@ -78,6 +80,7 @@ extension StateStore {
                 Event(
                     pool: "", kind: "host-joined",
                     message: "host \(self.host) joined with \(capacity.vcpus) vcpus, \(capacity.memoryMiB) MiB"))
+            try self.backend.announceChange(db)
             return (1, false)
         }
         epoch.withLock { $0 = result.epoch }
@@ -214,6 +217,7 @@ extension StateStore {
                 try db.execute("UPDATE pool SET unplaced = ? WHERE name = ?", [count, pool])
             }
             for event in events { try self.insertEventRow(db, event) }
+            try self.backend.announceChange(db)
         }
     }
 

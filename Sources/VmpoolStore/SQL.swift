@@ -156,12 +156,28 @@ public protocol StoreBackend: Sendable {
     /// Takes (or confirms this process holds) the cluster's placer lock, held until the
     /// process's connection ends; `false` while another process holds it.
     func tryHoldPlacerLock() throws -> Bool
+    /// Within a write transaction: tells the other hosts' services, once it commits, that
+    /// the cluster's desired state changed (an apply, a placement, a lease), so that they run
+    /// a pass now rather than at their next tick.
+    func announceChange(_ db: any SQLTransaction) throws
+    /// Starts receiving the change notices other processes announce; `nil` for a store no
+    /// other host shares (a state dir's own services are woken by `Wake`).
+    func watchChanges() -> (any ChangeWatch)?
     func close()
 }
 
 extension StoreBackend {
     /// A store no other host shares: this process is always its placer.
     public func tryHoldPlacerLock() throws -> Bool { true }
+    public func announceChange(_ db: any SQLTransaction) throws {}
+    public func watchChanges() -> (any ChangeWatch)? { nil }
+}
+
+/// Change notices from other hosts, as they come.
+public protocol ChangeWatch: Sendable {
+    /// Consumes the notices received since the last call; `true` when there was one (or
+    /// when some may have been missed, the watch having reconnected).
+    func drain() -> Bool
 }
 
 /// One schema change, with its SQL for each engine.

@@ -81,6 +81,9 @@ public final class StateStore: Sendable {
         }
     }
 
+    /// Change notices from the other hosts of a shared store (`nil` on SQLite).
+    public func watchChanges() -> (any ChangeWatch)? { backend.watchChanges() }
+
     // MARK: - Pools
 
     /// Every pool last applied, by name.
@@ -117,6 +120,8 @@ public final class StateStore: Sendable {
                 try self.insertEventRow(db, Event(pool: spec.name, kind: "applied", message: "desired spec recorded"))
                 changed.append(spec.name)
             }
+            // Unchanged specs too: an apply may be what a pool that failed was waiting for.
+            try self.backend.announceChange(db)
             return changed
         }
     }
@@ -129,6 +134,7 @@ public final class StateStore: Sendable {
             for name in names {
                 try db.execute("UPDATE pool SET deleting = 1 WHERE name = ?", [name])
             }
+            try self.backend.announceChange(db)
         }
     }
 
@@ -324,6 +330,8 @@ public final class StateStore: Sendable {
                 Event(
                     pool: pool, vm: record.id, kind: "leased",
                     message: "to \(holder)" + (record.lease?.expiresAt.map { " until \(Self.rfc3339($0))" } ?? "")))
+            // The VM's host refills its pool now.
+            try self.backend.announceChange(db)
             return .leased(record)
         }
     }
@@ -382,6 +390,7 @@ public final class StateStore: Sendable {
             try self.insertEventRow(
                 db, Event(pool: record.pool, vm: id, kind: "released", message: "by \(lease.holder); the VM is stopped")
             )
+            try self.backend.announceChange(db)
             return record
         }
     }

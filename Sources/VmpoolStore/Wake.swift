@@ -92,12 +92,15 @@ public enum Wake {
             return result == 0
         }
 
-        /// Waits up to `duration` for a wake; `true` when one came. Wakes that came meanwhile
+        /// Waits up to `duration` for a wake, or for `also` (another source of wakes, such as
+        /// a shared store's change notices); `true` when one came. Wakes that came meanwhile
         /// are all consumed: many changes, one pass. `stop` ends the wait early (shutdown).
-        public func wait(upTo duration: Duration, stop: () -> Bool = { false }) async -> Bool {
+        public func wait(upTo duration: Duration, also: () -> Bool = { false }, stop: () -> Bool = { false }) async
+            -> Bool
+        {
             let deadline = ContinuousClock.now + duration
             while true {
-                if drain() { return true }
+                if drain() || also() { return true }
                 let remaining = deadline - .now
                 if remaining <= .zero || Task.isCancelled || stop() { return false }
                 try? await Task.sleep(for: min(remaining, .milliseconds(50)))

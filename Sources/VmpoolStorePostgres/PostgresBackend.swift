@@ -104,16 +104,24 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         try transaction(begin: "BEGIN; SELECT pg_advisory_xact_lock(\(LockKey.writes.rawValue))", body)
     }
 
+    /// Statements whose results the transaction does not need (BEGIN, the lock, INSERTs and
+    /// UPDATEs) are sent without waiting for them: the connection runs them in order, and
+    /// their outcome is checked at the next query that returns rows, and at COMMIT. A round
+    /// trip per statement costs a thread hop each way; a launch's two transactions run about
+    /// a dozen statements.
     private func transaction<T>(begin: String, _ body: (any SQLTransaction) throws -> T) throws -> T {
         lock.lock()
         defer { lock.unlock() }
         let connection = try connected()
-        try simple(connection, begin)
+        let transaction = Transaction(backend: self, connection: connection)
         do {
-            let result = try body(Transaction(backend: self, connection: connection))
+            for statement in Self.statements(begin) { transaction.send(statement, []) }
+            let result = try body(transaction)
+            try transaction.flush()
             try simple(connection, "COMMIT")
             return result
         } catch {
+            try? transaction.flush()
             if self.connection != nil { try? simple(connection, "ROLLBACK") }
             throw error
         }
@@ -143,6 +151,19 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         } catch {
             throw StoreError(.database, "\(location): \(Self.describe(error))")
         }
+    }
+
+    // MARK: - Change notices
+
+    /// The channel hosts announce changes on.
+    static let changeChannel = "vmpool_changed"
+
+    public func announceChange(_ db: any SQLTransaction) throws {
+        try db.execute("SELECT pg_notify('\(Self.changeChannel)', '')", [])
+    }
+
+    public func watchChanges() -> (any ChangeWatch)? {
+        ChangeListener(configuration: configuration, location: location, logger: logger)
     }
 
     // MARK: - Migrations
@@ -201,6 +222,14 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
 
     @discardableResult
     fileprivate func rows(_ connection: PostgresConnection, _ sql: String, _ values: [SQLValue]) throws -> [SQLRow] {
+        let result = try wait(issue(connection, sql, values), connection: connection)
+        return try Self.convert(result.rows)
+    }
+
+    /// Sends one statement; its rows come in the future returned.
+    fileprivate func issue(_ connection: PostgresConnection, _ sql: String, _ values: [SQLValue])
+        -> EventLoopFuture<PostgresQueryResult>
+    {
         var bindings = PostgresBindings(capacity: values.count)
         for value in values {
             switch value {
@@ -210,9 +239,22 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
             case .text(let v): bindings.append(v)
             }
         }
-        let result = try wait(
-            connection.query(PostgresQuery(unsafeSQL: sql, binds: bindings), logger: logger), connection: connection)
-        return try Self.convert(result.rows)
+        return connection.query(PostgresQuery(unsafeSQL: sql, binds: bindings), logger: logger)
+    }
+
+    /// Waits for statements sent earlier; the first failure is thrown.
+    fileprivate func settle(_ futures: [EventLoopFuture<PostgresQueryResult>], _ connection: PostgresConnection)
+        throws
+    {
+        var first: (any Error)?
+        for future in futures {
+            do {
+                _ = try wait(future, connection: connection)
+            } catch {
+                first = first ?? error
+            }
+        }
+        if let first { throw first }
     }
 
     /// Runs `sql`, one statement after another when it holds several (PostgreSQL's extended
@@ -243,7 +285,7 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
 
     /// Waits for `future` at most `timeout`; past it the connection is closed (failing what
     /// is in flight), and the next call opens a new one.
-    private func wait<T: Sendable>(_ future: EventLoopFuture<T>, connection: PostgresConnection? = nil)
+    fileprivate func wait<T: Sendable>(_ future: EventLoopFuture<T>, connection: PostgresConnection? = nil)
         throws(StoreError)
         -> T
     {
@@ -315,16 +357,37 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         }
     }
 
-    struct Transaction: SQLTransaction {
+    /// One transaction's statements on the connection; used under the backend's lock only.
+    final class Transaction: SQLTransaction, @unchecked Sendable {
         let backend: PostgresBackend
         let connection: PostgresConnection
+        /// Sent, not waited for yet.
+        private var pending: [EventLoopFuture<PostgresQueryResult>] = []
+
+        init(backend: PostgresBackend, connection: PostgresConnection) {
+            self.backend = backend
+            self.connection = connection
+        }
+
+        func send(_ sql: String, _ values: [SQLValue]) {
+            pending.append(backend.issue(connection, sql, values))
+        }
+
+        /// Waits for what was sent; throws the first failure.
+        func flush() throws {
+            let sent = pending
+            pending = []
+            try backend.settle(sent, connection)
+        }
 
         func execute(_ sql: String, _ arguments: [any SQLBindable]) throws {
-            try backend.rows(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+            send(Self.numbered(sql), arguments.map(\.sqlValue))
         }
 
         func query(_ sql: String, _ arguments: [any SQLBindable]) throws -> [SQLRow] {
-            try backend.rows(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+            let future = backend.issue(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+            try flush()
+            return try PostgresBackend.convert(backend.wait(future, connection: connection).rows)
         }
 
         /// `?` placeholders, outside quotes, as PostgreSQL's `$1`, `$2`, ...
@@ -343,6 +406,70 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
                 }
             }
             return result
+        }
+    }
+}
+
+/// A connection of its own that LISTENs for change notices. It never blocks its caller:
+/// connecting happens in the background, and a connection lost (a partition) is opened
+/// again at most every few seconds; a new connection counts as a notice, since some may have
+/// been missed meanwhile.
+final class ChangeListener: ChangeWatch, @unchecked Sendable {
+    private let configuration: PostgresConnection.Configuration
+    private let location: String
+    private let logger: Logger
+    private let lock = NSLock()
+    // Guarded by `lock`.
+    private var connection: PostgresConnection?
+    private var connecting = false
+    private var lastAttempt: ContinuousClock.Instant?
+    private var pending = false
+    static let retryEvery = Duration.seconds(3)
+
+    init(configuration: PostgresConnection.Configuration, location: String, logger: Logger) {
+        self.configuration = configuration
+        self.location = location
+        self.logger = logger
+        lock.withLock { connectIfNeeded() }
+    }
+
+    deinit {
+        if let connection { connection.close().whenComplete { _ in withExtendedLifetime(connection) {} } }
+    }
+
+    func drain() -> Bool {
+        lock.withLock {
+            connectIfNeeded()
+            defer { pending = false }
+            return pending
+        }
+    }
+
+    /// Caller holds `lock`.
+    private func connectIfNeeded() {
+        if let connection, !connection.isClosed { return }
+        connection = nil
+        if connecting { return }
+        if let lastAttempt, ContinuousClock.now - lastAttempt < Self.retryEvery { return }
+        connecting = true
+        lastAttempt = .now
+        PostgresConnection.connect(
+            on: MultiThreadedEventLoopGroup.singleton.any(), configuration: configuration, id: 0, logger: logger
+        ).whenComplete { result in
+            self.lock.withLock {
+                self.connecting = false
+                switch result {
+                case .success(let connection):
+                    connection.addListener(channel: PostgresBackend.changeChannel) { _, _ in
+                        self.lock.withLock { self.pending = true }
+                    }
+                    self.connection = connection
+                    self.pending = true
+                case .failure(let error):
+                    self.logger.debug(
+                        "cannot listen for changes on \(self.location): \(PostgresBackend.describe(error))")
+                }
+            }
         }
     }
 }

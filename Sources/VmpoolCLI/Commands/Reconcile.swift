@@ -111,7 +111,8 @@ extension Vmpool {
             defer { heartbeats?.cancel() }
             var service = ReconcileService(
                 reconciler: session.reconciler, interval: interval, logger: session.logger,
-                stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory))
+                stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory),
+                changes: session.cluster != nil ? session.store.watchChanges() : nil)
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
             if let listen, let address = ListenAddress(listen) {
                 let token = try tokenFile.map { try BearerToken.read($0) }
