@@ -52,8 +52,10 @@ struct ReconcileService: Service {
             if again && requeued <= 5 { continue }
             let elapsed = ContinuousClock.now - started
             guard elapsed < interval else { continue }
+            // The placer looks again when a host would turn silent, not an interval later.
+            let wait = min(interval - elapsed, reconciler.configuration.cluster?.untilNextSilence() ?? interval)
             if await wake.wait(
-                upTo: interval - elapsed, also: { changes?.drain() == true }, stop: { Task.isShuttingDownGracefully })
+                upTo: wait, also: { changes?.drain() == true }, stop: { Task.isShuttingDownGracefully })
             {
                 // Woken: every pool is due again (a change may have fixed a failing one).
                 backoff.reset()

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 import VmpoolPlanner
 import VmpoolSpec
@@ -18,6 +19,8 @@ public final class ClusterMember: Sendable {
     /// What this host offers; `nil` for a member that only places (apply from any host).
     public let capacity: HostCapacity?
     let logger: Logger
+    /// Whether the last placing found this member the placer.
+    private let placing = Mutex(false)
 
     public init(store: StateStore, hostTimeout: Duration, capacity: HostCapacity?, logger: Logger) {
         self.store = store
@@ -76,7 +79,9 @@ public final class ClusterMember: Sendable {
     /// When this member holds the placer lock (or can take it): declares hosts silent for
     /// longer than the host timeout dead, and places every pool on the live hosts.
     public func placeIfPlacer(now: Date = Date()) throws(StoreError) -> PlacementReport {
-        guard try store.tryBecomePlacer() else { return PlacementReport(placer: false) }
+        let placer = try store.tryBecomePlacer()
+        placing.withLock { $0 = placer }
+        guard placer else { return PlacementReport(placer: false) }
         var report = PlacementReport(placer: true)
         for host in try store.hosts() where host.fencedAt == nil && !host.isAlive(timeout: hostTimeout, now: now) {
             let silent = Int(now.timeIntervalSince(host.heartbeatAt))
@@ -119,6 +124,18 @@ public final class ClusterMember: Sendable {
             result.shares.map { PlacementRecord(pool: $0.pool, host: $0.host, size: $0.size, warm: $0.warm) },
             unplaced: result.unplaced, events: events)
         return report
+    }
+
+    /// For the placer: how long until the next live host would count as silent, so that
+    /// its service looks again then rather than up to a whole interval later. `nil` for
+    /// other members, or with no other live host.
+    public func untilNextSilence(now: Date = Date()) -> Duration? {
+        guard placing.withLock({ $0 }), let hosts = try? store.hosts() else { return nil }
+        let expiries = hosts.filter { $0.name != store.host && $0.isAlive(timeout: hostTimeout, now: now) }.map {
+            $0.heartbeatAt.addingTimeInterval(hostTimeout.seconds).timeIntervalSince(now)
+        }
+        // Just past the moment, so that the host counts as silent when the pass looks.
+        return expiries.min().map { .milliseconds(Int(max(0, $0) * 1000) + 50) }
     }
 
     /// Where `pools` would be placed now: the shares recorded today, and what placing `pools`

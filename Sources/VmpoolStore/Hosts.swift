@@ -57,8 +57,8 @@ extension StateStore {
             if let row = try db.queryOne("SELECT epoch, fencedAt FROM host WHERE name = ?", [self.host]) {
                 let fencedAt: Double? = try row["fencedAt"]
                 try db.execute(
-                    "UPDATE host SET vcpus = ?, memoryMiB = ?, heartbeatAt = ?, fencedAt = NULL WHERE name = ?",
-                    [capacity.vcpus, capacity.memoryMiB, now, self.host])
+                    "UPDATE host SET vcpus = ?, memoryMiB = ?, heartbeatAt = \(self.backend.clockSQL), fencedAt = NULL"
+                        + " WHERE name = ?", [capacity.vcpus, capacity.memoryMiB, self.host])
                 if fencedAt != nil {
                     try self.insertEventRow(
                         db,
@@ -73,8 +73,9 @@ extension StateStore {
             }
             try db.execute(
                 """
-                INSERT INTO host (name, epoch, vcpus, memoryMiB, heartbeatAt, registeredAt) VALUES (?, 1, ?, ?, ?, ?)
-                """, [self.host, capacity.vcpus, capacity.memoryMiB, now, now])
+                INSERT INTO host (name, epoch, vcpus, memoryMiB, heartbeatAt, registeredAt)
+                VALUES (?, 1, ?, ?, \(self.backend.clockSQL), ?)
+                """, [self.host, capacity.vcpus, capacity.memoryMiB, now])
             try self.insertEventRow(
                 db,
                 Event(
@@ -93,8 +94,7 @@ extension StateStore {
         guard let joined = epoch.withLock({ $0 }) else { return }
         try write { db in
             try db.execute(
-                "UPDATE host SET heartbeatAt = ? WHERE name = ? AND epoch = ?",
-                [Date().timeIntervalSince1970, self.host, joined])
+                "UPDATE host SET heartbeatAt = \(self.backend.clockSQL) WHERE name = ? AND epoch = ?", [self.host, joined])
         }
     }
 
@@ -125,15 +125,19 @@ extension StateStore {
         }
     }
 
-    /// Every host of the cluster, by name.
+    /// Every host of the cluster, by name. Heartbeats are stamped with the database's clock;
+    /// `heartbeatAt` is given on this host's clock (now, less the heartbeat's age), so that
+    /// hosts whose clocks disagree still agree on which host is silent.
     public func hosts() throws(StoreError) -> [HostRecord] {
         try read { db in
-            try db.query("SELECT * FROM host ORDER BY name").map { row in
+            let now = Date()
+            return try db.query("SELECT *, \(self.backend.clockSQL) AS clock FROM host ORDER BY name").map { row in
                 let fenced: Double? = try row["fencedAt"]
+                let age = max(0, (try row["clock"] as Double) - (try row["heartbeatAt"] as Double))
                 return HostRecord(
                     name: try row["name"], epoch: try row["epoch"],
                     capacity: HostCapacity(vcpus: try row["vcpus"], memoryMiB: try row["memoryMiB"]),
-                    heartbeatAt: Date(timeIntervalSince1970: try row["heartbeatAt"]),
+                    heartbeatAt: now.addingTimeInterval(-age),
                     registeredAt: Date(timeIntervalSince1970: try row["registeredAt"]),
                     fencedAt: fenced.map { Date(timeIntervalSince1970: $0) })
             }

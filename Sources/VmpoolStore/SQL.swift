@@ -163,6 +163,9 @@ public protocol StoreBackend: Sendable {
     /// Starts receiving the change notices other processes announce; `nil` for a store no
     /// other host shares (a state dir's own services are woken by `Wake`).
     func watchChanges() -> (any ChangeWatch)?
+    /// An SQL expression for the database's clock, in seconds since 1970: heartbeats are
+    /// stamped and aged by one clock, whatever the hosts' own clocks say.
+    var clockSQL: String { get }
     func close()
 }
 
@@ -171,6 +174,7 @@ extension StoreBackend {
     public func tryHoldPlacerLock() throws -> Bool { true }
     public func announceChange(_ db: any SQLTransaction) throws {}
     public func watchChanges() -> (any ChangeWatch)? { nil }
+    public var clockSQL: String { "((julianday('now') - 2440587.5) * 86400.0)" }
 }
 
 /// Change notices from other hosts, as they come.

@@ -31,6 +31,9 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
     // Guarded by `lock`.
     private var connection: PostgresConnection?
     private var nextID = 1
+    /// Statements with `?` placeholders as PostgreSQL's `$n` ones, by their text; the store
+    /// runs a few dozen distinct statements.
+    private var numberedSQL: [String: String] = [:]
 
     /// Advisory lock keys (one namespace, vmpool's).
     public enum LockKey: Int64 {
@@ -76,6 +79,10 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
             ("tcp_keepalives_idle", "\(max(1, seconds / 2))"),
             ("tcp_keepalives_interval", "1"),
             ("tcp_keepalives_count", "\(max(1, seconds / 2))"),
+            // Keepalives only probe an idle connection: when the server has sent something
+            // the host never acknowledged (a notice, a reply) and the host is cut off, only
+            // this ends the session, and frees its locks, in time.
+            ("tcp_user_timeout", "\(seconds * 1000)"),
         ]
         self.configuration = configuration
         lock.lock()
@@ -162,6 +169,8 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         try db.execute("SELECT pg_notify('\(Self.changeChannel)', '')", [])
     }
 
+    public var clockSQL: String { "extract(epoch from clock_timestamp())::double precision" }
+
     public func watchChanges() -> (any ChangeWatch)? {
         ChangeListener(configuration: configuration, location: location, logger: logger)
     }
@@ -240,6 +249,14 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
             }
         }
         return connection.query(PostgresQuery(unsafeSQL: sql, binds: bindings), logger: logger)
+    }
+
+    /// `sql` with numbered placeholders. Caller holds `lock`.
+    fileprivate func numbered(_ sql: String) -> String {
+        if let known = numberedSQL[sql] { return known }
+        let result = Transaction.numbered(sql)
+        if numberedSQL.count < 1024 { numberedSQL[sql] = result }
+        return result
     }
 
     /// Waits for statements sent earlier; the first failure is thrown.
@@ -381,11 +398,11 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         }
 
         func execute(_ sql: String, _ arguments: [any SQLBindable]) throws {
-            send(Self.numbered(sql), arguments.map(\.sqlValue))
+            send(backend.numbered(sql), arguments.map(\.sqlValue))
         }
 
         func query(_ sql: String, _ arguments: [any SQLBindable]) throws -> [SQLRow] {
-            let future = backend.issue(connection, Self.numbered(sql), arguments.map(\.sqlValue))
+            let future = backend.issue(connection, backend.numbered(sql), arguments.map(\.sqlValue))
             try flush()
             return try PostgresBackend.convert(backend.wait(future, connection: connection).rows)
         }
