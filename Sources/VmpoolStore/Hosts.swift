@@ -94,7 +94,8 @@ extension StateStore {
         guard let joined = epoch.withLock({ $0 }) else { return }
         try write { db in
             try db.execute(
-                "UPDATE host SET heartbeatAt = \(self.backend.clockSQL) WHERE name = ? AND epoch = ?", [self.host, joined])
+                "UPDATE host SET heartbeatAt = \(self.backend.clockSQL) WHERE name = ? AND epoch = ?",
+                [self.host, joined])
         }
     }
 
