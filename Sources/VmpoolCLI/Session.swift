@@ -38,25 +38,29 @@ struct Session {
         self.progress = progress
         let logger = try options.makeLogger(quiet: progress != nil)
         self.logger = logger
-        // On a shared store, the state dir holds only this host's runtime files: observers on any
-        // host may make it.
-        let dir = try options.stateDirectory(create: create || options.sharedStore)
-        stateDirectory = dir
-        lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
-        let location = try options.storeLocation(stateDirectory: dir)
+        let dir: String
         let store: StateStore
-        switch location {
-        case .sqlite:
-            store = try StateStore.open(location, directory: dir, logger: logger)
-            cluster = nil
-        case .postgres:
-            // A host that cannot get an answer within half its timeout is as good as cut off.
+        if options.sharedStore {
+            // The state dir holds only this host's runtime files: observers on any host may
+            // make it, once the store has answered. A host that cannot get an answer within
+            // half its timeout is as good as cut off.
+            let location = try options.storeLocation(stateDirectory: options.givenStateDir)
             let hostTimeout = try options.resolvedHostTimeout()
             let storeTimeout = max(.seconds(2), min(.seconds(10), hostTimeout / 2))
             store = try StateStore.open(
-                location, directory: dir, host: try options.resolvedHost(), timeout: storeTimeout, logger: logger)
+                location, directory: options.givenStateDir, host: try options.resolvedHost(), timeout: storeTimeout,
+                logger: logger)
+            dir = try options.stateDirectory(create: false)
             cluster = ClusterMember(store: store, hostTimeout: hostTimeout, capacity: capacity, logger: logger)
+            lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
+        } else {
+            dir = try options.stateDirectory(create: create)
+            lock = try command.map { command in try Self.lock(dir, command: command, options: options, logger: logger) }
+            store = try StateStore.open(
+                try options.storeLocation(stateDirectory: dir), directory: dir, logger: logger)
+            cluster = nil
         }
+        stateDirectory = dir
         self.store = store
         let driver = try options.makeDriver(stateDirectory: dir, logger: logger)
         let defaultImage: BootImage? =

@@ -177,7 +177,7 @@ extension StateStore {
                 } else {
                     try db.query("SELECT \(Self.vmColumns) FROM vm ORDER BY createdAt, id")
                 }
-            return try rows.map(Self.vm)
+            return try Self.vms(rows)
         }
     }
 

@@ -160,7 +160,7 @@ public final class StateStore: Sendable {
                 } else {
                     try db.query("SELECT \(columns) FROM vm WHERE host = ? ORDER BY createdAt, id", [host])
                 }
-            return try rows.map(Self.vm)
+            return try Self.vms(rows)
         }
     }
 
@@ -431,7 +431,7 @@ public final class StateStore: Sendable {
     /// One VM by id.
     public func vm(_ id: String) throws(StoreError) -> VMRecord? {
         try read { db in
-            try db.queryOne("SELECT \(Self.vmColumns) FROM vm WHERE id = ?", [id]).map(Self.vm)
+            try db.queryOne("SELECT \(Self.vmColumns) FROM vm WHERE id = ?", [id]).map { try Self.vm($0) }
         }
     }
 
@@ -719,14 +719,30 @@ public final class StateStore: Sendable {
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
         + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt, host"
 
-    static func vm(_ row: SQLRow) throws -> VMRecord {
+    /// Decoded VM shapes by their JSON text: a pool's VMs share a shape, which a read of
+    /// many VMs then decodes once rather than once a VM (most of a no-op pass's time).
+    final class ShapeCache {
+        var shapes: [String: VMShape] = [:]
+    }
+
+    static func vms(_ rows: [SQLRow]) throws -> [VMRecord] {
+        let shapes = ShapeCache()
+        return try rows.map { try vm($0, shapes: shapes) }
+    }
+
+    static func vm(_ row: SQLRow, shapes: ShapeCache? = nil) throws -> VMRecord {
         let id: String = try row["id"]
         guard let state = VMState(rawValue: try row["state"]), let boot = BootMode(rawValue: try row["boot"]) else {
             throw StoreError(.corrupt, "VM \(id) has an unknown state or boot mode")
         }
         let shape: VMShape
         if let json: String = try row["shape"] {
-            shape = try decode(json)
+            if let known = shapes?.shapes[json] {
+                shape = known
+            } else {
+                shape = try decode(json)
+                shapes?.shapes[json] = shape
+            }
         } else {
             let image = BootImage(kernel: try row["kernel"], initrd: try row["initrd"], cmdline: try row["cmdline"])
             shape = VMShape(

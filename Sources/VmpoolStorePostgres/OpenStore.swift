@@ -23,9 +23,12 @@ extension StateStore {
             }
             return try StateStore(directory: directory, backend: backend, host: host)
         case .postgres(let server):
-            try StateDirectory.prepare(directory)
+            // Connected (and the schema checked) first: a store that cannot be used leaves
+            // no state dir behind.
             let backend = try PostgresBackend(server, timeout: timeout, logger: logger)
-            return try StateStore(directory: directory, backend: backend, host: host)
+            let store = try StateStore(directory: directory, backend: backend, host: host)
+            try StateDirectory.prepare(directory)
+            return store
         }
     }
 }

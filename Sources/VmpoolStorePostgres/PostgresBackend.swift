@@ -217,16 +217,32 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         connection = nil
         let id = nextID
         nextID += 1
-        do {
-            let opened = try wait(
-                PostgresConnection.connect(
-                    on: MultiThreadedEventLoopGroup.singleton.any(), configuration: configuration, id: id,
-                    logger: logger))
+        let attempt = PostgresConnection.connect(
+            on: MultiThreadedEventLoopGroup.singleton.any(), configuration: configuration, id: id, logger: logger)
+        switch Self.outcome(of: attempt, within: timeout) {
+        case .success(let opened)?:
             connection = opened
             return opened
-        } catch {
+        case .failure(let error)?:
             throw StoreError(.unavailable, "cannot reach the store \(location): \(Self.describe(error))")
+        case nil:
+            throw StoreError(
+                .unavailable,
+                "cannot reach the store \(location): no answer within \(timeout.nanoseconds / 1_000_000_000)s")
         }
+    }
+
+    /// What `future` came to, or `nil` when it did not within `timeout`.
+    static func outcome<T: Sendable>(of future: EventLoopFuture<T>, within timeout: TimeAmount) -> Result<T, any Error>?
+    {
+        let done = DispatchSemaphore(value: 0)
+        let box = ResultBox<T>()
+        future.whenComplete { result in
+            box.result = result
+            done.signal()
+        }
+        guard done.wait(timeout: .now() + .nanoseconds(Int(timeout.nanoseconds))) == .success else { return nil }
+        return box.result
     }
 
     @discardableResult
@@ -306,14 +322,7 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
         throws(StoreError)
         -> T
     {
-        let done = DispatchSemaphore(value: 0)
-        let box = ResultBox<T>()
-        future.whenComplete { result in
-            box.result = result
-            done.signal()
-        }
-        let nanoseconds = Int(timeout.nanoseconds)
-        if done.wait(timeout: .now() + .nanoseconds(nanoseconds)) == .timedOut {
+        guard let result = Self.outcome(of: future, within: timeout) else {
             if let connection {
                 // The closure keeps the connection alive until its channel has closed.
                 connection.close().whenComplete { _ in withExtendedLifetime(connection) {} }
@@ -322,7 +331,7 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
             throw StoreError(
                 .unavailable, "the store \(location) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
         }
-        switch box.result! {
+        switch result {
         case .success(let value): return value
         case .failure(let error):
             if let connection, connection.isClosed, self.connection === connection { self.connection = nil }
@@ -340,13 +349,26 @@ public final class PostgresBackend: StoreBackend, @unchecked Sendable {
     /// What went wrong, in the server's words where it gave some; never the connection's
     /// configuration (which holds the password).
     static func describe(_ error: any Error) -> String {
+        if let error = error as? NIOConnectionError {
+            if let failure = error.connectionErrors.first {
+                let reason = (failure.error as? IOError).map { String(cString: strerror($0.errnoCode)) }
+                return "\(reason ?? "\(failure.error)") (\(error.host):\(error.port))"
+            }
+            if let dns = error.dnsAError ?? error.dnsAAAAError { return "cannot resolve \(error.host): \(dns)" }
+            return "cannot connect to \(error.host):\(error.port)"
+        }
+        if let error = error as? IOError { return String(cString: strerror(error.errnoCode)) }
         guard let error = error as? PSQLError else { return "\(error)" }
         if let message = error.serverInfo?[.message] {
             let code = error.serverInfo?[.sqlState].map { " (SQLSTATE \($0))" } ?? ""
             return message + code
         }
-        if let underlying = error.underlying { return "\(underlying)" }
-        return "\(error.code)"
+        if let underlying = error.underlying { return describe(underlying) }
+        switch error.code {
+        case .serverClosedConnection: return "the connection was closed before the server answered"
+        case .sslUnsupported: return "the server does not offer TLS (sslmode=require asks for it)"
+        default: return "\(error.code)"
+        }
     }
 
     static func convert(_ rows: [PostgresRow]) throws -> [SQLRow] {

@@ -206,4 +206,42 @@ struct SafetyTests {
             result.stderr.contains("img.yaml:\(line):13: spec.image.kernel: file /nonexistent/vmlinuz does not exist"),
             "\(result.stderr)")
     }
+
+    /// A store that cannot be used is one clear error, exit 1, and changes nothing; the
+    /// password in a store URL appears in no output, debug logs included.
+    @Test func aStoreThatCannotBeUsedIsOneErrorAndChangesNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("web", size: 2))
+        let secret = "s3cr3t-Pa55"
+        let cases: [(arguments: [String], environment: [String: String], says: String)] = [
+            (
+                ["--store", "postgress://vmpool@127.0.0.1/x"], [:],
+                "--store: store postgress://vmpool@127.0.0.1/x is neither"
+            ),
+            (
+                ["--store", "postgres://vmpool:\(secret)@127.0.0.1:1/vmpool"], [:],
+                "cannot reach the store postgres://vmpool@127.0.0.1:1/vmpool: Connection refused"
+            ),
+            (
+                [], ["VMPOOL_STORE": "postgres://vmpool:\(secret)@127.0.0.1:notaport/vmpool"],
+                "VMPOOL_STORE: "
+            ),
+            (["--store", "postgres://vmpool@127.0.0.1:1/vmpool?sslmode=maybe"], [:], "sslmode"),
+        ]
+        for (arguments, environment, says) in cases {
+            for command in [["apply", "-f", file], ["get", "vms"], ["get", "hosts"], ["delete", "web"]] {
+                let result = try box.binary.run(
+                    command + arguments + ["--state-dir", box.state, "--log-level", "debug"], environment: environment)
+                let output = result.stdout + result.stderr
+                #expect(result.status == 1, "\(command) \(arguments): \(output)")
+                #expect(result.stderr.contains(says), "\(command) \(arguments): \(result.stderr)")
+                #expect(!output.contains(secret), "the password leaked: \(output)")
+                #expect(
+                    result.stderr.split(separator: "\n").filter { $0.hasPrefix("Error:") }.count == 1,
+                    "one error: \(result.stderr)")
+            }
+        }
+        #expect(!FileManager.default.fileExists(atPath: box.state), "nothing was created")
+    }
 }
