@@ -1,0 +1,107 @@
+import Foundation
+import Testing
+import VmpoolSpec
+import VmpoolTestSupport
+
+/// What an operator types day to day, through the binary on the sim driver: the small
+/// spellings and answers kubectl and terraform users expect.
+@Suite("Operator commands and their small answers", .serialized)
+struct OperatorTests {
+    @Test func severalFilesAfterOneFlagAndDurationsWithSeveralUnits() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let a = box.write(pool("a", size: 2), as: "a.yaml")
+        let b = box.write(pool("b", size: 1), as: "b.yaml")
+        let applied = try box.run("apply", "-f", a, b, "--timeout", "1m30s")
+        #expect(applied.status == 0, "\(applied.stderr)")
+        #expect(applied.stdout.contains("Applied: 3 create; 0 failed."), "\(applied.stdout)")
+        #expect(try box.vmStates() == ["running": 3])
+        // A negative duration or an impossible parallelism: exit 1, a message naming the option.
+        let negative = try box.run("apply", "-f", a, "--timeout", "-5s")
+        #expect(negative.status == 1)
+        #expect(negative.stderr.contains("--timeout") && negative.stderr.contains("cannot be negative"))
+        let zero = try box.run("apply", "-f", a, "--parallel", "0")
+        #expect(zero.status == 1)
+        #expect(zero.stderr.contains("--parallel: expected 1 to 256, got 0"), "\(zero.stderr)")
+    }
+
+    @Test func aliasesUnknownPoolsAndIgnoreNotFound() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let a = box.write(pool("a", size: 2), as: "a.yaml")
+        #expect(try box.run("apply", "-f", a).status == 0)
+        let singular = try box.run("get", "vm")
+        #expect(singular.status == 0 && singular.stdout.split(separator: "\n").count == 3, "\(singular.stdout)")
+        let unknown = try box.run("get", "vms", "--pool", "nosuch")
+        #expect(unknown.status == 1 && unknown.stderr.contains("no pool named \"nosuch\""), "\(unknown.stderr)")
+        let strict = try box.run("delete", "nosuch")
+        #expect(strict.status == 1 && strict.stderr.contains("no pool named \"nosuch\""), "\(strict.stderr)")
+        let lenient = try box.run("delete", "nosuch", "--ignore-not-found")
+        #expect(lenient.status == 0, "\(lenient.stderr)")
+        #expect(lenient.stdout.contains("nosuch is not applied"), "\(lenient.stdout)")
+        #expect(try box.vmStates() == ["running": 2], "deleting nothing deletes nothing")
+    }
+
+    @Test func dryRunPlanNotesAndAppliedCountsOnlySuccesses() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let a = box.write(pool("a", size: 1), as: "a.yaml")
+        let b = box.write(pool("b", size: 1), as: "b.yaml")
+        #expect(try box.run("apply", "-f", a, "-f", b).status == 0)
+        let dry = try box.run("apply", "--dry-run", "-f", a, "-f", box.write(pool("b", size: 3), as: "b3.yaml"))
+        #expect(dry.status == 0)
+        #expect(dry.stdout.contains("Plan: 2 create") && dry.stdout.hasSuffix("Dry run: nothing was changed.\n"))
+        #expect(try box.vmStates() == ["running": 2], "a dry run changes nothing")
+        // plan names the applied pools the input leaves out.
+        let partial = try box.run("plan", "-f", a)
+        #expect(partial.stderr.contains("applied pools not in the input are left alone: b; --prune would delete them"))
+        // Failed actions are not counted as applied.
+        let c = box.write(pool("c", size: 2), as: "c.yaml")
+        let failing = try box.run("apply", "-f", c, environment: ["VMPOOL_SIM_FAIL": "create:1"])
+        #expect(failing.status == 1)
+        #expect(failing.stdout.contains("Applied: nothing; 2 failed."), "\(failing.stdout)")
+    }
+
+    @Test func jsonOutputsAndJsonLogs() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let a = box.write(pool("a", size: 2), as: "a.yaml")
+        let validated = try box.binary.run(["validate", "-f", a, "-o", "json"])
+        let valid = try JSONSerialization.jsonObject(with: Data(validated.stdout.utf8)) as? [String: Any]
+        #expect(valid?["valid"] as? Bool == true && valid?["pools"] as? [String] == ["a"], "\(validated.stdout)")
+        let applied = try box.run("apply", "-f", a, "--log-format", "json", "--log-level", "info")
+        #expect(applied.status == 0)
+        let logLines = applied.stderr.split(separator: "\n").filter { !$0.isEmpty }
+        #expect(!logLines.isEmpty)
+        for line in logLines {
+            let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            #expect(object?["level"] != nil && object?["message"] != nil, "not a JSON log line: \(line)")
+        }
+        let reconciled = try box.run("reconcile", "-o", "json")
+        #expect(reconciled.status == 0)
+        let pass = try JSONSerialization.jsonObject(with: Data(reconciled.stdout.utf8)) as? [String: Any]
+        #expect((pass?["actions"] as? [Any])?.isEmpty == true, "a no-op pass: \(reconciled.stdout)")
+    }
+
+    @Test func describeAndEventsTellAPoolsStory() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let a = box.write(pool("a", size: 2), as: "a.yaml")
+        #expect(try box.run("apply", "-f", a).status == 0)
+        let id = try #require(try box.json("get", "vms").first?["id"] as? String)
+        let vm = try box.run("describe", "vm", id)
+        #expect(vm.status == 0)
+        #expect(vm.stdout.contains("ID:          \(id)") && vm.stdout.contains("State:       running"), "\(vm.stdout)")
+        let pool = try box.binary.run(["describe", "pool", "a", "-o", "json", "--state-dir", box.state])
+        let described = try JSONSerialization.jsonObject(with: Data(pool.stdout.utf8)) as? [String: Any]
+        let kinds = (described?["events"] as? [[String: Any]])?.compactMap { $0["kind"] as? String } ?? []
+        #expect(kinds.first == "applied" && kinds.filter { $0 == "created" }.count == 2, "\(kinds)")
+        let missing = try box.run("describe", "vm", "a-000000")
+        #expect(missing.status == 1 && missing.stderr.contains("a-000000"), "\(missing.stderr)")
+        // events: oldest first, --pool filters, --since 1h keeps them, --since 0 keeps none older.
+        let all = try box.json("events", "--pool", "a")
+        #expect(all.count == 3 && all.first?["kind"] as? String == "applied", "\(all)")
+        #expect(try box.json("events", "--pool", "a", "--since", "1h").count == 3)
+        #expect(try box.json("events", "--pool", "nosuch").isEmpty)
+    }
+}
