@@ -244,4 +244,36 @@ struct SafetyTests {
         }
         #expect(!FileManager.default.fileExists(atPath: box.state), "nothing was created")
     }
+
+    /// A plan made while an apply holds the state dir says so, and neither waits for the apply
+    /// nor disturbs it.
+    @Test func aPlanDuringAnApplySaysSoAndDisturbsNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("slow", size: 6))
+        let applying = try box.binary.start(
+            ["apply", "-f", file, "--parallel", "1", "--state-dir", box.state],
+            environment: ["VMPOOL_SIM_LATENCY": "400ms"])
+        // The apply holds the lock once its holder record is in the lock file.
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline,
+            (try? String(contentsOfFile: box.state + "/lock", encoding: .utf8))?.contains("apply") != true
+        {
+            usleep(20_000)
+        }
+        let planned = try box.run("plan", "-f", file)
+        let planEnded = Date()
+        let applied = applying.wait()
+        #expect(planned.status == 0, "\(planned.stderr)")
+        #expect(planned.stderr.contains("is working on this state dir"), "\(planned.stderr)")
+        #expect(applied.status == 0, "\(applied.stdout)\(applied.stderr)")
+        #expect(try box.vmStates() == ["running": 6])
+        // The plan did not wait for the lock: the apply created its last VM after the plan ended.
+        let created = try box.json("events").filter { $0["kind"] as? String == "created" }
+        let last = try #require(created.last?["time"] as? String)
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        let lastCreated = try #require(formatter.date(from: last))
+        #expect(lastCreated > planEnded, "the plan ended at \(planEnded), after the apply's last VM (\(last))")
+    }
 }
