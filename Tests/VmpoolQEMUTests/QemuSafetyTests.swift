@@ -159,9 +159,43 @@ struct QemuSafetyTests {
             decoy.kill()
             _ = decoy.wait()
         }
-        usleep(100_000)
+        // The configured QEMU itself, run by another user, with this state dir's run path in
+        // its command line (root only: runuser).
+        var other: RunningCommand?
+        if geteuid() == 0 {
+            other = try RunningCommand(
+                path: "/usr/sbin/runuser",
+                arguments: [
+                    "-u", "nobody", "--", "/usr/bin/qemu-system-x86_64", "-machine", "none", "-display", "none",
+                    "-nodefaults", "-S", "-name", "guest=mine-fedcba", "-L", paths.runRoot + "/y",
+                ], environment: [:])
+        }
+        defer {
+            // runuser does not pass SIGKILL on: its QEMU is killed by pid.
+            for pid in qemuOf(uid: 65534) { kill(pid, SIGKILL) }
+            other?.kill()
+            _ = other?.wait()
+        }
+        usleep(300_000)
+        let others = qemuOf(uid: 65534)
+        if geteuid() == 0 { #expect(others.count == 1, "the other user's QEMU did not start") }
         #expect(try box.run(["reconcile"]).status == 0)
         #expect(kill(decoy.pid, 0) == 0, "reconcile killed a process that is not one of its QEMUs")
+        for pid in others {
+            #expect(kill(pid, 0) == 0, "reconcile killed another user's QEMU (pid \(pid))")
+        }
+    }
+
+    /// QEMU processes running as `uid`.
+    func qemuOf(uid: uid_t) -> [Int32] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry in
+            guard let pid = Int32(entry),
+                let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                status.contains("Name:\tqemu-system-x86"),
+                status.split(separator: "\n").contains(where: { $0.hasPrefix("Uid:\t\(uid)\t") })
+            else { return nil }
+            return pid
+        }
     }
 
     @Test(.enabled(if: geteuid() == 0, "needs root to make a directory of another user"))

@@ -217,6 +217,36 @@ struct UsableVMTests {
             Double(try box.exec(newest, ["date", "+%s"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
         #expect(Date().timeIntervalSince1970 - guest > 2, "without clock sync the clone's clock should lag")
     }
+
+    /// A lease hands one running clone to one consumer, which can use it; the pool refills
+    /// around it, and a release stops the VM's QEMU: no process, run dir or lease is left.
+    @Test func aLeasedCloneIsUsableThePoolRefillsAndAReleaseStopsIt() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("ci", size: 2, boot: "template"))
+        let leased = try box.run(["lease", "ci", "--holder", "job-1", "--refill", "-o", "json"])
+        #expect(leased.status == 0, "\(leased.stdout)\(leased.stderr)")
+        let lease = try JSONSerialization.jsonObject(with: Data(leased.stdout.utf8)) as? [String: Any]
+        let vm = try #require(lease?["id"] as? String, "\(leased.stdout)")
+        let hostname = try box.exec(vm, ["cat", "/proc/sys/kernel/hostname"])
+        #expect(hostname.status == 0 && hostname.stdout == vm + "\n", "\(hostname.stdout)\(hostname.stderr)")
+        // --refill returns with the pool whole again: two unleased VMs besides the leased one.
+        let vms = try box.vms(pool: "ci")
+        #expect(vms.count == 3, "\(vms)")
+        #expect(vms.filter { $0["lease"] is [String: Any] }.compactMap { $0["id"] as? String } == [vm])
+        let pid = try #require(vms.first { $0["id"] as? String == vm }?["pid"] as? Int)
+        let released = try box.run(["release", vm])
+        #expect(released.status == 0, "\(released.stderr)")
+        #expect(!box.qemuProcesses().contains(Int32(pid)), "the released VM's QEMU (pid \(pid)) still runs")
+        let reconciled = try box.run(["reconcile"])
+        #expect(reconciled.status == 0, "\(reconciled.stdout)\(reconciled.stderr)")
+        let after = try box.vms(pool: "ci")
+        #expect(after.count == 2 && after.allSatisfy { $0["lease"] == nil || $0["lease"] is NSNull }, "\(after)")
+        #expect(!after.contains { $0["id"] as? String == vm })
+        // Every QEMU left is a VM or a standby with its own run dir, and nothing else is left.
+        let runDirs = (try? FileManager.default.contentsOfDirectory(atPath: box.state + "/run")) ?? []
+        #expect(box.qemuProcesses().count == runDirs.count, "QEMU \(box.qemuProcesses()) vs run dirs \(runDirs)")
+    }
 }
 
 /// Hex MD5 of `data`, by the host's md5sum (the same tool as in the guest).
