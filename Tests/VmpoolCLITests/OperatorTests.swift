@@ -104,4 +104,43 @@ struct OperatorTests {
         #expect(try box.json("events", "--pool", "a", "--since", "1h").count == 3)
         #expect(try box.json("events", "--pool", "nosuch").isEmpty)
     }
+
+    /// The completion scripts are generated for bash, zsh and fish; bash's parses, and
+    /// completes pool names and VM ids from the store the command line names.
+    @Test func completionScriptsCompletePoolsAndVMsFromTheStore() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("web", size: 2))).status == 0)
+        for shell in ["bash", "zsh", "fish"] {
+            let script = try box.binary.run(["--generate-completion-script", shell])
+            #expect(script.status == 0 && script.stdout.contains("vmpool"), "\(shell): \(script.stderr)")
+        }
+        let bash = box.dir.write("vmpool.bash", try box.binary.run(["--generate-completion-script", "bash"]).stdout)
+        let binDir = URL(fileURLWithPath: box.binary.path).deletingLastPathComponent().path
+        func complete(_ words: [String]) throws -> [String] {
+            let line = words.joined(separator: " ") + " "
+            let script = """
+                source '\(bash)'
+                COMP_WORDS=(\(words.map { "'\($0)'" }.joined(separator: " ")) '')
+                COMP_CWORD=\(words.count)
+                COMP_LINE='\(line)'
+                COMP_POINT=${#COMP_LINE}
+                _vmpool
+                printf '%s\\n' "${COMPREPLY[@]}"
+                """
+            let result = try RunningCommand(
+                path: "/bin/bash", arguments: ["-c", script],
+                environment: ["PATH": binDir + ":/usr/bin:/bin", "HOME": box.dir.path]
+            ).wait()
+            #expect(result.status == 0, "\(result.stderr)")
+            return result.stdout.split(separator: "\n").map(String.init).sorted()
+        }
+        #expect(try RunningCommand(path: "/bin/bash", arguments: ["-n", bash], environment: [:]).wait().status == 0)
+        #expect(try complete(["vmpool", "delete", "--state-dir", box.state]) == ["web"])
+        let ids = try box.json("get", "vms").compactMap { $0["id"] as? String }.sorted()
+        #expect(try complete(["vmpool", "describe", "vm", "--state-dir", box.state]) == ids)
+        // A state dir that is not there completes nothing, and is not created.
+        #expect(try complete(["vmpool", "delete", "--state-dir", box.dir.path + "/none"]).isEmpty)
+        #expect(!FileManager.default.fileExists(atPath: box.dir.path + "/none"))
+    }
 }
