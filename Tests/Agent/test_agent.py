@@ -768,3 +768,18 @@ def test_bounded_memory_with_slow_reader(agent):
     hwm = int(agent.status()["VmHWM"].split()[0])
     assert hwm < 8 * 1024, f"agent peak RSS {hwm} kB"
     assert rss_slow < 8 * 1024
+
+
+def test_commands_start_with_default_signal_dispositions(agent_bin):
+    # Started with SIGINT and SIGQUIT ignored (as a shell's background job is), the agent
+    # still gives its commands every signal at its default: kill -INT ends the command.
+    a = Agent(agent_bin, wrapper=("sh", "-c", "trap '' INT QUIT; exec \"$0\" \"$@\""))
+    try:
+        for tty in (None, "24x80"):
+            r = a["exec.0"].run(["sh", "-c", "kill -INT $$; sleep 5"], tty=tty)
+            assert r.exit == "signal 2", (tty, r)
+            r = a["exec.0"].run(["sh", "-c", "kill -QUIT $$; sleep 5"], tty=tty)
+            assert r.exit.startswith("signal 3"), (tty, r)
+    finally:
+        rc, err = a.close()
+        assert rc == 0, f"agent exited {rc}: {err}"

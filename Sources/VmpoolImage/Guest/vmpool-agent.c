@@ -994,7 +994,11 @@ static const char *launch(struct request *rq, struct job *j) {
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        signal(SIGPIPE, SIG_DFL);
+        // Every disposition back to its default: a signal the agent was started with ignored
+        // (SIGINT and SIGQUIT are, under a shell's background job) must reach the command.
+        for (int sig = 1; sig < NSIG; sig++) {
+            if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
+        }
         struct sched_param sp = {0};
         sched_setscheduler(0, SCHED_OTHER, &sp);
         setsid();
