@@ -6,6 +6,10 @@ extension Vmpool {
     /// (including a usage error, which argument-parser would report as 64), 2 only for
     /// `plan --detailed-exitcode` with changes.
     public static func runMain(_ arguments: [String]? = nil) async -> Int32 {
+        if let unknown = unknownCommand(arguments ?? Array(CommandLine.arguments.dropFirst())) {
+            printError(unknown)
+            return 1
+        }
         do {
             var command = try parseAsRoot(arguments)
             if var asyncCommand = command as? AsyncParsableCommand {
@@ -25,5 +29,40 @@ extension Vmpool {
             printError(message)
             return 1
         }
+    }
+}
+
+extension Vmpool {
+    /// The message for a first word that names no command (`vmpool exce VM`), with the
+    /// commands it is closest to, as kubectl and git answer; `nil` when the word is a command
+    /// or an option.
+    static func unknownCommand(_ arguments: [String]) -> String? {
+        guard let word = arguments.first, !word.hasPrefix("-") else { return nil }
+        var names = ["help"]
+        for command in configuration.subcommands {
+            names.append(command._commandName)
+            names += command.configuration.aliases
+        }
+        guard !names.contains(word) else { return nil }
+        let near = names.filter { $0 != "help" && (editDistance($0, word) <= 2 || $0.hasPrefix(word)) }
+        var message = "Error: unknown command \"\(word)\" for \"vmpool\""
+        if !near.isEmpty { message += "\n\nDid you mean this?\n" + near.map { "\t\($0)" }.joined(separator: "\n") }
+        return message + "\n\nRun 'vmpool --help' for the commands."
+    }
+
+    /// Levenshtein distance between two words.
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a)
+        let b = Array(b)
+        var previous = Array(0...b.count)
+        for i in 1...max(1, a.count) where !a.isEmpty {
+            var current = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...max(1, b.count) where !b.isEmpty {
+                current[j] = Swift.min(
+                    previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            previous = current
+        }
+        return a.isEmpty ? b.count : previous[b.count]
     }
 }

@@ -74,4 +74,24 @@ struct HelpTests {
             }
         }
     }
+
+    /// A first word that names no command is answered like kubectl answers: the commands it
+    /// is closest to, and nothing run.
+    @Test func anUnknownCommandSuggestsTheNearestOnes() {
+        #expect(
+            Vmpool.unknownCommand(["exce", "web-1", "--", "true"]) == """
+                Error: unknown command "exce" for "vmpool"
+
+                Did you mean this?
+                \texec
+
+                Run 'vmpool --help' for the commands.
+                """)
+        #expect(Vmpool.unknownCommand(["gte", "vms"])?.contains("\tget\n") == true)
+        #expect(Vmpool.unknownCommand(["frobnicate"])?.contains("Did you mean") == false)
+        for known in [["get", "vms"], ["help", "apply"], ["--version"], ["apply", "-f", "x"], []] {
+            #expect(Vmpool.unknownCommand(known) == nil, "\(known)")
+        }
+        #expect(Vmpool.editDistance("lease", "lase") == 1 && Vmpool.editDistance("", "get") == 3)
+    }
 }
