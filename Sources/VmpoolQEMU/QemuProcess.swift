@@ -5,11 +5,16 @@ import VmpoolDriver
 enum QemuProcess {
     /// Runs QEMU with `-daemonize`: the call returns once QEMU has initialised (sockets
     /// listening, pid file written) and the VM process lives on, re-parented away from vmpool.
-    static func launch(binary: String, arguments: [String], vm: String) throws(DriverError) {
+    /// A QEMU that has not got that far within `timeout` (hung, or stopped) is killed and the
+    /// launch fails; whatever it forked is the caller's to clean up, as after any failed launch.
+    static func launch(binary: String, arguments: [String], vm: String, timeout: Duration) throws(DriverError) {
         guard let path = resolve(binary) else {
             throw DriverError(.hostUnsupported, "QEMU (\(binary)) is not installed; install qemu-system-x86", vm: vm)
         }
-        let (status, errors) = try Spawn.run(path, arguments)
+        guard let (status, errors) = try Spawn.run(path, arguments, timeout: timeout) else {
+            throw DriverError(
+                .timeout, "QEMU did not answer within \(DurationText.format(timeout)) of its start", vm: vm)
+        }
         guard status == 0 else {
             let text = errors.trimmingCharacters(in: .whitespacesAndNewlines)
             throw DriverError(.launchFailed, "QEMU exited with status \(status): \(text)", vm: vm)

@@ -232,7 +232,8 @@ struct QemuVM {
         if case .tap(let name, let bridge) = machine.nic?.backend {
             try HostNetwork.createTap(name, bridge: bridge, vm: id, user: configuration.runAs)
         }
-        try QemuProcess.launch(binary: configuration.binary, arguments: arguments(machine), vm: id)
+        try QemuProcess.launch(
+            binary: configuration.binary, arguments: arguments(machine), vm: id, timeout: configuration.bootTimeout)
         guard let pid = QemuProcess.readPid(paths.pidFile(id)) else {
             throw DriverError(.launchFailed, "QEMU started but wrote no pid file", vm: id)
         }

@@ -28,11 +28,26 @@ enum Spawn {
         return Child(pid: pid, stderr: fds[0])
     }
 
-    /// Waits for the child to exit and returns its exit status (128+signal when killed) and stderr.
-    static func wait(_ child: Child) -> (status: Int32, stderr: String) {
+    /// Waits for the child to exit and returns its exit status (128+signal when killed) and
+    /// stderr. With a `deadline`, a child that has not closed its stderr by then (hung, or
+    /// stopped) is killed, and `nil` is returned.
+    static func wait(_ child: Child, deadline: ContinuousClock.Instant? = nil) -> (status: Int32, stderr: String)? {
         var output: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
+            if let deadline {
+                let left = deadline - .now
+                let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
+                var pfd = pollfd(fd: child.stderr, events: Int16(POLLIN), revents: 0)
+                let ready = left > .zero ? poll(&pfd, 1, Int32(clamping: max(1, milliseconds))) : 0
+                if ready < 0 && errno == EINTR { continue }
+                if ready == 0 {
+                    Glibc.kill(child.pid, SIGKILL)
+                    Glibc.close(child.stderr)
+                    _ = vmpool_wait(child.pid)
+                    return nil
+                }
+            }
             let count = read(child.stderr, &chunk, chunk.count)
             if count > 0 {
                 if output.count < 65536 { output += chunk[0..<count] }
@@ -47,6 +62,13 @@ enum Spawn {
 
     /// Runs `path ARGS` to completion.
     static func run(_ path: String, _ arguments: [String]) throws(DriverError) -> (status: Int32, stderr: String) {
-        wait(try start(path, arguments))
+        wait(try start(path, arguments))!
+    }
+
+    /// Runs `path ARGS` to completion, or kills it at `timeout`; `nil` then.
+    static func run(_ path: String, _ arguments: [String], timeout: Duration) throws(DriverError) -> (
+        status: Int32, stderr: String
+    )? {
+        wait(try start(path, arguments), deadline: .now + timeout)
     }
 }

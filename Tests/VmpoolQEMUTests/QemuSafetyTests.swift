@@ -103,6 +103,74 @@ struct QemuSafetyTests {
         #expect(try StateStore(directory: box.state).vms().isEmpty)
     }
 
+    /// A template build whose guest is frozen (its QEMU SIGSTOPped as it boots) fails at the
+    /// boot timeout with the half-built template gone and the lock free.
+    @Test func aTemplateBuildFrozenWithSIGSTOPFailsAtTheBootTimeout() throws {
+        let box = try QemuSandbox()
+        defer {
+            for pid in box.qemuProcesses() { kill(pid, SIGCONT) }
+            box.tearDown()
+        }
+        let file = box.write(pool("frozen", size: 1))
+        let started = Date()
+        let applying = try box.binary.start(
+            ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "6s"])
+        var frozen: [Int32] = []
+        while frozen.isEmpty && Date().timeIntervalSince(started) < 30 {
+            frozen = box.qemuProcesses()
+            usleep(20_000)
+        }
+        #expect(!frozen.isEmpty, "no QEMU started")
+        for pid in frozen { kill(pid, SIGSTOP) }
+        let result = applying.wait()
+        let took = Date().timeIntervalSince(started)
+        #expect(result.status == 1, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.contains("did not answer"), "\(result.stdout)")
+        #expect(took < 40, "apply took \(took) s with a 6 s boot timeout")
+        // The lock is free, and the next pass leaves no frozen QEMU behind.
+        let next = try box.run(["reconcile", "--lock-timeout", "1s"])
+        #expect(!next.stderr.contains("another vmpool is working"), "\(next.stderr)")
+        #expect(!box.qemuProcesses().contains(where: frozen.contains), "a frozen QEMU was left behind")
+    }
+
+    /// What counts is what the guest has online: a CPU QEMU has plugged but the guest holds
+    /// offline is not converged; the plan says so and apply brings it online.
+    @Test func aCPUTheGuestHoldsOfflineIsNotConverged() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let file = box.write(
+            pool("cpu", size: 1, boot: "cold").replacingOccurrences(of: "vcpus: 1", with: "vcpus: 2\n  maxVcpus: 2"))
+        #expect(try box.run(["apply", "-f", file]).status == 0)
+        let vm = try #require(try box.ids().first)
+        let offline = try box.exec(vm, ["sh", "-c", "echo 0 > /sys/devices/system/cpu/cpu1/online"])
+        #expect(offline.status == 0, "\(offline.stderr)")
+        let plan = try box.run(["plan", "-f", file, "--detailed-exitcode"])
+        #expect(plan.status == 2 && plan.stdout.contains("hotplug-cpu \(vm)"), "\(plan.stdout)")
+        #expect(try box.run(["apply", "-f", file]).status == 0)
+        let online = try box.exec(vm, ["cat", "/sys/devices/system/cpu/online"])
+        #expect(online.stdout == "0-1\n", "\(online.stdout)")
+        #expect(try box.run(["plan", "-f", file, "--detailed-exitcode"]).status == 0)
+    }
+
+    /// `get pools` counts only standbys whose QEMU runs.
+    @Test func standbysWhoseQEMUIsGoneAreNotCounted() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        #expect(try box.run(["apply", "-f", box.write(pool("spare", size: 1))]).status == 0)
+        func counted() throws -> Int {
+            let listed = try box.run(["get", "pools", "-o", "json"])
+            let pools = try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]]
+            return pools?.first?["standbys"] as? Int ?? -1
+        }
+        let standbys = try StateStore(directory: box.state).standbys().filter(\.ready)
+        let before = try counted()
+        #expect(standbys.count == 2 && before == 2)
+        let killed = try #require(standbys.first?.pid)
+        kill(killed, SIGKILL)
+        usleep(300_000)
+        #expect(try counted() == 1, "a standby whose QEMU was killed is counted")
+    }
+
     @Test func everySpellingOfTheStateDirNamesTheSameVMs() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
