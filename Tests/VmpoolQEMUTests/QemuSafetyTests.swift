@@ -152,6 +152,33 @@ struct QemuSafetyTests {
         #expect(try box.run(["plan", "-f", file, "--detailed-exitcode"]).status == 0)
     }
 
+    /// SIGTERM at any point of an apply that switches a template pool to cold boot: an exit 0
+    /// means the switch is done (no template standby runs, plan is clean), and one reconcile
+    /// finishes what an interrupted one left.
+    @Test func aSIGTERMDuringASwitchToColdBootLeavesNoStandbys() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let template = box.write(pool("sw", size: 1), as: "template.yaml")
+        let cold = box.write(pool("sw", size: 1, boot: "cold"), as: "cold.yaml")
+        func settled(_ what: String) throws {
+            #expect(try StateStore(directory: box.state).standbys().isEmpty, "\(what): standbys left")
+            #expect(box.qemuProcesses().count == 1, "\(what): QEMU \(box.qemuProcesses()) for one cold VM")
+            let plan = try box.run(["plan", "-f", cold, "--detailed-exitcode"])
+            #expect(plan.status == 0, "\(what): \(plan.stdout)")
+        }
+        for delay: UInt32 in [150_000, 500_000, 1_000_000, 2_000_000] {
+            #expect(try box.run(["apply", "-f", template]).status == 0)
+            #expect(try StateStore(directory: box.state).standbys().count == 2)
+            let applying = try box.binary.start(["apply", "-f", cold, "--state-dir", box.state])
+            usleep(delay)
+            applying.kill(SIGTERM)
+            let result = applying.wait()
+            if result.status == 0 { try settled("exit 0 after SIGTERM at \(delay / 1000) ms") }
+            #expect(try box.run(["reconcile"]).status == 0)
+            try settled("reconcile after SIGTERM at \(delay / 1000) ms")
+        }
+    }
+
     /// `get pools` counts only standbys whose QEMU runs.
     @Test func standbysWhoseQEMUIsGoneAreNotCounted() throws {
         let box = try QemuSandbox()
