@@ -49,6 +49,28 @@ struct CommandLineSafetyTests {
         }
     }
 
+    @Test func diskPathsAreJSONAndNICOptionListsCannotBeExtended() throws {
+        let configuration = QemuConfiguration(stateDirectory: "/tmp/s")
+        let vm = QemuVM(
+            id: "web-000001", paths: QemuPaths(configuration: configuration), configuration: configuration,
+            accelerator: .tcg, pid: nil)
+        for value in hostile {
+            let disks = vm.diskArguments([DiskAttachment(name: "data", path: "/tmp/s/run/x/" + value)])
+            let blockdev = try #require(disks.firstIndex(of: "-blockdev").map { disks[$0 + 1] })
+            let parsed = try #require(try JSONSerialization.jsonObject(with: Data(blockdev.utf8)) as? [String: Any])
+            #expect((parsed["file"] as? [String: Any])?["filename"] as? String == "/tmp/s/run/x/" + value)
+            #expect(parsed["driver"] as? String == "qcow2", "a path cannot change the format")
+            #expect(disks.count == 4, "\(disks)")
+            // A tap name, even one with commas, stays one value of the netdev option list.
+            let nic = vm.nicArguments(
+                NICAttachment(backend: .tap(name: "tap" + value, bridge: "br0"), mac: "52:54:00:00:00:01"))
+            let netdev = try #require(nic.firstIndex(of: "-netdev").map { nic[$0 + 1] })
+            #expect(netdev.hasSuffix(",script=no,downscript=no"), "\(netdev)")
+            #expect(!netdev.contains("tap" + value) || !value.contains(","), "\(netdev)")
+            #expect(nic.count == 4)
+        }
+    }
+
     @Test func memoryBackendsAreJSONNotOptionLists() throws {
         let args = arguments(
             image: BootImage(kernel: "/k", initrd: nil, cmdline: ""), memory: .templateShared("/dev/shm/x,share=off"))
