@@ -143,4 +143,45 @@ struct OperatorTests {
         #expect(try complete(["vmpool", "delete", "--state-dir", box.dir.path + "/none"]).isEmpty)
         #expect(!FileManager.default.fileExists(atPath: box.dir.path + "/none"))
     }
+
+    /// A sim seed fails the same actions at any --parallel: what fails depends on the seed
+    /// and the action, never on the order actions ran in.
+    @Test func aSimSeedFailsTheSameActionsAtAnyParallelism() throws {
+        var failed: [Set<String>] = []
+        for parallel in ["1", "8"] {
+            let box = Sandbox()
+            defer { box.dir.remove() }
+            let file = box.write(pool("f", size: 12))
+            let result = try box.run(
+                "apply", "-f", file, "--parallel", parallel,
+                environment: ["VMPOOL_SIM_FAIL": "create:0.4", "VMPOOL_SIM_SEED": "42"])
+            #expect(result.status == 1, "\(result.stdout)")
+            let slots = result.stdout.split(separator: "\n").filter { $0.contains("[failed") }.compactMap { line in
+                line.range(of: #"\(\d+ of 12\)"#, options: .regularExpression).map { String(line[$0]) }
+            }
+            failed.append(Set(slots))
+        }
+        #expect(!failed[0].isEmpty && failed[0].count < 12, "\(failed[0])")
+        #expect(failed[0] == failed[1], "--parallel 1 failed \(failed[0].sorted()), --parallel 8 \(failed[1].sorted())")
+    }
+
+    /// On a terminal an apply shows one live line (done/total, elapsed) rewritten in place; on
+    /// a pipe there is no such line, only one line per finished action.
+    @Test func aTerminalGetsOneLiveProgressLineAPipeGetsNone() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("p", size: 6))
+        let command = "exec '\(box.binary.path)' apply -f '\(file)' --state-dir '\(box.state)' --parallel 2"
+        let terminal = try RunningCommand(
+            path: "/usr/bin/script", arguments: ["-qec", command, "/dev/null"],
+            environment: ["VMPOOL_DRIVER": "sim", "VMPOOL_SIM_LATENCY": "50ms", "PATH": "/usr/bin:/bin"]
+        ).wait()
+        #expect(terminal.status == 0, "\(terminal.stdout)")
+        #expect(terminal.stdout.contains("\r\u{1B}[Kapply: 1/6 done"), "\(terminal.stdout.debugDescription)")
+        #expect(terminal.stdout.contains("\r\u{1B}[Kapply: 6/6 done"), "\(terminal.stdout.debugDescription)")
+        let piped = try box.run("apply", "-f", box.write(pool("p", size: 8)), environment: ["VMPOOL_SIM_LATENCY": "50ms"])
+        #expect(piped.status == 0)
+        #expect(!piped.stderr.contains("\r") && !piped.stdout.contains("\r"), "\(piped.stderr.debugDescription)")
+        #expect(piped.stdoutLines.filter { $0.contains("[ok]") }.count == 2, "\(piped.stdout)")
+    }
 }
