@@ -179,7 +179,8 @@ struct OperatorTests {
         #expect(terminal.status == 0, "\(terminal.stdout)")
         #expect(terminal.stdout.contains("\r\u{1B}[Kapply: 1/6 done"), "\(terminal.stdout.debugDescription)")
         #expect(terminal.stdout.contains("\r\u{1B}[Kapply: 6/6 done"), "\(terminal.stdout.debugDescription)")
-        let piped = try box.run("apply", "-f", box.write(pool("p", size: 8)), environment: ["VMPOOL_SIM_LATENCY": "50ms"])
+        let piped = try box.run(
+            "apply", "-f", box.write(pool("p", size: 8)), environment: ["VMPOOL_SIM_LATENCY": "50ms"])
         #expect(piped.status == 0)
         #expect(!piped.stderr.contains("\r") && !piped.stdout.contains("\r"), "\(piped.stderr.debugDescription)")
         #expect(piped.stdoutLines.filter { $0.contains("[ok]") }.count == 2, "\(piped.stdout)")
