@@ -185,4 +185,20 @@ struct OperatorTests {
         #expect(!piped.stderr.contains("\r") && !piped.stdout.contains("\r"), "\(piped.stderr.debugDescription)")
         #expect(piped.stdoutLines.filter { $0.contains("[ok]") }.count == 2, "\(piped.stdout)")
     }
+
+    /// `events --follow` prints what was there, then each new event once as it comes.
+    @Test func eventsFollowPrintsEachEventOnce() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("f", size: 1))).status == 0)
+        let following = try box.binary.start(["events", "--follow", "--state-dir", box.state])
+        usleep(1_200_000)
+        #expect(try box.run("apply", "-f", box.write(pool("f", size: 2))).status == 0)
+        usleep(1_500_000)
+        following.kill(SIGTERM)
+        let lines = following.wait().stdoutLines
+        #expect(lines.filter { $0.hasPrefix("TIME") }.count == 1, "\(lines)")
+        #expect(lines.filter { $0.contains(" applied ") }.count == 2, "\(lines)")
+        #expect(lines.filter { $0.contains(" created ") }.count == 2, "\(lines)")
+    }
 }

@@ -103,6 +103,7 @@ extension Vmpool {
                 return
             }
             if format.output == .text && !events.isEmpty { printOut(EventText.header) }
+            var last: Int64 = 0
             while true {
                 for event in events {
                     printOut(
@@ -111,7 +112,8 @@ extension Vmpool {
                                 of: "\n", with: "") : EventText.line(event))
                 }
                 guard follow else { return }
-                let last = events.last?.id ?? 0
+                // The newest shown so far: a poll that finds nothing keeps it.
+                last = events.last?.id ?? last
                 try await Task.sleep(for: .milliseconds(500))
                 events = try session.store.events(pool: pool, afterID: last)
             }
