@@ -37,9 +37,8 @@ enum Spawn {
         while true {
             if let deadline {
                 let left = deadline - .now
-                let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
                 var pfd = pollfd(fd: child.stderr, events: Int16(POLLIN), revents: 0)
-                let ready = left > .zero ? poll(&pfd, 1, Int32(clamping: max(1, milliseconds))) : 0
+                let ready = left > .zero ? poll(&pfd, 1, Int32(clamping: max(1, left.milliseconds))) : 0
                 if ready < 0 && errno == EINTR { continue }
                 if ready == 0 {
                     Glibc.kill(child.pid, SIGKILL)
