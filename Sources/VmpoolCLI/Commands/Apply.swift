@@ -97,6 +97,7 @@ func report(_ result: Reconciler.PassResult, output: OutputFormat, pools: [PoolS
         var parts: [String] = []
         if failed > 0 { parts.append("\(failed) action\(failed == 1 ? "" : "s") failed") }
         if !result.remaining.isEmpty { parts.append("\(result.remaining.actions.count) still to do") }
+        if result.interrupted { parts.append("interrupted before its last steps (standbys, a final look)") }
         printError("not converged: \(parts.joined(separator: ", ")); the next apply or reconcile continues")
         throw ExitCode.failure
     }
