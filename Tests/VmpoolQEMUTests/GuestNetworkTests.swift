@@ -55,9 +55,25 @@ struct GuestNetworkTests {
               image: {cmdline: "console=ttyS0 quiet root=/dev/vda"}
               disks:
                 - {name: root, image: \(disk), size: 4Gi}
+              network: {ports: [8000]}
             """
         }
         _ = try apply(box, spec("deb", 2, "template") + "\n---\n" + spec("debcold", 1, "cold"))
+        // Each VM, clones included, answers on its own forwarded port from a server in the guest.
+        for vm in try box.vms() {
+            let id = try #require(vm["id"] as? String)
+            let port = try #require((vm["ports"] as? [String: Int])?["8000"])
+            let served = try box.exec(
+                id,
+                ["sh", "-c", "setsid -f python3 -m http.server 8000 --directory /etc </dev/null >/dev/null 2>&1"])
+            #expect(served.status == 0, "\(served.stderr)")
+            var body = ""
+            for _ in 0..<100 where !body.contains(id) {
+                body = (try? httpGet(port: port, path: "/hostname")) ?? ""
+                if !body.contains(id) { usleep(100_000) }
+            }
+            #expect(body.contains(id), "\(id) on 127.0.0.1:\(port): \(body)")
+        }
         var names = Set<String>()
         var machines = Set<String>()
         for vm in try box.ids() {
@@ -110,6 +126,18 @@ struct GuestNetworkTests {
             #expect(body.contains("hello-\(id)"), "\(body)")
         }
         #expect(hostPorts.count == 4, "no two VMs share a forwarded port")
+        // The text views say the same: where the VM is reached and which port is which.
+        let listed = try box.run(["get", "vms"]).stdout
+        for vm in try box.vms() {
+            let id = try #require(vm["id"] as? String)
+            let ports = try #require(vm["ports"] as? [String: Int])
+            let mapping = "22→\(ports["22"] ?? 0),8080→\(ports["8080"] ?? 0)"
+            let line = listed.split(separator: "\n").first { $0.hasPrefix(id) } ?? ""
+            #expect(line.contains("127.0.0.1") && line.contains(mapping), "get vms: \(line)")
+            let described = try box.run(["describe", "vm", id]).stdout
+            #expect(described.contains("Address:     127.0.0.1"), "\(described)")
+            #expect(described.contains("Ports:       \(mapping)"), "\(described)")
+        }
         #expect(try box.run(["delete", "web"]).status == 0)
         #expect(
             try StateStore(directory: box.state).allocations().ports.isEmpty, "forwarded ports are freed with their VMs"
@@ -138,6 +166,7 @@ struct GuestNetworkTests {
                 path: inside[0], arguments: Array(inside.dropFirst()) + arguments, environment: box.binary.environment
             ).wait()
         }
+        let size = 16
         _ = try apply(
             box,
             """
@@ -145,7 +174,7 @@ struct GuestNetworkTests {
             kind: Pool
             metadata: {name: lab}
             spec:
-              size: 2
+              size: \(size)
               vcpus: 1
               memory: 256Mi
               boot: template
@@ -153,23 +182,40 @@ struct GuestNetworkTests {
             """, through: inside)
         let vms = try box.vms()
         let addresses = vms.compactMap { $0["address"] as? String }
-        #expect(Set(addresses).count == 2 && addresses.allSatisfy { $0.hasPrefix("10.88.0.") && $0 != "10.88.0.1" })
+        #expect(addresses.count == size && Set(addresses).count == size, "addresses: \(addresses)")
+        #expect(addresses.allSatisfy { $0.hasPrefix("10.88.0.") && $0 != "10.88.0.1" })
+        let listed = try box.run(["get", "vms"]).stdout
         var macs = Set<String>()
+        var answered = 0
         for (index, vm) in vms.enumerated() {
             let id = try #require(vm["id"] as? String)
             macs.insert(try box.exec(id, ["cat", "/sys/class/net/eth0/address"]).stdout)
             #expect(
                 try box.exec(id, ["ip", "-4", "-o", "addr", "show", "eth0"]).stdout.contains(addresses[index] + "/24"))
-            let other = addresses[1 - index]
-            #expect(try box.exec(id, ["ping", "-c", "1", "-W", "3", other]).status == 0, "\(id) cannot reach \(other)")
-            #expect(
-                try box.exec(id, ["ping", "-c", "1", "-W", "3", "10.88.0.1"]).status == 0, "\(id) cannot reach the host"
-            )
+            // Every other clone and the host, by their own addresses: one line per answer.
+            let others = addresses.enumerated().filter { $0.offset != index }.map(\.element) + ["10.88.0.1"]
+            let pings = try box.exec(
+                id,
+                [
+                    "sh", "-c",
+                    "for a in \(others.joined(separator: " ")); do ping -c 1 -W 3 $a >/dev/null && echo ok $a"
+                        + " || echo lost $a; done",
+                ])
+            let lost = pings.stdout.split(separator: "\n").filter { !$0.hasPrefix("ok ") }
+            #expect(lost.isEmpty, "\(id) at \(addresses[index]): \(lost)")
+            answered += pings.stdout.split(separator: "\n").count - lost.count
             #expect(
                 try run(["busybox", "ping", "-c", "1", "-W", "3", addresses[index]]).status == 0,
                 "the host cannot reach \(id)")
+            let line = listed.split(separator: "\n").first { $0.hasPrefix(id) } ?? ""
+            #expect(line.contains(" \(addresses[index]) "), "get vms: \(line)")
+            let described = try box.run(["describe", "vm", id]).stdout
+            #expect(described.contains("Address:     \(addresses[index])/24 via 10.88.0.1"), "\(described)")
         }
-        #expect(macs.count == 2)
+        #expect(macs.count == size, "MACs: \(macs)")
+        #expect(
+            answered == size * size, "\(answered) of \(size * size) pings answered (\(size) x \(size - 1) and the host)"
+        )
         #expect(try run(["ip", "link", "show", "vmptest0"]).status == 0)
         #expect(try run([box.binary.path, "delete", "lab", "--state-dir", box.state]).status == 0)
         #expect(
@@ -178,10 +224,171 @@ struct GuestNetworkTests {
         let links = try run(["ip", "-o", "link"]).stdout
         #expect(!links.contains("vmp"), "a tap was left: \(links)")
     }
+
+    /// `mode: none` and no `network` key: no NIC in the guest (clones and cold VMs), none on
+    /// QEMU's command line, no address or ports shown.
+    @Test func aPoolWithoutANetworkHasNoNIC() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let spec = { (name: String, boot: String, network: String) in
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: \(name)}
+            spec:
+              size: 1
+              vcpus: 1
+              memory: 256Mi
+              boot: \(boot)
+            \(network)
+            """
+        }
+        _ = try apply(
+            box,
+            spec("plain", "template", "") + "\n---\n" + spec("none", "cold", "  network: {mode: none}") + "\n---\n"
+                + spec("nonetpl", "template", "  network: {mode: none}"))
+        let vms = try box.vms()
+        #expect(vms.count == 3)
+        for vm in vms {
+            let id = try #require(vm["id"] as? String)
+            let links = try box.exec(id, ["ls", "/sys/class/net"])
+            #expect(links.stdout == "lo\n", "\(id) has links \(links.stdout)\(links.stderr)")
+            #expect(vm["address"] is NSNull && (vm["ports"] as? [String: Int])?.isEmpty == true, "\(vm)")
+            let pid = try #require(vm["pid"] as? Int)
+            let argv = String(
+                decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+            #expect(!argv.isEmpty && !argv.contains("netdev") && !argv.contains("virtio-net"), "\(id): \(argv)")
+            let described = try box.run(["describe", "vm", id]).stdout
+            #expect(!described.contains("Network:") && !described.contains("Address:"), "\(described)")
+        }
+    }
+
+    /// A subnet that overlaps a route the host already has is a located error at validate,
+    /// plan and apply; nothing is made.
+    @Test(.enabled(if: geteuid() == 0, "needs root (a network namespace with a route in it)"))
+    func aSubnetOverlappingAHostRouteIsRefused() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let namespace = try TestNamespace(box, suffix: "r")
+        defer { namespace.remove(deleting: []) }
+        for command in [
+            ["link", "add", "vmpr0", "type", "bridge"], ["address", "add", "10.89.0.1/24", "dev", "vmpr0"],
+            ["link", "set", "vmpr0", "up"],
+        ] {
+            #expect(try namespace.run(["ip"] + command).status == 0)
+        }
+        let file = box.write(
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: lab}
+            spec:
+              size: 1
+              vcpus: 1
+              memory: 256Mi
+              network: {mode: bridge, bridge: vmptest1, subnet: 10.89.0.128/25}
+            """, as: "overlap.yaml")
+        for command in ["validate", "plan", "apply"] {
+            let result = try namespace.run([box.binary.path, command, "-f", file, "--state-dir", box.state])
+            #expect(result.status == 1, "\(command) exited \(result.status)")
+            #expect(
+                result.stderr.contains("overlap.yaml:8:53:") && result.stderr.contains("spec.network.subnet")
+                    && result.stderr.contains("10.89.0.0/24"),
+                "\(command): \(result.stderr)")
+        }
+        #expect(try namespace.run(["ip", "link", "show", "vmptest1"]).status != 0, "a bridge was made")
+        #expect(try StateStore(directory: box.state).pools().isEmpty)
+        #expect(box.qemuProcesses().isEmpty)
+    }
+
+    /// Bridge mode without CAP_NET_ADMIN: one error naming what is missing, and nothing half
+    /// made (no bridge, no tap without a VM, no VM without its tap, no address held).
+    @Test(.enabled(if: geteuid() == 0, "needs root to take CAP_NET_ADMIN away in a network namespace"))
+    func bridgeModeWithoutThePrivilegeIsOneClearError() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let namespace = try TestNamespace(box, suffix: "p")
+        defer { namespace.remove(deleting: ["lab"]) }
+        let file = box.write(
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: lab}
+            spec:
+              size: 2
+              vcpus: 1
+              memory: 256Mi
+              boot: cold
+              network: {mode: bridge, bridge: vmptest2, subnet: 10.87.0.0/24}
+            """)
+        let unprivileged = [
+            "/usr/bin/setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--",
+            box.binary.path, "apply", "-f", file, "--state-dir", box.state,
+        ]
+        func nothingHalfMade(_ what: String) throws {
+            let links = try namespace.run(["ip", "-o", "link"]).stdout
+            #expect(!links.contains("vmpt"), "\(what): a link was left: \(links)")
+            let store = try StateStore(directory: box.state)
+            #expect(try store.vms().isEmpty, "\(what): a VM was recorded")
+            let (ports, addresses) = try store.allocations()
+            #expect(ports.isEmpty && addresses.isEmpty, "\(what): \(ports) \(addresses) still held")
+            #expect(box.qemuProcesses().isEmpty, "\(what): QEMU runs")
+        }
+        // No bridge yet: making it is refused.
+        let first = try namespace.run(unprivileged)
+        #expect(first.status == 1)
+        #expect(first.stderr.contains("CAP_NET_ADMIN"), "\(first.stderr)")
+        try nothingHalfMade("without a bridge")
+        // The bridge is there (made by an administrator): the taps are refused.
+        for command in [
+            ["link", "add", "vmptest2", "type", "bridge"], ["address", "add", "10.87.0.1/24", "dev", "vmptest2"],
+            ["link", "set", "vmptest2", "up"],
+        ] {
+            #expect(try namespace.run(["ip"] + command).status == 0)
+        }
+        let second = try namespace.run(unprivileged)
+        #expect(second.status == 1)
+        #expect(second.stderr.contains("CAP_NET_ADMIN") && second.stderr.contains("tap"), "\(second.stderr)")
+        _ = try namespace.run(["ip", "link", "del", "vmptest2"])
+        try nothingHalfMade("with the bridge")
+        // With the privilege, the same manifest works.
+        #expect(try namespace.run([box.binary.path, "apply", "-f", file, "--state-dir", box.state]).status == 0)
+        #expect(try box.vms().compactMap { $0["address"] as? String }.count == 2)
+    }
 }
 
-/// `GET /` on 127.0.0.1:`port` with a raw socket; the response as text.
-func httpGet(port: Int) throws -> String {
+/// A network namespace of the test's own, with loopback up; vmpool runs inside it so that
+/// bridges, taps and packets stay there.
+struct TestNamespace {
+    let name: String
+    let box: QemuSandbox
+    var prefix: [String] { ["/usr/sbin/ip", "netns", "exec", name] }
+
+    init(_ box: QemuSandbox, suffix: String) throws {
+        self.box = box
+        name = "vmpt\(getpid() % 100_000)\(suffix)"
+        _ = try RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "del", name], environment: [:]).wait()
+        let added = try RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "add", name], environment: [:])
+            .wait()
+        guard added.status == 0 else { throw SandboxError("ip netns add \(name): \(added.stderr)") }
+        _ = try run(["ip", "link", "set", "lo", "up"])
+    }
+
+    func run(_ arguments: [String]) throws -> CommandResult {
+        try RunningCommand(
+            path: prefix[0], arguments: Array(prefix.dropFirst()) + arguments, environment: box.binary.environment
+        ).wait()
+    }
+
+    /// Deletes `pools` from inside (so their taps and bridges go there), then the namespace.
+    func remove(deleting pools: [String]) {
+        if !pools.isEmpty { _ = try? run([box.binary.path, "delete"] + pools + ["--state-dir", box.state]) }
+        _ = try? RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "del", name], environment: [:]).wait()
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` with a raw socket; the response as text.
+func httpGet(port: Int, path: String = "/") throws -> String {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var address = sockaddr_in()
@@ -196,7 +403,7 @@ func httpGet(port: Int) throws -> String {
         }
     }
     guard connected == 0 else { throw SandboxError("cannot connect to 127.0.0.1:\(port)") }
-    let request = "GET / HTTP/1.0\r\nHost: vm\r\n\r\n"
+    let request = "GET \(path) HTTP/1.0\r\nHost: vm\r\n\r\n"
     _ = request.withCString { send(fd, $0, strlen($0), 0) }
     var response: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)

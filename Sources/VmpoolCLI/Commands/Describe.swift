@@ -263,9 +263,13 @@ struct VMDescription {
         }
         if let network = record.network {
             lines.append(
-                "Network:     \(network.mode.rawValue), MAC \(network.mac)"
-                    + (network.address.map { ", address \($0)/\(network.prefix ?? 0) via \(network.gateway ?? "-")" }
-                        ?? ""))
+                "Network:     \(network.mode.rawValue)\(network.bridge.map { " on bridge \($0)" } ?? ""), MAC \(network.mac)"
+            )
+            if let address = network.address {
+                lines.append("Address:     \(address)/\(network.prefix ?? 0) via \(network.gateway ?? "-")")
+            } else if let address = row.address {
+                lines.append("Address:     \(address) (the guest's ports are forwarded there)")
+            }
             if !network.ports.isEmpty { lines.append("Ports:       \(row.portsText) (guest→127.0.0.1)") }
         }
         if let lease = record.lease {
