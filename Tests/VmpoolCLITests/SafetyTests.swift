@@ -207,6 +207,69 @@ struct SafetyTests {
             "\(result.stderr)")
     }
 
+    /// Disk images that cannot be a VM's disk are located errors at validate, plan and apply,
+    /// and nothing is recorded or started: missing, a directory, another format, a raw file
+    /// that is no whole number of sectors, a size smaller than the image, a name used twice,
+    /// and a file the user cannot read.
+    @Test func badDiskImagesAreLocatedErrorsAndChangeNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        chmod(box.dir.path, 0o755)
+        let root = box.dir.path
+        FileManager.default.createFile(atPath: root + "/four.raw", contents: Data(count: 4 << 20))
+        FileManager.default.createFile(atPath: root + "/odd.raw", contents: Data(count: 1000))
+        FileManager.default.createFile(atPath: root + "/old.vmdk", contents: Data("KDMV".utf8) + Data(count: 2044))
+        FileManager.default.createFile(atPath: root + "/secret.raw", contents: Data(count: 1 << 20))
+        chmod(root + "/secret.raw", 0o600)
+        try FileManager.default.createDirectory(atPath: root + "/adir", withIntermediateDirectories: true)
+        let cases: [(disks: String, at: String, says: String)] = [
+            ("{name: a, image: \(root)/missing.raw}", "8:28: spec.disks[0].image", "does not exist"),
+            ("{name: a, image: \(root)/adir}", "8:28: spec.disks[0].image", "is not a regular file"),
+            (
+                "{name: a, image: \(root)/old.vmdk}", "8:28: spec.disks[0].image",
+                "is a vmdk image; expected qcow2 or raw"
+            ),
+            ("{name: a, image: \(root)/odd.raw}", "8:28: spec.disks[0].image", "neither qcow2 nor a raw disk image"),
+            (
+                "{name: a, image: \(root)/four.raw, size: 2Mi}", "8:",
+                "spec.disks[0].size: 2Mi is smaller than the image"
+            ),
+            (
+                "{name: a, image: \(root)/four.raw}, {name: a, size: 1Mi}", "8:",
+                "spec.disks[1].name: disk \"a\" is already"
+            ),
+        ]
+        func manifest(_ disks: String) -> String {
+            "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: d}\nspec:\n  size: 1\n  vcpus: 1\n  memory: 64Mi\n"
+                + "  disks: [\(disks)]\n"
+        }
+        for (disks, at, says) in cases {
+            let file = box.dir.write("disks.yaml", manifest(disks))
+            for command in ["validate", "plan", "apply"] {
+                let result = try box.run(command, "-f", file)
+                #expect(result.status == 1, "\(command) \(disks): exit \(result.status)")
+                #expect(
+                    result.stderr.contains("disks.yaml:\(at)") && result.stderr.contains(says),
+                    "\(command) \(disks): \(result.stderr)")
+            }
+        }
+        // A file this user cannot read: root runs it as nobody (root reads every file), other
+        // users have the file's read bit taken away; the manifest comes on standard input.
+        let validate = [box.binary.path, "validate", "-f", "-"]
+        let asNobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + validate
+        if geteuid() != 0 { chmod(root + "/secret.raw", 0) }
+        let argv = geteuid() == 0 ? asNobody : validate
+        let unreadable = try RunningCommand(
+            path: argv[0], arguments: Array(argv.dropFirst()),
+            environment: box.binary.environment, input: manifest("{name: a, image: \(root)/secret.raw}")
+        ).wait()
+        #expect(unreadable.status == 1)
+        #expect(
+            unreadable.stderr.contains("<stdin>:8:28: spec.disks[0].image: file \(root)/secret.raw is not readable"),
+            "\(unreadable.stderr)")
+        #expect(try access(box.state, F_OK) != 0 || box.json("get", "pools").isEmpty, "a pool was recorded")
+    }
+
     /// A store that cannot be used is one clear error, exit 1, and changes nothing; the
     /// password in a store URL appears in no output, debug logs included.
     @Test func aStoreThatCannotBeUsedIsOneErrorAndChangesNothing() throws {

@@ -89,6 +89,26 @@ struct GuestNetworkTests {
             #expect(abs(guest - Date().timeIntervalSince1970) < 2)
         }
         #expect(names.count == 3 && machines.count == 3, "machine ids: \(machines)")
+        // cp both ways, logs and the interactive console work on the Debian guest too.
+        let clone = try #require(try box.ids(pool: "deb").last)
+        var bytes = [UInt8](repeating: 0, count: 3 << 20)
+        for index in bytes.indices { bytes[index] = UInt8(truncatingIfNeeded: index &* 2_654_435_761 >> 7) }
+        let source = box.dir.write("payload.bin", "")
+        FileManager.default.createFile(atPath: source, contents: Data(bytes))
+        chmod(source, 0o640)
+        #expect(try box.run(["cp", source, "\(clone):/root/payload.bin"]).status == 0)
+        #expect(try box.exec(clone, ["stat", "-c", "%a %s", "/root/payload.bin"]).stdout == "640 \(bytes.count)\n")
+        #expect(try box.run(["cp", "\(clone):/root/payload.bin", box.dir.path + "/back.bin"]).status == 0)
+        #expect(FileManager.default.contents(atPath: box.dir.path + "/back.bin") == Data(bytes))
+        let marker = "deb-log-\(UInt32.random(in: 0...UInt32.max))"
+        _ = try box.exec(clone, ["sh", "-c", "echo \(marker) > /dev/ttyS0"])
+        #expect(try box.run(["logs", clone, "--tail", "5"]).stdout.contains(marker))
+        let typed = "console-\(UInt32.random(in: 0...UInt32.max))"
+        let console = try box.binary.run(
+            ["console", clone, "--state-dir", box.state],
+            input: "\recho \(typed)-$(hostname)\r" + String(UnicodeScalar(0x1D)))
+        #expect(console.status == 0, "\(console.stderr)")
+        #expect(console.stdout.contains("\(typed)-\(clone)"), "console: \(console.stdout.suffix(400))")
         // The base image is never written.
         let before = try FileManager.default.attributesOfItem(atPath: disk)[.modificationDate] as? Date
         _ = try box.exec(try box.ids()[0], ["sh", "-c", "echo data > /root/written; sync"])

@@ -127,6 +127,21 @@ struct UsableVMTests {
         let vm = try #require(try box.ids().first)
         let logs = try box.run(["logs", vm])
         #expect(logs.status == 0 && logs.stdout.contains("vmpool-guest: ready"), "\(logs.stdout)")
+        // --follow prints what the guest writes after it started, until interrupted.
+        let following = try box.binary.start(["logs", vm, "--follow", "--tail", "1", "--state-dir", box.state])
+        usleep(500_000)
+        let late = "late-\(UInt32.random(in: 0...UInt32.max))"
+        _ = try box.exec(vm, ["sh", "-c", "echo \(late) > /dev/ttyS0"])
+        var followed = ""
+        for _ in 0..<50 where !followed.contains(late) {
+            usleep(100_000)
+            followed = (try? String(contentsOfFile: following.outPath, encoding: .utf8)) ?? ""
+        }
+        following.kill(SIGINT)
+        let ended = following.wait()
+        #expect(ended.stdout.contains(late), "logs --follow did not print \(late): \(ended.stdout.suffix(300))")
+        let before = ended.stdout.components(separatedBy: late).first ?? ""
+        #expect(before.split(separator: "\n").count <= 1, "--tail 1 printed more: \(before)")
         // A guest printing 5 MiB on its serial console: the host keeps a bounded amount.
         _ = try box.exec(vm, ["sh", "-c", "head -c 5242880 /dev/zero | tr '\\\\0' x > /dev/ttyS0"])
         _ = try box.run(["logs", vm, "--tail", "1"])
@@ -153,14 +168,31 @@ struct UsableVMTests {
         for (index, byte) in "BASE-IMAGE".utf8.enumerated() { sector[index] = byte }
         FileManager.default.createFile(atPath: base, contents: Data(sector))
         let before = md5(Data(sector))
-        let disks = "  disks:\n    - {name: data, image: base.raw, size: 8Mi}\n    - {name: scratch, size: 16Mi}"
+        // The same content as a qcow2 image: the other base format.
+        let qcow2 = box.dir.path + "/base.qcow2"
+        let converted = try RunningCommand(
+            path: QemuProcess.resolve("qemu-img") ?? "/usr/bin/qemu-img",
+            arguments: ["convert", "-f", "raw", "-O", "qcow2", base, qcow2], environment: [:]
+        ).wait()
+        #expect(converted.status == 0, "\(converted.stderr)")
+        let qcow2Before = md5(FileManager.default.contents(atPath: qcow2) ?? Data())
+        let disks =
+            "  disks:\n    - {name: data, image: base.raw, size: 8Mi}\n    - {name: scratch, size: 16Mi}\n"
+            + "    - {name: packed, image: base.qcow2}"
         try apply(box, pool("disky", size: 2, boot: "template", extra: disks))
         let ids = try box.ids()
         #expect(ids.count == 2)
         for vm in ids {
             #expect(try box.exec(vm, ["head", "-c", "10", "/dev/vda"]).stdout == "BASE-IMAGE")
             #expect(try box.exec(vm, ["cat", "/sys/block/vda/size", "/sys/block/vdb/size"]).stdout == "16384\n32768\n")
+            #expect(try box.exec(vm, ["head", "-c", "10", "/dev/vdc"]).stdout == "BASE-IMAGE", "qcow2 base")
+            #expect(try box.exec(vm, ["cat", "/sys/block/vdc/size"]).stdout == "2048\n", "the qcow2 image's size")
         }
+        #expect(
+            try box.exec(ids[0], ["sh", "-c", "printf PACKED-A | dd of=/dev/vdc conv=notrunc 2>/dev/null; sync"])
+                .status == 0)
+        #expect(try box.exec(ids[1], ["head", "-c", "10", "/dev/vdc"]).stdout == "BASE-IMAGE")
+        #expect(md5(FileManager.default.contents(atPath: qcow2) ?? Data()) == qcow2Before, "the qcow2 base was written")
         #expect(
             try box.exec(ids[0], ["sh", "-c", "printf WRITTEN-A | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"])
                 .status == 0)
@@ -207,6 +239,16 @@ struct UsableVMTests {
         }
         #expect(names.count == 3)
         #expect(randoms.count == 3)
+        // Each VM has its own generation id (the vmgenid device guests with the driver reseed
+        // from), read from QEMU.
+        var generations = Set<String>()
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        for vm in try box.ids() {
+            let qmp = try QMPClient(path: paths.qmpSocket(vm), vm: vm, timeout: .seconds(5))
+            defer { qmp.close() }
+            generations.insert(try qmp.execute("query-vm-generation-id", returning: Generation.self).guid)
+        }
+        #expect(generations.count == 3, "generation ids: \(generations)")
         // Without the clock step a clone keeps its template's time: the check above can fail.
         _ = try box.run(["apply", "-f", box.write(pool("drift", size: 1, boot: "template"), as: "drift.yaml")])
         sleep(3)
@@ -256,4 +298,9 @@ func md5(_ data: Data) -> String {
     defer { unlink(path) }
     let result = try? RunningCommand(path: "/usr/bin/md5sum", arguments: [path], environment: [:]).wait()
     return String(result?.stdout.prefix(32) ?? "")
+}
+
+/// QEMU's answer to `query-vm-generation-id`.
+struct Generation: Decodable {
+    var guid: String
 }

@@ -63,7 +63,8 @@ public struct VmpoolBinary: Sendable {
 /// A child process started by a test, its output captured in files.
 public final class RunningCommand: @unchecked Sendable {
     public let pid: Int32
-    private let outPath: String
+    /// Where standard output goes while the command runs (readable before it ends).
+    public let outPath: String
     private let errPath: String
     private var result: CommandResult?
 
