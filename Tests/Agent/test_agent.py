@@ -370,6 +370,16 @@ def test_hello_network(ns_agent):
     # No gateway.
     assert c.request("hello net=v0,52:54:00:ab:cd:02,10.2.0.9/30,-") == "ok pong"
     assert "10.2.0.9/30" in sh(c, "ip -o -4 addr show dev v0")
+    # The address it already has is kept (a clone of a user-mode template); the others go.
+    sh(c, "ip addr add 192.168.79.7/24 dev v0")
+    assert c.request("hello net=v0,52:54:00:ab:cd:03,10.2.0.9/30,-") == "ok pong"
+    addrs = sh(c, "ip -o -4 addr show dev v0")
+    assert addrs.count("10.2.0.9/30") == 1 and "192.168.79.7" not in addrs, addrs
+    assert "52:54:00:ab:cd:03" in sh(c, "ip -o link show v0")
+    # The same address with another prefix is replaced.
+    assert c.request("hello net=v0,52:54:00:ab:cd:03,10.2.0.9/29,-") == "ok pong"
+    addrs = sh(c, "ip -o -4 addr show dev v0")
+    assert "10.2.0.9/29" in addrs and "10.2.0.9/30" not in addrs, addrs
     # A missing interface is reported.
     assert c.request("hello net=nope0,52:54:00:ab:cd:02,10.2.0.9/30,-") == "error net: no interface nope0"
 

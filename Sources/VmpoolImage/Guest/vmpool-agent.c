@@ -622,8 +622,11 @@ static int link_set(int fd, int index, int up, const unsigned char *mac) {
     return nl_talk(fd, &r);
 }
 
-// Removes every IPv4 address of interface `index`.
-static int flush_addresses(int fd, int index) {
+// Removes every IPv4 address of interface `index` but `keep` (when given and present, which
+// sets `*kept`): a clone of a user-mode template already has its address, and re-adding it
+// costs more than the rest of the configuration under TCG.
+static int flush_addresses(int fd, int index, const struct in_addr *keep, int keep_prefix, int *kept) {
+    *kept = 0;
     struct {
         unsigned char prefix;
         struct in_addr local;
@@ -667,6 +670,10 @@ static int flush_addresses(int fd, int index) {
         }
     }
     for (int i = 0; i < count; i++) {
+        if (keep && found[i].local.s_addr == keep->s_addr && found[i].prefix == keep_prefix) {
+            *kept = 1;
+            continue;
+        }
         nl_init(&r, RTM_DELADDR, 0, sizeof(struct ifaddrmsg));
         r.u.addr.ifa_family = AF_INET;
         r.u.addr.ifa_prefixlen = found[i].prefix;
@@ -708,8 +715,8 @@ static int replace_default_route(int fd, int index, struct in_addr gateway) {
     return nl_talk(fd, &r);
 }
 
-// Announces the new address (gratuitous ARP request), so that peers forget the template's
-// MAC for it. Best effort.
+// Announces a new address (gratuitous ARP request), so that peers forget another MAC they
+// knew for it (a VM stopped since, whose address this one was given). Best effort.
 static void announce(int index, const unsigned char *mac, struct in_addr addr) {
     int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC, htons(ETH_P_ARP));
     if (fd < 0) return;
@@ -734,7 +741,11 @@ static void announce(int index, const unsigned char *mac, struct in_addr addr) {
     close(fd);
 }
 
-static int configure_net(const struct netconf *nc, char *err, size_t errlen) {
+// Configures the interface; `*fresh` is set when the address is new to it, and the caller
+// announces it (`announce`) once it has answered: peers learn the MAC a little later, the
+// clone is not held up for it.
+static int configure_net(const struct netconf *nc, int *fresh, char *err, size_t errlen) {
+    *fresh = 0;
     int index = (int)if_nametoindex(nc->iface);
     if (index == 0) {
         snprintf(err, errlen, "net: no interface %s", nc->iface);
@@ -757,20 +768,24 @@ static int configure_net(const struct netconf *nc, char *err, size_t errlen) {
         else if ((e = link_set(fd, index, -1, nc->mac))) step = "set MAC";
         else if ((e = link_set(fd, index, 1, NULL))) step = "link up";
     }
-    if (!e && (e = flush_addresses(fd, index))) step = "flush addresses";
-    if (!e && nc->has_address && (e = add_address(fd, index, nc->addr, nc->prefix))) step = "add address";
+    int kept = 0;
+    if (!e && (e = flush_addresses(fd, index, nc->has_address ? &nc->addr : NULL, nc->prefix, &kept)))
+        step = "flush addresses";
+    if (!e && nc->has_address && !kept && (e = add_address(fd, index, nc->addr, nc->prefix))) step = "add address";
     if (!e && nc->has_gateway && (e = replace_default_route(fd, index, nc->gateway))) step = "default route";
     close(fd);
     if (e) {
         snprintf(err, errlen, "net: %s %s: %s", step, nc->iface, strerror(e));
         return -1;
     }
-    if (nc->has_address) announce(index, nc->mac, nc->addr);
+    *fresh = nc->has_address && !kept;
     return 0;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Control requests
+
+static void port_flush(struct port *p);
 
 static void hello(struct port *p, const char *id, char **args, int nargs) {
     const char *time_s = NULL, *seed_s = NULL, *name_s = NULL, *machine_s = NULL, *net_s = NULL;
@@ -817,16 +832,21 @@ static void hello(struct port *p, const char *id, char **args, int nargs) {
         return;
     }
     char err[256] = "";
+    int fresh = 0;
     if (time_s && clock_settime(CLOCK_REALTIME, &ts) != 0)
         snprintf(err, sizeof err, "cannot set the clock: %s", strerror(errno));
     else if (seed_s && seed(seed_s) != 0)
         snprintf(err, sizeof err, "cannot seed the RNG");
     else if (name_s && set_hostname(name_s, err, sizeof err) != 0) {
     } else if (machine_s && set_machine_id(machine_s, err, sizeof err) != 0) {
-    } else if (net_s && configure_net(&nc, err, sizeof err) != 0) {
+    } else if (net_s && configure_net(&nc, &fresh, err, sizeof err) != 0) {
     }
     if (*err) answer(p, id, "error", err);
     else answer(p, id, "ok", "pong");
+    if (fresh) {
+        port_flush(p);  // the answer first: the host counts the clone ready on it
+        announce((int)if_nametoindex(nc.iface), nc.mac, nc.addr);
+    }
 }
 
 static void control(struct port *p, char *text) {
