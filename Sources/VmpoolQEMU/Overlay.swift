@@ -32,11 +32,11 @@ enum Overlay {
     }
 
     /// A VM's overlays over the pool's base images (cold VMs, template VMs).
-    static func overBases(_ disks: [DiskShape], path: (String) -> String) -> [DiskAttachment] {
+    static func overBases(_ disks: [DiskShape], scratch: Bool, path: (String) -> String) -> [DiskAttachment] {
         disks.map { disk in
             DiskAttachment(
                 name: disk.name, path: path(disk.name), backing: disk.base, backingFormat: disk.format,
-                sizeMiB: disk.base == nil || disk.sizeMiB > 0 ? disk.sizeMiB : nil)
+                sizeMiB: disk.base == nil || disk.sizeMiB > 0 ? disk.sizeMiB : nil, scratch: scratch)
         }
     }
 
@@ -45,7 +45,8 @@ enum Overlay {
         disks.map { disk in
             DiskAttachment(
                 name: disk.name, path: paths.overlay(vm, disk: disk.name),
-                backing: paths.templateDisk(template: template, disk: disk.name), backingFormat: "qcow2", sizeMiB: nil)
+                backing: paths.templateDisk(template: template, disk: disk.name), backingFormat: "qcow2", sizeMiB: nil,
+                scratch: true)
         }
     }
 }

@@ -100,7 +100,9 @@ public final class QemuDriver: HypervisorDriver {
             do throws(DriverError) {
                 var spec = MachineSpec(
                     shape: request.shape, memory: .anonymous, incoming: false,
-                    disks: Overlay.overBases(request.shape.disks) { self.paths.overlay(request.id, disk: $0) },
+                    disks: Overlay.overBases(request.shape.disks, scratch: true) {
+                        self.paths.overlay(request.id, disk: $0)
+                    },
                     nic: Self.nic(request.shape.network, vm: request.id))
                 if let mac = request.network?.mac { spec.nic?.mac = mac }
                 try machine.start(spec)
@@ -121,7 +123,9 @@ public final class QemuDriver: HypervisorDriver {
         let memoryFile = paths.memoryFile(template: template.id)
         let stateFile = paths.stateFile(template: template.id)
         let bootTimeout = configuration.bootTimeout
-        let disks = Overlay.overBases(template.key.disks) { self.paths.templateDisk(template: template.id, disk: $0) }
+        let disks = Overlay.overBases(template.key.disks, scratch: false) {
+            self.paths.templateDisk(template: template.id, disk: $0)
+        }
         try await Blocking.run { () throws(DriverError) in
             var machine = self.vm(template.id, kernel: template.key.image.kernel)
             defer { Undo.run { machine.stop() } }

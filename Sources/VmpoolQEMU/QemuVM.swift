@@ -27,6 +27,10 @@ struct DiskAttachment: Sendable, Hashable {
     var backingFormat: String?
     /// The virtual size, MiB (`nil`: the backing file's).
     var sizeMiB: Int?
+    /// A VM's disk lives and dies with its QEMU process (a stopped or lost VM's overlays are
+    /// removed, never booted again), so the guest's flushes need not reach the host's disk:
+    /// QEMU skips them. A template's disk is not scratch: clones are made from it.
+    var scratch = false
 }
 
 /// A NIC as QEMU sees it.
@@ -179,6 +183,7 @@ struct QemuVM {
                 "-blockdev",
                 QemuOpts.json([
                     "driver": "qcow2", "node-name": "disk\(index)", "discard": "unmap",
+                    "cache": ["no-flush": disk.scratch],
                     "file": ["driver": "file", "filename": disk.path, "aio": "threads"],
                 ]),
                 "-device", "virtio-blk-pci,drive=disk\(index),id=vd\(index),serial=\(disk.name)",

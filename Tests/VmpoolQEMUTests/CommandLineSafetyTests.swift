@@ -61,6 +61,9 @@ struct CommandLineSafetyTests {
             #expect((parsed["file"] as? [String: Any])?["filename"] as? String == "/tmp/s/run/x/" + value)
             #expect(parsed["driver"] as? String == "qcow2", "a path cannot change the format")
             #expect(disks.count == 4, "\(disks)")
+            #expect((parsed["cache"] as? [String: Any])?["no-flush"] as? Bool == false, "flushes reach the disk")
+            let scratch = vm.diskArguments([DiskAttachment(name: "data", path: "/tmp/x", scratch: true)])[1]
+            #expect(scratch.contains(#""no-flush":true"#), "\(scratch)")
             // A tap name, even one with commas, stays one value of the netdev option list.
             let nic = vm.nicArguments(
                 NICAttachment(backend: .tap(name: "tap" + value, bridge: "br0"), mac: "52:54:00:00:00:01"))
