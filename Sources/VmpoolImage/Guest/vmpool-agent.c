@@ -715,8 +715,8 @@ static int replace_default_route(int fd, int index, struct in_addr gateway) {
     return nl_talk(fd, &r);
 }
 
-// Announces a new address (gratuitous ARP request), so that peers forget another MAC they
-// knew for it (a VM stopped since, whose address this one was given). Best effort.
+// Announces a new address (gratuitous ARP request), so that the bridge and peers learn at once
+// where it is now (a stopped VM may have had it, behind another tap). Best effort.
 static void announce(int index, const unsigned char *mac, struct in_addr addr) {
     int fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC, htons(ETH_P_ARP));
     if (fd < 0) return;
