@@ -207,9 +207,13 @@ public final class QemuDriver: HypervisorDriver {
         }
     }
 
-    /// Waits until a guest whose init is systemd has finished booting, so that a template is
-    /// saved fully booted and its clones do not each redo the rest of the boot. Other guests
-    /// (the busybox initramfs) are booted once their agent answers.
+    /// Waits until a guest whose init is systemd has finished booting and gone quiet, so that a
+    /// template is saved idle and its clones do not each redo the rest of the boot. systemd
+    /// counts a unit started when its process is, so "running" can come while a console
+    /// login is still halfway through (PAM, the shell's profile): each clone would finish it,
+    /// seconds of CPU under TCG right when it should answer. Quiet: the guest's CPU idle at
+    /// least 85% of two half-second samples in a row (at most 30 s). Other guests (the busybox
+    /// initramfs) are booted once their agent answers.
     static func settle(_ machine: QemuVM, paths: QemuPaths, timeout: Duration) throws(DriverError) {
         let session = try ExecSession(paths: paths, vm: machine.id, timeout: .seconds(10))
         defer { session.close() }
@@ -217,7 +221,13 @@ public final class QemuDriver: HypervisorDriver {
         defer { close(null) }
         let script =
             "[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 0;"
-            + " systemctl is-system-running --wait >/dev/null 2>&1; exit 0"
+            + " systemctl is-system-running --wait >/dev/null 2>&1;"
+            + " read -r _ u n s i w q f t _ </proc/stat; all=$((u+n+s+i+w+q+f+t)); idle=$i; quiet=0; tries=0;"
+            + " while [ $quiet -lt 2 ] && [ $tries -lt 60 ]; do sleep 0.5;"
+            + " read -r _ u n s i w q f t _ </proc/stat; now=$((u+n+s+i+w+q+f+t));"
+            + " if [ $((now - all)) -gt 0 ] && [ $(((i - idle) * 100 / (now - all))) -ge 85 ];"
+            + " then quiet=$((quiet + 1)); else quiet=0; fi;"
+            + " all=$now; idle=$i; tries=$((tries + 1)); done; exit 0"
         _ = try session.run(
             ExecRequest(argv: ["/bin/sh", "-c", script], timeout: timeout),
             streams: ExecStreams(stdin: null, stdout: null, stderr: null))
