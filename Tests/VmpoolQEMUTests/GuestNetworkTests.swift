@@ -89,6 +89,13 @@ struct GuestNetworkTests {
             #expect(abs(guest - Date().timeIntervalSince1970) < 2)
         }
         #expect(names.count == 3 && machines.count == 3, "machine ids: \(machines)")
+        // The template was saved quiet: its console login had finished, so no clone logs one
+        // under its own name after the restore.
+        for clone in try box.ids(pool: "deb") {
+            let logins = try box.exec(
+                clone, ["sh", "-c", "journalctl -o short --no-pager | grep -F ' \(clone) login[' || true"])
+            #expect(logins.stdout.isEmpty, "\(clone) logged in after its restore: \(logins.stdout)")
+        }
         // cp both ways, logs and the interactive console work on the Debian guest too.
         let clone = try #require(try box.ids(pool: "deb").last)
         var bytes = [UInt8](repeating: 0, count: 3 << 20)
