@@ -251,7 +251,7 @@ struct VMDescription {
             "ID:          \(record.id)",
             "Pool:        \(record.pool)",
             "State:       \(row.state)" + (row.problem.map { " (\($0))" } ?? ""),
-            "Boot:        \(record.boot.rawValue)" + (record.templateID.map { " from template \($0)" } ?? ""),
+            "Boot:        \(record.boot.rawValue)" + (record.templateID.map { " (cloned from \($0))" } ?? ""),
             "Process:     \(record.pid.map { "pid \($0)" } ?? "-")",
             "Shape:       \(record.shape.vcpus) vcpus (ceiling \(record.shape.maxVcpus)), \(MemoryQuantity.format(record.shape.memoryMiB)) (ceiling \(MemoryQuantity.format(record.shape.maxMemoryMiB)))",
             "Image:       kernel \(record.shape.image.kernel), cmdline \(record.shape.image.cmdline)",
