@@ -744,11 +744,11 @@ static void announce(int index, const unsigned char *mac, struct in_addr addr) {
     close(fd);
 }
 
-// Configures the interface; `*fresh` is set when the address is new to it, and the caller
-// announces it (`announce`) once it has answered: peers learn the MAC a little later, the
-// clone is not held up for it.
-static int configure_net(const struct netconf *nc, int *fresh, char *err, size_t errlen) {
-    *fresh = 0;
+// Configures the interface; when the address is new to it, `*announce_at` is set to the
+// interface's index and the caller announces the address (`announce`) once it has answered:
+// peers learn the MAC a little later, the clone is not held up for it.
+static int configure_net(const struct netconf *nc, int *announce_at, char *err, size_t errlen) {
+    *announce_at = 0;
     int index = (int)if_nametoindex(nc->iface);
     if (index == 0) {
         snprintf(err, errlen, "net: no interface %s", nc->iface);
@@ -781,7 +781,7 @@ static int configure_net(const struct netconf *nc, int *fresh, char *err, size_t
         snprintf(err, errlen, "net: %s %s: %s", step, nc->iface, strerror(e));
         return -1;
     }
-    *fresh = nc->has_address && !kept;
+    if (nc->has_address && !kept) *announce_at = index;
     return 0;
 }
 
@@ -835,20 +835,20 @@ static void hello(struct port *p, const char *id, char **args, int nargs) {
         return;
     }
     char err[256] = "";
-    int fresh = 0;
+    int announce_at = 0;
     if (time_s && clock_settime(CLOCK_REALTIME, &ts) != 0)
         snprintf(err, sizeof err, "cannot set the clock: %s", strerror(errno));
     else if (seed_s && seed(seed_s) != 0)
         snprintf(err, sizeof err, "cannot seed the RNG");
     else if (name_s && set_hostname(name_s, err, sizeof err) != 0) {
     } else if (machine_s && set_machine_id(machine_s, err, sizeof err) != 0) {
-    } else if (net_s && configure_net(&nc, &fresh, err, sizeof err) != 0) {
+    } else if (net_s && configure_net(&nc, &announce_at, err, sizeof err) != 0) {
     }
     if (*err) answer(p, id, "error", err);
     else answer(p, id, "ok", "pong");
-    if (fresh) {
+    if (announce_at) {
         port_flush(p);  // the answer first: the host counts the clone ready on it
-        announce((int)if_nametoindex(nc.iface), nc.mac, nc.addr);
+        announce(announce_at, nc.mac, nc.addr);
     }
 }
 
