@@ -14,6 +14,17 @@ struct GuestNetworkTests {
     /// The Debian root disk scripts/test builds (`vmpool image build --rootfs debian`).
     static let debianDisk = ProcessInfo.processInfo.environment["VMPOOL_TEST_DEBIAN"]
 
+    /// A one-pool manifest: 1 vCPU, `memory`, `boot`, then `lines` of the spec as given.
+    static func pool(
+        _ name: String, size: Int, memory: String = "256Mi", boot: String = "template", _ lines: String...
+    ) -> String {
+        ([
+            "apiVersion: vmpool/v1", "kind: Pool", "metadata: {name: \(name)}", "spec:", "  size: \(size)",
+            "  vcpus: 1",
+            "  memory: \(memory)", "  boot: \(boot)",
+        ] + lines.map { "  " + $0 }).joined(separator: "\n") + "\n"
+    }
+
     func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml", through prefix: [String] = []) throws
         -> CommandResult
     {
@@ -43,20 +54,10 @@ struct GuestNetworkTests {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         let spec = { (name: String, size: Int, boot: String) in
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: \(name)}
-            spec:
-              size: \(size)
-              vcpus: 1
-              memory: 512Mi
-              boot: \(boot)
-              image: {cmdline: "console=ttyS0 quiet root=/dev/vda"}
-              disks:
-                - {name: root, image: \(disk), size: 4Gi}
-              network: {ports: [8000]}
-            """
+            Self.pool(
+                name, size: size, memory: "512Mi", boot: boot,
+                #"image: {cmdline: "console=ttyS0 quiet root=/dev/vda"}"#,
+                "disks:", "  - {name: root, image: \(disk), size: 4Gi}", "network: {ports: [8000]}")
         }
         _ = try apply(box, spec("deb", 2, "template") + "\n---\n" + spec("debcold", 1, "cold"))
         // Each VM, clones included, answers on its own forwarded port from a server in the guest.
@@ -126,19 +127,7 @@ struct GuestNetworkTests {
     @Test func userModeForwardsAPortToAListenerInTheGuest() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
-        _ = try apply(
-            box,
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: web}
-            spec:
-              size: 2
-              vcpus: 1
-              memory: 256Mi
-              boot: template
-              network: {ports: [8080, 22]}
-            """)
+        _ = try apply(box, Self.pool("web", size: 2, "network: {ports: [8080, 22]}"))
         var hostPorts = Set<Int>()
         for vm in try box.vms() {
             let id = try #require(vm["id"] as? String)
@@ -176,38 +165,13 @@ struct GuestNetworkTests {
     func bridgedClonesReachEachOtherAndTheHostByTheirOwnAddresses() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
-        let namespace = "vmpt\(getpid() % 100_000)"
-        _ = try RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "add", namespace], environment: [:]).wait()
-        defer {
-            _ = try? RunningCommand(
-                path: "/usr/sbin/ip",
-                arguments: ["netns", "exec", namespace, box.binary.path, "delete", "lab", "--state-dir", box.state],
-                environment: box.binary.environment
-            ).wait()
-            _ = try? RunningCommand(path: "/usr/sbin/ip", arguments: ["netns", "del", namespace], environment: [:])
-                .wait()
-        }
-        let inside = ["/usr/sbin/ip", "netns", "exec", namespace]
-        func run(_ arguments: [String]) throws -> CommandResult {
-            try RunningCommand(
-                path: inside[0], arguments: Array(inside.dropFirst()) + arguments, environment: box.binary.environment
-            ).wait()
-        }
+        let namespace = try TestNamespace(box, suffix: "b")
+        defer { namespace.remove(deleting: ["lab"]) }
         let size = 16
         let lab = { (size: Int) in
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: lab}
-            spec:
-              size: \(size)
-              vcpus: 1
-              memory: 256Mi
-              boot: template
-              network: {mode: bridge, bridge: vmptest0, subnet: 10.88.0.0/24}
-            """
+            Self.pool("lab", size: size, "network: {mode: bridge, bridge: vmptest0, subnet: 10.88.0.0/24}")
         }
-        _ = try apply(box, lab(size), through: inside)
+        _ = try apply(box, lab(size), through: namespace.prefix)
         let vms = try box.vms()
         let addresses = vms.compactMap { $0["address"] as? String }
         #expect(addresses.count == size && Set(addresses).count == size, "addresses: \(addresses)")
@@ -233,7 +197,7 @@ struct GuestNetworkTests {
             #expect(lost.isEmpty, "\(id) at \(addresses[index]): \(lost)")
             answered += pings.stdout.split(separator: "\n").count - lost.count
             #expect(
-                try run(["busybox", "ping", "-c", "1", "-W", "3", addresses[index]]).status == 0,
+                try namespace.run(["busybox", "ping", "-c", "1", "-W", "3", addresses[index]]).status == 0,
                 "the host cannot reach \(id)")
             let line = listed.split(separator: "\n").first { $0.hasPrefix(id) } ?? ""
             #expect(line.contains(" \(addresses[index]) "), "get vms: \(line)")
@@ -246,21 +210,21 @@ struct GuestNetworkTests {
         )
         // An address given again, to a new clone: the host, which knew the stopped VM at it,
         // reaches the newcomer at once (the MAC follows the address, so what it knew holds).
-        _ = try apply(box, lab(size - 1), through: inside)
-        _ = try apply(box, lab(size), through: inside)
+        _ = try apply(box, lab(size - 1), through: namespace.prefix)
+        _ = try apply(box, lab(size), through: namespace.prefix)
         let newcomer = try #require(
             try box.vms().first { !vms.map { $0["id"] as? String }.contains($0["id"] as? String) })
         let reused = try #require(newcomer["address"] as? String)
         #expect(addresses.contains(reused), "the newcomer got \(reused), not a freed address")
         #expect(
-            try run(["busybox", "ping", "-c", "1", "-W", "1", reused]).status == 0,
+            try namespace.run(["busybox", "ping", "-c", "1", "-W", "1", reused]).status == 0,
             "the host cannot reach the new clone at the reused address \(reused)")
-        #expect(try run(["ip", "link", "show", "vmptest0"]).status == 0)
-        #expect(try run([box.binary.path, "delete", "lab", "--state-dir", box.state]).status == 0)
+        #expect(try namespace.run(["ip", "link", "show", "vmptest0"]).status == 0)
+        #expect(try namespace.run([box.binary.path, "delete", "lab", "--state-dir", box.state]).status == 0)
         #expect(
-            try run(["ip", "link", "show", "vmptest0"]).status != 0,
+            try namespace.run(["ip", "link", "show", "vmptest0"]).status != 0,
             "the bridge vmpool made is removed with its last pool")
-        let links = try run(["ip", "-o", "link"]).stdout
+        let links = try namespace.run(["ip", "-o", "link"]).stdout
         #expect(!links.contains("vmp"), "a tap was left: \(links)")
     }
 
@@ -269,23 +233,10 @@ struct GuestNetworkTests {
     @Test func aPoolWithoutANetworkHasNoNIC() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
-        let spec = { (name: String, boot: String, network: String) in
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: \(name)}
-            spec:
-              size: 1
-              vcpus: 1
-              memory: 256Mi
-              boot: \(boot)
-            \(network)
-            """
-        }
         _ = try apply(
             box,
-            spec("plain", "template", "") + "\n---\n" + spec("none", "cold", "  network: {mode: none}") + "\n---\n"
-                + spec("nonetpl", "template", "  network: {mode: none}"))
+            Self.pool("plain", size: 1) + "---\n" + Self.pool("none", size: 1, boot: "cold", "network: {mode: none}")
+                + "---\n" + Self.pool("nonetpl", size: 1, "network: {mode: none}"))
         let vms = try box.vms()
         #expect(vms.count == 3)
         for vm in vms {
@@ -317,21 +268,13 @@ struct GuestNetworkTests {
             #expect(try namespace.run(["ip"] + command).status == 0)
         }
         let file = box.write(
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: lab}
-            spec:
-              size: 1
-              vcpus: 1
-              memory: 256Mi
-              network: {mode: bridge, bridge: vmptest1, subnet: 10.89.0.128/25}
-            """, as: "overlap.yaml")
+            Self.pool("lab", size: 1, "network: {mode: bridge, bridge: vmptest1, subnet: 10.89.0.128/25}"),
+            as: "overlap.yaml")
         for command in ["validate", "plan", "apply"] {
             let result = try namespace.run([box.binary.path, command, "-f", file, "--state-dir", box.state])
             #expect(result.status == 1, "\(command) exited \(result.status)")
             #expect(
-                result.stderr.contains("overlap.yaml:8:53:") && result.stderr.contains("spec.network.subnet")
+                result.stderr.contains("overlap.yaml:9:53:") && result.stderr.contains("spec.network.subnet")
                     && result.stderr.contains("10.89.0.0/24"),
                 "\(command): \(result.stderr)")
         }
@@ -349,17 +292,7 @@ struct GuestNetworkTests {
         let namespace = try TestNamespace(box, suffix: "p")
         defer { namespace.remove(deleting: ["lab"]) }
         let file = box.write(
-            """
-            apiVersion: vmpool/v1
-            kind: Pool
-            metadata: {name: lab}
-            spec:
-              size: 2
-              vcpus: 1
-              memory: 256Mi
-              boot: cold
-              network: {mode: bridge, bridge: vmptest2, subnet: 10.87.0.0/24}
-            """)
+            Self.pool("lab", size: 2, boot: "cold", "network: {mode: bridge, bridge: vmptest2, subnet: 10.87.0.0/24}"))
         let unprivileged = [
             "/usr/bin/setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--",
             box.binary.path, "apply", "-f", file, "--state-dir", box.state,
