@@ -599,9 +599,10 @@ def test_pty(agent):
     assert bytes(r.stdout).split() == [b"30", b"100", b"xterm", b"err"]
     r = c.run(["sh", "-c", "echo $TERM"], tty="30x100", env={"TERM": "vt100"})
     assert r.stdout.strip() == b"vt100"
-    # Resize while running.
-    r = c.run(["sh", "-c", "read line; stty size"], tty="24x80", stdin=b"go\n", close_stdin=False,
-              on_start=lambda res: c.send("W", "40x132"))
+    # Resize while running: the line that lets the command go on follows the resize, and the
+    # agent handles frames in the order they come (sent up front, it could overtake it).
+    r = c.run(["sh", "-c", "read line; stty size"], tty="24x80", stdin=b"", close_stdin=False,
+              on_start=lambda res: (c.send("W", "40x132"), c.send("I", b"go\n")))
     assert bytes(r.stdout).split()[-2:] == [b"40", b"132"], r
     # An empty I sends EOF.
     r = c.run(["cat"], tty="24x80", stdin=b"hello\n")
