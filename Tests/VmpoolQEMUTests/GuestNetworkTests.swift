@@ -81,6 +81,7 @@ struct GuestNetworkTests {
             let python = try box.exec(vm, ["python3", "-c", "import sys; print(sys.version_info.major)"])
             #expect(python.stdout == "3\n", "\(vm): \(python.stdout)\(python.stderr)")
             #expect(try box.exec(vm, ["hostname"]).stdout == vm + "\n")
+            #expect(try box.exec(vm, ["cat", "/etc/hostname"]).stdout == vm + "\n")
             machines.insert(try box.exec(vm, ["cat", "/etc/machine-id"]).stdout)
             names.insert(try box.exec(vm, ["hostname"]).stdout)
             let size = try box.exec(vm, ["cat", "/sys/block/vda/size"]).stdout

@@ -30,7 +30,8 @@
 # (no DHCP client, interface names stay eth0...). The journal is kept in memory.
 # Units a CI VM does not need (timers, logind, getty on tty1, ...) are masked,
 # and so are generators with nothing to do; the build prints the masked units.
-# /etc/machine-id is empty.
+# /etc/machine-id is empty (and is never committed: systemd's transient one
+# in /run serves, and the agent writes each VM's there).
 #
 # Runs as root (mmdebstrap's root mode). As another user it uses mmdebstrap's
 # unshare mode, which needs unprivileged user namespaces and ranges in
@@ -265,6 +266,7 @@ mkdir -p "$root/etc/systemd/network"
 ln -sfn /dev/null "$root/etc/systemd/network/99-default.link"
 
 echo vmpool >"$root/etc/hostname"
+chmod 0644 "$root/etc/hostname"
 cat >"$root/etc/hosts" <<'HOSTS'
 127.0.0.1	localhost
 127.0.1.1	vmpool
@@ -308,6 +310,11 @@ mask="$mask systemd-journal-flush.service"
 # (locale, timezone, root password) would stop the boot of an image whose
 # machine-id says "uninitialized".
 mask="$mask systemd-random-seed.service systemd-firstboot.service"
+# The machine-id systemd makes up at boot stays where it puts it, in /run, bind-
+# mounted over the empty /etc/machine-id, and a clone's new one goes there too:
+# committing it to the disk would make every clone's first write to ext4 part of
+# its start (see identity_on_tmpfs in the agent).
+mask="$mask systemd-machine-id-commit.service"
 masked=
 for unit in $mask; do
 	base=$unit

@@ -80,10 +80,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -432,31 +434,42 @@ static int valid_machine_id(const char *id) {
     return 1;
 }
 
+// Whether `path` is a mount point of its own (a bind-mounted file): on another device than
+// its directory.
+static int mount_point(const char *path) {
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash) return 0;
+    if (slash == dir) slash[1] = 0;
+    else *slash = 0;
+    struct stat st, parent;
+    return stat(path, &st) == 0 && stat(dir, &parent) == 0 && st.st_dev != parent.st_dev;
+}
+
 // Writes `text` to `path` through a temporary file and rename(); in place where `path` is a
-// mount point (a bind-mounted machine-id).
+// mount point (a bind-mounted machine-id, or the copies in /run, see identity_on_tmpfs).
 static int replace_file(const char *path, const char *text, mode_t mode) {
-    char tmp[PATH_MAX];
-    snprintf(tmp, sizeof tmp, "%s.vmpool-tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
-    if (fd < 0) return -1;
     size_t len = strlen(text);
-    // No fdatasync: the rename is what makes the replacement atomic, and a VM's disk does not
-    // outlive the VM (a crash loses the VM, not just the file); a flush here costs a clone a
-    // journal commit while it should be answering.
-    if (write(fd, text, len) != (ssize_t)len) {
+    int fd;
+    if (!mount_point(path)) {
+        char tmp[PATH_MAX];
+        snprintf(tmp, sizeof tmp, "%s.vmpool-tmp", path);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
+        if (fd < 0) return -1;
+        // No fdatasync: the rename is what makes the replacement atomic, and a VM's disk does
+        // not outlive the VM (a crash loses the VM, not just the file); a flush here costs a
+        // clone a journal commit while it should be answering.
+        int ok = write(fd, text, len) == (ssize_t)len;
         int e = errno;
         close(fd);
+        if (ok) {
+            if (rename(tmp, path) == 0) return 0;
+            e = errno;
+        }
         unlink(tmp);
         errno = e;
-        return -1;
-    }
-    close(fd);
-    if (rename(tmp, path) == 0) return 0;
-    int e = errno;
-    unlink(tmp);
-    if (e != EBUSY) {
-        errno = e;
-        return -1;
+        if (!ok || e != EBUSY) return -1;
     }
     fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
     if (fd < 0) return -1;
@@ -790,6 +803,40 @@ static int configure_net(const struct netconf *nc, int *announce_at, char *err, 
 
 static void port_flush(struct port *p);
 
+// Where /etc is on a disk (the Debian guest), the files a clone rewrites at hello are
+// bind-mounted from copies in /run first: a clone's first write to ext4 runs the filesystem's
+// journaling code for the first time in that QEMU process, 60-70 ms of translation under TCG
+// while the host waits for the answer. The disk keeps the template's files; a VM's disk does
+// not outlive the VM. Already bind-mounted files (systemd's transient machine-id) are left.
+static void identity_on_tmpfs(void) {
+    struct statfs etc, run;
+    if (statfs("/etc", &etc) != 0 || statfs("/run", &run) != 0) return;
+    if (etc.f_type == 0x01021994 /* tmpfs */ || etc.f_type == 0x858458f6 /* ramfs */) return;
+    if (run.f_type != 0x01021994) return;
+    if (mkdir("/run/vmpool", 0755) != 0 && errno != EEXIST) return;
+    static const char *names[] = {"hostname", "machine-id"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char etc_path[64], run_path[64], text[256];
+        snprintf(etc_path, sizeof etc_path, "/etc/%s", names[i]);
+        snprintf(run_path, sizeof run_path, "/run/vmpool/%s", names[i]);
+        struct stat st;
+        if (lstat(etc_path, &st) != 0 || !S_ISREG(st.st_mode) || mount_point(etc_path)) continue;
+        int in = open(etc_path, O_RDONLY | O_CLOEXEC);
+        if (in < 0) continue;
+        ssize_t len = read(in, text, sizeof text);
+        close(in);
+        if (len < 0) continue;
+        int out = open(run_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, st.st_mode & 07777);
+        if (out < 0) continue;
+        int ok = write(out, text, (size_t)len) == len;
+        close(out);
+        if (!ok || mount(run_path, etc_path, NULL, MS_BIND, NULL) != 0) {
+            fprintf(stderr, "vmpool-agent: %s stays on the disk: %s\n", etc_path, strerror(errno));
+            unlink(run_path);
+        }
+    }
+}
+
 static void hello(struct port *p, const char *id, char **args, int nargs) {
     const char *time_s = NULL, *seed_s = NULL, *name_s = NULL, *machine_s = NULL, *net_s = NULL;
     int positional = 0;
@@ -836,6 +883,13 @@ static void hello(struct port *p, const char *id, char **args, int nargs) {
     }
     char err[256] = "";
     int announce_at = 0;
+    // While it applies an identity the agent runs first: the clock step and the new hostname
+    // wake systemd (it re-arms its timers, re-reads the hostname), which would otherwise
+    // preempt the agent, and in a fresh clone that is code QEMU translates for the first time
+    // (tens of ms under TCG) before the host hears the answer. systemd's reaction still runs,
+    // right after the answer. Commands are never started from here (and would not inherit it).
+    struct sched_param first = {.sched_priority = 1};
+    int raised = sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &first) == 0;
     if (time_s && clock_settime(CLOCK_REALTIME, &ts) != 0)
         snprintf(err, sizeof err, "cannot set the clock: %s", strerror(errno));
     else if (seed_s && seed(seed_s) != 0)
@@ -846,10 +900,12 @@ static void hello(struct port *p, const char *id, char **args, int nargs) {
     }
     if (*err) answer(p, id, "error", err);
     else answer(p, id, "ok", "pong");
-    if (announce_at) {
-        port_flush(p);  // the answer first: the host counts the clone ready on it
-        announce(announce_at, nc.mac, nc.addr);
+    port_flush(p);  // the answer first: the host counts the clone ready on it
+    if (raised) {
+        struct sched_param none = {0};
+        sched_setscheduler(0, SCHED_BATCH, &none);
     }
+    if (announce_at) announce(announce_at, nc.mac, nc.addr);
 }
 
 static void control(struct port *p, char *text) {
@@ -1725,6 +1781,7 @@ int main(int argc, char **argv) {
             struct sockaddr_nl sa = {.nl_family = AF_NETLINK, .nl_groups = 1};
             if (bind(uevent_fd, (struct sockaddr *)&sa, sizeof sa) != 0) close_fd(&uevent_fd);
         }
+        identity_on_tmpfs();
         scan_ports();
     }
 
