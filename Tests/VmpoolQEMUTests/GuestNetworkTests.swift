@@ -82,6 +82,8 @@ struct GuestNetworkTests {
             #expect(python.stdout == "3\n", "\(vm): \(python.stdout)\(python.stderr)")
             #expect(try box.exec(vm, ["hostname"]).stdout == vm + "\n")
             #expect(try box.exec(vm, ["cat", "/etc/hostname"]).stdout == vm + "\n")
+            let layout = try box.exec(vm, ["cat", "/proc/self/personality"]).stdout
+            #expect(layout == (try box.underTCG(vm) ? "00040000\n" : "00000000\n"), "\(vm): \(layout)")
             machines.insert(try box.exec(vm, ["cat", "/etc/machine-id"]).stdout)
             names.insert(try box.exec(vm, ["hostname"]).stdout)
             let size = try box.exec(vm, ["cat", "/sys/block/vda/size"]).stdout

@@ -60,6 +60,13 @@ struct UsableVMTests {
             #expect(all.stdout.hasPrefix(md5(expected)), "\(all.stdout)")
             let timed = try box.exec(vm, ["sleep", "30"], options: ["--timeout", "1s"])
             #expect(timed.status == 137)
+            // Under TCG a command and its children start with a fixed address-space layout
+            // (ADDR_NO_RANDOMIZE, 0x0040000); VMPOOL_ASLR=1 keeps randomization.
+            let fixed = try box.underTCG(vm) ? "00040000" : "00000000"
+            let layout = try box.exec(vm, ["sh", "-c", "cat /proc/$$/personality; cat /proc/self/personality"])
+            #expect(layout.stdout == "\(fixed)\n\(fixed)\n", "\(layout.stdout)\(layout.stderr)")
+            let kept = try box.exec(vm, ["cat", "/proc/self/personality"], options: ["-e", "VMPOOL_ASLR=1"])
+            #expect(kept.stdout == "00000000\n", "\(kept.stdout)\(kept.stderr)")
         }
         #expect(try box.exec("no-such-vm", ["true"]).status == 125)
     }

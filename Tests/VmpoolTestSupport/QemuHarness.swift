@@ -78,6 +78,13 @@ public struct QemuSandbox {
         try vms(pool: pool).compactMap { $0["id"] as? String }
     }
 
+    /// Whether `vm`'s QEMU runs under TCG (software emulation), from its command line.
+    public func underTCG(_ vm: String) throws -> Bool {
+        let pid = try vms().first { $0["id"] as? String == vm }?["pid"] as? Int
+        let data = pid.flatMap { FileManager.default.contents(atPath: "/proc/\($0)/cmdline") } ?? Data()
+        return String(decoding: data, as: UTF8.self).contains("-accel\u{0}tcg")
+    }
+
     /// Processes whose command line names this sandbox's run dir: the QEMUs vmpool started here.
     public func qemuProcesses() -> [Int32] {
         let marker = state + "/run/"

@@ -14,6 +14,10 @@ extension Vmpool {
                 and stderr are streamed unchanged; vmpool exits with its exit status, 128+N when a signal \
                 ended it, 125 when vmpool itself failed (no such VM, VM not running), 126 when the command \
                 could not be run and 127 when it was not found.
+
+                On a guest under software emulation (TCG) the command starts without address-space \
+                randomization: TCG caches translated code by address, and a randomized process has its \
+                libraries translated again at every start (3x slower). `-e VMPOOL_ASLR=1` keeps it on.
                 """)
 
         @OptionGroup var options: GlobalOptions
