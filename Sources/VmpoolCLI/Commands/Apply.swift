@@ -9,6 +9,7 @@ extension Vmpool {
     /// Records the manifests as the desired state and converges the host to it.
     struct Apply: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "apply",
             abstract: "Make the host match the manifests: create, clone, resume, pause, hotplug and stop VMs.")
 
         @OptionGroup var options: GlobalOptions

@@ -7,6 +7,7 @@ extension Vmpool {
     /// Copies files and directories between the host and a VM, like `docker cp`.
     struct Cp: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "cp",
             abstract: "Copy files or directories between the host and a VM (VM:PATH on one side).",
             discussion: """
                 Modes are kept. When DST is an existing directory, SRC is copied into it; otherwise SRC \

@@ -5,7 +5,8 @@ import VmpoolStore
 extension Vmpool {
     /// Stops a pool's VMs, removes its template and forgets it.
     struct Delete: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop the VMs of pools and forget the pools.")
+        static let configuration = CommandConfiguration(
+            commandName: "delete", abstract: "Stop the VMs of pools and forget the pools.")
 
         @OptionGroup var options: GlobalOptions
 

@@ -10,6 +10,7 @@ extension Vmpool {
     /// Everything about one pool or VM, like `kubectl describe`.
     struct Describe: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "describe",
             abstract: "Show a pool or VM in detail: spec, status, VMs, template, standbys, recent events.",
             subcommands: [PoolCommand.self, VMCommand.self])
 
@@ -77,6 +78,7 @@ extension Vmpool {
     /// The store's events: what vmpool did and why.
     struct Events: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "events",
             abstract: "List what happened to pools and VMs (created, replaced, leased, recovered...), oldest first.")
 
         @OptionGroup var options: GlobalOptions

@@ -8,6 +8,7 @@ extension Vmpool {
     /// Runs a command in a VM through its guest agent, like `docker exec`.
     struct Exec: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "exec",
             abstract: "Run a command in a VM through its guest agent.",
             discussion: """
                 The command is an argument vector, not a shell line (run `sh -c '...'` for one). Its stdout \

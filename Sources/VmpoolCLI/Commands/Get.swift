@@ -10,11 +10,13 @@ extension Vmpool {
     /// Lists pools or VMs with what the hypervisor says about them.
     struct Get: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "get",
             abstract: "List pools, VMs or the hosts of a shared store.",
             subcommands: [Pools.self, VMs.self, Hosts.self])
 
         struct Pools: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "pools",
                 abstract: "List applied pools with their readiness.", aliases: ["pool"])
 
             @OptionGroup var options: GlobalOptions
@@ -85,6 +87,7 @@ extension Vmpool {
 extension Vmpool.Get {
     struct Hosts: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "hosts",
             abstract: "List the hosts sharing the store, with their capacity, use and heartbeat.", aliases: ["host"])
 
         @OptionGroup var options: GlobalOptions

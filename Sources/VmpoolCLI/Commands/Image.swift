@@ -6,10 +6,12 @@ extension Vmpool {
     /// Builds the default guest image.
     struct Image: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "image",
             abstract: "Build the default guest image.", subcommands: [Build.self])
 
         struct Build: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "build",
                 abstract: "Assemble the default guest image: a Debian kernel and a busybox initramfs with the agent.",
                 discussion: """
                     With --rootfs debian, also a Debian 12 root disk (debian.qcow2: systemd, python3, the agent) \

@@ -74,7 +74,8 @@ extension Vmpool {
 
     /// Ends leases: their VMs are stopped.
     struct Release: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "End leases: stop the leased VMs.")
+        static let configuration = CommandConfiguration(
+            commandName: "release", abstract: "End leases: stop the leased VMs.")
 
         @OptionGroup var options: GlobalOptions
 

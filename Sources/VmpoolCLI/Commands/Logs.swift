@@ -6,6 +6,7 @@ extension Vmpool {
     /// The serial console's output of a VM, bounded on disk.
     struct Logs: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "logs",
             abstract: "Print a VM's serial console output (the last MiB or so is kept).")
 
         @OptionGroup var options: GlobalOptions
@@ -66,6 +67,7 @@ extension Vmpool {
     /// The VM's interactive console.
     struct Console: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "console",
             abstract: "Attach to a VM's interactive console; Ctrl-] detaches.")
 
         @OptionGroup var options: GlobalOptions

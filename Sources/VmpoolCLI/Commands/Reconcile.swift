@@ -12,6 +12,7 @@ extension Vmpool {
     /// Converges every applied pool: one pass for cron, or a loop with `--every`.
     struct Reconcile: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "reconcile",
             abstract: "Converge the host to the pools last applied (one pass, or a loop with --every).")
 
         @OptionGroup var options: GlobalOptions

@@ -6,6 +6,7 @@ extension Vmpool {
     /// Checks manifests without touching the state dir or the hypervisor.
     struct Validate: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "validate",
             abstract: "Check manifests and report every error with its file, line and column.")
 
         @OptionGroup var options: GlobalOptions
