@@ -18,7 +18,8 @@ extension Vmpool {
 
                 On a guest under software emulation (TCG) the command starts without address-space \
                 randomization: TCG caches translated code by address, and a randomized process has its \
-                libraries translated again at every start (3x slower). `-e VMPOOL_ASLR=1` keeps it on.
+                libraries translated again at every start (a start takes about three times as long). \
+                `-e VMPOOL_ASLR=1` keeps it on.
                 """)
 
         @OptionGroup var options: GlobalOptions

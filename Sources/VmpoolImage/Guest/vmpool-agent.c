@@ -811,7 +811,7 @@ static void port_flush(struct port *p);
 
 // Where /etc is on a disk (the Debian guest), the files a clone rewrites at hello are
 // bind-mounted from copies in /run first: a clone's first write to ext4 runs the filesystem's
-// journaling code for the first time in that QEMU process, 60-70 ms of translation under TCG
+// journaling code for the first time in that QEMU process, 50-60 ms of translation under TCG
 // while the host waits for the answer. The disk keeps the template's files; a VM's disk does
 // not outlive the VM. Already bind-mounted files (systemd's transient machine-id) are left.
 static void identity_on_tmpfs(void) {
@@ -831,7 +831,7 @@ static void identity_on_tmpfs(void) {
         if (in < 0) continue;
         ssize_t len = read(in, text, sizeof text);
         close(in);
-        if (len < 0) continue;
+        if (len < 0 || len == (ssize_t)sizeof text) continue;  // unreadable, or not a name or an id
         int out = open(run_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, st.st_mode & 07777);
         if (out < 0) continue;
         int ok = write(out, text, (size_t)len) == len;
@@ -1128,7 +1128,10 @@ static const char *launch(struct request *rq, struct job *j) {
         if (chdir(rq->cwd) != 0) child_fail(status[1], 3);
         // Under TCG commands (and what they start) get a fixed address-space layout, unless
         // the request asks for randomization (VMPOOL_ASLR=1): see under_tcg.
-        if (fixed_layout && !rq->keep_layout) personality((unsigned long)personality(0xffffffff) | ADDR_NO_RANDOMIZE);
+        if (fixed_layout && !rq->keep_layout) {
+            int persona = personality(0xffffffff);
+            if (persona != -1) personality((unsigned long)persona | ADDR_NO_RANDOMIZE);
+        }
         environ = rq->envp;  // execvp searches the PATH of the new environment
         execvp(rq->argv[0], rq->argv);
         child_fail(status[1], 2);
