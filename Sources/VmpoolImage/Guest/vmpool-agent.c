@@ -72,6 +72,7 @@
 #include <net/ethernet.h>
 #include <net/if_arp.h>
 #include <netpacket/packet.h>
+#include <linux/magic.h>
 #include <linux/netlink.h>
 #include <linux/random.h>
 #include <linux/rtnetlink.h>
@@ -817,8 +818,7 @@ static void port_flush(struct port *p);
 static void identity_on_tmpfs(void) {
     struct statfs etc, run;
     if (statfs("/etc", &etc) != 0 || statfs("/run", &run) != 0) return;
-    if (etc.f_type == 0x01021994 /* tmpfs */ || etc.f_type == 0x858458f6 /* ramfs */) return;
-    if (run.f_type != 0x01021994) return;
+    if (etc.f_type == TMPFS_MAGIC || etc.f_type == RAMFS_MAGIC || run.f_type != TMPFS_MAGIC) return;
     if (mkdir("/run/vmpool", 0755) != 0 && errno != EEXIST) return;
     static const char *names[] = {"hostname", "machine-id"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
@@ -829,14 +829,12 @@ static void identity_on_tmpfs(void) {
         if (lstat(etc_path, &st) != 0 || !S_ISREG(st.st_mode) || mount_point(etc_path)) continue;
         int in = open(etc_path, O_RDONLY | O_CLOEXEC);
         if (in < 0) continue;
-        ssize_t len = read(in, text, sizeof text);
+        ssize_t len = read(in, text, sizeof text - 1);
         close(in);
-        if (len < 0 || len == (ssize_t)sizeof text) continue;  // unreadable, or not a name or an id
-        int out = open(run_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, st.st_mode & 07777);
-        if (out < 0) continue;
-        int ok = write(out, text, (size_t)len) == len;
-        close(out);
-        if (!ok || mount(run_path, etc_path, NULL, MS_BIND, NULL) != 0) {
+        if (len < 0 || len == (ssize_t)sizeof text - 1) continue;  // unreadable, or not a name or an id
+        text[len] = 0;
+        if (replace_file(run_path, text, st.st_mode & 07777) != 0 ||
+            mount(run_path, etc_path, NULL, MS_BIND, NULL) != 0) {
             fprintf(stderr, "vmpool-agent: %s stays on the disk: %s\n", etc_path, strerror(errno));
             unlink(run_path);
         }
