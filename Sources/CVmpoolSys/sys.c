@@ -156,3 +156,58 @@ int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]
     }
     return pid;
 }
+
+static int punch(int fd, off_t start, off_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length) == 0 ? 0 : -errno;
+}
+
+long long vmpool_punch_zero_pages(int fd) {
+    enum { PAGE = 4096, CHUNK = 1 << 20 };
+    static const char zero[PAGE];
+    char *buf = malloc(CHUNK);
+    if (buf == NULL) return -ENOMEM;
+    long long freed = 0;
+    int error = 0;
+    off_t offset = 0;
+    while (error == 0) {
+        off_t data = lseek(fd, offset, SEEK_DATA);
+        if (data < 0) {
+            if (errno != ENXIO) error = -errno; /* ENXIO: no data after `offset` */
+            break;
+        }
+        off_t end = lseek(fd, data, SEEK_HOLE);
+        if (end < 0) {
+            error = -errno;
+            break;
+        }
+        offset = data;
+        while (offset < end && error == 0) {
+            size_t want = end - offset < CHUNK ? (size_t)(end - offset) : CHUNK;
+            ssize_t got = pread(fd, buf, want, offset);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) {
+                error = got < 0 ? -errno : 0;
+                offset = end;
+                break;
+            }
+            off_t run = -1; /* start of the current run of zero pages */
+            ssize_t pages = got / PAGE * PAGE;
+            for (ssize_t at = 0; at < pages && error == 0; at += PAGE) {
+                if (memcmp(buf + at, zero, PAGE) == 0) {
+                    if (run < 0) run = offset + at;
+                } else if (run >= 0) {
+                    error = punch(fd, run, offset + at - run);
+                    if (error == 0) freed += offset + at - run;
+                    run = -1;
+                }
+            }
+            if (run >= 0 && error == 0) {
+                error = punch(fd, run, offset + pages - run);
+                if (error == 0) freed += offset + pages - run;
+            }
+            offset += pages > 0 ? pages : got;
+        }
+    }
+    free(buf);
+    return error != 0 ? error : freed;
+}

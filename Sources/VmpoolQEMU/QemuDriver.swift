@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 import Logging
 import Synchronization
@@ -162,6 +163,20 @@ public final class QemuDriver: HypervisorDriver {
                 throw error
             }
         }
+        let freed = try await Blocking.run { () throws(DriverError) in Self.freeZeroPages(memoryFile) }
+        if let freed { logger.debug("template \(template.id): \(freed >> 20) MiB of zero pages given back") }
+    }
+
+    /// Gives back the pages of a saved template's memory file that hold only zeros (28 of 139
+    /// MiB for the Debian template): tmpfs keeps every page it was given until the file goes,
+    /// and a hole reads as the same zeros, to clones mapping the file and to restores. Best
+    /// effort: the bytes given back, or nil.
+    static func freeZeroPages(_ path: String) -> Int64? {
+        let fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        let result = vmpool_punch_zero_pages(fd)
+        return result >= 0 ? Int64(result) : nil
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {

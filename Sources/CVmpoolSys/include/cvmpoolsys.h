@@ -41,4 +41,10 @@ int vmpool_pipe_cloexec(int fds[2]);
 /// Starts `path` with `argv` and `keep[0]`, `keep[1]` as its descriptors 3 and 4 (tests hand
 /// socketpair ends to a child this way); descriptors above 4 are closed.
 int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]);
+
+/// Gives back the allocated 4 KiB pages of the file open on `fd` (read-write) that hold only
+/// zeros: each run of them becomes a hole (fallocate PUNCH_HOLE, size kept), which reads as
+/// zeros, so no reader of the file, mapped or not, sees a byte change. Returns the bytes
+/// given back, or -errno (what was punched before the error stays punched).
+long long vmpool_punch_zero_pages(int fd);
 #endif
