@@ -33,11 +33,29 @@ final class SQLiteBackend: StoreBackend {
     }
 
     func appliedMigrations() throws -> Set<String> {
-        try pool.read { try Self.migrator([]).appliedIdentifiers($0) }
+        try pool.read { db in
+            guard try db.tableExists("grdb_migrations") else { return [] }
+            return Set(try String.fetchAll(db, sql: "SELECT identifier FROM grdb_migrations"))
+        }
     }
 
+    /// Reads what is applied and applies the rest in one IMMEDIATE transaction: two processes
+    /// opening a new store at once (a cron pass and an apply) never both decide that the same
+    /// migration is pending; the second waits for the first and finds nothing left to do.
+    /// The bookkeeping table is GRDB's, which state dirs of earlier versions already have.
     func migrate(_ migrations: [StoreMigration]) throws {
-        try Self.migrator(migrations).migrate(pool)
+        try pool.writeWithoutTransaction { db in
+            try db.inTransaction(.immediate) {
+                try db.execute(sql: "CREATE TABLE IF NOT EXISTS grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY)")
+                let applied = Set(try String.fetchAll(db, sql: "SELECT identifier FROM grdb_migrations"))
+                for migration in migrations where !applied.contains(migration.identifier) {
+                    try db.execute(sql: migration.sqlite)
+                    try db.execute(
+                        sql: "INSERT INTO grdb_migrations (identifier) VALUES (?)", arguments: [migration.identifier])
+                }
+                return .commit
+            }
+        }
         for suffix in ["", "-wal", "-shm"] { chmod(path + suffix, 0o600) }
     }
 
@@ -45,15 +63,6 @@ final class SQLiteBackend: StoreBackend {
         try? pool.close()
     }
 
-    /// GRDB's migrator, whose table (`grdb_migrations`) state dirs written before the
-    /// PostgreSQL store came already have.
-    private static func migrator(_ migrations: [StoreMigration]) -> DatabaseMigrator {
-        var migrator = DatabaseMigrator()
-        for migration in migrations {
-            migrator.registerMigration(migration.identifier) { db in try db.execute(sql: migration.sqlite) }
-        }
-        return migrator
-    }
 
     struct Transaction: SQLTransaction {
         let db: Database

@@ -1,6 +1,7 @@
 import Foundation
 import GRDB
 import Testing
+import Synchronization
 import VmpoolDriver
 import VmpoolSpec
 import VmpoolStore
@@ -223,5 +224,42 @@ struct SchemaVersionTests {
                 error.message.contains("v99-from-the-future") && error.message.contains("v6-hosts"),
                 "\(error.message)")
         }
+    }
+}
+
+@Suite("Store migrations under concurrent openers")
+struct ConcurrentOpenTests {
+    /// Two openers of one new store, released at the same instant, 40 times: each must see a
+    /// complete schema and neither may fail (before migrations ran in one transaction, both
+    /// decided the same migration was pending: `duplicate column name: host`).
+    @Test func twoOpenersOfANewStoreBothSucceed() throws {
+        let rounds = 40
+        var failures: [String] = []
+        for round in 0..<rounds {
+            let dir = TemporaryDirectory()
+            defer { dir.remove() }
+            let start = DispatchSemaphore(value: 0)
+            let done = DispatchGroup()
+            let errors = Mutex<[String]>([])
+            for _ in 0..<2 {
+                done.enter()
+                Thread.detachNewThread {
+                    start.wait()
+                    do {
+                        let store = try StateStore(directory: dir.path)
+                        _ = try store.pools()
+                    } catch {
+                        errors.withLock { $0.append("round \(round): \(error)") }
+                    }
+                    done.leave()
+                }
+            }
+            start.signal()
+            start.signal()
+            #expect(done.wait(timeout: .now() + 60) == .success, "round \(round) did not finish")
+            failures += errors.withLock { $0 }
+        }
+        print("concurrent openers: \(rounds * 2 - failures.count) of \(rounds * 2) opened a new store")
+        #expect(failures.isEmpty, "\(failures.prefix(3))")
     }
 }
