@@ -63,7 +63,6 @@ final class SQLiteBackend: StoreBackend {
         try? pool.close()
     }
 
-
     struct Transaction: SQLTransaction {
         let db: Database
 
