@@ -61,7 +61,7 @@ let package = Package(
         .target(
             name: "VmpoolService",
             dependencies: [
-                "VmpoolDriver", "VmpoolStore", "VmpoolReconciler",
+                "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "CVmpoolSys",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

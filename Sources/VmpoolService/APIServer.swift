@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 import Hummingbird
 import Logging
@@ -7,6 +8,10 @@ import VmpoolReconciler
 import VmpoolStore
 
 /// Where the service listens: `host:port` or `unix:PATH`.
+///
+/// A host name is resolved once, by `bind()`: whether the address is local is judged from
+/// the addresses it resolved to, and those are what is bound, so a name cannot pass for
+/// loopback and then resolve elsewhere.
 public struct ListenAddress: Sendable, CustomStringConvertible {
     enum Kind: Sendable {
         case tcp(host: String, port: Int)
@@ -31,26 +36,188 @@ public struct ListenAddress: Sendable, CustomStringConvertible {
         kind = .tcp(host: host, port: port)
     }
 
-    /// Loopback or a Unix socket: reachable from this host only.
-    public var isLocal: Bool {
-        switch kind {
-        case .unix: true
-        case .tcp(let host, _): host == "localhost" || host == "::1" || host.hasPrefix("127.")
-        }
-    }
-
-    var bindAddress: BindAddress {
-        switch kind {
-        case .unix(let path): .unixDomainSocket(path: path)
-        case .tcp(let host, let port): .hostname(host, port: port)
-        }
-    }
-
     public var description: String {
         switch kind {
         case .unix(let path): "unix:\(path)"
         case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         }
+    }
+
+    /// Resolves the host, a name once, here: whether the address is local is judged from the
+    /// addresses it resolved to, and the first of them is what the server binds.
+    public func resolve() throws(ServiceError) -> BoundAddress {
+        switch kind {
+        case .unix:
+            return BoundAddress(listen: self, resolved: nil, isLocal: true)
+        case .tcp(let host, _):
+            let addresses = try Self.resolve(host)
+            return BoundAddress(listen: self, resolved: addresses[0], isLocal: addresses.allSatisfy(\.isLoopback))
+        }
+    }
+
+    /// A resolved IP address.
+    struct IPAddress: Sendable {
+        var family: Int32
+        var bytes: [UInt8]
+        var text: String
+
+        /// 127.0.0.0/8, ::1 and IPv4-mapped 127.0.0.0/8.
+        var isLoopback: Bool {
+            if family == AF_INET { return bytes[0] == 127 }
+            if bytes == [UInt8](repeating: 0, count: 15) + [1] { return true }
+            return bytes[0..<10].allSatisfy { $0 == 0 } && bytes[10] == 0xFF && bytes[11] == 0xFF && bytes[12] == 127
+        }
+    }
+
+    /// Every address `host` stands for: a numeric address as it is, a name through the
+    /// system's resolver (/etc/hosts, then DNS), once.
+    static func resolve(_ host: String) throws(ServiceError) -> [IPAddress] {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        var list: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, nil, &hints, &list)
+        guard status == 0, let list else {
+            throw ServiceError("--listen: cannot resolve \"\(host)\": \(String(cString: gai_strerror(status)))")
+        }
+        defer { freeaddrinfo(list) }
+        var found: [IPAddress] = []
+        var entry: UnsafeMutablePointer<addrinfo>? = list
+        while let current = entry {
+            if let address = Self.address(current.pointee.ai_addr, family: current.pointee.ai_family) {
+                found.append(address)
+            }
+            entry = current.pointee.ai_next
+        }
+        guard !found.isEmpty else { throw ServiceError("--listen: \"\(host)\" resolved to no IP address") }
+        return found
+    }
+
+    private static func address(_ sockaddr: UnsafeMutablePointer<sockaddr>?, family: Int32) -> IPAddress? {
+        guard let sockaddr else { return nil }
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        switch family {
+        case AF_INET:
+            var raw = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
+            inet_ntop(AF_INET, &raw, &text, socklen_t(text.count))
+            return IPAddress(family: family, bytes: bytes, text: String(cString: text))
+        case AF_INET6:
+            var raw = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
+            inet_ntop(AF_INET6, &raw, &text, socklen_t(text.count))
+            return IPAddress(family: family, bytes: bytes, text: String(cString: text))
+        default:
+            return nil
+        }
+    }
+
+    /// Binds and closes a socket on the address: a port in use is reported now, in words, not
+    /// after a pass as an errno from deep inside the server.
+    static func checkFree(_ address: IPAddress, port: Int, shown: String) throws(ServiceError) {
+        let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ServiceError("--listen \(shown): cannot make a socket: \(Self.errorText(errno))") }
+        defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var result: Int32
+        if address.family == AF_INET {
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_port = in_port_t(UInt16(port).bigEndian)
+            withUnsafeMutableBytes(of: &sin.sin_addr) { $0.copyBytes(from: address.bytes) }
+            result = withUnsafePointer(to: &sin) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        } else {
+            var sin6 = sockaddr_in6()
+            sin6.sin6_family = sa_family_t(AF_INET6)
+            sin6.sin6_port = in_port_t(UInt16(port).bigEndian)
+            withUnsafeMutableBytes(of: &sin6.sin6_addr) { $0.copyBytes(from: address.bytes) }
+            result = withUnsafePointer(to: &sin6) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                }
+            }
+        }
+        guard result == 0 else {
+            let code = errno
+            switch code {
+            case EADDRINUSE:
+                throw ServiceError(
+                    "cannot listen on \(shown): the port is already in use (another program listens there)")
+            case EADDRNOTAVAIL:
+                throw ServiceError("cannot listen on \(shown): \(address.text) is not an address of this host")
+            case EACCES:
+                throw ServiceError("cannot listen on \(shown): permission denied (ports below 1024 need privileges)")
+            default:
+                throw ServiceError("cannot listen on \(shown): \(Self.errorText(code))")
+            }
+        }
+    }
+
+    /// Takes `path` for a new server: refused while a live service answers on it or when
+    /// something other than a socket is there; a socket nobody answers on is stale and removed.
+    static func claimUnixPath(_ path: String) throws(ServiceError) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else {
+            if errno == ENOENT { return }
+            throw ServiceError("--listen unix:\(path): \(Self.errorText(errno))")
+        }
+        guard info.st_mode & S_IFMT == S_IFSOCK else {
+            throw ServiceError("--listen unix:\(path): the path exists and is not a socket; choose another path")
+        }
+        // Non-blocking: a live server whose backlog is full answers EAGAIN, and is live too.
+        let fd = vmpool_unix_connect_flags(path, Int32(SOCK_NONBLOCK.rawValue))
+        if fd >= 0 || errno == EAGAIN {
+            if fd >= 0 { close(fd) }
+            throw ServiceError(
+                "--listen unix:\(path): another service is serving this socket; stop it first or choose another path")
+        }
+        guard errno == ECONNREFUSED else {
+            throw ServiceError("--listen unix:\(path): cannot check the existing socket: \(Self.errorText(errno))")
+        }
+        guard unlink(path) == 0 || errno == ENOENT else {
+            throw ServiceError("--listen unix:\(path): cannot remove the stale socket: \(Self.errorText(errno))")
+        }
+    }
+
+    static func errorText(_ code: Int32) -> String { String(cString: strerror(code)) }
+}
+
+/// A listen address resolved by `ListenAddress.resolve()`: what is served, and whether only
+/// this host can reach it.
+public struct BoundAddress: Sendable, CustomStringConvertible {
+    public let listen: ListenAddress
+    /// The address a TCP server binds (nil: a Unix socket).
+    let resolved: ListenAddress.IPAddress?
+    /// Loopback (every address the name resolved to) or a Unix socket.
+    public let isLocal: Bool
+
+    /// Checks that the address can be served: a TCP port nothing else listens on, a Unix
+    /// socket path no live service holds (a stale socket file left by a service that died is
+    /// removed). Errors say what is wrong in words, before the service runs its first pass.
+    public func claim() throws(ServiceError) {
+        switch listen.kind {
+        case .unix(let path): try ListenAddress.claimUnixPath(path)
+        case .tcp(_, let port): try ListenAddress.checkFree(resolved!, port: port, shown: description)
+        }
+    }
+
+    var bindAddress: BindAddress {
+        switch listen.kind {
+        case .unix(let path): .unixDomainSocket(path: path)
+        case .tcp(_, let port): .hostname(resolved?.text ?? "127.0.0.1", port: port)
+        }
+    }
+
+    public var description: String {
+        guard let resolved, case .tcp(let host, let port) = listen.kind, resolved.text != host else {
+            return listen.description
+        }
+        return "\(listen) (\(resolved.text.contains(":") ? "[\(resolved.text)]" : resolved.text):\(port))"
     }
 }
 
@@ -104,7 +271,7 @@ public struct APIServer: Sendable {
     }
 
     /// The Hummingbird application, a `Service` to run in the service group.
-    public func application(listening address: ListenAddress) -> some ApplicationProtocol {
+    public func application(listening address: BoundAddress) -> some ApplicationProtocol {
         let router = Router()
         router.middlewares.add(BearerMiddleware(token: token))
         router.middlewares.add(MethodNotAllowedMiddleware())

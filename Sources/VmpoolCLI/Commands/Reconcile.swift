@@ -75,13 +75,8 @@ extension Vmpool {
             _ = try resolvedCapacity()
             if let listen {
                 guard every != nil else { throw ValidationError("--listen needs --every (the service)") }
-                guard let address = ListenAddress(listen) else {
+                guard ListenAddress(listen) != nil else {
                     throw ValidationError("--listen: expected host:port or unix:PATH, got \"\(listen)\"")
-                }
-                if !address.isLocal && tokenFile == nil {
-                    throw ValidationError(
-                        "--listen \(listen) is reachable from other hosts: give --token-file (or listen on 127.0.0.1 or unix:PATH)"
-                    )
                 }
             } else if tokenFile != nil {
                 throw ValidationError("--token-file needs --listen")
@@ -105,6 +100,18 @@ extension Vmpool {
                 try report(result, output: format.output, pools: [])
                 return
             }
+            // The address is resolved and checked once, before anything else: whether it is
+            // local is judged from the addresses it resolved to, and those are what is bound.
+            let bound = try listen.flatMap(ListenAddress.init).map { address throws(ServiceError) in
+                try address.resolve()
+            }
+            if let bound, !bound.isLocal, tokenFile == nil {
+                throw CommandFailure(
+                    description: "--listen \(bound) is reachable from other hosts: give --token-file (or listen on"
+                        + " 127.0.0.1 or unix:PATH)")
+            }
+            try bound?.claim()
+            let token = try tokenFile.map { try BearerToken.read($0) }
             // The service takes the state dir lock for each pass, not for its whole life.
             let session = try await Session(
                 options, locking: nil, parallelism: parallel, capacity: try resolvedCapacity())
@@ -115,8 +122,7 @@ extension Vmpool {
                 stateDirectory: session.stateDirectory, wake: try Wake.Listener(directory: session.stateDirectory),
                 changes: session.cluster != nil ? session.store.watchChanges() : nil)
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
-            if let listen, let address = ListenAddress(listen) {
-                let token = try tokenFile.map { try BearerToken.read($0) }
+            if let address = bound {
                 let metrics = ServiceMetrics()
                 service.metrics = metrics
                 let reconciler = session.reconciler
