@@ -228,7 +228,7 @@ enum LoggingBootstrap {
             guard !done else { return }
             done = true
             switch format {
-            case .text: LoggingSystem.bootstrap { label in StreamLogHandler.standardError(label: label) }
+            case .text: LoggingSystem.bootstrap { label in SafeStreamLogHandler(label: label) }
             case .json: LoggingSystem.bootstrap { label in JSONLogHandler(label: label) }
             }
         }

@@ -156,12 +156,15 @@ func checkImages(_ manifests: ManifestSet) throws {
     }
 }
 
+/// Writes a line to stderr, terminal-safe (`TerminalText`): errors carry holders and guest output.
 func printError(_ line: String) {
-    FileHandle.standardError.write(Data((line + "\n").utf8))
+    FileHandle.standardError.write(Data((TerminalText.safe(line) + "\n").utf8))
 }
 
+/// Writes a document to stdout, terminal-safe (`TerminalText`); its escapes are valid in JSON too.
 func printOut(_ text: String) {
-    FileHandle.standardOutput.write(Data((text.hasSuffix("\n") ? text : text + "\n").utf8))
+    let safe = TerminalText.safe(text)
+    FileHandle.standardOutput.write(Data((safe.hasSuffix("\n") ? safe : safe + "\n").utf8))
 }
 
 /// Output format of commands that print documents.

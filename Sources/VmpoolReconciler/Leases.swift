@@ -22,6 +22,17 @@ public struct Leases: Sendable {
         public var description: String
     }
 
+    /// Why `holder` cannot name a lease's holder, or `nil`: 1 to 200 characters (counted as
+    /// JSON Schema counts, in Unicode scalars), none of them a control character or one that
+    /// reorders text (`TerminalText.isUnsafe`), so that `get vms` and `events` show it as sent.
+    public static func holderProblem(_ holder: String) -> String? {
+        guard !holder.isEmpty, holder.unicodeScalars.count <= 200 else { return "expected 1 to 200 characters" }
+        if let bad = holder.unicodeScalars.first(where: { TerminalText.isUnsafe($0) || $0 == "\n" || $0 == "\t" }) {
+            return "control characters are not allowed (found U+\(String(format: "%04X", bad.value)))"
+        }
+        return nil
+    }
+
     /// `USER@HOST`.
     public static func defaultHolder() -> String {
         let user =
@@ -34,9 +45,12 @@ public struct Leases: Sendable {
     /// to `handOver` (which prints its id, or answers the request). Until `handOver` returns
     /// the lease is journaled: a vmpool that dies before leaves a lease nobody received, which
     /// the next pass ends; a `handOver` that throws gives the VM up.
+    /// `abandoned` says that the caller is gone (an HTTP client that closed its connection):
+    /// the wait ends, and a VM leased meanwhile is given up rather than handed to nobody.
     public func take(
         pool: String, holder: String, ttl: Duration?, wait: Duration,
-        handOver: (VMRecord) async throws -> Void = { _ in }
+        handOver: (VMRecord) async throws -> Void = { _ in },
+        abandoned: @Sendable () -> Bool = { false }
     ) async throws -> VMRecord {
         let deadline = ContinuousClock.now + wait
         let ticket = wait > .zero ? try store.enqueueLeaseWait(pool: pool, holder: holder) : nil
@@ -57,6 +71,7 @@ public struct Leases: Sendable {
                 if runs {
                     Wake.send(directory: stateDirectory)
                     do {
+                        if abandoned() { throw Failure(description: "the caller went away before the lease was given") }
                         try await handOver(record)
                     } catch {
                         try? await release(record.id)
@@ -70,6 +85,7 @@ public struct Leases: Sendable {
                 try? store.closeLeaseJournal(vm: record.id, outcome: .failed, error: "the VM is not running")
                 continue
             case .noneReady, .waitYourTurn:
+                if abandoned() { throw Failure(description: "the caller went away while waiting for a VM") }
                 guard ContinuousClock.now < deadline else {
                     throw Failure(
                         description: wait > .zero

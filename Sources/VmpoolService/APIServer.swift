@@ -3,6 +3,7 @@ import Foundation
 import Hummingbird
 import Logging
 import Metrics
+import NIOCore
 import VmpoolDriver
 import VmpoolReconciler
 import VmpoolStore
@@ -272,7 +273,7 @@ public struct APIServer: Sendable {
 
     /// The Hummingbird application, a `Service` to run in the service group.
     public func application(listening address: BoundAddress) -> some ApplicationProtocol {
-        let router = Router()
+        let router = Router(context: APIRequestContext.self)
         router.middlewares.add(BearerMiddleware(token: token))
         router.middlewares.add(MethodNotAllowedMiddleware())
         router.get("/openapi.json") { _, _ in
@@ -290,14 +291,16 @@ public struct APIServer: Sendable {
             return try Self.json(.array(rows.map { .object($0.json) }), status: .ok)
         }
         router.post("/v1/pools/:pool/leases") { request, context in
-            try await lease(request, pool: context.parameters.get("pool") ?? "")
+            try await lease(request, context: context, pool: context.parameters.get("pool") ?? "")
         }
         router.delete("/v1/leases/:vm") { _, context in
             try await release(context.parameters.get("vm") ?? "")
         }
         var configuration = ApplicationConfiguration(address: address.bindAddress, serverName: "vmpool")
         configuration.reuseAddress = true
-        return Application(router: router, configuration: configuration, logger: logger)
+        return Application(
+            router: router, server: .http1(additionalChannelHandlers: [ClientGoneHandler()]),
+            configuration: configuration, logger: logger)
     }
 
     struct LeaseRequest: Decodable {
@@ -329,7 +332,7 @@ public struct APIServer: Sendable {
         }
     }
 
-    func lease(_ request: Request, pool: String) async throws -> Response {
+    func lease(_ request: Request, context: APIRequestContext, pool: String) async throws -> Response {
         let body = try await request.body.collect(upTo: 64 << 10)
         var parsed = LeaseRequest()
         if body.readableBytes > 0 {
@@ -367,13 +370,14 @@ public struct APIServer: Sendable {
             wait = value
         }
         let holder = parsed.holder ?? "http"
-        // Counted in Unicode scalars, as JSON Schema's maxLength counts.
-        guard !holder.isEmpty, holder.unicodeScalars.count <= 200, !holder.contains(where: \.isNewline) else {
-            return try Self.error(.badRequest, "holder: expected 1 to 200 characters on one line")
-        }
+        if let problem = Leases.holderProblem(holder) { return try Self.error(.badRequest, "holder: \(problem)") }
         let started = ContinuousClock.now
+        // A client that closed its connection (gave up waiting, was killed) gets no lease: the
+        // wait ends, and a VM leased in the instant before the answer is given up again.
+        let channel = context.channel
         do {
-            let record = try await leases.take(pool: pool, holder: holder, ttl: ttl, wait: wait)
+            let record = try await leases.take(
+                pool: pool, holder: holder, ttl: ttl, wait: wait, abandoned: { !channel.isActive })
             Timer(label: "vmpool_lease_duration_seconds", dimensions: [("via", "http")])
                 .record(duration: ContinuousClock.now - started)
             return try Self.json(.object(Leases.json(record)), status: .created)
@@ -403,6 +407,33 @@ public struct APIServer: Sendable {
 
     static func error(_ status: HTTPResponse.Status, _ message: String) throws -> Response {
         try json(.object(["error": .string(message)]), status: status)
+    }
+}
+
+/// Closes a connection whose client closed its side. The server allows half-closed
+/// connections, so a client that sent its request and went away (killed, timed out) would
+/// otherwise look connected until an answer was written to it; closed, its pending lease
+/// request sees `isActive` false and takes no VM.
+final class ClientGoneHandler: ChannelInboundHandler, RemovableChannelHandler, Sendable {
+    typealias InboundIn = NIOAny
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .some(.inputClosed) = event as? ChannelEvent {
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+/// Hummingbird's basic context plus the request's connection, whose state tells whether the
+/// client is still there.
+struct APIRequestContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
     }
 }
 

@@ -43,6 +43,10 @@ struct ServiceAPITests {
             (#"[1, 2]"#, "web", 400),
             (#"{"holder": ""}"#, "web", 400),
             (#"{"holder": null}"#, "web", 400),
+            (#"{"holder": "evil\u001b[31mRED\u001b[0m \u0007bell"}"#, "web", 400),
+            (#"{"holder": "tab\there"}"#, "web", 400),
+            (#"{"holder": "csi\u009b2J"}"#, "web", 400),
+            (#"{"holder": "bidi\u202egnp.exe"}"#, "web", 400),
             (#"{"wait": "61m"}"#, "web", 400),
             (#"{"ttl": "0.0004ms"}"#, "web", 400),
             (nil, "nope", 404),
@@ -164,6 +168,42 @@ struct ServiceAPITests {
         let lease = try http.request("POST", "/v1/pools/web/leases", body: #"{"holder":"over-unix"}"#)
         #expect(lease.status == 201, "\(lease.text)")
         #expect(try http.request("GET", "/metrics").status == 200)
+    }
+
+    /// A client that asked for a lease with a wait and went away before the answer (killed,
+    /// timed out) is given no VM: the wait ends with it, and when the pool grows the new VM
+    /// stays ready for the next caller instead of being leased to nobody.
+    @Test func aLeaseWhoseClientWentAwayIsNotGranted() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool(size: 0))).status == 0)
+        let service = try APIService(box)
+        defer { service.stop() }
+        let http = try service.connect()
+        try http.sendOnly("POST", "/v1/pools/web/leases", body: #"{"wait":"30s","holder":"gone-client"}"#)
+        let waiting = box.eventually(seconds: 20) {
+            let result = try box.run("describe", "pool", "web", "-o", "json")
+            let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+            return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 1
+        }
+        #expect(waiting, "the lease request waits in line")
+        http.hangUp()
+        let gaveUp = box.eventually(seconds: 20) {
+            let result = try box.run("describe", "pool", "web", "-o", "json")
+            let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+            return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 0
+        }
+        #expect(gaveUp, "the wait ended with its client")
+        #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
+        let ready = box.eventually(seconds: 20) {
+            try box.vms().values.contains { ($0["state"] as? String) == "running" }
+        }
+        #expect(ready, "the pool grew")
+        let leased = try box.vms().values.filter { $0["lease"] as? [String: Any] != nil }
+        #expect(leased.isEmpty, "a VM was leased to a client that went away: \(leased)")
+        // The next caller gets it.
+        let next = try service.connect().request("POST", "/v1/pools/web/leases", body: #"{"holder":"next"}"#)
+        #expect(next.status == 201, "\(next.text)")
     }
 
     @Test func leaseLatencyOnAKeptAliveConnection() throws {
@@ -405,6 +445,18 @@ final class HTTPConnection {
             try send(message)
             return try readResponse()
         }
+    }
+
+    /// Sends a request and reads nothing: the test then hangs up, as a killed client does.
+    func sendOnly(_ method: String, _ path: String, body: String) throws {
+        let head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nContent-Length: \(body.utf8.count)\r\n\r\n"
+        try send(Data((head + body).utf8))
+    }
+
+    /// Closes the connection.
+    func hangUp() {
+        if fd >= 0 { close(fd) }
+        fd = -1
     }
 
     private struct Closed: Error {}

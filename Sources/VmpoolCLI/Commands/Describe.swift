@@ -39,6 +39,7 @@ extension Vmpool {
                 var description = PoolDescription(
                     stored: stored, readiness: readiness, rows: rows, templates: templates,
                     standbys: standbys.map { ($0, $0.ready && alive.contains($0.id)) }, events: events)
+                description.leaseWaiters = try session.store.leaseWaiters()[name] ?? 0
                 if session.cluster != nil {
                     description.placement = try session.store.placements().filter { $0.pool == name }
                     description.unplaced = try session.store.unplaced()[name] ?? 0
@@ -153,6 +154,8 @@ struct PoolDescription {
     /// On a shared store: each host's share, and the VMs no host has room for.
     var placement: [PlacementRecord]?
     var unplaced = 0
+    /// Lease requests waiting in line for a ready VM.
+    var leaseWaiters = 0
 
     var text: String {
         let spec = stored.spec
@@ -183,6 +186,7 @@ struct PoolDescription {
         }
         lines.append(
             "Status:      \(readiness.ready)/\(spec.size) ready, \(readiness.warm)/\(spec.warm) warm, \(readiness.leased) leased, \(readiness.vms) VMs"
+                + (leaseWaiters > 0 ? ", \(leaseWaiters) lease request\(leaseWaiters == 1 ? "" : "s") waiting" : "")
                 + (stored.deleting ? " (being deleted)" : ""))
         if let placement {
             let shares = placement.map { "\($0.host) \($0.size)" + ($0.warm > 0 ? "+\($0.warm) warm" : "") }
@@ -218,7 +222,7 @@ struct PoolDescription {
                 ) { $0[$1.key] = $1.value }.json,
             "status": .object([
                 "ready": .int(readiness.ready), "warm": .int(readiness.warm), "leased": .int(readiness.leased),
-                "vms": .int(readiness.vms), "deleting": .bool(stored.deleting),
+                "vms": .int(readiness.vms), "deleting": .bool(stored.deleting), "leaseWaiters": .int(leaseWaiters),
             ]),
             "vms": .array(rows.map { .object($0.json) }),
             "placement": placement.map { shares in

@@ -45,8 +45,8 @@ extension Vmpool {
         var output: OutputFormat = .text
 
         func validate() throws {
-            if let holder, holder.isEmpty || holder.count > 200 || holder.contains(where: \.isNewline) {
-                throw ValidationError("--holder: expected 1 to 200 characters on one line")
+            if let holder, let problem = Leases.holderProblem(holder) {
+                throw ValidationError("--holder: \(problem)")
             }
         }
 

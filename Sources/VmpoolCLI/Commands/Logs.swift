@@ -43,9 +43,11 @@ extension Vmpool {
             if code != 0 { throw ExitCode(1) }
         }
 
+        /// Console output as the guest wrote it into a pipe or file; on a terminal, with every
+        /// control sequence but colour changes escaped (`TerminalText.safeConsole`).
         static func emit(_ bytes: [UInt8]) throws {
             guard !bytes.isEmpty else { return }
-            FileHandle.standardOutput.write(Data(bytes))
+            FileHandle.standardOutput.write(Data(isatty(1) == 1 ? TerminalText.safeConsole(bytes) : bytes))
         }
 
         static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {

@@ -1,4 +1,5 @@
 import Foundation
+import VmpoolDriver
 import Logging
 import Synchronization
 import VmpoolReconciler
@@ -34,7 +35,8 @@ struct JSONLogHandler: LogHandler {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard let data = try? encoder.encode(fields) else { return }
-        FileHandle.standardError.write(data + Data([0x0A]))
+        // C1 and bidi controls pass a JSON encoder raw; escaped, a terminal tailing the log is safe.
+        FileHandle.standardError.write(Data(TerminalText.safe(String(decoding: data, as: UTF8.self)).utf8) + Data([0x0A]))
     }
 
     private static func timestamp() -> String {

@@ -1,10 +1,13 @@
 import Foundation
+import VmpoolDriver
 import VmpoolReconciler
 import VmpoolSpec
 
 /// Plain aligned tables, like `kubectl get`.
 enum TableRenderer {
     static func table(_ header: [String], _ rows: [[String]]) -> String {
+        // A cell is one line: a newline or tab from a holder or an error would forge rows.
+        let rows = rows.map { $0.map { TerminalText.safe($0, singleLine: true) } }
         var widths = header.map(\.count)
         for row in rows {
             for (index, cell) in row.enumerated() { widths[index] = max(widths[index], cell.count) }
