@@ -83,4 +83,3 @@ public enum TerminalText {
         return out
     }
 }
-

@@ -36,7 +36,8 @@ struct JSONLogHandler: LogHandler {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard let data = try? encoder.encode(fields) else { return }
         // C1 and bidi controls pass a JSON encoder raw; escaped, a terminal tailing the log is safe.
-        FileHandle.standardError.write(Data(TerminalText.safe(String(decoding: data, as: UTF8.self)).utf8) + Data([0x0A]))
+        FileHandle.standardError.write(
+            Data(TerminalText.safe(String(decoding: data, as: UTF8.self)).utf8) + Data([0x0A]))
     }
 
     private static func timestamp() -> String {
