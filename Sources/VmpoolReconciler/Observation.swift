@@ -52,6 +52,10 @@ public struct Observation: Sendable {
         case .hung: return .broken("the hypervisor does not answer")
         case .alive: break
         }
+        // A VM someone entered while no one held it is not fresh: it is never leased.
+        if let entered = record.entered, record.lease == nil {
+            return .broken("entered by \(entered.by) while not leased")
+        }
         if status.running == false { return .paused }
         // A busy agent channel (another client holds it) is not a dead guest.
         if status.agent == .silent { return .broken("the guest agent does not answer") }

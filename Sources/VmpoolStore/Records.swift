@@ -37,13 +37,29 @@ public struct VMRecord: Sendable, Hashable {
     public var lease: Lease?
     /// The host that runs it; empty on a single-host store.
     public var host: String
+    /// Set when someone entered the VM (`exec`, `cp`, `console`) while it was not leased: it
+    /// is never leased after that, and the next pass replaces it.
+    public var entered: Entry?
+
+    /// Who entered a VM, and when.
+    public struct Entry: Sendable, Hashable {
+        /// The command: exec, cp or console.
+        public var by: String
+        public var at: Date
+
+        public init(by: String, at: Date) {
+            self.by = by
+            self.at = at
+        }
+    }
 
     public init(
         id: String, pool: String, state: VMState, boot: BootMode, shape: VMShape, pid: Int32? = nil,
         templateID: String? = nil, createdAt: Date, updatedAt: Date? = nil, lastError: String? = nil,
-        network: NetworkAssignment? = nil, lease: Lease? = nil, host: String = ""
+        network: NetworkAssignment? = nil, lease: Lease? = nil, host: String = "", entered: Entry? = nil
     ) {
         self.host = host
+        self.entered = entered
         self.network = network
         self.lease = lease
         self.id = id

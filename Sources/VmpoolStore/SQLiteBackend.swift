@@ -17,9 +17,24 @@ final class SQLiteBackend: StoreBackend {
         config.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
         }
-        pool = try DatabasePool(path: path, configuration: config)
+        pool = try Self.open(path, config)
         // Private whatever the caller's umask: the database, its WAL and shared memory.
         for suffix in ["", "-wal", "-shm"] { chmod(path + suffix, 0o600) }
+    }
+
+    /// Opens the pool. Its switch to WAL mode needs a moment with the file to itself, and the
+    /// busy timeout does not cover it: a second process opening a new store meanwhile is told
+    /// SQLITE_BUSY, and tries again for up to 10 s.
+    private static func open(_ path: String, _ config: Configuration) throws -> DatabasePool {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while true {
+            do {
+                return try DatabasePool(path: path, configuration: config)
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && ContinuousClock.now < deadline
+            {
+                usleep(UInt32.random(in: 5_000...20_000))
+            }
+        }
     }
 
     func read<T>(_ body: (any SQLTransaction) throws -> T) throws -> T {

@@ -313,7 +313,7 @@ public final class StateStore: Sendable {
                     // Not a VM a pass is acting on (an open journal entry): pausing, stopping.
                     """
                     SELECT \(Self.vmColumns) FROM vm
-                    WHERE pool = ? AND state = 'running' AND leaseHolder IS NULL
+                    WHERE pool = ? AND state = 'running' AND leaseHolder IS NULL AND enteredAt IS NULL
                         AND NOT EXISTS (SELECT 1 FROM journal WHERE journal.vm = vm.id AND journal.finishedAt IS NULL)
                     ORDER BY createdAt, id LIMIT 1
                     """, [pool])
@@ -392,6 +392,29 @@ public final class StateStore: Sendable {
             )
             try self.backend.announceChange(db)
             return record
+        }
+    }
+
+    /// Records that `command` (exec, cp, console) entered VM `id`, unless it is leased (its
+    /// holder may do as they like) or was entered before. In the same store as the leases, so
+    /// a lease either came first (and this records nothing) or never takes the VM. Returns
+    /// whether it was recorded now.
+    @discardableResult
+    public func markEntered(_ id: String, by command: String) throws(StoreError) -> Bool {
+        try write { db in
+            guard
+                let row = try db.queryOne(
+                    "SELECT pool FROM vm WHERE id = ? AND leaseHolder IS NULL AND enteredAt IS NULL", [id])
+            else { return false }
+            try db.execute(
+                "UPDATE vm SET enteredAt = ?, enteredBy = ? WHERE id = ?", [Date().timeIntervalSince1970, command, id])
+            try self.insertEventRow(
+                db,
+                Event(
+                    pool: try row["pool"], vm: id, kind: "entered",
+                    message: "\(command) while not leased; the VM is replaced before anyone can lease it"))
+            try self.backend.announceChange(db)
+            return true
         }
     }
 
@@ -717,7 +740,8 @@ public final class StateStore: Sendable {
 
     static let vmColumns =
         "id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel, initrd, cmdline, pid, templateId,"
-        + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt, host"
+        + " createdAt, updatedAt, lastError, shape, network, leaseHolder, leasedAt, leaseExpiresAt, host, enteredAt,"
+        + " enteredBy"
 
     /// Decoded VM shapes by their JSON text: a pool's VMs share a shape, which a read of
     /// many VMs then decodes once rather than once a VM (most of a no-op pass's time).
@@ -758,11 +782,15 @@ public final class StateStore: Sendable {
                 holder: holder, leasedAt: Date(timeIntervalSince1970: at),
                 expiresAt: expires.map { Date(timeIntervalSince1970: $0) })
         }
+        var entered: VMRecord.Entry?
+        if let at: Double = try row["enteredAt"] {
+            entered = VMRecord.Entry(by: try row["enteredBy"] ?? "?", at: Date(timeIntervalSince1970: at))
+        }
         return VMRecord(
             id: id, pool: try row["pool"], state: state, boot: boot, shape: shape, pid: pid,
             templateID: try row["templateId"], createdAt: Date(timeIntervalSince1970: try row["createdAt"]),
             updatedAt: Date(timeIntervalSince1970: try row["updatedAt"]), lastError: try row["lastError"],
-            network: network, lease: lease, host: try row["host"])
+            network: network, lease: lease, host: try row["host"], entered: entered)
     }
 
     private static func pool(_ row: SQLRow) throws -> StoredPool {

@@ -183,5 +183,13 @@ extension StateStore {
                 PRIMARY KEY (pool, host)
             );
             """),
+        // Fresh leases: a VM someone entered (exec, cp, console) while it was not leased is never
+        // leased; the next pass replaces it.
+        StoreMigration(
+            "v7-vm-entered",
+            """
+            ALTER TABLE vm ADD COLUMN enteredAt DOUBLE;
+            ALTER TABLE vm ADD COLUMN enteredBy TEXT;
+            """),
     ]
 }

@@ -88,6 +88,34 @@ struct StoreTests {
         #expect(try store.events(pool: "web").last?.kind == "created")
     }
 
+    /// An entered VM is never leased; entering a leased VM records nothing (its holder may).
+    @Test(arguments: StoreEngine.available)
+    func aVMEnteredWhileFreeIsNeverLeased(engine: StoreEngine) throws {
+        let fixture = try StoreFixture(engine)
+        defer { fixture.remove() }
+        let store = try fixture.open()
+        try store.applyDesired([pool("web")])
+        for id in ["web-000001", "web-000002"] {
+            let (_, journal) = try #require(try store.beginLaunch(record(id, state: .running), operation: "create"))
+            try store.finish(journal, outcome: .ok)
+        }
+        #expect(try store.markEntered("web-000001", by: "exec"))
+        #expect(try !store.markEntered("web-000001", by: "cp"), "entered once, recorded once")
+        #expect(try store.vm("web-000001")?.entered?.by == "exec")
+        guard case .leased(let first) = try store.lease(pool: "web", holder: "job", ttl: nil) else {
+            Issue.record("the fresh VM was not leased")
+            return
+        }
+        #expect(first.id == "web-000002")
+        guard case .noneReady = try store.lease(pool: "web", holder: "job", ttl: nil) else {
+            Issue.record("the entered VM was leased")
+            return
+        }
+        #expect(try !store.markEntered("web-000002", by: "exec"), "a leased VM is its holder's to enter")
+        #expect(try store.vm("web-000002")?.entered == nil)
+        #expect(try store.events(pool: "web").filter { $0.kind == "entered" }.count == 1)
+    }
+
     @Test(arguments: StoreEngine.available)
     func aTakenIdIsRefused(engine: StoreEngine) throws {
         let fixture = try StoreFixture(engine)
@@ -221,7 +249,7 @@ struct SchemaVersionTests {
         } catch {
             #expect(error.code == .newerSchema)
             #expect(
-                error.message.contains("v99-from-the-future") && error.message.contains("v6-hosts"),
+                error.message.contains("v99-from-the-future") && error.message.contains("v7-vm-entered"),
                 "\(error.message)")
         }
     }

@@ -45,7 +45,7 @@ extension Vmpool {
             let source = self.source
             let destination = self.destination
             let vm = Self.remote(source)?.vm ?? Self.remote(destination)!.vm
-            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+            let code = await GuestCommand.run(options: options, vm: vm, entering: "cp") { access, record in
                 if let from = Self.remote(source) {
                     return try await CopyTransfer.fromGuest(access, record.ref, path: from.path, to: destination)
                 } else {

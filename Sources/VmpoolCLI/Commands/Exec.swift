@@ -64,7 +64,7 @@ extension Vmpool {
                 argv: argv, environment: env, directory: workdir, stdin: interactive,
                 tty: tty ? (TerminalSize.current() ?? (24, 80)) : nil,
                 timeout: timeout)
-            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+            let code = await GuestCommand.run(options: options, vm: vm, entering: "exec") { access, record in
                 let terminal = tty ? RawTerminal.enter() : nil
                 defer { terminal?.restore() }
                 if tty { TerminalSize.watch() }
@@ -92,8 +92,10 @@ extension Vmpool {
 enum GuestCommand {
     static let vmpoolFailed: Int32 = 125
 
+    /// `entering` names a command that reaches into the guest (exec, cp, console): on a VM
+    /// nobody leased, it is recorded first, and the VM is never leased after (`markEntered`).
     static func run(
-        options: GlobalOptions, vm id: String, requireRunning: Bool = true,
+        options: GlobalOptions, vm id: String, requireRunning: Bool = true, entering: String?,
         _ body: @escaping @Sendable (any GuestAccess, VMRecord) async throws -> Int32
     ) async -> Int32 {
         do {
@@ -121,6 +123,7 @@ enum GuestCommand {
                     throw CommandFailure(description: "VM \(id) is \(state); it must be running")
                 }
             }
+            if let entering, record.lease == nil { try session.store.markEntered(record.id, by: entering) }
             return try await withSignalsInterrupting { try await body(access, record) }
         } catch let error as CommandFailure {
             printError("vmpool: \(error.description)")

@@ -29,7 +29,8 @@ extension Vmpool {
         func run() async throws {
             let tail = self.tail
             let follow = self.follow
-            let code = await GuestCommand.run(options: options, vm: vm, requireRunning: false) { access, record in
+            let code = await GuestCommand.run(options: options, vm: vm, requireRunning: false, entering: nil) {
+                access, record in
                 var history = try await access.consoleLog(record.ref)
                 if let tail { history = Self.lastLines(history, tail) }
                 try Self.emit(history)
@@ -79,7 +80,7 @@ extension Vmpool {
 
         func run() async throws {
             let id = vm
-            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+            let code = await GuestCommand.run(options: options, vm: vm, entering: "console") { access, record in
                 printError("Connected to the console of \(id); Ctrl-] detaches.")
                 let terminal = RawTerminal.enter()
                 defer { terminal?.restore() }
