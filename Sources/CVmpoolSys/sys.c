@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -57,6 +58,27 @@ int vmpool_unix_connect_flags(const char *path, int flags) {
         rc = connect(sock, (struct sockaddr *)&addr, sizeof(addr));
     } while (rc < 0 && errno == EINTR);
     if (rc < 0) {
+        int saved = errno;
+        close(sock);
+        errno = saved;
+        return -1;
+    }
+    return sock;
+}
+
+int vmpool_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un addr;
+    size_t len = strlen(path);
+    if (len >= sizeof(addr.sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -1;
+    memset(&addr, 0, sizeof(addr));
+    addr.sun_family = AF_UNIX;
+    memcpy(addr.sun_path, path, len + 1);
+    if (bind(sock, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(sock, backlog) != 0) {
         int saved = errno;
         close(sock);
         errno = saved;
@@ -210,4 +232,166 @@ long long vmpool_punch_zero_pages(int fd) {
     }
     free(buf);
     return error != 0 ? error : freed;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Starting a VM's process: detached, confined, with the descriptors it is given and no others.
+
+#include <grp.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+// What the launched child reports when a step before exec fails: the step, then errno.
+struct launch_failure {
+    int step;
+    int code;
+};
+
+static void launch_fail(int report, int step) {
+    struct launch_failure failure = {step, errno};
+    ssize_t ignored = write(report, &failure, sizeof(failure));
+    (void)ignored;
+    _exit(127);
+}
+
+// Runs in the grandchild, after fork in a multi-threaded process: async-signal-safe calls only.
+static void launch_child(const char *path, char *const argv[], char *const envp[], const int *fds, int nfds,
+                         const int *cgroup_procs, int ncg, int log_fd, long uid, long gid, int report) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < 65; sig++) sigaction(sig, &dfl, NULL);  // EINVAL for KILL, STOP: ignored
+
+    // Into the VM's cgroups first, so that everything the process does is accounted there.
+    for (int i = 0; i < ncg; i++) {
+        if (write(cgroup_procs[i], "0\n", 2) != 2) launch_fail(report, 1);
+    }
+    // The descriptors to keep go to 3, 4, ...: first above that range (the failure report
+    // too), then down; stdio is set up in between, from descriptors not yet overwritten.
+    if (nfds > 256) {
+        errno = EINVAL;
+        launch_fail(report, 2);
+    }
+    int keep_report = fcntl(report, F_DUPFD_CLOEXEC, 3 + nfds);
+    if (keep_report < 0) launch_fail(report, 2);
+    report = keep_report;
+    int moved[256];
+    for (int i = 0; i < nfds; i++) {
+        moved[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + nfds);
+        if (moved[i] < 0) launch_fail(report, 2);
+    }
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null < 0) launch_fail(report, 3);
+    int out = log_fd >= 0 ? log_fd : null;
+    if (dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(out, 2) < 0) launch_fail(report, 3);
+    for (int i = 0; i < nfds; i++) {
+        if (dup2(moved[i], 3 + i) < 0) launch_fail(report, 2);  // dup2 clears close-on-exec
+    }
+    // Everything else goes; the report is close-on-exec and goes at exec.
+    if (report > 3 + nfds && syscall(SYS_close_range, 3 + nfds, report - 1, 0) != 0) launch_fail(report, 2);
+    if (syscall(SYS_close_range, report + 1, ~0U, 0) != 0) launch_fail(report, 2);
+
+    if (chdir("/") != 0) launch_fail(report, 4);
+    umask(077);
+    // No core dump: it would hold the guest's memory.
+    struct rlimit none_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &none_core);
+    if (uid >= 0 || gid >= 0) {
+        if (setgroups(0, NULL) != 0) launch_fail(report, 5);
+        if (gid >= 0 && setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0) launch_fail(report, 5);
+        if (uid >= 0 && setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0) launch_fail(report, 5);
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) launch_fail(report, 6);
+    execve(path, argv, envp);
+    launch_fail(report, 7);
+}
+
+int vmpool_launch(const char *path, char *const argv[], char *const envp[], const int *fds, int nfds,
+                  const int *cgroup_procs, int ncg, int log_fd, long uid, long gid, int *pid_out,
+                  int *failed_step) {
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) != 0) return -1;
+    *failed_step = 0;
+    pid_t first = fork();
+    if (first < 0) {
+        int saved = errno;
+        close(pipefd[0]);
+        close(pipefd[1]);
+        errno = saved;
+        return -1;
+    }
+    if (first == 0) {
+        // A session of its own, then a grandchild that is no session leader and outlives us.
+        close(pipefd[0]);
+        if (setsid() < 0) launch_fail(pipefd[1], 8);
+        pid_t second = fork();
+        if (second < 0) launch_fail(pipefd[1], 8);
+        if (second == 0) {
+            launch_child(path, argv, envp, fds, nfds, cgroup_procs, ncg, log_fd, uid, gid, pipefd[1]);
+        }
+        struct launch_failure started = {0, (int)second};
+        ssize_t ignored = write(pipefd[1], &started, sizeof(started));
+        (void)ignored;
+        _exit(0);
+    }
+    close(pipefd[1]);
+    struct launch_failure message;
+    int pid = -1;
+    int rc = 0;
+    for (;;) {
+        ssize_t n = read(pipefd[0], &message, sizeof(message));
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) break;  // every writer closed: the exec happened
+        if (n != sizeof(message)) {
+            rc = -1;
+            errno = EPROTO;
+            break;
+        }
+        if (message.step == 0) {
+            pid = message.code;
+            continue;
+        }
+        *failed_step = message.step;
+        errno = message.code;
+        rc = -1;
+        break;
+    }
+    int saved = errno;
+    close(pipefd[0]);
+    int status;
+    while (waitpid(first, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (rc == 0 && pid <= 0) {
+        saved = ECHILD;
+        rc = -1;
+    }
+    errno = saved;
+    if (rc == 0) *pid_out = pid;
+    return rc;
+}
+
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+
+int vmpool_memfd_copy(int fd, const char *name) {
+    struct stat info;
+    if (fstat(fd, &info) != 0) return -1;
+    int copy = memfd_create(name, MFD_CLOEXEC);
+    if (copy < 0) return -1;
+    off_t offset = 0;
+    while (offset < info.st_size) {
+        ssize_t sent = sendfile(copy, fd, &offset, (size_t)(info.st_size - offset));
+        if (sent < 0 && errno == EINTR) continue;
+        if (sent <= 0) {
+            int saved = sent < 0 ? errno : EIO;
+            close(copy);
+            errno = saved;
+            return -1;
+        }
+    }
+    return copy;
 }

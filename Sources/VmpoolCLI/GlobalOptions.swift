@@ -33,6 +33,11 @@ public struct GlobalOptions: ParsableArguments {
     var accel: Accelerator?
 
     @Option(
+        name: .customLong("qemu-user"),
+        help: "The user whose subordinate uids VMs run as, one each (env VMPOOL_QEMU_USER; default vmpool-qemu).")
+    var qemuUser: String?
+
+    @Option(
         name: .customLong("lock-timeout"), help: "How long to wait for another vmpool on this state dir (default 60s).")
     var lockTimeout: String?
 
@@ -211,9 +216,10 @@ public struct GlobalOptions: ParsableArguments {
             return try SimDriver(stateDirectory: dir, configuration: SimConfiguration.fromEnvironment(environment))
         case .qemu:
             let accel = try resolvedAccelerator()
-            return try QemuDriver(
-                configuration: QemuConfiguration.fromEnvironment(stateDirectory: dir, accelerator: accel, environment),
-                logger: logger)
+            var configuration = QemuConfiguration.fromEnvironment(
+                stateDirectory: dir, accelerator: accel, environment)
+            if let qemuUser { configuration.qemuUser = qemuUser }
+            return try QemuDriver(configuration: configuration, logger: logger)
         }
     }
 }

@@ -50,8 +50,20 @@ public enum DiskImages {
         }
         let magic = Array(header.prefix(8))
         if magic.starts(with: [0x51, 0x46, 0x49, 0xFB]) {
-            guard count >= 32 else { throw Problem(message: "\(path) is a truncated qcow2 image") }
-            let size = header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            guard count >= 104 else { throw Problem(message: "\(path) is a truncated qcow2 image") }
+            func be64(_ at: Int) -> UInt64 { header[at..<(at + 8)].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+            let size = be64(24)
+            // QEMU gets each image as an open file: it cannot follow a chain of its own by name.
+            if be64(8) != 0 {
+                throw Problem(
+                    message: "\(path) has a backing file of its own; flatten it first (qemu-img convert -O qcow2"
+                        + " \(path) FLAT.qcow2)")
+            }
+            let version = header[4..<8].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+            if version >= 3, be64(72) & 0x4 != 0 {
+                throw Problem(
+                    message: "\(path) keeps its data in an external file; convert it first (qemu-img convert)")
+            }
             return Info(path: real, format: "qcow2", virtualBytes: size, fingerprint: fingerprint)
         }
         let others: [(String, [UInt8])] = [

@@ -16,7 +16,7 @@ enum Overlay {
             guard access(backing, R_OK) == 0 else {
                 throw DriverError(.imageMissing, "disk image \(backing) does not exist or is not readable", vm: vm)
             }
-            arguments += ["-b", backing, "-F", disk.backingFormat ?? "qcow2"]
+            arguments += ["-b", backing, "-F", disk.backingChain.first?.format ?? "qcow2"]
         }
         arguments.append(disk.path)
         if let size = disk.sizeMiB { arguments.append("\(size)M") }
@@ -31,11 +31,16 @@ enum Overlay {
         chmod(disk.path, 0o600)
     }
 
+    /// The base image a disk is made over, if any.
+    static func base(of disk: DiskShape) -> [BackingFile] {
+        disk.base.map { [BackingFile(path: $0, format: disk.format ?? "raw")] } ?? []
+    }
+
     /// A VM's overlays over the pool's base images (cold VMs, template VMs).
     static func overBases(_ disks: [DiskShape], scratch: Bool, path: (String) -> String) -> [DiskAttachment] {
         disks.map { disk in
             DiskAttachment(
-                name: disk.name, path: path(disk.name), backing: disk.base, backingFormat: disk.format,
+                name: disk.name, path: path(disk.name), backingChain: base(of: disk),
                 sizeMiB: disk.base == nil || disk.sizeMiB > 0 ? disk.sizeMiB : nil, scratch: scratch)
         }
     }
@@ -45,8 +50,10 @@ enum Overlay {
         disks.map { disk in
             DiskAttachment(
                 name: disk.name, path: paths.overlay(vm, disk: disk.name),
-                backing: paths.templateDisk(template: template, disk: disk.name), backingFormat: "qcow2", sizeMiB: nil,
-                scratch: true)
+                backingChain: [
+                    BackingFile(path: paths.templateDisk(template: template, disk: disk.name), format: "qcow2")
+                ]
+                    + base(of: disk), sizeMiB: nil, scratch: true)
         }
     }
 }

@@ -22,8 +22,12 @@ public struct QemuConfiguration: Sendable {
     public var memoryRoot: String
     /// Run QEMU with `-sandbox on` (seccomp) where QEMU supports it (`VMPOOL_QEMU_SANDBOX=0` turns it off).
     public var sandbox: Bool
-    /// Drop QEMU's privileges to this user after start-up (`VMPOOL_QEMU_USER`).
-    public var runAs: String?
+    /// The user whose subordinate uid range VMs run as, one uid each (`--qemu-user`,
+    /// `VMPOOL_QEMU_USER`; made by scripts/setup). Used when vmpool runs as root.
+    public var qemuUser = "vmpool-qemu"
+    /// Confine QEMU (its own uid, cgroup and network walls) where vmpool can: as root.
+    /// `VMPOOL_WALLS=0` turns it off, to measure what the walls cost.
+    public var confine = true
     /// Longest wait for a cold-booted guest's agent (`VMPOOL_BOOT_TIMEOUT`).
     public var bootTimeout: Duration
     /// Set the guest clock after a clone or resume (`VMPOOL_CLOCK_SYNC=0` turns it off, to
@@ -42,7 +46,7 @@ public struct QemuConfiguration: Sendable {
 
     public init(
         stateDirectory: String, binary: String = "qemu-system-x86_64", accelerator: Accelerator = .auto,
-        memoryRoot: String = "/dev/shm", sandbox: Bool = true, runAs: String? = nil,
+        memoryRoot: String = "/dev/shm", sandbox: Bool = true,
         bootTimeout: Duration = .seconds(180), restoreTimeout: Duration = .seconds(30),
         stopGrace: Duration = .seconds(3), tcgCacheMiB: Int = 64
     ) {
@@ -51,7 +55,6 @@ public struct QemuConfiguration: Sendable {
         self.accelerator = accelerator
         self.memoryRoot = memoryRoot
         self.sandbox = sandbox
-        self.runAs = runAs
         self.bootTimeout = bootTimeout
         self.restoreTimeout = restoreTimeout
         self.stopGrace = stopGrace
@@ -69,7 +72,8 @@ public struct QemuConfiguration: Sendable {
         if let binary = environment["VMPOOL_QEMU_IMG"], !binary.isEmpty { config.qemuImg = binary }
         if let root = environment["VMPOOL_MEMORY_DIR"], !root.isEmpty { config.memoryRoot = root }
         if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
-        if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.runAs = user }
+        if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.qemuUser = user }
+        if environment["VMPOOL_WALLS"] == "0" { config.confine = false }
         // Validated by the command line (an invalid value is an error there).
         if let text = environment["VMPOOL_TCG_CACHE_MIB"], let mib = Int(text), (1...2048).contains(mib) {
             config.tcgCacheMiB = mib
@@ -114,11 +118,14 @@ struct QemuPaths: Sendable {
     func consoleLog(_ id: String) -> String { vmDirectory(id) + "/console.log" }
     func pidFile(_ id: String) -> String { vmDirectory(id) + "/pid" }
 
-    /// Files QEMU creates in a VM's run dir (its umask is 027; vmpool makes them 0600).
-    func createdByQEMU(_ id: String) -> [String] {
-        [qmpSocket(id), observerSocket(id), agentSocket(id), consoleSocket(id), pidFile(id)]
+    /// The sockets vmpool listens on for the VM's QEMU, which serves them on the descriptors it inherits.
+    func sockets(_ id: String) -> [String] {
+        [qmpSocket(id), observerSocket(id), agentSocket(id), consoleSocket(id)]
             + (0..<QemuVM.execPorts).map { execSocket(id, port: $0) }
     }
+
+    /// What QEMU writes on stdout and stderr (its start-up errors).
+    func qemuLog(_ id: String) -> String { vmDirectory(id) + "/qemu.log" }
 
     /// A template's RAM, on tmpfs, shared by the template and mapped copy-on-write by clones.
     func memoryFile(template id: String) -> String { memoryRoot + "/" + id + ".mem" }
@@ -134,11 +141,16 @@ struct QemuPaths: Sendable {
     /// Longest socket path any VM id can produce; must fit `sun_path`.
     var longestSocketPath: Int { (runRoot + "/" + String(repeating: "0", count: 12) + "/q").utf8.count }
 
-    /// FNV-1a 64-bit, as hex: stable across runs and platforms, unlike `hashValue`.
-    static func hash(_ text: String, hexDigits: Int) -> String {
+    /// FNV-1a 64-bit: stable across runs and platforms, unlike `hashValue`.
+    static func fnv(_ text: String) -> UInt64 {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in text.utf8 { hash = (hash ^ UInt64(byte)) &* 0x0100_0000_01b3 }
-        let hex = String(hash, radix: 16)
+        return hash
+    }
+
+    /// `fnv` as hex.
+    static func hash(_ text: String, hexDigits: Int) -> String {
+        let hex = String(fnv(text), radix: 16)
         return String((String(repeating: "0", count: max(0, 16 - hex.count)) + hex).prefix(hexDigits))
     }
 }

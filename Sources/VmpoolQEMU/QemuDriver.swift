@@ -13,12 +13,18 @@ public final class QemuDriver: HypervisorDriver {
     let paths: QemuPaths
     let logger: Logger
     private let accelerator = Mutex<ResolvedAccelerator?>(nil)
+    /// Who QEMU runs as, decided when the driver is made.
+    let confinement: Confinement
     private let sandboxSupport = Mutex<Bool?>(nil)
 
     public init(configuration: QemuConfiguration, logger: Logger) throws(DriverError) {
         self.configuration = configuration
         self.paths = QemuPaths(configuration: configuration)
         self.logger = logger
+        confinement = try Confinement.resolve(configuration)
+        if case .none(let reason) = confinement {
+            logger.debug("VMs are not confined: \(reason)")
+        }
         let longest = paths.longestSocketPath
         guard longest <= 107 else {
             throw DriverError(
@@ -68,6 +74,7 @@ public final class QemuDriver: HypervisorDriver {
             accelerator: kernel.map { accelerator(kernel: $0) } ?? .tcg,
             pid: pid ?? QemuProcess.readPid(paths.pidFile(id)))
         machine.sandbox = kernel != nil && configuration.sandbox && sandboxSupported
+        machine.confinement = confinement
         return machine
     }
 
@@ -354,10 +361,11 @@ public final class QemuDriver: HypervisorDriver {
     public func discover() async -> [DiscoveredVM] {
         let paths = self.paths
         let binary = QemuProcess.resolve(configuration.binary)
-        let runAs = configuration.runAs
+        let users: VMUsers? =
+            if case .users(let users) = confinement { users } else { nil }
         return
             (try? await Blocking.run { () throws(DriverError) in
-                QemuProcess.discover(runRoot: paths.runRoot, binary: binary, runAs: runAs)
+                QemuProcess.discover(runRoot: paths.runRoot, binary: binary, users: users)
             }) ?? []
     }
 

@@ -3,24 +3,6 @@ import VmpoolDriver
 
 /// Starting, finding and ending QEMU processes.
 enum QemuProcess {
-    /// Runs QEMU with `-daemonize`: the call returns once QEMU has initialised (sockets
-    /// listening, pid file written) and the VM process lives on, re-parented away from vmpool.
-    /// A QEMU that has not got that far within `timeout` (hung, or stopped) is killed and the
-    /// launch fails; whatever it forked is the caller's to clean up, as after any failed launch.
-    static func launch(binary: String, arguments: [String], vm: String, timeout: Duration) throws(DriverError) {
-        guard let path = resolve(binary) else {
-            throw DriverError(.hostUnsupported, "QEMU (\(binary)) is not installed; install qemu-system-x86", vm: vm)
-        }
-        guard let (status, errors) = try Spawn.run(path, arguments, timeout: timeout) else {
-            throw DriverError(
-                .timeout, "QEMU did not answer within \(DurationText.format(timeout)) of its start", vm: vm)
-        }
-        guard status == 0 else {
-            let text = errors.trimmingCharacters(in: .whitespacesAndNewlines)
-            throw DriverError(.launchFailed, "QEMU exited with status \(status): \(text)", vm: vm)
-        }
-    }
-
     /// An executable path for `binary`, searching PATH when it has no slash.
     static func resolve(_ binary: String) -> String? {
         if binary.contains("/") { return access(binary, X_OK) == 0 ? binary : nil }
@@ -101,17 +83,15 @@ enum QemuProcess {
     }
 
     /// Every QEMU process started for this state dir: its run dir is in its command line, it
-    /// runs as this user (or the `-runas` user) and its executable is `binary`. A process of
-    /// another user or program that merely mentions the path is never taken for one of ours.
-    static func discover(runRoot: String, binary: String?, runAs: String?) -> [DiscoveredVM] {
-        var uids: Set<uid_t> = [geteuid()]
-        if let runAs, let entry = getpwnam(runAs) { uids.insert(entry.pointee.pw_uid) }
+    /// runs as this user or as a VM uid, and its executable is `binary`. A process of another
+    /// user or program that merely mentions the path is never taken for one of ours.
+    static func discover(runRoot: String, binary: String?, users: VMUsers?) -> [DiscoveredVM] {
         let executable = binary.flatMap(realPath)
         var found: [DiscoveredVM] = []
         for pid in processIDs() {
             guard pid != getpid(), let arguments = commandLine(pid),
                 let id = vmID(in: arguments, runRoot: runRoot), !isZombie(pid),
-                let uid = owner(pid), uids.contains(uid)
+                let uid = owner(pid), uid == geteuid() || users?.contains(uid) == true
             else { continue }
             if let executable, let exe = self.executable(pid), exe != executable { continue }
             found.append(DiscoveredVM(id: id, pid: pid))

@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -22,15 +23,22 @@ struct DiskAttachment: Sendable, Hashable {
     var name: String
     /// The overlay (qcow2) the VM writes to.
     var path: String
-    /// What the overlay is made over: a base image, or a template's frozen disk; `nil`: empty.
-    var backing: String?
-    var backingFormat: String?
+    /// What the overlay is made over, nearest first: a base image, or a template's frozen disk
+    /// and the base under it; empty: an empty disk.
+    var backingChain: [BackingFile] = []
+    var backing: String? { backingChain.first?.path }
     /// The virtual size, MiB (`nil`: the backing file's).
     var sizeMiB: Int?
     /// A VM's disk lives and dies with its QEMU process (a stopped or lost VM's overlays are
     /// removed, never booted again), so the guest's flushes need not reach the host's disk:
     /// QEMU skips them. A template's disk is not scratch: clones are made from it.
     var scratch = false
+}
+
+/// A file a disk is made over, and its format.
+struct BackingFile: Sendable, Hashable {
+    var path: String
+    var format: String
 }
 
 /// A NIC as QEMU sees it.
@@ -55,6 +63,27 @@ struct MachineSpec {
     var nic: NICAttachment?
 }
 
+/// The descriptor numbers, in QEMU, of the files and sockets vmpool opened and passed to it:
+/// QEMU opens nothing of the state dir by name (it could not: the state dir is root's, 0700).
+struct QemuFiles {
+    /// The chardev id of each socket QEMU serves (qmp, qmpo, hvc, ctl, x0...) and its listening descriptor.
+    var sockets: [String: Int32] = [:]
+    var kernel: Int32?
+    var initrd: Int32?
+    /// The RAM file of a template or clone.
+    var memory: Int32?
+    /// Each disk's chain, top (the VM's overlay, written) first, then what it is made over (read only).
+    var disks: [[DiskLayer]] = []
+    /// A descriptor of /dev/null whose fd set describes the VM's run dir: the run dir in QEMU's
+    /// command line is what marks the process as this state dir's.
+    var marker: Int32 = 3
+
+    struct DiskLayer {
+        var fd: Int32
+        var format: String
+    }
+}
+
 /// One QEMU VM and the operations Kata's virtcontainers VM offers: start, pause, save,
 /// resume, stop, add CPUs and memory, bring them online in the guest, reseed its RNG, sync
 /// its clock, report its status. Every call is blocking; the driver runs them off the
@@ -68,9 +97,12 @@ struct QemuVM {
     var pid: Int32?
     /// Start QEMU with `-sandbox` (configured on, and this QEMU has seccomp).
     var sandbox = false
+    /// Who QEMU runs as (a uid of its own per VM, as root).
+    var confinement: Confinement = .none(reason: "not started")
 
-    /// seccomp filter options: spawn and elevateprivileges stay allowed (see `arguments`).
-    static let sandboxOptions = "on,obsolete=deny,resourcecontrol=deny"
+    /// seccomp filter options: QEMU may neither start a program nor change its uid (vmpool starts
+    /// it detached and already as its VM's uid), nor use obsolete calls or change its scheduling.
+    static let sandboxOptions = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
     /// The RAM block id shared by template and clones; migration matches blocks by it.
     static let ramID = "vmpool.ram"
@@ -85,14 +117,18 @@ struct QemuVM {
 
     /// The QEMU argument vector, from small parts. Every value from a manifest is its own argv
     /// element or a JSON value; paths inside `key=value` option lists are comma-escaped.
-    func arguments(_ machine: MachineSpec) -> [String] {
-        identityArguments() + acceleratorArguments() + memoryArguments(machine.shape, machine.memory)
-            + bootArguments(machine.shape, machine.memory) + channelArguments() + consoleArguments()
-            + diskArguments(machine.disks) + nicArguments(machine.nic) + processArguments(incoming: machine.incoming)
+    func arguments(_ machine: MachineSpec, files: QemuFiles) -> [String] {
+        identityArguments(files) + acceleratorArguments() + memoryArguments(machine.shape, machine.memory, files)
+            + bootArguments(machine.shape, machine.memory, files) + channelArguments(files) + consoleArguments()
+            + diskArguments(machine.disks, files) + nicArguments(machine.nic)
+            + processArguments(incoming: machine.incoming)
     }
 
-    func identityArguments() -> [String] {
-        ["-name", "guest=\(id)", "-nodefaults", "-no-user-config", "-display", "none"]
+    func identityArguments(_ files: QemuFiles) -> [String] {
+        [
+            "-name", "guest=\(id)", "-nodefaults", "-no-user-config", "-display", "none",
+            "-add-fd", "fd=\(files.marker),set=0,opaque=vmpool:\(QemuOpts.escape(paths.vmDirectory(id)))",
+        ]
     }
 
     func acceleratorArguments() -> [String] {
@@ -110,7 +146,7 @@ struct QemuVM {
         }
     }
 
-    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode) -> [String] {
+    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles) -> [String] {
         var args: [String] = []
         var machine = "pc"
         var memoryOption = "size=\(shape.memoryMiB)M"
@@ -121,14 +157,15 @@ struct QemuVM {
         switch memory {
         case .anonymous:
             break
-        case .templateShared(let file), .clonePrivate(let file):
+        case .templateShared, .clonePrivate:
             var shared = false
             if case .templateShared = memory { shared = true }
+            // QEMU opens the file by a name; /proc/self/fd names the descriptor it was given.
             args += [
                 "-object",
                 QemuOpts.json([
                     "qom-type": "memory-backend-file", "id": Self.ramID, "size": shape.memoryMiB << 20,
-                    "mem-path": file, "share": shared, "prealloc": false,
+                    "mem-path": "/proc/self/fd/\(files.memory ?? -1)", "share": shared, "prealloc": false,
                 ]),
             ]
             machine += ",memory-backend=\(Self.ramID)"
@@ -139,31 +176,34 @@ struct QemuVM {
         return args
     }
 
-    func bootArguments(_ shape: VMShape, _ memory: MemoryMode) -> [String] {
+    func bootArguments(_ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles) -> [String] {
         // A clone's kernel is in the template's RAM already; loading it again costs 10 ms and
         // 13 MiB per clone.
         if memory.isClone { return ["-no-reboot"] }
-        var args = ["-kernel", shape.image.kernel]
-        if let initrd = shape.image.initrd { args += ["-initrd", initrd] }
+        var args = ["-kernel", "/proc/self/fd/\(files.kernel ?? -1)"]
+        if let initrd = files.initrd { args += ["-initrd", "/proc/self/fd/\(initrd)"] }
         return args + ["-append", shape.image.cmdline]
     }
 
     /// Two QMP monitors (the lock holder's, and one observers share under a host-side lock)
     /// and the agent's virtio-serial ports: control, then one per concurrent exec, plus an
     /// interactive console (hvc0).
-    func channelArguments() -> [String] {
+    func channelArguments(_ files: QemuFiles) -> [String] {
+        func socket(_ chardev: String) -> String {
+            "socket,id=\(chardev),fd=\(files.sockets[chardev] ?? -1),server=on,wait=off"
+        }
         var args = [
-            "-chardev", socket("qmp", paths.qmpSocket(id)), "-mon", "chardev=qmp,mode=control",
-            "-chardev", socket("qmpo", paths.observerSocket(id)), "-mon", "chardev=qmpo,mode=control",
+            "-chardev", socket("qmp"), "-mon", "chardev=qmp,mode=control",
+            "-chardev", socket("qmpo"), "-mon", "chardev=qmpo,mode=control",
             "-device", "virtio-serial-pci,id=vser0,max_ports=\(Self.execPorts + 4)",
-            "-chardev", socket("hvc", paths.consoleSocket(id)),
+            "-chardev", socket("hvc"),
             "-device", "virtconsole,bus=vser0.0,nr=0,chardev=hvc,name=org.vmpool.console",
-            "-chardev", socket("ctl", paths.agentSocket(id)),
+            "-chardev", socket("ctl"),
             "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=org.vmpool.ctl",
         ]
         for port in 0..<Self.execPorts {
             args += [
-                "-chardev", socket("x\(port)", paths.execSocket(id, port: port)),
+                "-chardev", socket("x\(port)"),
                 "-device", "virtserialport,bus=vser0.0,chardev=x\(port),name=org.vmpool.exec.\(port)",
             ]
         }
@@ -177,18 +217,41 @@ struct QemuVM {
         ["-chardev", "ringbuf,id=console,size=\(Self.consoleRingBytes)", "-serial", "chardev:console"]
     }
 
-    func diskArguments(_ disks: [DiskAttachment]) -> [String] {
-        disks.enumerated().flatMap { index, disk in
-            [
-                "-blockdev",
-                QemuOpts.json([
-                    "driver": "qcow2", "node-name": "disk\(index)", "discard": "unmap",
-                    "cache": ["no-flush": disk.scratch],
-                    "file": ["driver": "file", "filename": disk.path, "aio": "threads"],
-                ]),
+    /// Each disk as a chain of nodes over the descriptors QEMU was given (`-add-fd`, one fd set
+    /// per file, set 0 being the run dir marker): its overlay written, the layers under it read
+    /// only. The chain is spelled out to the end, so QEMU never opens a backing file by the name
+    /// an image's header gives.
+    func diskArguments(_ disks: [DiskAttachment], _ files: QemuFiles) -> [String] {
+        var args: [String] = []
+        var set = 1
+        for (index, disk) in disks.enumerated() {
+            let layers = index < files.disks.count ? files.disks[index] : []
+            var backing: Any = NSNull()
+            var sets: [Int] = []
+            for (depth, layer) in layers.enumerated().reversed() {
+                sets.append(set)
+                args += ["-add-fd", "fd=\(layer.fd),set=\(set)"]
+                var node: [String: Any] = [
+                    "driver": layer.format,
+                    "file": ["driver": "file", "filename": "/dev/fdset/\(set)", "aio": "threads"],
+                ]
+                set += 1
+                if layer.format == "qcow2" { node["backing"] = backing }
+                if depth == 0 {
+                    node["node-name"] = "disk\(index)"
+                    node["discard"] = "unmap"
+                    node["cache"] = ["no-flush": disk.scratch]
+                } else {
+                    node["read-only"] = true
+                }
+                backing = node
+            }
+            args += [
+                "-blockdev", QemuOpts.json(backing as? [String: Any] ?? [:]),
                 "-device", "virtio-blk-pci,drive=disk\(index),id=vd\(index),serial=\(disk.name)",
             ]
         }
+        return args
     }
 
     func nicArguments(_ nic: NICAttachment?) -> [String] {
@@ -202,19 +265,10 @@ struct QemuVM {
     }
 
     func processArguments(incoming: Bool) -> [String] {
-        var args = ["-pidfile", paths.pidFile(id), "-daemonize"]
+        var args: [String] = []
         if incoming { args += ["-S", "-incoming", "defer"] }
-        if sandbox {
-            // spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid after
-            // the filter is installed, and -runas drops privileges then.
-            args += ["-sandbox", Self.sandboxOptions]
-        }
-        if let user = configuration.runAs { args += ["-runas", user] }
+        if sandbox { args += ["-sandbox", Self.sandboxOptions] }
         return args
-    }
-
-    private func socket(_ chardev: String, _ path: String) -> String {
-        "socket,id=\(chardev),path=\(QemuOpts.escape(path)),server=on,wait=off"
     }
 
     // MARK: - Start
@@ -234,18 +288,136 @@ struct QemuVM {
         for disk in machine.disks where access(disk.path, F_OK) != 0 {
             try Overlay.create(disk, qemuImg: configuration.qemuImg, vm: id)
         }
+        var plan = LaunchPlan()
+        defer { plan.closeAll() }
+        if case .users(let users) = confinement {
+            let user = try users.claim(for: id)
+            plan.user = user
+            // Held by the VM's process for its life: the uid is its own until it exits.
+            _ = plan.pass(user.lock)
+        }
         if case .tap(let name, let bridge) = machine.nic?.backend {
-            try HostNetwork.createTap(name, bridge: bridge, vm: id, user: configuration.runAs)
+            try HostNetwork.createTap(name, bridge: bridge, vm: id, user: plan.user.map { "\($0.uid)" })
         }
-        try QemuProcess.launch(
-            binary: configuration.binary, arguments: arguments(machine), vm: id, timeout: configuration.bootTimeout)
-        guard let pid = QemuProcess.readPid(paths.pidFile(id)) else {
-            throw DriverError(.launchFailed, "QEMU started but wrote no pid file", vm: id)
+        let files = try openFiles(machine, into: &plan)
+        plan.log = Glibc.open(paths.qemuLog(id), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard let binary = QemuProcess.resolve(configuration.binary) else {
+            throw DriverError(
+                .hostUnsupported, "QEMU (\(configuration.binary)) is not installed; install qemu-system-x86", vm: id)
         }
+        let pid = try plan.launch(binary, arguments(machine, files: files), vm: id)
         self.pid = pid
-        // QEMU's -daemonize sets umask 027; keep what it created private to this user.
-        for file in paths.createdByQEMU(id) { chmod(file, 0o600) }
-        if case .templateShared(let file) = machine.memory { chmod(file, 0o600) }
+        try? "\(pid)\n".write(toFile: paths.pidFile(id), atomically: false, encoding: .utf8)
+        chmod(paths.pidFile(id), 0o600)
+        try awaitMonitor(pid: pid, timeout: configuration.bootTimeout)
+        // QEMU read the kernel before its monitor answered; its copy can go.
+        for fd in plan.emptiedAfterStart { ftruncate(fd, 0) }
+    }
+
+    /// Opens what QEMU needs and hands it over: the listening sockets of its monitors and
+    /// channels (bound here, at the paths clients connect to), the kernel and initrd, the RAM
+    /// file, each disk's chain. Files QEMU reopens by /proc/self/fd must let its uid open them:
+    /// the kernel and initrd are readable by all (vmpool's own are; another is copied into a
+    /// memfd), the RAM file writable by all (QEMU opens it read-write even to map it private);
+    /// only a holder of the descriptor can reach them, since the directories they are in are
+    /// root's alone, and no QEMU can read another uid's /proc/PID/fd.
+    private func openFiles(_ machine: MachineSpec, into plan: inout LaunchPlan) throws(DriverError) -> QemuFiles {
+        var files = QemuFiles()
+        files.marker = try plan.open("/dev/null", O_RDONLY, vm: id)
+        let chardevs: [(String, String)] =
+            [
+                ("qmp", paths.qmpSocket(id)), ("qmpo", paths.observerSocket(id)), ("hvc", paths.consoleSocket(id)),
+                ("ctl", paths.agentSocket(id)),
+            ] + (0..<Self.execPorts).map { ("x\($0)", paths.execSocket(id, port: $0)) }
+        for (chardev, path) in chardevs {
+            unlink(path)
+            let fd = vmpool_unix_listen(path, 8)
+            guard fd >= 0 else {
+                throw DriverError(.io, "cannot listen on \(path): \(String(cString: strerror(errno)))", vm: id)
+            }
+            chmod(path, 0o600)
+            files.sockets[chardev] = plan.pass(fd)
+        }
+        if !machine.memory.isClone {
+            files.kernel = try readableByQEMU(machine.shape.image.kernel, emptied: true, into: &plan)
+            // QEMU maps the initrd for the VM's life (to hand it to the guest at each boot): its
+            // copy stays, 3.4 MiB for vmpool's own.
+            files.initrd = try machine.shape.image.initrd.map { path throws(DriverError) in
+                try readableByQEMU(path, emptied: false, into: &plan)
+            }
+        }
+        switch machine.memory {
+        case .anonymous:
+            break
+        case .templateShared(let file):
+            files.memory = try plan.open(file, O_RDWR | O_CREAT | O_EXCL, mode: 0o666, vm: id)
+            // QEMU sizes only a file it created itself; mapped beyond its end, RAM would fault.
+            guard fchmod(plan.fds.last!, 0o666) == 0,
+                ftruncate(plan.fds.last!, off_t(machine.shape.memoryMiB) << 20) == 0
+            else {
+                throw DriverError(.io, "cannot size the RAM file \(file): \(String(cString: strerror(errno)))", vm: id)
+            }
+        case .clonePrivate(let file):
+            files.memory = try plan.open(file, O_RDWR, vm: id)
+        }
+        for disk in machine.disks {
+            var layers = [QemuFiles.DiskLayer(fd: try plan.open(disk.path, O_RDWR, vm: id), format: "qcow2")]
+            for backing in disk.backingChain {
+                layers.append(
+                    QemuFiles.DiskLayer(fd: try plan.open(backing.path, O_RDONLY, vm: id), format: backing.format))
+            }
+            files.disks.append(layers)
+        }
+        return files
+    }
+
+    /// A descriptor QEMU can reopen by /proc/self/fd. Confined, a copy in a memfd (which anyone
+    /// holding it may open, whatever the file's mode: the state dir's files are root's, 0600);
+    /// `emptied`: emptied once QEMU has read it (`start`), since QEMU keeps the descriptor.
+    private func readableByQEMU(_ path: String, emptied: Bool, into plan: inout LaunchPlan) throws(DriverError)
+        -> Int32
+    {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw DriverError(
+                .imageMissing, "image file \(path) is not readable: \(String(cString: strerror(errno)))", vm: id)
+        }
+        if case .none = confinement { return plan.pass(fd) }
+        defer { close(fd) }
+        let copy = vmpool_memfd_copy(fd, "vmpool-image")
+        guard copy >= 0 else {
+            throw DriverError(.io, "cannot copy \(path): \(String(cString: strerror(errno)))", vm: id)
+        }
+        if emptied { plan.emptiedAfterStart.append(copy) }
+        return plan.pass(copy)
+    }
+
+    /// Waits for QEMU's monitor to greet: QEMU has initialised and serves its sockets. A QEMU
+    /// that exits first fails the start with what it said.
+    private func awaitMonitor(pid: Int32, timeout: Duration) throws(DriverError) {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            guard QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) else {
+                let said = (try? String(contentsOfFile: paths.qemuLog(id), encoding: .utf8)) ?? ""
+                throw DriverError(
+                    .launchFailed,
+                    "QEMU exited at start: \(said.trimmingCharacters(in: .whitespacesAndNewlines).suffix(2000))", vm: id
+                )
+            }
+            do throws(DriverError) {
+                let qmp = try QMPClient(
+                    path: paths.qmpSocket(id), vm: id,
+                    timeout: min(.seconds(1), max(deadline - .now, .milliseconds(50))))
+                qmp.close()
+                return
+            } catch {
+                guard ContinuousClock.now < deadline else {
+                    throw DriverError(
+                        .timeout, "QEMU did not answer within \(DurationText.format(timeout)) of its start", vm: id)
+                }
+                try Interrupt.check()
+            }
+        }
     }
 
     /// The control monitor: only the holder of the state dir lock uses it.

@@ -16,6 +16,9 @@ int vmpool_unix_connect(const char *path);
 /// is full fails the connect with EAGAIN instead of blocking).
 int vmpool_unix_connect_flags(const char *path, int flags);
 
+/// A SOCK_STREAM Unix socket bound to `path` and listening, close-on-exec; -1 with errno set.
+int vmpool_unix_listen(const char *path, int backlog);
+
 /// Starts `path` with `argv` (NULL-terminated) in a new session: stdin and stdout on
 /// /dev/null, stderr on `stderr_fd` (or /dev/null when -1), every other descriptor closed.
 /// Returns the child's pid, or -1 with errno set.
@@ -47,4 +50,19 @@ int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]
 /// zeros, so no reader of the file, mapped or not, sees a byte change. Returns the bytes
 /// given back, or -errno (what was punched before the error stays punched).
 long long vmpool_punch_zero_pages(int fd);
+
+/// Starts `path` with `argv` and `envp` detached from this process (a session of its own,
+/// re-parented away once this returns), confined before exec: it joins the cgroups whose
+/// `cgroup.procs` are open on `cgroup_procs` (by writing "0" into each), gets `fds[i]` as
+/// its descriptor 3 + i and no other above 2, stdin on /dev/null and stdout and stderr on
+/// `log_fd` (-1: /dev/null), no core dumps, the gid and uid given (-1: unchanged; with either,
+/// no supplementary groups), no new privileges, cwd /. Returns 0 with the pid in `pid_out`
+/// once the exec happened, or -1 with errno set and `failed_step` saying which step failed
+/// (1 cgroup, 2 descriptors, 3 stdio, 4 cwd, 5 uid/gid, 6 no_new_privs, 7 exec, 8 fork).
+int vmpool_launch(const char *path, char *const argv[], char *const envp[], const int *fds, int nfds,
+                  const int *cgroup_procs, int ncg, int log_fd, long uid, long gid, int *pid_out,
+                  int *failed_step);
+
+/// A memfd (close-on-exec) holding a copy of the whole file open on `fd`; -1 with errno set.
+int vmpool_memfd_copy(int fd, const char *name);
 #endif
