@@ -69,7 +69,9 @@ struct HelpTests {
             Vmpool.Release.self, Vmpool.Describe.PoolCommand.self, Vmpool.Describe.VMCommand.self, Vmpool.Events.self,
         ] as [any ParsableCommand.Type] {
             let help = Vmpool.helpMessage(for: command, columns: 120)
-            for option in ["--state-dir", "--driver", "--log-level", "--log-format", "--accel", "--qemu-user", "--lock-timeout"] {
+            for option in [
+                "--state-dir", "--driver", "--log-level", "--log-format", "--accel", "--qemu-user", "--lock-timeout",
+            ] {
                 #expect(help.contains(option), "\(command) lacks \(option)")
             }
         }
