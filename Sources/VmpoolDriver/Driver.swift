@@ -175,6 +175,18 @@ public protocol HypervisorDriver: Sendable {
     func discover() async -> [DiscoveredVM]
     /// Ids of the templates whose saved state this driver finds for this state dir.
     func discoverTemplates() async -> [String]
+    /// Puts every VM that runs behind its pool's walls (SPEC §10), as `policies` say now: the
+    /// reconciler calls it at every pass, so a change of a pool's egress reaches running VMs.
+    /// `bridges` are this store's bridges and their subnets.
+    func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
+        async throws(DriverError)
+}
+
+extension HypervisorDriver {
+    /// Drivers without guests (sim) have nothing to wall in.
+    public func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
+        async throws(DriverError)
+    {}
 }
 
 /// Why a driver operation failed.

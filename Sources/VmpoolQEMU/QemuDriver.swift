@@ -15,6 +15,9 @@ public final class QemuDriver: HypervisorDriver {
     private let accelerator = Mutex<ResolvedAccelerator?>(nil)
     /// Who QEMU runs as, decided when the driver is made.
     let confinement: Confinement
+    /// The network walls, where VMs are confined; `nil` then means nft is missing (a launch
+    /// fails rather than run a VM unwalled).
+    let walls: NetworkWalls?
     private let sandboxSupport = Mutex<Bool?>(nil)
 
     public init(configuration: QemuConfiguration, logger: Logger) throws(DriverError) {
@@ -24,6 +27,11 @@ public final class QemuDriver: HypervisorDriver {
         confinement = try Confinement.resolve(configuration)
         if case .none(let reason) = confinement {
             logger.debug("VMs are not confined: \(reason)")
+            walls = nil
+        } else {
+            let stateDirectory = paths.stateDirectory
+            walls = (QemuProcess.resolve("nft") ?? ["/usr/sbin/nft", "/sbin/nft"].first { access($0, X_OK) == 0 })
+                .map { NetworkWalls(stateDirectory: stateDirectory, nft: $0) }
         }
         let longest = paths.longestSocketPath
         guard longest <= 107 else {
@@ -75,6 +83,7 @@ public final class QemuDriver: HypervisorDriver {
             pid: pid ?? QemuProcess.readPid(paths.pidFile(id)))
         machine.sandbox = kernel != nil && configuration.sandbox && sandboxSupported
         machine.confinement = confinement
+        machine.walls = walls
         return machine
     }
 
@@ -111,7 +120,8 @@ public final class QemuDriver: HypervisorDriver {
                     disks: Overlay.overBases(request.shape.disks, scratch: true) {
                         self.paths.overlay(request.id, disk: $0)
                     },
-                    nic: Self.nic(request.shape.network, vm: request.id))
+                    nic: Self.nic(request.shape.network, vm: request.id), pool: request.pool,
+                    address: request.network?.address)
                 if let mac = request.network?.mac { spec.nic?.mac = mac }
                 try machine.start(spec)
                 try machine.forwardPorts(request.network)
@@ -145,7 +155,7 @@ public final class QemuDriver: HypervisorDriver {
                 try machine.start(
                     MachineSpec(
                         shape: template.key.shape, memory: .templateShared(memoryFile), incoming: false, disks: disks,
-                        nic: Self.nic(template.key.network, vm: template.id)))
+                        nic: Self.nic(template.key.network, vm: template.id), pool: template.pool))
                 let agent = try machine.agent()
                 defer { agent.close() }
                 try agent.waitReady(timeout: bootTimeout)
@@ -195,9 +205,20 @@ public final class QemuDriver: HypervisorDriver {
             do throws(DriverError) {
                 var phases = PhaseClock()
                 if let pid = machine.pid, QemuProcess.isRunning(pid, vm: machine.id, runRoot: machine.paths.runRoot) {
+                    // A standby's uid is in its pool's walls already; a bridged one learns its address.
+                    if let address = request.network?.address, let walls = self.walls,
+                        let uid = QemuProcess.owner(pid)
+                    {
+                        try walls.add(
+                            NetworkWalls.Member(
+                                uid: uid, pool: request.pool, tap: NetworkAssignment.tapName(for: request.id),
+                                address: address), vm: request.id)
+                    }
                     phases.mark("standby")
                 } else {
-                    try machine.start(self.cloneMachine(template, memoryFile: memoryFile, vm: request.id))
+                    try machine.start(
+                        self.cloneMachine(
+                            template, memoryFile: memoryFile, vm: request.id, address: request.network?.address))
                     phases.mark("qemu")
                 }
                 try machine.forwardPorts(request.network)
@@ -264,11 +285,11 @@ public final class QemuDriver: HypervisorDriver {
 
     /// What a clone (or its standby) of `template` runs with: the template's memory file
     /// mapped private, and its own overlays over the template's frozen disks.
-    func cloneMachine(_ template: TemplateRef, memoryFile: String, vm: String) -> MachineSpec {
+    func cloneMachine(_ template: TemplateRef, memoryFile: String, vm: String, address: String? = nil) -> MachineSpec {
         MachineSpec(
             shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true,
             disks: Overlay.overTemplate(template.key.disks, template: template.id, paths: paths, vm: vm),
-            nic: Self.nic(template.key.network, vm: vm))
+            nic: Self.nic(template.key.network, vm: vm), pool: template.pool, address: address)
     }
 
     /// A template's memory, device-state and disk files, which a clone or standby needs present.
@@ -311,7 +332,14 @@ public final class QemuDriver: HypervisorDriver {
 
     public func stop(_ vm: VMRef) async throws(DriverError) {
         let machine = self.vm(vm.id, pid: vm.pid)
-        await Blocking.runQuietly { Undo.run { machine.stop() } }
+        let walls = self.walls
+        await Blocking.runQuietly {
+            let uid = machine.pid.flatMap { QemuProcess.owner($0) }
+            Undo.run { machine.stop() }
+            if let walls, let uid, let pool = VMID.pool(of: vm.id) {
+                walls.remove(NetworkWalls.Member(uid: uid, pool: pool))
+            }
+        }
     }
 
     public func deleteTemplate(id: String) async throws(DriverError) {
@@ -367,6 +395,35 @@ public final class QemuDriver: HypervisorDriver {
             (try? await Blocking.run { () throws(DriverError) in
                 QemuProcess.discover(runRoot: paths.runRoot, binary: binary, users: users)
             }) ?? []
+    }
+
+    public func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
+        async throws(DriverError)
+    {
+        guard case .users(let users) = confinement else { return }
+        guard let walls else {
+            throw DriverError(
+                .hostUnsupported,
+                "nftables (nft) is not installed: the network walls around VMs need it (apt install nftables;"
+                    + " VMPOOL_WALLS=0 runs VMs without any walls)")
+        }
+        let live = await discover()
+        let addresses = Dictionary(
+            members.map { ($0.id, $0.network?.address) }, uniquingKeysWith: { first, _ in first })
+        let state = NetworkWalls.State(
+            policies: policies,
+            members: live.compactMap { vm in
+                guard let pid = vm.pid, let uid = QemuProcess.owner(pid), users.contains(uid),
+                    let pool = VMID.pool(of: vm.id)
+                else {
+                    return nil
+                }
+                let tap = NetworkAssignment.tapName(for: vm.id)
+                return NetworkWalls.Member(
+                    uid: uid, pool: pool, tap: HostNetwork.linkExists(tap) ? tap : nil, address: addresses[vm.id] ?? nil
+                )
+            }, bridges: bridges, resolvers: NetworkWalls.resolvers())
+        try await Blocking.run { () throws(DriverError) in try walls.apply(walls.script(state)) }
     }
 
     public func discoverTemplates() async -> [String] {

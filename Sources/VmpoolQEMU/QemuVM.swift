@@ -61,6 +61,10 @@ struct MachineSpec {
     var incoming: Bool
     var disks: [DiskAttachment] = []
     var nic: NICAttachment?
+    /// The pool, whose walls the VM's traffic goes through.
+    var pool = ""
+    /// Bridge mode: the address the VM is given, known to the walls before its guest runs.
+    var address: String?
 }
 
 /// The descriptor numbers, in QEMU, of the files and sockets vmpool opened and passed to it:
@@ -99,6 +103,8 @@ struct QemuVM {
     var sandbox = false
     /// Who QEMU runs as (a uid of its own per VM, as root).
     var confinement: Confinement = .none(reason: "not started")
+    /// The network walls (confined VMs).
+    var walls: NetworkWalls?
 
     /// seccomp filter options: QEMU may neither start a program nor change its uid (vmpool starts
     /// it detached and already as its VM's uid), nor use obsolete calls or change its scheduling.
@@ -298,6 +304,19 @@ struct QemuVM {
         }
         if case .tap(let name, let bridge) = machine.nic?.backend {
             try HostNetwork.createTap(name, bridge: bridge, vm: id, user: plan.user.map { "\($0.uid)" })
+        }
+        // Before the guest runs, its traffic must meet its pool's walls.
+        if let user = plan.user {
+            guard let walls else {
+                throw DriverError(
+                    .hostUnsupported,
+                    "nftables (nft) is not installed: the network walls around VMs need it (apt install nftables;"
+                        + " VMPOOL_WALLS=0 runs VMs without any walls)", vm: id)
+            }
+            var tap: String?
+            if case .tap(let name, _) = machine.nic?.backend { tap = name }
+            try walls.add(
+                NetworkWalls.Member(uid: user.uid, pool: machine.pool, tap: tap, address: machine.address), vm: id)
         }
         let files = try openFiles(machine, into: &plan)
         plan.log = Glibc.open(paths.qemuLog(id), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)

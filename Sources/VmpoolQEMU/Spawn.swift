@@ -64,6 +64,41 @@ enum Spawn {
         wait(try start(path, arguments))!
     }
 
+    /// Runs `path ARGS` to completion with `input` on its stdin.
+    static func run(_ path: String, _ arguments: [String], input: String) throws(DriverError) -> (
+        status: Int32, stderr: String
+    ) {
+        var stdin: [Int32] = [0, 0]
+        var stderr: [Int32] = [0, 0]
+        guard vmpool_pipe_cloexec(&stdin) == 0 else {
+            throw DriverError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        guard vmpool_pipe_cloexec(&stderr) == 0 else {
+            Glibc.close(stdin[0])
+            Glibc.close(stdin[1])
+            throw DriverError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        let pid = withCStrings([path] + arguments) { vmpool_spawn_io(path, $0, nil, stdin[0], -1, stderr[1]) }
+        Glibc.close(stdin[0])
+        Glibc.close(stderr[1])
+        guard pid > 0 else {
+            Glibc.close(stdin[1])
+            Glibc.close(stderr[0])
+            throw DriverError(.launchFailed, "cannot start \(path): \(String(cString: strerror(errno)))")
+        }
+        // nft reads its whole program before it writes anything: no deadlock on the two pipes.
+        let bytes = Array(input.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes[offset...].withUnsafeBytes { Glibc.write(stdin[1], $0.baseAddress, $0.count) }
+            if written < 0 && errno == EINTR { continue }
+            guard written > 0 else { break }
+            offset += written
+        }
+        Glibc.close(stdin[1])
+        return wait(Child(pid: pid, stderr: stderr[0]))!
+    }
+
     /// Runs `path ARGS` to completion, or kills it at `timeout`; `nil` then.
     static func run(_ path: String, _ arguments: [String], timeout: Duration) throws(DriverError) -> (
         status: Int32, stderr: String

@@ -144,6 +144,7 @@ public final class Reconciler: Sendable {
         let recovery = try await recover()
         let observation = try await observe(depth: .guest, leased: false)
         try syncRecords(observation)
+        await applyWalls(observation)
         var input = planInput(desired: pools, prune: prune, observation: observation)
         if let pruneReason { input.pruneReason = pruneReason }
         let plan = Planner.plan(input)
@@ -165,6 +166,20 @@ public final class Reconciler: Sendable {
         var result = PassResult(recovery: recovery, plan: plan, results: results, remaining: remaining)
         result.interrupted = cancellation.isCancelled
         return result
+    }
+
+    /// Writes every stored pool's walls, with the VMs that run, before anything is launched. A
+    /// failure is logged and left to the launches, which refuse to start a VM whose walls
+    /// cannot be set.
+    private func applyWalls(_ observation: Observation) async {
+        do {
+            let policies = try store.pools().map { WallPolicy(pool: $0.spec.name) }
+            let members = observation.records.map { WallMember(id: $0.id, pool: $0.pool, network: $0.network) }
+            let bridges = Dictionary(try store.bridges().map { ($0.name, $0.subnet) }, uniquingKeysWith: { a, _ in a })
+            try await driver.applyWalls(policies, members: members, bridges: bridges)
+        } catch {
+            logger.error("cannot set the network walls: \(error)")
+        }
     }
 
     /// Pools that cannot be planned because files they name are missing or unusable.
