@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VmpoolTestSupport
 
@@ -61,5 +62,248 @@ struct WallsTests {
         #expect(marker.stdout == "absent\n", "the leased VM \(vm): \(marker.stdout)\(marker.stderr)")
         // The holder may enter its own VM: that marks nothing, and the lease stands.
         #expect(try box.vms(pool: "fresh").first { $0["id"] as? String == vm }?["problem"] is NSNull)
+    }
+
+    /// Tries every way out of a user-mode guest to the host: its loopback through slirp's
+    /// 10.0.2.2, its own non-loopback address, vmpool's HTTP API, the PostgreSQL store, and a
+    /// link-local address; each must fail while egress to a network outside the host (a
+    /// namespace this test made) and the forwarded port keep working. The same tries from a
+    /// VM of a state dir with the walls off succeed, so each check could fail.
+    @Test func aUserModeGuestReachesNothingOfTheHost() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let outside = try OutsideNetwork(box, suffix: "w")
+        defer { outside.remove() }
+        let listener = try HostListener()
+        defer { listener.stop() }
+        let api = try SimService()
+        defer { api.stop() }
+        let pool = pool("probe", size: 1, extra: "  network: {mode: user, ports: [8080]}")
+        try apply(box, pool)
+        let vm = try #require(try box.ids(pool: "probe").first)
+        var targets: [(name: String, host: String, port: Int)] = [
+            ("the host's loopback (10.0.2.2)", "10.0.2.2", listener.port),
+            ("the host's own address \(listener.hostAddress)", listener.hostAddress, listener.port),
+            ("vmpool's HTTP API", "10.0.2.2", api.port),
+            ("a link-local address", OutsideNetwork.linkLocal, outside.port),
+        ]
+        if let store = ProcessInfo.processInfo.environment["VMPOOL_TEST_POSTGRES"],
+            let port = URLComponents(string: store)?.port
+        {
+            targets.append(("the PostgreSQL store", "10.0.2.2", port))
+        } else {
+            print("walls: no PostgreSQL server in this run (VMPOOL_TEST_POSTGRES unset); the store is not tried")
+        }
+        var escaped: [String] = []
+        for target in targets {
+            let reached = try Self.reaches(box, vm, target.host, target.port)
+            if reached { escaped.append(target.name) }
+        }
+        #expect(escaped.isEmpty, "the guest reached \(escaped)")
+        #expect(listener.accepted == 0, "the host's listener saw \(listener.accepted) connections")
+        #expect(try api.leases() == 0, "a lease was taken over the API from inside a guest")
+        print(
+            "walls: \(targets.count - escaped.count) of \(targets.count) ways to the host were closed: \(targets.map(\.name))"
+        )
+        // Egress outside the host, and the forwarded port into the guest, still work.
+        #expect(try Self.reaches(box, vm, outside.address, outside.port), "egress to \(outside.address) was cut")
+
+        // The same tries with the walls off reach the host: the checks above can fail.
+        let open = try QemuSandbox()
+        defer { open.tearDown() }
+        let unwalled = ["VMPOOL_WALLS": "0"]
+        let applied = try open.run(["apply", "-f", open.write(pool)], environment: unwalled)
+        #expect(applied.status == 0, "\(applied.stderr)")
+        let other = try #require(try open.ids(pool: "probe").first)
+        #expect(try Self.reaches(open, other, "10.0.2.2", listener.port), "without walls the host's loopback answers")
+        #expect(
+            try Self.reaches(open, other, OutsideNetwork.linkLocal, outside.port), "without walls link-local answers")
+    }
+
+    /// Whether the guest's `nc` gets the listener's greeting from HOST:PORT within 5 s.
+    static func reaches(_ box: QemuSandbox, _ vm: String, _ host: String, _ port: Int) throws -> Bool {
+        let result = try box.exec(vm, ["sh", "-c", "nc -w 5 \(host) \(port) </dev/null"])
+        return result.stdout.contains("vmpool-listener")
+    }
+}
+
+/// A TCP listener on every address of the host (0.0.0.0) that greets each client with
+/// "vmpool-listener" and counts them.
+final class HostListener: @unchecked Sendable {
+    let port: Int
+    let fd: Int32
+    private let count = Mutex(0)
+    private let done = Atomic<Bool>(false)
+    /// A non-loopback IPv4 address of this host.
+    let hostAddress: String
+
+    var accepted: Int { count.withLock { $0 } }
+
+    init() throws {
+        let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        fd = socketFD
+        var one: Int32 = 1
+        setsockopt(socketFD, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(socketFD, $0, length) == 0 && listen(socketFD, 16) == 0 && getsockname(socketFD, $0, &length) == 0
+            }
+        }
+        guard bound else { throw SandboxError("cannot listen: \(String(cString: strerror(errno)))") }
+        port = Int(UInt16(bigEndian: address.sin_port))
+        hostAddress = Self.nonLoopbackAddress() ?? "127.0.0.1"
+        Thread.detachNewThread { [self] in
+            while !done.load(ordering: .relaxed) {
+                var pfd = pollfd(fd: socketFD, events: Int16(POLLIN), revents: 0)
+                guard poll(&pfd, 1, 100) > 0 else { continue }
+                let client = accept(socketFD, nil, nil)
+                guard client >= 0 else { continue }
+                count.withLock { $0 += 1 }
+                _ = "vmpool-listener\n".withCString { send(client, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+                close(client)
+            }
+        }
+    }
+
+    func stop() {
+        done.store(true, ordering: .relaxed)
+        close(fd)
+    }
+
+    static func nonLoopbackAddress() -> String? {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0, let first = list else { return nil }
+        defer { freeifaddrs(list) }
+        var entry: UnsafeMutablePointer<ifaddrs>? = first
+        while let current = entry {
+            defer { entry = current.pointee.ifa_next }
+            guard let addr = current.pointee.ifa_addr, addr.pointee.sa_family == sa_family_t(AF_INET) else { continue }
+            let name = String(cString: current.pointee.ifa_name)
+            guard name != "lo", !name.hasPrefix("vmp"), !name.hasPrefix("veth") else { continue }
+            var text = [CChar](repeating: 0, count: 64)
+            var sin = addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+            inet_ntop(AF_INET, &sin, &text, 64)
+            return String(cString: text)
+        }
+        return nil
+    }
+}
+
+/// A network outside the host: a namespace behind a veth pair, with a listener at an
+/// ordinary address and at the link-local metadata address, routed from the host.
+struct OutsideNetwork {
+    static let linkLocal = "169.254.169.254"
+    let namespace: TestNamespace
+    let address: String
+    let port = 8471
+    let host: String
+    let veth: String
+
+    init(_ box: QemuSandbox, suffix: String) throws {
+        namespace = try TestNamespace(box, suffix: suffix)
+        let n = Int(getpid() % 200) + 20
+        address = "10.231.\(n).2"
+        host = "10.231.\(n).1"
+        veth = "vmpo\(getpid() % 100_000)"
+        let ip = "/usr/sbin/ip"
+        func run(_ arguments: [String]) throws {
+            let result = try RunningCommand(path: ip, arguments: arguments, environment: [:]).wait()
+            guard result.status == 0 else {
+                throw SandboxError("ip \(arguments.joined(separator: " ")): \(result.stderr)")
+            }
+        }
+        _ = try? RunningCommand(path: ip, arguments: ["link", "del", veth], environment: [:]).wait()
+        try run(["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace.name])
+        try run(["address", "add", "\(host)/30", "dev", veth])
+        try run(["link", "set", veth, "up"])
+        try run(["route", "replace", "\(Self.linkLocal)/32", "via", address])
+        for command in [
+            ["ip", "address", "add", "\(address)/30", "dev", "eth0"],
+            ["ip", "address", "add", "\(Self.linkLocal)/32", "dev", "lo"],
+            ["ip", "link", "set", "eth0", "up"], ["ip", "route", "add", "default", "via", host],
+        ] {
+            let result = try namespace.run(command)
+            guard result.status == 0 else { throw SandboxError("\(command): \(result.stderr)") }
+        }
+        // A greeting on every address of the namespace.
+        let server =
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            + "s.bind(('0.0.0.0', \(port))); s.listen(16)\nwhile True:\n    c, _ = s.accept(); c.sendall(b'vmpool-listener\\n'); c.close()\n"
+        listener = try RunningCommand(
+            path: ip, arguments: ["netns", "exec", namespace.name, "python3", "-c", server],
+            environment: ProcessInfo.processInfo.environment)
+        // Up when the host reaches it.
+        let deadline = Date().addingTimeInterval(20)
+        var up = false
+        while Date() < deadline && !up {
+            let probe = try RunningCommand(
+                path: "/usr/bin/env",
+                arguments: [
+                    "python3", "-c",
+                    "import socket,sys; s=socket.create_connection(('\(address)', \(port)), 1); sys.exit(0 if b'vmpool' in s.recv(64) else 1)",
+                ], environment: ProcessInfo.processInfo.environment
+            ).wait()
+            up = probe.status == 0
+        }
+        guard up else { throw SandboxError("the outside listener did not come up") }
+    }
+
+    let listener: RunningCommand
+
+    func remove() {
+        listener.kill(SIGKILL)
+        _ = listener.wait()
+        _ = try? RunningCommand(
+            path: "/usr/sbin/ip", arguments: ["route", "del", "\(Self.linkLocal)/32"], environment: [:]
+        ).wait()
+        _ = try? RunningCommand(path: "/usr/sbin/ip", arguments: ["link", "del", veth], environment: [:]).wait()
+        namespace.remove(deleting: [])
+    }
+}
+
+/// `vmpool reconcile --every 1s --listen 127.0.0.1:PORT` on a sim state dir with one pool:
+/// the lease API a guest must not reach.
+final class SimService {
+    let dir = TemporaryDirectory()
+    let port: Int
+    let command: RunningCommand
+    let binary = VmpoolBinary(environment: ["VMPOOL_DRIVER": "sim"])
+
+    init() throws {
+        let manifest = dir.write(
+            "pool.yaml",
+            "apiVersion: vmpool/v1\nkind: Pool\nmetadata: {name: web}\nspec: {size: 1, vcpus: 1, memory: 64Mi}\n")
+        _ = try binary.run(["apply", "-f", manifest, "--state-dir", dir.path + "/s"])
+        port = Int.random(in: 20000...29999)
+        command = try binary.start([
+            "reconcile", "--every", "1s", "--listen", "127.0.0.1:\(port)", "--state-dir", dir.path + "/s",
+        ])
+        let deadline = Date().addingTimeInterval(20)
+        var up = false
+        while Date() < deadline && !up {
+            let probe = try RunningCommand(
+                path: "/usr/bin/env",
+                arguments: ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', \(port)), 1)"],
+                environment: ProcessInfo.processInfo.environment
+            ).wait()
+            up = probe.status == 0
+        }
+        guard up else { throw SandboxError("the API did not come up on \(port)") }
+    }
+
+    /// VMs leased in the sim state dir.
+    func leases() throws -> Int {
+        let result = try binary.run(["get", "vms", "-o", "json", "--state-dir", dir.path + "/s"])
+        let rows = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [[String: Any]] ?? []
+        return rows.filter { $0["lease"] is [String: Any] }.count
+    }
+
+    func stop() {
+        command.kill(SIGTERM)
+        _ = command.wait()
+        dir.remove()
     }
 }
