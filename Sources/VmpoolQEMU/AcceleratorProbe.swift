@@ -1,3 +1,4 @@
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -22,7 +23,7 @@ enum AcceleratorProbe {
     static let probeID = "kvm-probe"
 
     static func resolve(
-        _ requested: Accelerator, binary: String, paths: QemuPaths, kernel: String
+        _ requested: Accelerator, binary: String, paths: QemuPaths, kernel: String, confinement: Confinement
     ) -> ResolvedAccelerator {
         switch requested {
         case .kvm: return .kvm
@@ -43,41 +44,71 @@ enum AcceleratorProbe {
                 return value
             }
         }
-        let result: ResolvedAccelerator = kvmBootsKernel(qemu: path, kernel: kernel, paths: paths) ? .kvm : .tcg
+        let result: ResolvedAccelerator =
+            bootsKernel(qemu: path, kernel: kernel, paths: paths, confinement: confinement) ? .kvm : .tcg
         try? "\(result.rawValue) \(key)\n".write(toFile: cache, atomically: true, encoding: .utf8)
         return result
     }
 
-    /// Boots `kernel` under KVM for at most `probeTime`, watching for "Linux version".
-    static func kvmBootsKernel(qemu: String, kernel: String, paths: QemuPaths) -> Bool {
+    /// Boots `kernel` under `accel` (KVM; TCG in tests) for at most `probeTime`, watching for
+    /// "Linux version". QEMU
+    /// runs as confined as a VM's (its own uid, the sandbox, descriptors only): the kernel in a
+    /// memfd, the serial console on one end of a socket pair.
+    static func bootsKernel(
+        qemu: String, kernel: String, paths: QemuPaths, confinement: Confinement, accel: String = "kvm",
+        within: Duration = probeTime
+    ) -> Bool {
         let dir = paths.vmDirectory(probeID)
         try? FileManager.default.removeItem(atPath: dir)
-        guard mkdir(dir, 0o700) == 0 else { return false }
+        guard (try? PrivateDirectory.make(paths.runRoot)) != nil, mkdir(dir, 0o700) == 0 else { return false }
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let log = dir + "/log"
-        guard
-            let child = try? Spawn.start(
-                qemu,
-                [
-                    "-name", "guest=\(probeID)", "-accel", "kvm", "-machine", "pc", "-cpu", "qemu64", "-nodefaults",
-                    "-no-user-config", "-display", "none", "-m", "256", "-kernel", kernel,
-                    "-append", "earlyprintk=ttyS0 console=ttyS0", "-serial", "file:" + QemuOpts.escape(log),
-                ])
-        else { return false }
-        defer {
-            kill(child.pid, SIGKILL)
-            _ = Spawn.wait(child)
+        var plan = LaunchPlan()
+        defer { plan.closeAll() }
+        var pair: [Int32] = [0, 0]
+        let source = open(kernel, O_RDONLY | O_CLOEXEC)
+        guard source >= 0,
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0
+        else {
+            if source >= 0 { close(source) }
+            return false
         }
-        let deadline = ContinuousClock.now + probeTime
+        let copy = vmpool_memfd_copy(source, "vmpool-probe-kernel")
+        close(source)
+        defer { close(pair[0]) }
+        guard copy >= 0 else {
+            close(pair[1])
+            return false
+        }
+        if case .users(let users) = confinement, let user = try? users.claim(for: probeID) {
+            plan.user = user
+            _ = plan.pass(user.lock)
+        }
+        let marker = plan.pass(open("/dev/null", O_RDONLY | O_CLOEXEC))
+        let kernelFD = plan.pass(copy)
+        let serial = plan.pass(pair[1])
+        let arguments = [
+            "-name", "guest=\(probeID)", "-add-fd", "fd=\(marker),set=0,opaque=vmpool:\(QemuOpts.escape(dir))",
+            "-accel", accel, "-machine", "pc", "-cpu", "qemu64", "-nodefaults", "-no-user-config", "-display", "none",
+            "-m", "256", "-kernel", "/proc/self/fd/\(kernelFD)", "-append", "earlyprintk=ttyS0 console=ttyS0",
+            "-chardev", "socket,id=serial,fd=\(serial)", "-serial", "chardev:serial",
+            "-sandbox", QemuVM.sandboxOptions,
+        ]
+        guard let pid = try? plan.launch(qemu, arguments, vm: probeID) else { return false }
+        plan.closeAll()
+        defer {
+            kill(pid, SIGKILL)
+            _ = QemuProcess.waitForExit(pid, vm: probeID, runRoot: paths.runRoot, timeout: .seconds(5))
+        }
+        let deadline = ContinuousClock.now + within
+        var output: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
         while ContinuousClock.now < deadline {
-            if let data = FileManager.default.contents(atPath: log),
-                String(decoding: data, as: UTF8.self).contains("Linux version")
-            {
-                return true
-            }
-            var status: Int32 = 0
-            if waitpid(child.pid, &status, WNOHANG) == child.pid { return false }
-            usleep(20_000)
+            var pfd = pollfd(fd: pair[0], events: Int16(POLLIN), revents: 0)
+            guard poll(&pfd, 1, 50) > 0 else { continue }
+            let count = read(pair[0], &chunk, chunk.count)
+            guard count > 0 else { return false }
+            if output.count < 1 << 20 { output += chunk[0..<count] }
+            if String(decoding: output, as: UTF8.self).contains("Linux version") { return true }
         }
         return false
     }

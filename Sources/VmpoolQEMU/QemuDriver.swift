@@ -51,7 +51,8 @@ public final class QemuDriver: HypervisorDriver {
         accelerator.withLock { value in
             if let value { return value }
             let resolved = AcceleratorProbe.resolve(
-                configuration.accelerator, binary: configuration.binary, paths: paths, kernel: kernel)
+                configuration.accelerator, binary: configuration.binary, paths: paths, kernel: kernel,
+                confinement: confinement)
             logger.debug("accelerator: \(resolved.rawValue)")
             value = resolved
             return resolved
