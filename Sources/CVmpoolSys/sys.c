@@ -395,3 +395,27 @@ int vmpool_memfd_copy(int fd, const char *name) {
     }
     return copy;
 }
+
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <sys/ioctl.h>
+
+int vmpool_tap_open(const char *name) {
+    if (strlen(name) >= IFNAMSIZ) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    memcpy(ifr.ifr_name, name, strlen(name));
+    if (ioctl(fd, TUNSETIFF, &ifr) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}

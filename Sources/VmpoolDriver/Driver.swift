@@ -92,15 +92,20 @@ public struct VMStatus: Sendable, Hashable {
     /// else what the hypervisor plugged, when it can tell.
     public var vcpus: Int?
     public var memoryMiB: Int?
+    /// Why the hypervisor stopped the VM on its own (an I/O error, a guest panic): the VM is
+    /// not paused but broken, whatever `running` says.
+    public var fault: String?
 
     public init(
-        liveness: Liveness, running: Bool? = nil, agent: Agent? = nil, vcpus: Int? = nil, memoryMiB: Int? = nil
+        liveness: Liveness, running: Bool? = nil, agent: Agent? = nil, vcpus: Int? = nil, memoryMiB: Int? = nil,
+        fault: String? = nil
     ) {
         self.liveness = liveness
         self.running = running
         self.agent = agent
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
+        self.fault = fault
     }
 
     public static let gone = VMStatus(liveness: .gone)

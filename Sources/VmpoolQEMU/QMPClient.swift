@@ -125,6 +125,17 @@ struct StatusInfo: Decodable {
     var status: String
 }
 
+/// One entry of `query-block`: the device and, for a device that stopped the VM, why.
+struct BlockInfo: Decodable {
+    var qdev: String?
+    var ioStatus: String?
+
+    enum CodingKeys: String, CodingKey {
+        case qdev
+        case ioStatus = "io-status"
+    }
+}
+
 /// One entry of `query-hotpluggable-cpus`.
 struct HotpluggableCPU: Decodable {
     var type: String

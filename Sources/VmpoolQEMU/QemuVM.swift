@@ -76,6 +76,8 @@ struct QemuFiles {
     var initrd: Int32?
     /// The RAM file of a template or clone.
     var memory: Int32?
+    /// The tap device, attached by vmpool (QEMU needs no access to /dev/net/tun).
+    var tap: Int32?
     /// Each disk's chain, top (the VM's overlay, written) first, then what it is made over (read only).
     var disks: [[DiskLayer]] = []
     /// A descriptor of /dev/null whose fd set describes the VM's run dir: the run dir in QEMU's
@@ -260,12 +262,15 @@ struct QemuVM {
         return args
     }
 
-    func nicArguments(_ nic: NICAttachment?) -> [String] {
+    func nicArguments(_ nic: NICAttachment?, tap: Int32? = nil) -> [String] {
         guard let nic else { return [] }
         let netdev: String
         switch nic.backend {
         case .user: netdev = "user,id=net0"
-        case .tap(let name, _): netdev = "tap,id=net0,ifname=\(QemuOpts.escape(name)),script=no,downscript=no"
+        case .tap(let name, _):
+            netdev =
+                tap.map { "tap,id=net0,fd=\($0)" }
+                ?? "tap,id=net0,ifname=\(QemuOpts.escape(name)),script=no,downscript=no"
         }
         return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=\(nic.mac)"]
     }
@@ -378,6 +383,13 @@ struct QemuVM {
             }
         case .clonePrivate(let file):
             files.memory = try plan.open(file, O_RDWR, vm: id)
+        }
+        if case .tap(let name, _) = machine.nic?.backend {
+            let fd = vmpool_tap_open(name)
+            guard fd >= 0 else {
+                throw DriverError(.io, "cannot attach to tap \(name): \(String(cString: strerror(errno)))", vm: id)
+            }
+            files.tap = plan.pass(fd)
         }
         for disk in machine.disks {
             var layers = [QemuFiles.DiskLayer(fd: try plan.open(disk.path, O_RDWR, vm: id), format: "qcow2")]
@@ -699,6 +711,7 @@ struct QemuVM {
         }
         var status = VMStatus(
             liveness: .alive, running: answers.0.running, vcpus: answers.1, memoryMiB: answers.2)
+        status.fault = fault(answers.0.status, qmp)
         guard depth == .guest, answers.0.running else { return status }
         do throws(DriverError) {
             let agent = try agent(timeout: agentTimeout)
@@ -712,6 +725,28 @@ struct QemuVM {
             status.agent = error.code == .busy || agentChannelHasOtherClient(qmp) ? .busy : .silent
         }
         return status
+    }
+
+    /// Why QEMU stopped the VM on its own, from its run state: an I/O error (with the disk, from
+    /// `query-block`; QEMU stops a VM whose disk write found no space), an internal error, a
+    /// guest panic; `nil` for running, paused and the states of a VM being set up.
+    func fault(_ state: String, _ qmp: QMPClient) -> String? {
+        switch state {
+        case "io-error":
+            let devices = (try? qmp.execute("query-block", returning: [BlockInfo].self)) ?? []
+            let failed = devices.compactMap { device -> String? in
+                guard let io = device.ioStatus, io != "ok", let qdev = device.qdev else { return nil }
+                // vd0, vd1... are the guest's vda, vdb...
+                let index = qdev.split(separator: "/").first { $0.hasPrefix("vd") }.flatMap { Int($0.dropFirst(2)) }
+                let disk = index.map { "vd" + String(UnicodeScalar(UInt8(97 + min($0, 25)))) } ?? qdev
+                return io == "nospace" ? "no space left on the host for disk \(disk)" : "an I/O error on disk \(disk)"
+            }
+            return "QEMU stopped the VM: " + (failed.isEmpty ? "an I/O error" : failed.joined(separator: ", "))
+        case "internal-error": return "QEMU stopped the VM on an internal error"
+        case "guest-panicked": return "the guest kernel panicked"
+        case "shutdown": return "the guest shut down"
+        default: return nil
+        }
     }
 
     /// Whether someone other than us holds the agent's socket (QEMU serves one client; our

@@ -52,6 +52,8 @@ public struct Observation: Sendable {
         case .hung: return .broken("the hypervisor does not answer")
         case .alive: break
         }
+        // Stopped by the hypervisor itself (a disk write found no space): broken, never a spare.
+        if let fault = status.fault { return .broken(fault) }
         // A VM someone entered while no one held it is not fresh: it is never leased.
         if let entered = record.entered, record.lease == nil {
             return .broken("entered by \(entered.by) while not leased")

@@ -196,6 +196,15 @@ public final class Reconciler: Sendable {
     private func syncRecords(_ observation: Observation) throws(StoreError) {
         for record in observation.records where record.state == .running || record.state == .paused {
             guard let status = observation.statuses[record.id], status.liveness == .alive else { continue }
+            if let fault = status.fault {
+                // Said once, in an event and the record; the planner replaces the VM.
+                guard record.lastError != fault else { continue }
+                var faulted = record
+                faulted.lastError = fault
+                try store.saveVM(faulted)
+                try store.record(Event(pool: record.pool, vm: record.id, kind: "fault", message: fault))
+                continue
+            }
             var updated = record
             if let running = status.running { updated.state = running ? .running : .paused }
             updated.shape.vcpus = status.vcpus ?? record.shape.vcpus

@@ -142,8 +142,17 @@ struct QemuSafetyTests {
             pool("cpu", size: 1, boot: "cold").replacingOccurrences(of: "vcpus: 1", with: "vcpus: 2\n  maxVcpus: 2"))
         #expect(try box.run(["apply", "-f", file]).status == 0)
         let vm = try #require(try box.ids().first)
-        let offline = try box.exec(vm, ["sh", "-c", "echo 0 > /sys/devices/system/cpu/cpu1/online"])
-        #expect(offline.status == 0, "\(offline.stderr)")
+        // Straight through the agent's exec port, as the guest itself would: `vmpool exec` would
+        // mark the VM entered, and the pass would replace it instead.
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        let session = try ExecSession(paths: paths, vm: vm)
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let offline = try session.run(
+            ExecRequest(argv: ["sh", "-c", "echo 0 > /sys/devices/system/cpu/cpu1/online"]),
+            streams: ExecStreams(stdin: null, stdout: null, stderr: null))
+        session.close()
+        #expect(offline.exitStatus == 0, "\(offline)")
         let plan = try box.run(["plan", "-f", file, "--detailed-exitcode"])
         #expect(plan.status == 2 && plan.stdout.contains("hotplug-cpu \(vm)"), "\(plan.stdout)")
         #expect(try box.run(["apply", "-f", file]).status == 0)

@@ -75,7 +75,11 @@ struct UsableVMTests {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         try apply(box, pool("par", size: 1))
-        let vm = try #require(try box.ids().first)
+        // Leased first: an exec into a VM nobody holds marks it entered, and the pass below
+        // would replace it. The pool refills before the lease returns.
+        let leased = try box.run(["lease", "par", "--holder", "execs", "--refill"])
+        #expect(leased.status == 0, "\(leased.stderr)")
+        let vm = leased.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let started = ContinuousClock.now
         let runs = try (0..<4).map { _ in
             try box.binary.start(["exec", vm, "--state-dir", box.state, "--", "sh", "-c", "sleep 2; echo done"])

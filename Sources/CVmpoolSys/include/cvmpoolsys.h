@@ -65,4 +65,8 @@ int vmpool_launch(const char *path, char *const argv[], char *const envp[], cons
 
 /// A memfd (close-on-exec) holding a copy of the whole file open on `fd`; -1 with errno set.
 int vmpool_memfd_copy(int fd, const char *name);
+
+/// Attaches to the tap device `name` (a persistent one vmpool made) with a vnet header, as
+/// QEMU's tap backend would; returns the descriptor (close-on-exec), or -1 with errno set.
+int vmpool_tap_open(const char *name);
 #endif

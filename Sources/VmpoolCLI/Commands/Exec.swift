@@ -115,6 +115,9 @@ enum GuestCommand {
             }
             if requireRunning {
                 let status = await session.reconciler.driver.status(of: [record.ref], depth: .hypervisor)[record.id]
+                if let fault = status?.fault {
+                    throw CommandFailure(description: "VM \(id) is stopped: \(fault); the next pass replaces it")
+                }
                 guard record.state == .running, status?.liveness == .alive, status?.running != false else {
                     let state =
                         status?.liveness == .gone
