@@ -12,8 +12,9 @@ Fixture folders and what is expected of each file in them:
                   cannot express: maxMemory >= memory across units, unique
                   metadata.name across the documents of a file, unique disk
                   names within a pool, no host bits in spec.network.subnet,
-                  and a subnet with room for size + warm + 1 VMs; see
-                  scripts/gen-schema.py)
+                  a subnet with room for size + warm + 1 VMs, no host bits
+                  in spec.network.egress rules and no rule repeated in
+                  another spelling; see scripts/gen-schema.py)
 
 Every file in invalid/ and cross-field/ must start with a line
 "# expect: <field path> <short reason>".

@@ -7,7 +7,7 @@ Usage:
 The checked-in schemas/pool.schema.json must be byte-for-byte equal to the
 output of this script; scripts/check-schema.py verifies that.
 
-The schema covers one YAML document of kind Pool. Five rules of the manifest
+The schema covers one YAML document of kind Pool. Seven rules of the manifest
 format cannot be expressed here (or not reasonably) and are enforced by
 vmpool only:
   * spec.maxMemory >= spec.memory (the two quantities may use different
@@ -21,7 +21,13 @@ vmpool only:
   * spec.network.subnet has room for the pool: 2^(32 - prefix) - 3
     addresses for VMs (network, broadcast and the bridge's own address
     excluded) >= spec.size + spec.warm + 1 (one spare for a replacement);
-    JSON Schema cannot add two fields.
+    JSON Schema cannot add two fields;
+  * spec.network.egress rules have no host bits set (10.20.0.1/16 is
+    refused), for the same reason as the subnet's, over 32 IPv4 and 128
+    IPv6 prefix lengths;
+  * spec.network.egress rules are not repeated in another spelling
+    (2001:db8::/32 and 2001:DB8:0::/32 are one rule): uniqueItems compares
+    the text.
 Their fixtures live in Tests/Fixtures/manifests/cross-field/.
 """
 
@@ -47,6 +53,10 @@ MAX_DISK_MIB = 64 * 1024 * 1024  # 64 TiB
 MAX_PORTS = 32
 MIN_PORT = 1
 MAX_PORT = 65535
+MAX_EGRESS_RULES = 64
+MIN_IO_WEIGHT = 1
+MAX_IO_WEIGHT = 10000
+MAX_CPU_PERCENT = 100
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$"
@@ -109,6 +119,35 @@ DISK_TEBIBYTES_PATTERN = f"^{decimal_up_to(MAX_DISK_MIB // 1024 // 1024)}Ti$"
 OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9][0-9]|[0-9])"
 SUBNET_PREFIX = r"([89]|1[0-9]|2[0-9])"  # 8..29
 SUBNET_PATTERN = rf"^({OCTET}\.){{3}}{OCTET}/{SUBNET_PREFIX}$"
+
+IPV4_ADDRESS = rf"({OCTET}\.){{3}}{OCTET}"
+IPV4_PREFIX = r"(3[0-2]|[12][0-9]|[0-9])"  # 0..32
+HEXTET = r"[0-9A-Fa-f]{1,4}"
+# Eight hex groups, or fewer around one '::' (no zone, no dotted IPv4 tail).
+IPV6_ADDRESS = (
+    "("
+    + "|".join(
+        [
+            rf"({HEXTET}:){{7}}{HEXTET}",
+            rf"({HEXTET}:){{1,7}}:",
+            rf"({HEXTET}:){{1,6}}:{HEXTET}",
+            rf"({HEXTET}:){{1,5}}(:{HEXTET}){{1,2}}",
+            rf"({HEXTET}:){{1,4}}(:{HEXTET}){{1,3}}",
+            rf"({HEXTET}:){{1,3}}(:{HEXTET}){{1,4}}",
+            rf"({HEXTET}:){{1,2}}(:{HEXTET}){{1,5}}",
+            rf"{HEXTET}:(:{HEXTET}){{1,6}}",
+            rf":((:{HEXTET}){{1,7}}|:)",
+        ]
+    )
+    + ")"
+)
+IPV6_PREFIX = r"(12[0-8]|1[01][0-9]|[1-9][0-9]|[0-9])"  # 0..128
+PORT = decimal_up_to(MAX_PORT)
+IPV4_CIDR = rf"{IPV4_ADDRESS}/{IPV4_PREFIX}"
+IPV6_CIDR = rf"{IPV6_ADDRESS}/{IPV6_PREFIX}"
+# a.b.c.d/p[:PORT], an IPv6 network bare, or an IPv6 network with a port in brackets.
+EGRESS_RULE_PATTERN = rf"^({IPV4_CIDR}(:{PORT})?|{IPV6_CIDR}|\[{IPV6_CIDR}\]:{PORT})$"
+CPU_PERCENT_PATTERN = rf"^{decimal_up_to(MAX_CPU_PERCENT)}%$"
 
 
 def anchored_string(pattern, description, **extra):
@@ -316,9 +355,46 @@ def bridge_schema():
     return schema
 
 
+def egress_schema():
+    return {
+        "description": (
+            "Where the VMs may connect to, besides what is always walled "
+            "off (the host, link-local addresses, other pools): all (the "
+            "default), none, or a list of 1..64 rules. A rule is an IPv4 "
+            "network a.b.c.d/p (p 0..32) or an IPv6 network (p 0..128), "
+            "optionally with :PORT (1..65535); an IPv6 network with a port "
+            "is written in brackets: [2001:db8::/32]:443. No host bits set "
+            "and no rule twice, also in another spelling (both checked by "
+            "vmpool, not by this schema). Modes user and bridge only; "
+            "changed in place."
+        ),
+        "anyOf": [
+            {"enum": ["all", "none"]},
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_EGRESS_RULES,
+                "uniqueItems": True,
+                "items": anchored_string(
+                    EGRESS_RULE_PATTERN,
+                    (
+                        "A network in CIDR form, optionally with a port: "
+                        "10.20.0.0/16, 192.0.2.7/32:443, 2001:db8::/32, "
+                        "[2001:db8::/32]:443."
+                    ),
+                ),
+            },
+        ],
+    }
+
+
 def network_schema():
     mode_is_bridge = {
         "properties": {"mode": {"const": "bridge"}},
+        "required": ["mode"],
+    }
+    mode_is_none = {
+        "properties": {"mode": {"const": "none"}},
         "required": ["mode"],
     }
     mode_is_not_user = {
@@ -363,6 +439,15 @@ def network_schema():
                     "Mode bridge only, and required there."
                 ),
             ),
+            "egress": egress_schema(),
+            "isolate": {
+                "description": (
+                    "In bridge mode, the VMs do not reach each other either "
+                    "(they never reach other pools). Default false. Modes "
+                    "user and bridge only; changed in place."
+                ),
+                "type": "boolean",
+            },
         },
         "allOf": [
             {
@@ -374,7 +459,64 @@ def network_schema():
                 "then": {"required": ["subnet"]},
                 "else": {"properties": {"bridge": False, "subnet": False}},
             },
+            {
+                "if": mode_is_none,
+                "then": {"properties": {"egress": False, "isolate": False}},
+            },
         ],
+    }
+
+
+def limits_schema():
+    return {
+        "description": (
+            "Lowers the per-VM resource limits; changed in place, VMs are "
+            "not replaced."
+        ),
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "cpu": anchored_string(
+                CPU_PERCENT_PATTERN,
+                (
+                    "Share of the VM's vCPUs its QEMU may use: 1% to 100%, "
+                    "an integer followed by %."
+                ),
+            ),
+            "ioWeight": integer(
+                "cgroup v2 io.weight of the VM's QEMU.",
+                MIN_IO_WEIGHT,
+                MAX_IO_WEIGHT,
+            ),
+        },
+    }
+
+
+def template_schema():
+    return {
+        "description": "How the template serves its clones. boot: template only.",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "shareMemory": {
+                "description": (
+                    "Clones map the template's memory copy-on-write (true, "
+                    "the default); false gives each clone a private copy. "
+                    "A change replaces the clones, not the template."
+                ),
+                "type": "boolean",
+            },
+        },
+    }
+
+
+def template_only_with_boot_template():
+    return {
+        "if": {
+            "properties": {"boot": {"const": "template"}},
+            "required": ["boot"],
+        },
+        "else": {"properties": {"template": False}},
     }
 
 
@@ -446,8 +588,10 @@ def spec_schema():
                 ),
                 "enum": ["spread", "pack"],
             },
+            "limits": limits_schema(),
+            "template": template_schema(),
         },
-        "allOf": vcpus_within_max_vcpus(),
+        "allOf": vcpus_within_max_vcpus() + [template_only_with_boot_template()],
     }
 
 
@@ -461,7 +605,9 @@ def pool_schema():
             "spec.maxMemory >= spec.memory, metadata.name unique "
             "within a file, spec.disks[].name unique within a pool, "
             "spec.network.subnet without host bits set and with at least "
-            "spec.size + spec.warm + 1 addresses for VMs."
+            "spec.size + spec.warm + 1 addresses for VMs, "
+            "spec.network.egress rules without host bits set and not "
+            "repeated in another spelling."
         ),
         "title": "vmpool Pool manifest",
         "description": (

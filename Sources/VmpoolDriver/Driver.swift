@@ -39,10 +39,14 @@ public struct LaunchRequest: Sendable {
     /// What names the launch before the VM has an id: the pool and the VM's place in it
     /// (the sim driver's reproducible faults are keyed by it).
     public var slot: String
+    /// The pool's egress, isolation and limits as they are when the VM starts. They are not
+    /// part of `shape`: a pool whose walls change keeps its VMs, and the driver applies the
+    /// new walls to them in place.
+    public var walls: Walls
 
     public init(
         id: String, pool: String, shape: VMShape, state: DesiredState, network: NetworkAssignment? = nil,
-        slot: String? = nil
+        slot: String? = nil, walls: Walls = Walls()
     ) {
         self.id = id
         self.pool = pool
@@ -50,6 +54,7 @@ public struct LaunchRequest: Sendable {
         self.state = state
         self.network = network
         self.slot = slot ?? id
+        self.walls = walls
     }
 }
 

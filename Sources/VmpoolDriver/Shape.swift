@@ -68,10 +68,14 @@ public struct VMShape: Codable, Sendable, Hashable {
     public var image: BootImage
     public var disks: [DiskShape]
     public var network: NetworkShape?
+    /// A clone maps its template's memory copy-on-write (`true`, also for VMs that boot cold),
+    /// or has a private copy of it (`template.shareMemory: false`). Not part of the template's
+    /// key: a change replaces the clones, not the template.
+    public var sharesTemplateMemory: Bool
 
     public init(
         vcpus: Int, memoryMiB: Int, maxVcpus: Int, maxMemoryMiB: Int, image: BootImage, disks: [DiskShape] = [],
-        network: NetworkShape? = nil
+        network: NetworkShape? = nil, sharesTemplateMemory: Bool = true
     ) {
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
@@ -80,13 +84,16 @@ public struct VMShape: Codable, Sendable, Hashable {
         self.image = image
         self.disks = disks
         self.network = network
+        self.sharesTemplateMemory = sharesTemplateMemory
     }
 
-    /// The shape a pool asks for, given its resolved image and disks.
+    /// The shape a pool asks for, given its resolved image and disks. The pool's walls
+    /// (egress, isolation, limits) are not part of it: they change in place.
     public init(pool: PoolSpec, image: BootImage, disks: [DiskShape] = []) {
         self.init(
             vcpus: pool.vcpus, memoryMiB: pool.memoryMiB, maxVcpus: pool.maxVcpus,
-            maxMemoryMiB: pool.maxMemoryMiB, image: image, disks: disks, network: NetworkShape(pool.network))
+            maxMemoryMiB: pool.maxMemoryMiB, image: image, disks: disks, network: NetworkShape(pool.network),
+            sharesTemplateMemory: pool.sharesTemplateMemory)
     }
 
     /// Two shapes a template clone can be made between: everything but hotplugged amounts.
@@ -96,9 +103,12 @@ public struct VMShape: Codable, Sendable, Hashable {
             disks: disks, network: network)
     }
 
-    enum CodingKeys: String, CodingKey { case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network }
+    enum CodingKeys: String, CodingKey {
+        case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network, sharesTemplateMemory
+    }
 
-    /// Reads shapes recorded before disks and networks existed as having none.
+    /// Reads shapes recorded before disks, networks and private template memory existed as
+    /// having none (and sharing).
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         vcpus = try c.decode(Int.self, forKey: .vcpus)
@@ -108,6 +118,20 @@ public struct VMShape: Codable, Sendable, Hashable {
         image = try c.decode(BootImage.self, forKey: .image)
         disks = try c.decodeIfPresent([DiskShape].self, forKey: .disks) ?? []
         network = try c.decodeIfPresent(NetworkShape.self, forKey: .network)
+        sharesTemplateMemory = try c.decodeIfPresent(Bool.self, forKey: .sharesTemplateMemory) ?? true
+    }
+
+    /// `sharesTemplateMemory` is written only when false, so shapes that share read as before.
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(vcpus, forKey: .vcpus)
+        try c.encode(memoryMiB, forKey: .memoryMiB)
+        try c.encode(maxVcpus, forKey: .maxVcpus)
+        try c.encode(maxMemoryMiB, forKey: .maxMemoryMiB)
+        try c.encode(image, forKey: .image)
+        try c.encode(disks, forKey: .disks)
+        try c.encodeIfPresent(network, forKey: .network)
+        if !sharesTemplateMemory { try c.encode(false, forKey: .sharesTemplateMemory) }
     }
 }
 

@@ -77,6 +77,11 @@ enum Fit: Hashable {
             self = .replace("disks changed: " + Self.describe(have.disks, want.disks))
         } else if have.network != want.network {
             self = .replace("the network changed")
+        } else if have.sharesTemplateMemory != want.sharesTemplateMemory {
+            self = .replace(
+                want.sharesTemplateMemory
+                    ? "template memory is shared now (template.shareMemory)"
+                    : "template memory is private now (template.shareMemory: false)")
         } else if have.maxVcpus != want.maxVcpus {
             self = .replace("maxVcpus changes \(have.maxVcpus) → \(want.maxVcpus)")
         } else if have.maxMemoryMiB != want.maxMemoryMiB {

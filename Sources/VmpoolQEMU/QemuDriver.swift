@@ -198,6 +198,14 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
+        // Clones map the template's memory file; a private copy per clone is not made yet, and
+        // a clone that shared memory its pool says must not be shared would break that wall.
+        guard request.shape.sharesTemplateMemory else {
+            throw DriverError(
+                .hostUnsupported,
+                "the qemu driver cannot give clones a private copy of the template's memory yet"
+                    + " (template.shareMemory: false); boot the pool cold meanwhile", vm: request.id)
+        }
         let (memoryFile, stateFile) = try savedFiles(of: template, for: request.id)
         let timeout = configuration.restoreTimeout
         let logger = self.logger

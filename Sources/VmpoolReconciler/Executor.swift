@@ -287,7 +287,8 @@ extension Reconciler {
         let (record, journal) = try recordLaunch(pool, template: template)
         let id = record.id
         let request = LaunchRequest(
-            id: id, pool: pool.spec.name, shape: pool.shape, state: state, network: record.network, slot: slot)
+            id: id, pool: pool.spec.name, shape: pool.shape, state: state, network: record.network, slot: slot,
+            walls: pool.spec.walls)
         let launched: LaunchedVM
         do {
             if let template {

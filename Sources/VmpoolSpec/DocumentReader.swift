@@ -94,7 +94,7 @@ struct DocumentReader {
                 node, path: "spec",
                 allowed: [
                     "size", "vcpus", "memory", "maxVcpus", "maxMemory", "boot", "state", "warm", "image", "disks",
-                    "network", "placement",
+                    "network", "placement", "limits", "template",
                 ],
                 required: ["size", "vcpus", "memory"])
         else { return nil }
@@ -110,6 +110,15 @@ struct DocumentReader {
         let disks = spec["disks"].flatMap { readDisks($0) }
         let network = spec["network"].flatMap { readNetwork($0, vms: (size ?? 0) + (warm ?? 0)) }
         let placement = spec["placement"].flatMap { choice($0, path: "spec.placement", Placement.self) }
+        let limits = spec["limits"].flatMap { readLimits($0) }
+        let template = spec["template"].flatMap { readTemplate($0) }
+
+        // An invalid boot is reported as such; the template is judged against a valid one.
+        if let node = spec["template"], spec["boot"] == nil || boot != nil, boot != .template {
+            report(
+                .crossField, node, "spec.template",
+                "only with boot: template (boot is \(boot?.rawValue ?? "cold, the default"))")
+        }
 
         if let vcpus, let maxVcpus, let node = spec["vcpus"], maxVcpus < vcpus {
             report(.crossField, node, "spec.vcpus", "expected at most maxVcpus (\(maxVcpus)), got \(vcpus)")
@@ -124,7 +133,8 @@ struct DocumentReader {
         return PoolSpec(
             name: name, labels: labels, size: size, vcpus: vcpus, memoryMiB: memory, maxVcpus: maxVcpus,
             maxMemoryMiB: maxMemory, boot: boot ?? .cold, state: state ?? .running, warm: warm ?? 0,
-            image: image, disks: disks ?? [], network: network, placement: placement ?? .spread)
+            image: image, disks: disks ?? [], network: network, placement: placement ?? .spread,
+            limits: limits ?? ResourceLimits(), template: template ?? TemplateSpec())
     }
 
     private mutating func readDisks(_ node: Node) -> [DiskSpec]? {
@@ -180,7 +190,8 @@ struct DocumentReader {
     private mutating func readNetwork(_ node: Node, vms: Int) -> NetworkSpec? {
         guard
             let network = mapping(
-                node, path: "spec.network", allowed: ["mode", "ports", "bridge", "subnet"], required: [])
+                node, path: "spec.network", allowed: ["mode", "ports", "bridge", "subnet", "egress", "isolate"],
+                required: [])
         else { return nil }
         let start = diagnostics.count
         let mode = network["mode"].flatMap { choice($0, path: "spec.network.mode", NetworkMode.self) }
@@ -192,6 +203,15 @@ struct DocumentReader {
             report(
                 .crossField, network[key]!, "spec.network.\(key)",
                 "only with mode: \(allowedIn.rawValue) (mode is \(chosen.rawValue))")
+        }
+        for key in ["egress", "isolate"] where network[key] != nil && chosen == .none {
+            report(
+                .crossField, network[key]!, "spec.network.\(key)",
+                "only with mode: user or bridge (mode is none: the VMs have no NIC)")
+        }
+        if chosen != .none {
+            if let node = network["egress"] { result.egress = readEgress(node) ?? .all }
+            if let node = network["isolate"] { result.isolate = boolean(node, path: "spec.network.isolate") ?? false }
         }
         if chosen == .user, let node = network["ports"] { result.ports = readPorts(node) ?? [] }
         if chosen == .bridge {
@@ -210,16 +230,17 @@ struct DocumentReader {
             if let node = network["subnet"] {
                 fieldLocations["spec.network.subnet"] = location(node)
                 if let text = string(node, path: "spec.network.subnet") {
-                    if let subnet = IPv4Subnet(text) {
-                        if subnet.assignable < vms + 1 {
-                            report(
-                                .crossField, node, "spec.network.subnet",
-                                "\(text) has \(subnet.assignable) addresses for VMs; the pool needs at least"
-                                    + " \(vms + 1) (size + warm + 1 for a replacement)")
-                        } else {
-                            result.subnet = subnet.description
-                        }
-                    } else {
+                    switch IPv4Subnet.parse(text) {
+                    case .success(let subnet) where subnet.assignable < vms + 1:
+                        report(
+                            .crossField, node, "spec.network.subnet",
+                            "\(text) has \(subnet.assignable) addresses for VMs; the pool needs at least"
+                                + " \(vms + 1) (size + warm + 1 for a replacement)")
+                    case .success(let subnet):
+                        result.subnet = subnet.description
+                    case .failure(.hostBitsSet(let network)):
+                        report(.badValue, node, "spec.network.subnet", Self.hostBits(text, network: "\(network)"))
+                    case .failure(.malformed):
                         report(
                             .badFormat, node, "spec.network.subnet",
                             "expected an IPv4 network in CIDR form with a prefix of 8 to 29 and no host bits set,"
@@ -231,6 +252,107 @@ struct DocumentReader {
             }
         }
         return diagnostics.count == start ? result : nil
+    }
+
+    private mutating func readEgress(_ node: Node) -> EgressPolicy? {
+        let path = "spec.network.egress"
+        let expectation = "expected all, none or a list of rules (CIDRs, each optionally with :PORT)"
+        if case .scalar(let scalar) = node, node.tagName == .str {
+            switch scalar.string {
+            case "all": return .all
+            case "none": return EgressPolicy.none
+            default:
+                let hint =
+                    if case .success = EgressRule.parse(scalar.string) {
+                        "; write a single rule as a list: [\(scalar.string)]"
+                    } else { "" }
+                report(.badValue, node, path, "\(expectation), got \(Self.show(node))\(hint)")
+                return nil
+            }
+        }
+        guard case .sequence(let sequence) = node else {
+            report(.wrongType, node, path, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        guard !sequence.isEmpty else {
+            report(.outOfRange, node, path, "expected at least one rule; for no egress at all, write egress: none")
+            return nil
+        }
+        guard sequence.count <= SpecLimits.maxEgressRules else {
+            report(
+                .outOfRange, node, path,
+                "expected at most \(SpecLimits.maxEgressRules) rules, got \(sequence.count)")
+            return nil
+        }
+        var rules: [EgressRule] = []
+        var seen: [EgressRule: Node] = [:]
+        var failed = false
+        for (index, item) in sequence.enumerated() {
+            guard let rule = readEgressRule(item, path: "\(path)[\(index)]") else {
+                failed = true
+                continue
+            }
+            if let first = seen[rule] {
+                let at = location(first)
+                let same = first.scalar?.string == item.scalar?.string ? "" : " (as \(rule))"
+                report(
+                    .duplicateName, item, "\(path)[\(index)]",
+                    "rule \(Self.show(item)) is already listed\(same) at \(at.file):\(at.line):\(at.column)")
+                failed = true
+                continue
+            }
+            seen[rule] = item
+            rules.append(rule)
+        }
+        return failed ? nil : .allow(rules)
+    }
+
+    private mutating func readEgressRule(_ node: Node, path: String) -> EgressRule? {
+        let expectation =
+            "expected an IPv4 or IPv6 network in CIDR form, optionally with :PORT (10.20.0.0/16, 192.0.2.7/32:443,"
+            + " 2001:db8::/32, [2001:db8::/32]:443)"
+        guard case .scalar(let scalar) = node, node.tagName == .str else {
+            report(.wrongType, node, path, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        switch EgressRule.parse(scalar.string) {
+        case .success(let rule):
+            return rule
+        case .failure(.malformed):
+            report(.badFormat, node, path, "\(expectation), got \(Self.show(node))")
+        case .failure(.portOutOfRange(let port)):
+            report(.outOfRange, node, path, "expected a port from 1 to 65535, got \(port)")
+        case .failure(.hostBitsSet(let suggestion)):
+            report(.badValue, node, path, Self.hostBits(scalar.string, network: "\(suggestion)"))
+        }
+        return nil
+    }
+
+    /// The message for a network written with host bits set, suggesting its network address.
+    static func hostBits(_ text: String, network: String) -> String {
+        "\(text) has host bits set (bits past the prefix); did you mean \(network)?"
+    }
+
+    private mutating func readLimits(_ node: Node) -> ResourceLimits? {
+        guard let limits = mapping(node, path: "spec.limits", allowed: ["cpu", "ioWeight"], required: []) else {
+            return nil
+        }
+        var result = ResourceLimits()
+        result.cpuPercent = limits["cpu"].flatMap { percent($0, path: "spec.limits.cpu", SpecLimits.cpuPercent) }
+        result.ioWeight = limits["ioWeight"].flatMap { integer($0, path: "spec.limits.ioWeight", SpecLimits.ioWeight) }
+        return result
+    }
+
+    /// Template options, one entry per key: adding one is a key here and a field of `TemplateSpec`.
+    private mutating func readTemplate(_ node: Node) -> TemplateSpec? {
+        guard let template = mapping(node, path: "spec.template", allowed: ["shareMemory"], required: []) else {
+            return nil
+        }
+        var result = TemplateSpec()
+        if let node = template["shareMemory"], let value = boolean(node, path: "spec.template.shareMemory") {
+            result.shareMemory = value
+        }
+        return result
     }
 
     private mutating func readPorts(_ node: Node) -> [Int]? {
@@ -331,6 +453,35 @@ struct DocumentReader {
             return nil
         }
         return scalar.string
+    }
+
+    private mutating func boolean(_ node: Node, path: String) -> Bool? {
+        guard case .scalar(let scalar) = node, node.tagName == .bool, let value = Bool.construct(from: scalar) else {
+            report(.wrongType, node, path, "expected true or false, got \(Self.show(node))")
+            return nil
+        }
+        return value
+    }
+
+    /// `N%` with N in `range`, no leading zeros.
+    private mutating func percent(_ node: Node, path: String, _ range: ClosedRange<Int>) -> Int? {
+        let expectation =
+            "expected a percentage from \(range.lowerBound)% to \(range.upperBound)% (an integer followed by %)"
+        if let value = Self.integerValue(node) {
+            report(.wrongType, node, path, "\(expectation), got \(value); write \(value)%")
+            return nil
+        }
+        guard case .scalar(let scalar) = node, node.tagName == .str, scalar.string.hasSuffix("%"),
+            let value = IPNetwork.decimal(scalar.string.dropLast(), maxDigits: 6)
+        else {
+            report(.badFormat, node, path, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        guard range.contains(value) else {
+            report(.outOfRange, node, path, "\(expectation), got \(scalar.string)")
+            return nil
+        }
+        return value
     }
 
     private mutating func choice<T: RawRepresentable & CaseIterable>(_ node: Node, path: String, _: T.Type) -> T?

@@ -66,16 +66,73 @@ public struct NetworkSpec: Codable, Sendable, Hashable {
     public var bridge: String?
     /// IPv4 CIDR the VMs' addresses come from (bridge mode).
     public var subnet: String?
+    /// Where the VMs may connect to (user and bridge mode); applied in place, never a replace.
+    public var egress: EgressPolicy
+    /// Bridge mode: the VMs do not reach each other either. Applied in place.
+    public var isolate: Bool
 
-    public init(mode: NetworkMode = .user, ports: [Int] = [], bridge: String? = nil, subnet: String? = nil) {
+    public init(
+        mode: NetworkMode = .user, ports: [Int] = [], bridge: String? = nil, subnet: String? = nil,
+        egress: EgressPolicy = .all, isolate: Bool = false
+    ) {
         self.mode = mode
         self.ports = ports
         self.bridge = bridge
         self.subnet = subnet
+        self.egress = egress
+        self.isolate = isolate
     }
 
     /// The default bridge name.
     public static let defaultBridge = "vmpool0"
+
+    enum CodingKeys: String, CodingKey { case mode, ports, bridge, subnet, egress, isolate }
+
+    /// Reads specs stored before egress and isolate existed as having the defaults.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        mode = try c.decode(NetworkMode.self, forKey: .mode)
+        ports = try c.decode([Int].self, forKey: .ports)
+        bridge = try c.decodeIfPresent(String.self, forKey: .bridge)
+        subnet = try c.decodeIfPresent(String.self, forKey: .subnet)
+        egress = try c.decodeIfPresent(EgressPolicy.self, forKey: .egress) ?? .all
+        isolate = try c.decodeIfPresent(Bool.self, forKey: .isolate) ?? false
+    }
+
+    /// Defaults are left out, so that a spec that does not use a field stores as it did before
+    /// the field existed (the store compares stored specs as text).
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(mode, forKey: .mode)
+        try c.encode(ports, forKey: .ports)
+        try c.encodeIfPresent(bridge, forKey: .bridge)
+        try c.encodeIfPresent(subnet, forKey: .subnet)
+        if egress != .all { try c.encode(egress, forKey: .egress) }
+        if isolate { try c.encode(isolate, forKey: .isolate) }
+    }
+}
+
+/// How a `boot: template` pool's template serves its clones. More keys come here (files,
+/// setup, ready); each is read by `DocumentReader.readTemplate` from one table entry.
+public struct TemplateSpec: Codable, Sendable, Hashable {
+    /// Clones map the template's memory copy-on-write (the default); `false`: each clone gets a
+    /// private copy, so no page is shared between VMs. Changing it replaces the clones, not
+    /// the template.
+    public var shareMemory: Bool
+
+    public init(shareMemory: Bool = true) {
+        self.shareMemory = shareMemory
+    }
+
+    /// Every field at its default.
+    public var isDefault: Bool { self == TemplateSpec() }
+
+    enum CodingKeys: String, CodingKey { case shareMemory }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        shareMemory = try c.decodeIfPresent(Bool.self, forKey: .shareMemory) ?? true
+    }
 }
 
 /// Where a pool's VMs go when several hosts share one store.
@@ -109,12 +166,17 @@ public struct PoolSpec: Codable, Sendable, Hashable {
     /// `nil`: no NIC (as `mode: none`).
     public var network: NetworkSpec?
     public var placement: Placement
+    /// Lowered per-VM resource limits; applied in place, never a replace.
+    public var limits: ResourceLimits
+    /// The template's options (`boot: template` only; the defaults otherwise).
+    public var template: TemplateSpec
 
     public init(
         name: String, labels: [String: String] = [:], size: Int, vcpus: Int, memoryMiB: Int,
         maxVcpus: Int? = nil, maxMemoryMiB: Int? = nil, boot: BootMode = .cold,
         state: DesiredState = .running, warm: Int = 0, image: ImageSpec? = nil, disks: [DiskSpec] = [],
-        network: NetworkSpec? = nil, placement: Placement = .spread
+        network: NetworkSpec? = nil, placement: Placement = .spread, limits: ResourceLimits = ResourceLimits(),
+        template: TemplateSpec = TemplateSpec()
     ) {
         self.name = name
         self.labels = labels
@@ -130,6 +192,8 @@ public struct PoolSpec: Codable, Sendable, Hashable {
         self.disks = disks
         self.network = network
         self.placement = placement
+        self.limits = limits
+        self.template = template
     }
 
     /// Every VM of the pool, serving and warm.
@@ -138,12 +202,22 @@ public struct PoolSpec: Codable, Sendable, Hashable {
     /// The NIC the VMs have, if any.
     public var nic: NetworkSpec? { network?.mode == NetworkMode.none ? nil : network }
 
-    enum CodingKeys: String, CodingKey {
-        case name, labels, size, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, boot, state, warm, image, disks, network
-        case placement
+    /// What the driver fences each VM in with beyond its shape; none of it replaces a VM when
+    /// it changes. A VM without a NIC has no egress.
+    public var walls: Walls {
+        Walls(egress: nic?.egress ?? EgressPolicy.none, isolate: nic?.isolate ?? false, limits: limits)
     }
 
-    /// Reads specs stored before disks, network and placement existed as having none.
+    /// Whether clones map the template's memory (always, for pools that boot cold).
+    public var sharesTemplateMemory: Bool { boot != .template || template.shareMemory }
+
+    enum CodingKeys: String, CodingKey {
+        case name, labels, size, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, boot, state, warm, image, disks, network
+        case placement, limits, template
+    }
+
+    /// Reads specs stored before disks, network, placement, limits and template existed as
+    /// having none.
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         name = try c.decode(String.self, forKey: .name)
@@ -160,6 +234,30 @@ public struct PoolSpec: Codable, Sendable, Hashable {
         disks = try c.decodeIfPresent([DiskSpec].self, forKey: .disks) ?? []
         network = try c.decodeIfPresent(NetworkSpec.self, forKey: .network)
         placement = try c.decodeIfPresent(Placement.self, forKey: .placement) ?? .spread
+        limits = try c.decodeIfPresent(ResourceLimits.self, forKey: .limits) ?? ResourceLimits()
+        template = try c.decodeIfPresent(TemplateSpec.self, forKey: .template) ?? TemplateSpec()
+    }
+
+    /// Limits and template are left out at their defaults, so that a spec that does not use
+    /// them stores as it did before they existed (the store compares stored specs as text).
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        try c.encode(labels, forKey: .labels)
+        try c.encode(size, forKey: .size)
+        try c.encode(vcpus, forKey: .vcpus)
+        try c.encode(memoryMiB, forKey: .memoryMiB)
+        try c.encode(maxVcpus, forKey: .maxVcpus)
+        try c.encode(maxMemoryMiB, forKey: .maxMemoryMiB)
+        try c.encode(boot, forKey: .boot)
+        try c.encode(state, forKey: .state)
+        try c.encode(warm, forKey: .warm)
+        try c.encodeIfPresent(image, forKey: .image)
+        try c.encode(disks, forKey: .disks)
+        try c.encodeIfPresent(network, forKey: .network)
+        try c.encode(placement, forKey: .placement)
+        if !limits.isEmpty { try c.encode(limits, forKey: .limits) }
+        if !template.isDefault { try c.encode(template, forKey: .template) }
     }
 }
 
@@ -183,4 +281,10 @@ public enum SpecLimits {
     public static let maxDiskMiB = 64 << 20
     /// Forwarded ports per pool.
     public static let maxPorts = 32
+    /// Egress rules per pool.
+    public static let maxEgressRules = 64
+    /// `limits.ioWeight`: cgroup v2 `io.weight`'s range.
+    public static let ioWeight = 1...10_000
+    /// `limits.cpu`, percent of the VM's vCPUs.
+    public static let cpuPercent = 1...100
 }

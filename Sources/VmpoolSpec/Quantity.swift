@@ -62,15 +62,29 @@ public struct IPv4Subnet: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses `a.b.c.d/p` with p in 8...29 and no host bits set.
     public init?(_ text: String) {
-        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, let address = Self.parseAddress(parts[0]),
-            (1...2).contains(parts[1].count), parts[1].allSatisfy({ $0 >= "0" && $0 <= "9" }), parts[1].first != "0",
-            let prefix = Int(parts[1]), (8...29).contains(prefix)
-        else { return nil }
-        let mask = UInt32.max << (32 - prefix)
-        guard address & ~mask == 0 else { return nil }
-        network = address
-        self.prefix = prefix
+        guard case .success(let subnet) = Self.parse(text) else { return nil }
+        self = subnet
+    }
+
+    /// Parses `a.b.c.d/p` with p in 8...29, saying why not: malformed (another prefix, an
+    /// IPv6 network), or host bits set (with the network address to suggest).
+    public static func parse(_ text: String) -> Result<IPv4Subnet, IPNetwork.Problem> {
+        switch IPNetwork.parse(text) {
+        case .success(let network):
+            guard let subnet = IPv4Subnet(network) else { return .failure(.malformed) }
+            return .success(subnet)
+        case .failure(.hostBitsSet(let network)):
+            return IPv4Subnet(network) == nil ? .failure(.malformed) : .failure(.hostBitsSet(network: network))
+        case .failure(.malformed):
+            return .failure(.malformed)
+        }
+    }
+
+    /// The IPv4 network `network` is, when its prefix is one a bridge subnet may have (8...29).
+    public init?(_ network: IPNetwork) {
+        guard network.family == .ipv4, (8...29).contains(network.prefix) else { return nil }
+        self.network = network.address.reduce(0) { $0 << 8 | UInt32($1) }
+        prefix = network.prefix
     }
 
     /// Addresses VMs can get: all but the network, broadcast and the bridge's (the first).

@@ -91,7 +91,8 @@ struct HostileInputTests {
             "spec.memory", "spec.maxVcpus", "spec.maxMemory", "spec.boot", "spec.state", "spec.warm", "spec.placement",
             "spec.image", "spec.image.kernel", "spec.image.initrd", "spec.image.cmdline", "spec.disks[0].name",
             "spec.disks[1].image", "spec.disks[1].size", "spec.network.mode", "spec.network.ports[1]",
-            "spec.network.bridge", "spec.network.subnet",
+            "spec.network.bridge", "spec.network.subnet", "spec.network.egress", "spec.network.egress[1]",
+            "spec.network.isolate", "spec.limits.cpu", "spec.limits.ioWeight", "spec.template.shareMemory",
         ] {
             #expect(fields.contains(field), "no targeted mutation reaches \(field)")
         }

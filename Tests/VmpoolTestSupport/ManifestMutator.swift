@@ -139,6 +139,13 @@ public struct ManifestMutator {
             ports:
               - 22
               - 8080
+            egress:
+              - 10.20.0.0/16
+              - "[2001:db8::/32]:443"
+            isolate: false
+          limits:
+            cpu: 50%
+            ioWeight: 10
         ---
         apiVersion: vmpool/v1
         kind: Pool
@@ -150,10 +157,15 @@ public struct ManifestMutator {
           memory: 256Mi
           warm: 1
           state: paused
+          boot: template
+          template:
+            shareMemory: false
           network:
             mode: bridge
             bridge: br-vm
             subnet: 10.77.0.0/24
+            egress: none
+            isolate: true
           disks:
           - name: data
             size: 1Ti
@@ -346,6 +358,12 @@ public struct ManifestMutator {
         case "spec.network.bridge": return ["bridge-name-too-long", "'br 0'", "0"] + scalar
         case "spec.network.subnet": return ["10.77.0.1/24", "10.77.0.0/30", "10.77.0.0", "nope"] + scalar
         case "spec.network.ports": return ["[0]", "[http]", "[22, 22]"] + ["~", "{bogus: 1}"]
+        case "spec.network.egress": return ["some", "[]", "10.0.0.0/8", "[10.0.0.0/33]", "[443]", "~", "{bogus: 1}"]
+        case "spec.network.isolate": return ["maybe", "1", "'true'"] + scalar
+        case "spec.limits": return ["50%", "{cpu: 0%}", "{ioWeight: 0}", "{bogus: 1}", "~"]
+        case "spec.limits.cpu": return ["0%", "101%", "50", "half", "050%"] + scalar
+        case "spec.limits.ioWeight": return ["0", "10001", "'10'", "1.5"] + scalar
+        case "spec.template.shareMemory": return ["maybe", "0", "'no'"] + scalar
         case "spec.disks": return ["[scratch]", "[{name: Bad}]"] + ["~", "{bogus: 1}"]
         default: break
         }
@@ -353,6 +371,9 @@ public struct ManifestMutator {
             return ["123", "true", "\"bell\\a\"", String(repeating: "v", count: 257)] + scalar
         }
         if field.hasPrefix("spec.network.ports[") { return ["0", "65536", "http"] + scalar }
+        if field.hasPrefix("spec.network.egress[") {
+            return ["10.0.0.1/8", "10.0.0.0/8:0", "'2001:db8::/32:443'", "example.com/32"] + scalar
+        }
         if field.hasPrefix("spec.disks["), field.hasSuffix(".name") {
             return ["Bad_Name", "''", String(repeating: "d", count: 33)] + scalar
         }

@@ -72,7 +72,19 @@ public func manifest(_ spec: PoolSpec) -> String {
         }
         if let bridge = network.bridge { lines.append("    bridge: \(bridge)") }
         if let subnet = network.subnet { lines.append("    subnet: \(subnet)") }
+        switch network.egress {
+        case .all: break
+        case .none: lines.append("    egress: none")
+        case .allow(let rules): lines.append("    egress: [\(rules.map { "\"\($0)\"" }.joined(separator: ", "))]")
+        }
+        if network.isolate { lines.append("    isolate: true") }
     }
+    if !spec.limits.isEmpty {
+        lines.append("  limits:")
+        if let cpu = spec.limits.cpuPercent { lines.append("    cpu: \(cpu)%") }
+        if let weight = spec.limits.ioWeight { lines.append("    ioWeight: \(weight)") }
+    }
+    if !spec.template.isDefault { lines += ["  template:", "    shareMemory: \(spec.template.shareMemory)"] }
     return lines.joined(separator: "\n") + "\n"
 }
 
