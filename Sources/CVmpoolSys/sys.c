@@ -419,3 +419,44 @@ int vmpool_tap_open(const char *name) {
     }
     return fd;
 }
+
+int vmpool_memfd_copy_sparse(int fd, const char *name) {
+    struct stat info;
+    if (fstat(fd, &info) != 0) return -1;
+    int copy = memfd_create(name, MFD_CLOEXEC);
+    if (copy < 0) return -1;
+    size_t size = 1 << 20;
+    char *buffer = malloc(size);
+    if (!buffer || ftruncate(copy, info.st_size) != 0) goto fail;
+    off_t data = 0;
+    for (;;) {
+        data = lseek(fd, data, SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO) break;  // no data past here: the rest stays a hole
+            goto fail;
+        }
+        off_t hole = lseek(fd, data, SEEK_HOLE);
+        if (hole < 0) goto fail;
+        while (data < hole) {
+            size_t want = (size_t)(hole - data) < size ? (size_t)(hole - data) : size;
+            ssize_t got = pread(fd, buffer, want, data);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) goto fail;
+            for (ssize_t done = 0; done < got;) {
+                ssize_t put = pwrite(copy, buffer + done, (size_t)(got - done), data + done);
+                if (put < 0 && errno == EINTR) continue;
+                if (put <= 0) goto fail;
+                done += put;
+            }
+            data += got;
+        }
+    }
+    free(buffer);
+    return copy;
+fail:;
+    int saved = errno;
+    free(buffer);
+    close(copy);
+    errno = saved;
+    return -1;
+}

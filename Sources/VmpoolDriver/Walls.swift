@@ -1,39 +1,21 @@
 import Foundation
+import VmpoolSpec
 
 /// What a pool's VMs may reach on the network, as a driver enforces it (SPEC §10). Changes
 /// apply to running VMs in place: the reconciler hands every pool's policy to the driver at
 /// each pass.
 public struct WallPolicy: Sendable, Hashable {
-    /// Where a pool's VMs may open connections to, besides what is always closed (the host,
-    /// link-local addresses, other pools).
-    public enum Egress: Sendable, Hashable {
-        case all
-        case none
-        case only([Destination])
-    }
-
-    /// A network (canonical CIDR text) and, optionally, one TCP/UDP port.
-    public struct Destination: Sendable, Hashable {
-        public var cidr: String
-        public var isIPv6: Bool
-        public var port: Int?
-
-        public init(cidr: String, isIPv6: Bool, port: Int? = nil) {
-            self.cidr = cidr
-            self.isIPv6 = isIPv6
-            self.port = port
-        }
-    }
-
     public var pool: String
-    public var egress: Egress
-    /// In bridge mode: VMs of the pool do not reach each other either.
-    public var isolate: Bool
+    /// The pool's egress, isolation and limits as its manifest says.
+    public var walls: Walls
+    /// Bridge mode: the pool's bridge (where bridged frames pass the host's IP filter too,
+    /// its own subnet is not another pool's).
+    public var bridge: String?
 
-    public init(pool: String, egress: Egress = .all, isolate: Bool = false) {
+    public init(pool: String, walls: Walls = Walls(), bridge: String? = nil) {
         self.pool = pool
-        self.egress = egress
-        self.isolate = isolate
+        self.walls = walls
+        self.bridge = bridge
     }
 }
 

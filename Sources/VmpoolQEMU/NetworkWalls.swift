@@ -62,21 +62,23 @@ struct NetworkWalls: Sendable {
         lines += ["add table inet \(table)", "delete table inet \(table)", "table inet \(table) {"]
         lines.append("    map vm_uids { type uid : verdict; }")
         lines.append("    map vm_addrs { type ipv4_addr : verdict; }")
-        lines.append("    set bridges { type ifname; }")
         lines.append(
             "    chain output { type filter hook output priority filter; policy accept; meta skuid vmap @vm_uids; }")
         lines.append(
             "    chain forward { type filter hook forward priority filter; policy accept; ip saddr vmap @vm_addrs; }")
+        // What a bridged VM sends to the host itself meets its pool's chain (which closes the
+        // host) here; its address is its own (the bridge table drops spoofed ones).
         lines.append(
-            "    chain input { type filter hook input priority filter; policy accept;"
-                + " iifname @bridges ct state established,related accept; iifname @bridges drop; }")
+            "    chain input { type filter hook input priority filter; policy accept; ip saddr vmap @vm_addrs; }")
         for policy in state.policies.sorted(by: { $0.pool < $1.pool }) {
             lines.append("    chain \(Self.chain(policy.pool)) {")
-            lines += Self.poolRules(policy, subnets: state.subnets, resolvers: state.resolvers).map { "        " + $0 }
+            // Its own bridge's subnet is where its VMs meet (bridged frames pass this table too
+            // where br_netfilter is loaded); the bridge table keeps other pools there apart.
+            let others = state.bridges.filter { $0.key != policy.bridge }.map(\.value)
+            lines += Self.poolRules(policy, subnets: others, resolvers: state.resolvers).map { "        " + $0 }
             lines.append("    }")
         }
         lines.append("}")
-        lines += state.bridges.keys.sorted().map { "add element inet \(table) bridges { \"\($0)\" }" }
         lines += elements(state, l2: false)
         do {
             lines += ["add table bridge \(table)", "delete table bridge \(table)", "table bridge \(table) {"]
@@ -95,7 +97,7 @@ struct NetworkWalls: Sendable {
                 lines.append("    set \(Self.tapSet(policy.pool)) { type ifname; }")
                 lines.append("    chain \(Self.l2Chain(policy.pool)) {")
                 lines.append(
-                    policy.isolate
+                    policy.walls.isolate
                         ? "        oifname @vm_taps drop" : "        oifname @\(Self.tapSet(policy.pool)) accept")
                 lines.append("        oifname @vm_taps drop")
                 lines.append("    }")
@@ -109,7 +111,8 @@ struct NetworkWalls: Sendable {
     /// The rules of one pool's chain, in order.
     static func poolRules(_ policy: WallPolicy, subnets: [String], resolvers: [String]) -> [String] {
         var rules = ["ct direction reply accept"]
-        if policy.egress != .none {
+        let egress = policy.walls.egress
+        if egress != .none {
             for resolver in resolvers {
                 let family = resolver.contains(":") ? "ip6" : "ip"
                 rules.append("\(family) daddr \(resolver) meta l4proto { tcp, udp } th dport 53 accept")
@@ -119,19 +122,19 @@ struct NetworkWalls: Sendable {
         rules.append("ip daddr { 169.254.0.0/16, 224.0.0.0/4, 255.255.255.255 } drop")
         rules.append("ip6 daddr { fe80::/10, ff00::/8 } drop")
         if !subnets.isEmpty { rules.append("ip daddr { \(subnets.sorted().joined(separator: ", ")) } drop") }
-        switch policy.egress {
+        switch egress {
         case .all:
             rules.append("accept")
         case .none:
             rules.append("drop")
-        case .only(let destinations):
+        case .allow(let destinations):
             for destination in destinations {
-                let family = destination.isIPv6 ? "ip6" : "ip"
+                let family = destination.network.family == .ipv6 ? "ip6" : "ip"
                 if let port = destination.port {
                     rules.append(
-                        "\(family) daddr \(destination.cidr) meta l4proto { tcp, udp } th dport \(port) accept")
+                        "\(family) daddr \(destination.network) meta l4proto { tcp, udp } th dport \(port) accept")
                 } else {
-                    rules.append("\(family) daddr \(destination.cidr) accept")
+                    rules.append("\(family) daddr \(destination.network) accept")
                 }
             }
             rules.append("drop")

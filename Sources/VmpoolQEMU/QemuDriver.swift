@@ -198,14 +198,6 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
-        // Clones map the template's memory file; a private copy per clone is not made yet, and
-        // a clone that shared memory its pool says must not be shared would break that wall.
-        guard request.shape.sharesTemplateMemory else {
-            throw DriverError(
-                .hostUnsupported,
-                "the qemu driver cannot give clones a private copy of the template's memory yet"
-                    + " (template.shareMemory: false); boot the pool cold meanwhile", vm: request.id)
-        }
         let (memoryFile, stateFile) = try savedFiles(of: template, for: request.id)
         let timeout = configuration.restoreTimeout
         let logger = self.logger
@@ -213,6 +205,12 @@ public final class QemuDriver: HypervisorDriver {
             var machine = self.vm(request.id, kernel: template.key.image.kernel)
             do throws(DriverError) {
                 var phases = PhaseClock()
+                // A standby maps the template's memory shared: a clone that must not share it
+                // starts anew.
+                if !request.shape.sharesTemplateMemory, machine.pid != nil {
+                    Undo.run { machine.stop() }
+                    machine.pid = nil
+                }
                 if let pid = machine.pid, QemuProcess.isRunning(pid, vm: machine.id, runRoot: machine.paths.runRoot) {
                     // A standby's uid is in its pool's walls already; a bridged one learns its address.
                     if let address = request.network?.address, let walls = self.walls,
@@ -225,9 +223,10 @@ public final class QemuDriver: HypervisorDriver {
                     }
                     phases.mark("standby")
                 } else {
-                    try machine.start(
-                        self.cloneMachine(
-                            template, memoryFile: memoryFile, vm: request.id, address: request.network?.address))
+                    var spec = self.cloneMachine(
+                        template, memoryFile: memoryFile, vm: request.id, address: request.network?.address)
+                    if !request.shape.sharesTemplateMemory { spec.memory = .cloneCopy(memoryFile) }
+                    try machine.start(spec)
                     phases.mark("qemu")
                 }
                 try machine.forwardPorts(request.network)
@@ -241,7 +240,10 @@ public final class QemuDriver: HypervisorDriver {
                 Undo.run { machine.stop() }
                 throw error
             }
-            return LaunchedVM(pid: machine.pid, shape: template.key.shape)
+            // The template's shape, and how the clone holds its memory (not the template's to say).
+            var shape = template.key.shape
+            shape.sharesTemplateMemory = request.shape.sharesTemplateMemory
+            return LaunchedVM(pid: machine.pid, shape: shape)
         }
     }
 

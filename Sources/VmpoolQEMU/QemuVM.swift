@@ -10,10 +10,15 @@ enum MemoryMode {
     case templateShared(String)
     /// The template's file mapped private, copy-on-write: a clone.
     case clonePrivate(String)
+    /// A copy of the template's file of the clone's own (`template.shareMemory: false`): no
+    /// page is shared with the template or another clone.
+    case cloneCopy(String)
 
     var isClone: Bool {
-        if case .clonePrivate = self { return true }
-        return false
+        switch self {
+        case .clonePrivate, .cloneCopy: true
+        case .anonymous, .templateShared: false
+        }
     }
 }
 
@@ -128,7 +133,7 @@ struct QemuVM {
     func arguments(_ machine: MachineSpec, files: QemuFiles) -> [String] {
         identityArguments(files) + acceleratorArguments() + memoryArguments(machine.shape, machine.memory, files)
             + bootArguments(machine.shape, machine.memory, files) + channelArguments(files) + consoleArguments()
-            + diskArguments(machine.disks, files) + nicArguments(machine.nic)
+            + diskArguments(machine.disks, files) + nicArguments(machine.nic, tap: files.tap)
             + processArguments(incoming: machine.incoming)
     }
 
@@ -165,9 +170,10 @@ struct QemuVM {
         switch memory {
         case .anonymous:
             break
-        case .templateShared, .clonePrivate:
-            var shared = false
-            if case .templateShared = memory { shared = true }
+        case .templateShared, .clonePrivate, .cloneCopy:
+            // A template writes its file; a clone's own copy is written as its RAM too.
+            var shared = true
+            if case .clonePrivate = memory { shared = false }
             // QEMU opens the file by a name; /proc/self/fd names the descriptor it was given.
             args += [
                 "-object",
@@ -383,6 +389,18 @@ struct QemuVM {
             }
         case .clonePrivate(let file):
             files.memory = try plan.open(file, O_RDWR, vm: id)
+        case .cloneCopy(let file):
+            // A memfd: it goes with QEMU, whatever ends it, and anyone holding it may open it.
+            let source = Glibc.open(file, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+            guard source >= 0 else {
+                throw DriverError(.notFound, "template memory \(file): \(String(cString: strerror(errno)))", vm: id)
+            }
+            defer { close(source) }
+            let copy = vmpool_memfd_copy_sparse(source, "vmpool-ram")
+            guard copy >= 0 else {
+                throw DriverError(.io, "cannot copy the template's memory: \(String(cString: strerror(errno)))", vm: id)
+            }
+            files.memory = plan.pass(copy)
         }
         if case .tap(let name, _) = machine.nic?.backend {
             let fd = vmpool_tap_open(name)

@@ -173,7 +173,12 @@ public final class Reconciler: Sendable {
     /// cannot be set.
     private func applyWalls(_ observation: Observation) async {
         do {
-            let policies = try store.pools().map { WallPolicy(pool: $0.spec.name) }
+            let policies = try store.pools().map { pool in
+                WallPolicy(
+                    pool: pool.spec.name, walls: pool.spec.walls,
+                    bridge: pool.spec.network?.mode == .bridge
+                        ? pool.spec.network?.bridge ?? NetworkSpec.defaultBridge : nil)
+            }
             let members = observation.records.map { WallMember(id: $0.id, pool: $0.pool, network: $0.network) }
             let bridges = Dictionary(try store.bridges().map { ($0.name, $0.subnet) }, uniquingKeysWith: { a, _ in a })
             try await driver.applyWalls(policies, members: members, bridges: bridges)

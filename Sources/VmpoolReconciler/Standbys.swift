@@ -23,8 +23,11 @@ extension Reconciler {
         for pool in desired {
             let name = pool.spec.name
             // Only pools that have VMs keep standbys: a pool of none needs no clone soon.
+            // A pool whose clones get a private copy of the template's memory keeps none: a
+            // standby maps the template's memory as clones that share it do.
             let current =
                 pool.spec.boot == .template && configuration.standbys > 0 && pool.spec.totalVMs > 0
+                    && pool.spec.sharesTemplateMemory
                 ? Self.currentTemplate(of: pool, among: templates) : nil
             for standby in standbys where standby.pool == name && standby.template != current?.id {
                 await stopStandby(standby, reason: "its template is no longer current")

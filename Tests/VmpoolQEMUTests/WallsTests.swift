@@ -120,6 +120,33 @@ struct WallsTests {
             try Self.reaches(open, other, OutsideNetwork.linkLocal, outside.port), "without walls link-local answers")
     }
 
+    /// `template.shareMemory: false`: each clone runs on a private copy of the template's memory
+    /// (a memfd of its own), maps nothing of the template's file, and works; the pool keeps
+    /// no standbys (they would map the file).
+    @Test func clonesThatMustNotShareMemoryGetACopyOfTheirOwn() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("private", size: 2, extra: "  template: {shareMemory: false}"))
+        let vms = try box.vms(pool: "private")
+        #expect(vms.count == 2)
+        for vm in vms {
+            let id = try #require(vm["id"] as? String)
+            let pid = try #require(vm["pid"] as? Int)
+            let maps = (try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)) ?? ""
+            #expect(!maps.contains(".mem"), "\(id) maps the template's memory file")
+            #expect(maps.contains("memfd:vmpool-ram"), "\(id) has no memory copy of its own")
+            let hostname = try box.exec(id, ["cat", "/proc/sys/kernel/hostname"])
+            #expect(hostname.stdout == id + "\n", "\(hostname.stdout)\(hostname.stderr)")
+        }
+        let standbys = try box.run(["describe", "pool", "private"])
+        #expect(standbys.stdout.contains("Standbys:    0 ready"), "\(standbys.stdout)")
+        // The sharing pool next to it maps the file, as before.
+        try apply(box, pool("shared", size: 1), name: "shared.yaml")
+        let shared = try #require(try box.vms(pool: "shared").first?["pid"] as? Int)
+        let maps = (try? String(contentsOfFile: "/proc/\(shared)/maps", encoding: .utf8)) ?? ""
+        #expect(maps.contains(".mem"), "a sharing clone maps the template's file")
+    }
+
     /// Whether the guest's `nc` gets the listener's greeting from HOST:PORT within 5 s.
     static func reaches(_ box: QemuSandbox, _ vm: String, _ host: String, _ port: Int) throws -> Bool {
         let result = try box.exec(vm, ["sh", "-c", "nc -w 5 \(host) \(port) </dev/null"])

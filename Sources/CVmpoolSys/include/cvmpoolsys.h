@@ -69,4 +69,8 @@ int vmpool_memfd_copy(int fd, const char *name);
 /// Attaches to the tap device `name` (a persistent one vmpool made) with a vnet header, as
 /// QEMU's tap backend would; returns the descriptor (close-on-exec), or -1 with errno set.
 int vmpool_tap_open(const char *name);
+
+/// A memfd (close-on-exec) of the same size as the file open on `fd` holding a copy of its
+/// data; the file's holes stay holes (no memory). -1 with errno set.
+int vmpool_memfd_copy_sparse(int fd, const char *name);
 #endif
