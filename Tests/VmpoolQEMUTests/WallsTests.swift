@@ -147,6 +147,130 @@ struct WallsTests {
         #expect(maps.contains(".mem"), "a sharing clone maps the template's file")
     }
 
+    /// A pool's egress changes in place: the same running VM reaches a network outside the host
+    /// with `egress: all`, nothing with `none`, only the listed network and port with a list.
+    @Test func egressChangesApplyToRunningVMs() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let outside = try OutsideNetwork(box, suffix: "e")
+        defer { outside.remove() }
+        let other = try HostListener()
+        defer { other.stop() }
+        func egress(_ value: String) -> String {
+            pool("out", size: 1, extra: "  network: {mode: user, egress: \(value)}")
+        }
+        try apply(box, egress("all"))
+        let vm = try #require(try box.ids(pool: "out").first)
+        // Leased, so that these checks do not make it a VM to replace.
+        #expect(try box.run(["lease", "out", "--holder", "egress-test"]).stdout.contains(vm))
+        #expect(try Self.reaches(box, vm, outside.address, outside.port), "egress all")
+        try apply(box, egress("none"))
+        #expect(try box.ids(pool: "out").contains(vm), "the VM was kept")
+        #expect(try !Self.reaches(box, vm, outside.address, outside.port), "egress none still reached out")
+        try apply(box, egress("[\(outside.address)/32:\(outside.port)]"))
+        #expect(try box.ids(pool: "out").contains(vm))
+        #expect(try Self.reaches(box, vm, outside.address, outside.port), "the listed network and port")
+        try apply(box, egress("[\(outside.address)/32:\(outside.port + 1)]"))
+        #expect(try !Self.reaches(box, vm, outside.address, outside.port), "a port that is not listed")
+    }
+
+    /// Two pools on one bridge do not reach each other; a pool with `isolate: true` does not
+    /// reach even its own VMs; the host reaches all of them.
+    @Test(.enabled(if: geteuid() == 0, "bridge mode needs root"))
+    func poolsOnABridgeAreWalledFromEachOther() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let net = "network: {mode: bridge, bridge: vmpwall0, subnet: 10.89.0.0/24"
+        let text = [
+            pool("red", size: 2, extra: "  \(net)}"), pool("blue", size: 1, extra: "  \(net)}"),
+            pool("lone", size: 2, extra: "  \(net), isolate: true}"),
+        ].joined(separator: "\n---\n")
+        try apply(box, text)
+        defer { _ = try? box.run(["delete", "red", "blue", "lone"]) }
+        let vms = try box.vms()
+        func addresses(_ pool: String) -> [(id: String, address: String)] {
+            vms.filter { $0["pool"] as? String == pool }.compactMap { vm in
+                guard let id = vm["id"] as? String, let address = vm["address"] as? String else { return nil }
+                return (id, address)
+            }
+        }
+        let red = addresses("red")
+        let blue = addresses("blue")
+        let lone = addresses("lone")
+        #expect(red.count == 2 && blue.count == 1 && lone.count == 2)
+        func pings(_ from: String, _ to: String) throws -> Bool {
+            try agentExec(box, from, ["ping", "-c", "1", "-W", "2", to]).status == 0
+        }
+        var broken: [String] = []
+        if try !pings(red[0].id, red[1].address) { broken.append("red to red was cut") }
+        if try pings(red[0].id, blue[0].address) { broken.append("red reached blue") }
+        if try pings(blue[0].id, red[1].address) { broken.append("blue reached red") }
+        if try pings(lone[0].id, lone[1].address) { broken.append("an isolated VM reached its pool's other VM") }
+        if try pings(lone[0].id, red[0].address) { broken.append("an isolated VM reached red") }
+        // A VM cannot pass for another: with blue's address, red's VM still reaches nothing of blue.
+        let spoofed = try agentExec(
+            box, red[0].id,
+            [
+                "sh", "-c",
+                "ip addr add \(blue[0].address)/32 dev eth0 && ping -c 1 -W 2 -I \(blue[0].address) \(red[1].address)",
+            ])
+        if spoofed.status == 0 { broken.append("a spoofed address got through") }
+        #expect(broken.isEmpty, "\(broken)")
+        print("walls: bridge checks failed: \(broken.count) of 6 (\(broken))")
+    }
+
+    /// QEMU runs as a uid of its own per VM, never root, under the full seccomp sandbox with
+    /// no_new_privs; a VM's uid can open nothing of another VM: not its files by path, not its
+    /// descriptors through /proc.
+    @Test func eachQEMUIsItsOwnUnprivilegedUserAndReachesNoOtherVMsFiles() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("priv", size: 2, extra: "  disks: [{name: data, size: 64Mi}]"))
+        let vms = try box.vms(pool: "priv")
+        let pids = vms.compactMap { $0["pid"] as? Int }
+        #expect(pids.count == 2)
+        var uids: [uid_t] = []
+        for pid in pids {
+            let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+            func field(_ name: String) -> String {
+                status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map {
+                    String($0.dropFirst(name.count + 1)).trimmingCharacters(in: .whitespaces)
+                } ?? ""
+            }
+            let uid = uid_t(field("Uid").split(separator: "\t").first ?? "") ?? 0
+            uids.append(uid)
+            #expect(uid != 0, "QEMU \(pid) runs as root")
+            #expect(field("Seccomp") == "2", "QEMU \(pid) has no seccomp filter")
+            #expect(field("NoNewPrivs") == "1")
+            #expect(field("CapEff") == "0000000000000000", "QEMU \(pid) has capabilities: \(field("CapEff"))")
+            let cmdline = String(
+                decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+            #expect(cmdline.contains("spawn=deny") && cmdline.contains("elevateprivileges=deny"))
+        }
+        #expect(Set(uids).count == 2, "two VMs share a uid: \(uids)")
+        // As the first VM's uid, try the second VM's overlay by path and by its QEMU's descriptors.
+        let target = pids[1]
+        let overlay = try #require(
+            FileManager.default.enumerator(atPath: box.state + "/run")?.compactMap { $0 as? String }.first {
+                $0.hasSuffix("disk-data.qcow2")
+            })
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(target)/fd")) ?? []
+        #expect(!fds.isEmpty)
+        var opened: [String] = []
+        for path in [box.state + "/run/" + overlay] + fds.map({ "/proc/\(target)/fd/\($0)" }) {
+            let result = try RunningCommand(
+                path: "/usr/bin/setpriv",
+                arguments: [
+                    "--reuid=\(uids[0])", "--regid=\(uids[0])", "--clear-groups", "--", "/bin/sh", "-c",
+                    "exec 3<\"$1\"", "sh", path,
+                ], environment: ["PATH": "/usr/bin:/bin"]
+            ).wait()
+            if result.status == 0 { opened.append(path) }
+        }
+        #expect(opened.isEmpty, "VM \(uids[0]) opened another VM's \(opened)")
+        print("walls: another VM's uid opened \(opened.count) of \(fds.count + 1) of a VM's files and descriptors")
+    }
+
     /// Whether the guest's `nc` gets the listener's greeting from HOST:PORT within 5 s.
     static func reaches(_ box: QemuSandbox, _ vm: String, _ host: String, _ port: Int) throws -> Bool {
         let result = try box.exec(vm, ["sh", "-c", "nc -w 5 \(host) \(port) </dev/null"])
