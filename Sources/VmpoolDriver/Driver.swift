@@ -188,11 +188,16 @@ public protocol HypervisorDriver: Sendable {
     /// Puts every VM that runs behind its pool's walls (SPEC §10), as `policies` say now: the
     /// reconciler calls it at every pass, so a change of a pool's egress reaches running VMs.
     /// `bridges` are this store's bridges and their subnets.
+    func confinement(of vm: VMRef) async -> [(String, String)]
     func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
         async throws(DriverError)
 }
 
 extension HypervisorDriver {
+    /// What confines a running VM's process, for `describe vm`: each line a name and what it
+    /// is (the user it runs as, its sandbox, its cgroup's limits). Empty where nothing does.
+    public func confinement(of vm: VMRef) async -> [(String, String)] { [] }
+
     /// Drivers without guests (sim) have nothing to wall in.
     public func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
         async throws(DriverError)

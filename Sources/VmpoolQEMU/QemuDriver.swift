@@ -408,6 +408,32 @@ public final class QemuDriver: HypervisorDriver {
             }) ?? []
     }
 
+    public func confinement(of vm: VMRef) async -> [(String, String)] {
+        guard let pid = vm.pid, QemuProcess.isRunning(pid, vm: vm.id, runRoot: paths.runRoot) else { return [] }
+        var lines: [(String, String)] = []
+        let status = String(decoding: QemuProcess.readProcFile("/proc/\(pid)/status", limit: 8192) ?? [], as: UTF8.self)
+        func field(_ name: String) -> String? {
+            status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map {
+                String($0.dropFirst(name.count + 1)).trimmingCharacters(in: .whitespaces)
+            }
+        }
+        if let uid = QemuProcess.owner(pid) {
+            switch confinement {
+            case .users(let users) where users.contains(uid):
+                lines.append(("user", "uid \(uid), its own (from \(users.user)'s range)"))
+            case .users, .none:
+                lines.append(("user", uid == 0 ? "root" : "uid \(uid)"))
+            }
+        }
+        var sandbox: [String] = []
+        if field("Seccomp") == "2" { sandbox.append("seccomp (QEMU's -sandbox: no spawn, no privileges)") }
+        if field("NoNewPrivs") == "1" { sandbox.append("no new privileges") }
+        if field("CapEff").map({ $0.allSatisfy { $0 == "0" } }) == true { sandbox.append("no capabilities") }
+        if !sandbox.isEmpty { lines.append(("sandbox", sandbox.joined(separator: ", "))) }
+        if walls != nil { lines.append(("network", "behind its pool's walls (nftables table \(walls!.table))")) }
+        return lines
+    }
+
     public func applyWalls(_ policies: [WallPolicy], members: [WallMember], bridges: [String: String])
         async throws(DriverError)
     {

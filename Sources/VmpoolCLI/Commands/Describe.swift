@@ -68,9 +68,12 @@ extension Vmpool {
                     throw CommandFailure(description: "no VM named \"\(id)\" (see vmpool get vms)")
                 }
                 let events = try session.store.events(vm: id, limit: 15)
+                var description = VMDescription(row: row, events: events)
+                description.walls = observation.pools.first { $0.spec.name == row.record.pool }?.spec.walls
+                description.confinement = await session.reconciler.driver.confinement(of: row.record.ref)
                 switch format.output {
-                case .text: printOut(VMDescription(row: row, events: events).text)
-                case .json: printOut(try JSONOutput.encode(.object(VMDescription(row: row, events: events).json)))
+                case .text: printOut(description.text)
+                case .json: printOut(try JSONOutput.encode(.object(description.json)))
                 }
             }
         }
@@ -250,6 +253,23 @@ struct PoolDescription {
 struct VMDescription {
     var row: VMRow
     var events: [Event]
+    /// The pool's walls as its manifest says, and what confines the VM's process.
+    var walls: Walls?
+    var confinement: [(String, String)] = []
+
+    /// The walls that apply, one line each.
+    var wallLines: [String] {
+        var lines: [String] = []
+        if let walls {
+            var network = "egress \(walls.egress)"
+            if walls.isolate { network += ", isolated from its own pool's VMs" }
+            lines.append(network)
+            if let percent = walls.limits.cpuPercent { lines.append("cpu limited to \(percent)% of its vCPUs") }
+            if let weight = walls.limits.ioWeight { lines.append("io weight \(weight)") }
+        }
+        lines += confinement.map { "\($0.0): \($0.1)" }
+        return lines
+    }
 
     var text: String {
         let record = row.record
@@ -284,6 +304,7 @@ struct VMDescription {
                     + (lease.expiresAt.map { ", until \(JSONValue.rfc3339($0))" } ?? ""))
         }
         lines.append("Created:     \(JSONValue.rfc3339(record.createdAt))")
+        for (index, line) in wallLines.enumerated() { lines.append((index == 0 ? "Walls:       " : "             ") + line) }
         lines.append("Events:")
         lines.append(events.isEmpty ? "  none" : events.map { "  " + EventText.line($0) }.joined(separator: "\n"))
         return lines.joined(separator: "\n")
@@ -298,6 +319,11 @@ struct VMDescription {
                 ])
             })
         object["mac"] = row.record.network.map { .string($0.mac) } ?? .null
+        object["walls"] = .object(
+            [
+                "egress": walls.map { .string("\($0.egress)") } ?? .null,
+                "isolate": walls.map { .bool($0.isolate) } ?? .null,
+            ].merging(confinement.map { ($0.0, JSONValue.string($0.1)) }) { first, _ in first })
         object["events"] = .array(events.map { .object(EventText.json($0)) })
         return object
     }
