@@ -19,10 +19,26 @@ public struct CgroupLimits: Sendable, Hashable {
     /// 10...1000; nil: the kernel's default weight).
     public var ioWeight: Int?
 
-    public init(vcpus: Int, maxVcpus: Int? = nil, memoryMiB: Int, cpuPercent: Int? = nil, ioWeight: Int? = nil) {
+    /// A clone's template memory, MiB (its memory file's size); nil for a VM not cloned.
+    ///
+    /// A clone maps its template's memory file on tmpfs privately. Where the template never
+    /// wrote a page (or vmpool gave a zero page back), the file has a hole; the clone's first
+    /// touch of it allocates the page in the shared file, charged to the clone's cgroup and,
+    /// without swap, never reclaimed, before the clone's own copy is made. So a clone whose
+    /// guest uses all its memory is charged up to this much more (measured: a 256 MiB clone
+    /// that touched everything, 129 MiB of the template's file besides its own 197 MiB). The
+    /// pages stay in the file and the next clones share them, so the host's total is still
+    /// bounded by one template file per template.
+    public var templateMemoryMiB: Int?
+
+    public init(
+        vcpus: Int, maxVcpus: Int? = nil, memoryMiB: Int, cpuPercent: Int? = nil, ioWeight: Int? = nil,
+        templateMemoryMiB: Int? = nil
+    ) {
         self.vcpus = vcpus
         self.maxVcpus = max(vcpus, maxVcpus ?? vcpus)
         self.memoryMiB = memoryMiB
+        self.templateMemoryMiB = templateMemoryMiB
         self.cpuPercent = cpuPercent
         self.ioWeight = ioWeight
     }
@@ -190,27 +206,49 @@ public struct VMCgroups: Sendable {
 
     /// QEMU's memory beyond the guest's, MiB: what the cgroup is charged for besides guest RAM.
     ///
-    /// Measured (QEMU 7.2, TCG, tb-size 64 MiB, the default initramfs guest): see
-    /// `qemuOverheadFixedMiB`. A fixed part covers QEMU's heap, libraries, device state,
-    /// thread stacks and the page tables of the guest mapping; the translation cache, which
-    /// TCG fills up to its size as the guest runs new code, is added whole.
+    /// Measured with QEMU 7.2 (Debian 12) under TCG with `tb-size=64`, the default initramfs
+    /// guest booted cold, then made to touch all its free memory at once (`dd bs=AVAILABLE`),
+    /// in its own v1 memory cgroup (charge = `memory.max_usage_in_bytes`; "own" = QEMU's RSS
+    /// outside the guest RAM mapping):
+    ///
+    /// | guest | vCPUs | charge | guest RAM resident | charged beyond it | TCG cache resident | own RSS (file) |
+    /// | --- | --- | --- | --- | --- | --- | --- |
+    /// | 256 MiB | 1 | 336 MiB | 252 MiB | 84 MiB | 48 MiB | 97 MiB (15) |
+    /// | 1 GiB | 1 | 1038 MiB | 950 MiB | 88 MiB | 50 MiB | 100 MiB (15) |
+    /// | 256 MiB | 4 | 343 MiB | 254 MiB | 89 MiB | 25 MiB | 103 MiB (15) |
+    ///
+    /// Beyond the TCG cache, QEMU's anonymous memory is about 35 MiB with one vCPU (13 MiB of it
+    /// the kernel and initrd it keeps for the firmware, heap, device state) and about 10 MiB
+    /// more per vCPU (each vCPU thread's malloc arena and stack); page tables and other kernel
+    /// memory about 3 MiB; its binary and libraries (15 MiB) are shared page cache, charged to
+    /// whoever read them first and reclaimable. The TCG cache fills up to its size as the guest
+    /// runs new code, so it counts whole. Worst case so far: 88 - 50 + 64 = 102 MiB (1 vCPU),
+    /// 89 - 25 + 64 = 128 MiB (4 vCPUs). A clone without a guest kernel copy measured less
+    /// (42 MiB own, 14 of it TCG cache). The formula, with room for disks' caches, migration
+    /// buffers, hotplugged devices and a heap that grows: 64 MiB + 12 MiB per vCPU + the TCG
+    /// cache, i.e. 140 MiB for one vCPU (38 MiB above the worst measured), 176 MiB for four.
     public func memoryOverheadMiB(vcpus: Int) -> Int {
         Self.qemuOverheadFixedMiB + Self.qemuOverheadPerVcpuMiB * vcpus + (translationCacheMiB ?? 0)
     }
 
     /// See `memoryOverheadMiB`.
-    static let qemuOverheadFixedMiB = 96
-    static let qemuOverheadPerVcpuMiB = 4
+    static let qemuOverheadFixedMiB = 64
+    static let qemuOverheadPerVcpuMiB = 12
 
     /// The memory limit, bytes.
     public func memoryLimit(_ limits: CgroupLimits) -> Int {
-        (limits.memoryMiB + memoryOverheadMiB(vcpus: limits.maxVcpus)) << 20
+        (limits.memoryMiB + memoryOverheadMiB(vcpus: limits.maxVcpus) + (limits.templateMemoryMiB ?? 0)) << 20
     }
 
-    /// The task bound (threads: QEMU under its seccomp filter cannot fork).
+    /// The task bound: QEMU's threads (under its seccomp filter it cannot fork).
     ///
-    /// See `pidsFixed`: a thread per vCPU, the main loop, RCU and the signal thread, and the
-    /// block layer's worker pool for `aio=threads`, which grows to 64 under load.
+    /// A QEMU has a thread per vCPU (MTTCG), the main loop, RCU and a few helpers, and for
+    /// disks with `aio=threads` a worker pool of up to 64 threads that grows with requests in
+    /// flight (and a migration thread while a template is saved). Measured (two virtio disks,
+    /// 16 direct writers and readers per disk in the guest): 6 threads idle and 9 at most with
+    /// one vCPU, 9 idle and 18 at most with four. The bound allows the pool's 64 and the fixed
+    /// threads twice over, plus a thread per vCPU up to `maxVcpus`: a guest cannot push QEMU
+    /// past it by its own doing, and a QEMU turned into a fork bomb stops within a few hundred.
     public static func pidsLimit(_ limits: CgroupLimits) -> Int {
         pidsFixed + limits.maxVcpus
     }
@@ -477,38 +515,54 @@ public struct VMCgroups: Sendable {
     }
 
     /// Kills what is left in `directory` when asked, then removes it, waiting up to `timeout`
-    /// for killed processes to leave.
+    /// for killed processes to leave. A process that has exited but not been reaped yet (a
+    /// zombie; v1 lists them until their parent reaps them) is waited for, never refused.
     private func removeCgroup(_ directory: String, kill: Bool, timeout: Duration, vm: String?) throws(DriverError) {
         guard CgroupFiles.exists(directory) else { return }
         let deadline = ContinuousClock.now + timeout
         var killed = false
         while true {
             let pids = Self.processes(directory)
-            if !pids.isEmpty {
+            // Read twice: a process may exit between reading cgroup.procs and its /proc entry.
+            let live =
+                pids.filter { !Self.hasExited($0) }.isEmpty
+                ? [] : Self.processes(directory).filter { !Self.hasExited($0) }
+            if !live.isEmpty {
                 guard kill else {
                     throw DriverError(
                         .busy,
-                        "the cgroup \(directory) still holds processes \(pids.map(String.init).joined(separator: " "))",
+                        "the cgroup \(directory) still holds processes \(live.map(String.init).joined(separator: " "))",
                         vm: vm)
                 }
                 if !killed && CgroupFiles.exists(directory + "/cgroup.kill") {
                     _ = system.write(directory + "/cgroup.kill", "1")
                 } else {
-                    for pid in pids { Glibc.kill(pid, SIGKILL) }
+                    for pid in live { Glibc.kill(pid, SIGKILL) }
                 }
                 killed = true
-            } else {
+            } else if pids.isEmpty {
                 let error = system.rmdir(directory)
                 if error == nil || error == ENOENT { return }
                 if error != EBUSY { throw Self.failure("cannot remove the cgroup \(directory)", error!, vm: vm) }
             }
             guard ContinuousClock.now < deadline else {
                 throw DriverError(
-                    .timeout, "the cgroup \(directory) still holds processes after \(DurationText.format(timeout))",
-                    vm: vm)
+                    .timeout,
+                    "the cgroup \(directory) still holds processes after \(DurationText.format(timeout))"
+                        + (live.isEmpty ? " (exited, not yet reaped by their parent)" : ""), vm: vm)
             }
             usleep(2_000)
         }
+    }
+
+    /// Whether `pid` is a zombie: it has exited and waits for its parent. A pid this process
+    /// cannot see (another pid namespace) counts as running.
+    static func hasExited(_ pid: Int32) -> Bool {
+        guard let stat = QemuProcess.readProcFile("/proc/\(pid)/stat", limit: 4096),
+            let close = stat.lastIndex(of: UInt8(ascii: ")"))
+        else { return false }
+        let state = stat[(close + 1)...].first { $0 != UInt8(ascii: " ") }
+        return state == UInt8(ascii: "Z") || state == UInt8(ascii: "X")
     }
 
     /// The processes in a cgroup (`cgroup.procs`).

@@ -246,3 +246,41 @@ final class FakeCgroup2: @unchecked Sendable {
         return nil
     }
 }
+
+/// The kernel's log (/dev/kmsg), as records with their sequence numbers.
+enum KernelLog {
+    struct Record {
+        var sequence: Int
+        var message: String
+    }
+
+    /// Every record the kernel still holds; nil when /dev/kmsg cannot be read.
+    static func records() -> [Record]? {
+        let fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var records: [Record] = []
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let count = read(fd, &buffer, buffer.count)
+            if count < 0 {
+                if errno == EPIPE || errno == EINTR { continue }  // EPIPE: a record was overwritten
+                break
+            }
+            guard count > 0 else { break }
+            // "PRIORITY,SEQUENCE,TIMESTAMP,FLAGS;MESSAGE\n" and continuation lines.
+            let text = String(decoding: buffer[0..<count], as: UTF8.self)
+            guard let semicolon = text.firstIndex(of: ";") else { continue }
+            let header = text[..<semicolon].split(separator: ",")
+            guard header.count >= 2, let sequence = Int(header[1]) else { continue }
+            let message = text[text.index(after: semicolon)...].split(separator: "\n").first.map(String.init) ?? ""
+            records.append(Record(sequence: sequence, message: message))
+        }
+        return records
+    }
+
+    /// `KEY=VALUE` out of a comma-separated kernel message.
+    static func field(_ message: String, _ key: String) -> String? {
+        message.split(separator: ",").first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)) }
+    }
+}

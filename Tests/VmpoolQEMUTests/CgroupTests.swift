@@ -464,6 +464,30 @@ struct HostCgroupTests {
         }
     }
 
+    @Test func anExitedProcessNotYetReapedIsWaitedForNotRefused() throws {
+        try withCgroups { cgroups in
+            let handle = try cgroups.prepare(vm: "a", limits: limits)
+            let exited = try JoinedProcess("/bin/true", ["true"], handle: handle)
+            handle.close()
+            defer { exited.stop() }
+            #expect(eventually { VMCgroups.hasExited(exited.pid) })
+            let listed = VMCgroups.processes(handle.directories[0])
+            print("an exited, unreaped process is \(listed.isEmpty ? "not " : "")listed in cgroup.procs")
+            if !listed.isEmpty {
+                // Listed until reaped: remove waits for it instead of refusing (.busy).
+                #expect {
+                    try cgroups.remove(vm: "a", timeout: .milliseconds(50))
+                } throws: { error in
+                    let error = error as? DriverError
+                    return error?.code == .timeout && error?.message.contains("not yet reaped") == true
+                }
+            }
+            #expect(exited.wait() == 0)
+            try cgroups.remove(vm: "a")
+            for directory in handle.directories { #expect(!CgroupFiles.exists(directory)) }
+        }
+    }
+
     @Test func sweepAfterACrashRemovesTheCgroupsOfEveryVMNotAlive() throws {
         try withCgroups { cgroups in
             // A crash: cgroups prepared, one VM's process still running, no handle kept.
