@@ -30,6 +30,7 @@ import VmpoolDriver
 ///   processes all sit in its top cgroup): no place works until the container's processes move
 ///   to a child cgroup (as docker-in-docker moves them to `/init`); that is reported, not done.
 public struct CgroupLayout: Sendable, Equatable {
+    /// The cgroup version; v1 spreads the controllers over hierarchies of their own.
     public enum Version: String, Sendable {
         case v1
         case v2
@@ -44,16 +45,19 @@ public struct CgroupLayout: Sendable, Equatable {
         /// The directory `vmpool/` is created in.
         public var base: String
 
+        /// A hierarchy (tests pass a fake root's).
         public init(controllers: [String], base: String) {
             self.controllers = controllers
             self.base = base
         }
     }
 
+    /// Which version's files vmpool writes.
     public var version: Version
     /// v2: one; v1: one per hierarchy (cpu, memory and pids may share one, as cpu and cpuacct do).
     public var hierarchies: [Hierarchy]
 
+    /// A layout of the caller's (another cgroup root, a fake one in tests).
     public init(version: Version, hierarchies: [Hierarchy]) {
         self.version = version
         self.hierarchies = hierarchies

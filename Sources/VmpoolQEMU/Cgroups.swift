@@ -31,6 +31,7 @@ public struct CgroupLimits: Sendable, Hashable {
     /// bounded by one template file per template.
     public var templateMemoryMiB: Int?
 
+    /// `maxVcpus` defaults to (and is never below) `vcpus`.
     public init(
         vcpus: Int, maxVcpus: Int? = nil, memoryMiB: Int, cpuPercent: Int? = nil, ioWeight: Int? = nil,
         templateMemoryMiB: Int? = nil
@@ -75,6 +76,7 @@ public final class CgroupHandle: @unchecked Sendable {
 
     deinit { close() }
 
+    /// Closes the descriptors (the child has joined, or will not be started); idempotent.
     public func close() {
         lock.lock()
         defer { lock.unlock() }
@@ -100,23 +102,29 @@ public final class CgroupHandle: @unchecked Sendable {
 
 /// The limits in force on a VM's cgroup as the kernel reports them, for `describe vm`.
 public struct CgroupReport: Sendable, Equatable {
+    /// v1 or v2, as the limits are spelt differently.
     public var version: CgroupLayout.Version
+    /// The VM's cgroup directories, one per hierarchy.
     public var directories: [String]
     /// µs per `cpuPeriod`; nil: no quota.
     public var cpuQuota: Int?
+    /// µs; the quota's unit.
     public var cpuPeriod: Int?
     /// Bytes; nil: no limit.
     public var memoryLimit: Int?
     /// v2 `memory.swap.max`, v1 memsw limit minus the memory limit; nil: unknown or unlimited.
     public var swapLimit: Int?
+    /// Bytes charged now (v2 `memory.current`, v1 `memory.usage_in_bytes`).
     public var memoryUsage: Int?
     /// The most memory charged at once (v2 `memory.peak`, v1 `memory.max_usage_in_bytes`).
     public var memoryPeak: Int?
     /// nil: no limit.
     public var pidsLimit: Int?
+    /// Tasks (threads) now.
     public var pidsCurrent: Int?
     /// nil: the io weight cannot be set on this host (no io controller, no blkio.weight).
     public var ioWeight: Int?
+    /// Processes the kernel killed for the memory limit (v2 counts a group kill's victim twice).
     public var oomKills: Int
     /// Times a task of the VM waited for the CPU quota to refill.
     public var throttledPeriods: Int?
@@ -142,11 +150,6 @@ public struct CgroupReport: Sendable, Equatable {
         lines.append(("io weight", ioWeight.map(String.init) ?? "not available"))
         lines.append(("oom kills", String(oomKills)))
         return lines
-    }
-
-    public static func == (lhs: CgroupReport, rhs: CgroupReport) -> Bool {
-        lhs.summary.map { [$0.key, $0.value] } == rhs.summary.map { [$0.key, $0.value] }
-            && lhs.throttledPeriods == rhs.throttledPeriods
     }
 }
 
@@ -299,7 +302,7 @@ public struct VMCgroups: Sendable {
 
     /// Removes the VM's cgroup(s) once its process is gone. With `kill`, whatever is still in
     /// them is killed first (v2 `cgroup.kill` where the kernel has it); without, a cgroup that
-    /// still holds a process is an error (`.busy`) and is left. A cgroup already gone is fine.
+    /// still holds a process is an error (`.invalidState`) and is left. A cgroup already gone is fine.
     public func remove(vm: String, kill: Bool = false, timeout: Duration = .seconds(5)) throws(DriverError) {
         guard case .success(let layout) = self.layout else { return }
         let name = Self.name(vm: vm)
@@ -530,7 +533,7 @@ public struct VMCgroups: Sendable {
             if !live.isEmpty {
                 guard kill else {
                     throw DriverError(
-                        .busy,
+                        .invalidState,
                         "the cgroup \(directory) still holds processes \(live.map(String.init).joined(separator: " "))",
                         vm: vm)
                 }

@@ -286,7 +286,7 @@ struct CgroupV2FakeRootTests {
         fake.put(directory + "/cgroup.procs", "999999\n")
         #expect {
             try cgroups.remove(vm: "a")
-        } throws: { ($0 as? DriverError)?.code == .busy }
+        } throws: { ($0 as? DriverError)?.code == .invalidState }
         #expect(CgroupFiles.exists(directory))
         try cgroups.remove(vm: "a", kill: true)
         #expect(
@@ -447,7 +447,7 @@ struct HostCgroupTests {
             defer { sleeper.stop() }
             #expect {
                 try cgroups.remove(vm: "a")
-            } throws: { ($0 as? DriverError)?.code == .busy }
+            } throws: { ($0 as? DriverError)?.code == .invalidState }
             #expect(kill(sleeper.pid, 0) == 0, "not killed unless asked")
             #expect(handle.directories.allSatisfy(CgroupFiles.exists))
             try cgroups.remove(vm: "a", kill: true)
@@ -474,7 +474,7 @@ struct HostCgroupTests {
             let listed = VMCgroups.processes(handle.directories[0])
             print("an exited, unreaped process is \(listed.isEmpty ? "not " : "")listed in cgroup.procs")
             if !listed.isEmpty {
-                // Listed until reaped: remove waits for it instead of refusing (.busy).
+                // Listed until reaped: remove waits for it instead of refusing (.invalidState).
                 #expect {
                     try cgroups.remove(vm: "a", timeout: .milliseconds(50))
                 } throws: { error in
@@ -529,7 +529,7 @@ struct HostCgroupTests {
             defer { sleeper.stop() }
             #expect {
                 _ = try cgroups.prepare(vm: "a", limits: limits)
-            } throws: { ($0 as? DriverError)?.code == .busy }
+            } throws: { ($0 as? DriverError)?.code == .invalidState }
             sleeper.stop()
             try cgroups.prepare(vm: "a", limits: CgroupLimits(vcpus: 1, memoryMiB: 64)).close()
             try expectLimits(cgroups, "a", CgroupLimits(vcpus: 1, memoryMiB: 64))
@@ -629,7 +629,7 @@ struct HostCgroup2Tests {
         #expect(VMCgroups.processes(vmDirectory) == [joined.pid])
         #expect {
             try sibling.remove(vm: "a")
-        } throws: { ($0 as? DriverError)?.code == .busy }
+        } throws: { ($0 as? DriverError)?.code == .invalidState }
         #expect(CgroupFiles.exists(vmDirectory + "/cgroup.kill"), "this kernel has cgroup.kill")
         try sibling.remove(vm: "a", kill: true)
         #expect(joined.wait() == 128 + SIGKILL)
