@@ -19,9 +19,11 @@ import VmpoolDriver
 ///   v2 lets a non-root cgroup either hold processes or give controllers to children, never
 ///   both ("no internal processes"); vmpool's own cgroup holds vmpool (and, in a login session
 ///   or a cron job, other processes vmpool must not move), so `OWN/vmpool` could never get the
-///   cpu, memory and pids controllers. Its parent already gives them to OWN (that is how OWN
-///   has them) and holds no processes of its own, so a sibling can have them too. vmpool's own
-///   process stays where it is. Under systemd, give the unit a delegated subgroup
+///   cpu, memory and pids controllers. Its parent (a systemd slice, a container's cgroup)
+///   holds no processes of its own, so it can give them to a sibling: vmpool needs them in
+///   the parent's `cgroup.controllers` and enables them in its `cgroup.subtree_control` where
+///   they are not yet. vmpool's own process stays where it is. Under systemd, give the unit a
+///   delegated subgroup
 ///   (`Delegate=yes` and `DelegateSubgroup=supervisor`, systemd 254 and later) and the parent
 ///   lands inside the unit's delegated cgroup; on older systemd (Debian 12 has 252) it lands in
 ///   the unit's slice, beside the unit, and VMs outlive a restart of the unit, which is what
