@@ -284,9 +284,9 @@ struct CgroupQemuTests {
             "memory \(id): guest \(memoryMiB) MiB, limit \(host.cgroups.memoryLimit(limits) >> 20) MiB;"
                 + " booted: charge \(booted.0.now) MiB, \(booted.1);"
                 + " all touched (\(result.stdout.split(separator: "\n").last ?? "")): charge \(touched.0.now) MiB, peak"
-                + " \(touched.0.peak) MiB, \(touched.1); overhead above guest memory: charge"
-                + " \(touched.0.peak - memoryMiB) MiB, RSS \(touched.1.rss - memoryMiB) MiB, PSS"
-                + " \(touched.1.pss - memoryMiB) MiB (allowance \(allowance) MiB); threads \(CgroupQemu.threads(pid))")
+                + " \(touched.0.peak) MiB, \(touched.1); charged beyond the guest RAM resident"
+                + " \(touched.0.peak - touched.1.guestRAM) MiB (allowance \(allowance) MiB"
+                + (cloned ? " + the template's \(memoryMiB) MiB" : "") + "); threads \(CgroupQemu.threads(pid))")
         #expect(!host.cgroups.oomKilled(vm: id))
         #expect(QemuProcess.isRunning(pid, vm: id, runRoot: host.paths.runRoot))
         // The guest's pages are charged here: the peak is near guest memory plus QEMU's part,
@@ -305,7 +305,7 @@ struct CgroupQemuTests {
     @Test func aGuestThatFillsItsMemoryHasItsQemuKilledByItsCgroupAlone() throws {
         let host = CgroupQemu()
         defer { host.tearDown() }
-        // A neighbour VM cgroup with a process, and a second VM that idles: neither is touched.
+        // A neighbour VM's cgroup with a process in it: it is not touched.
         let neighbourHandle = try host.cgroups.prepare(vm: "neighbour", limits: CgroupLimits(vcpus: 1, memoryMiB: 64))
         let neighbour = try JoinedProcess("/bin/sleep", ["sleep", "600"], handle: neighbourHandle)
         neighbourHandle.close()
@@ -331,8 +331,9 @@ struct CgroupQemuTests {
         #expect(host.cgroups.oomKilled(vm: "hog"), "the VM's cgroup saw no OOM kill")
         let report = try #require(host.cgroups.describe(vm: "hog"))
         print("after the OOM kill: \(report.summary.map { "\($0.key): \($0.value)" }.joined(separator: "; "))")
-        #expect(report.oomKills == 1, "one process killed: QEMU")
-        #expect(VMCgroups.processes(report.directories[0]).allSatisfy(VMCgroups.hasExited))
+        // (v2 counts a group kill's victim twice; the kernel log below says who was killed.)
+        #expect(report.oomKills >= 1)
+        #expect(report.directories.allSatisfy { VMCgroups.processes($0).allSatisfy(VMCgroups.hasExited) })
         #expect(kill(neighbour.pid, 0) == 0, "the neighbour was killed")
         #expect(!host.cgroups.oomKilled(vm: "neighbour"))
         // The kernel's own account: the OOM killer ran for the VM's cgroup and chose QEMU there,
