@@ -24,10 +24,18 @@ public struct WallMember: Sendable, Hashable {
     public var id: String
     public var pool: String
     public var network: NetworkAssignment?
+    /// Its vCPUs and memory now (a hotplug raises its cgroup's limits).
+    public var shape: VMShape?
+    /// A clone that maps its template's memory file (its memory limit allows for it).
+    public var mapsTemplate: Bool
 
-    public init(id: String, pool: String, network: NetworkAssignment?) {
+    public init(
+        id: String, pool: String, network: NetworkAssignment?, shape: VMShape? = nil, mapsTemplate: Bool = false
+    ) {
         self.id = id
         self.pool = pool
         self.network = network
+        self.shape = shape
+        self.mapsTemplate = mapsTemplate
     }
 }

@@ -13,6 +13,8 @@ public final class QemuDriver: HypervisorDriver {
     let paths: QemuPaths
     let logger: Logger
     private let accelerator = Mutex<ResolvedAccelerator?>(nil)
+    /// The host's cgroup layout, detected once (confined VMs only).
+    private let cgroupLayout = Mutex<Result<CgroupLayout, DriverError>?>(nil)
     /// Who QEMU runs as, decided when the driver is made.
     let confinement: Confinement
     /// The network walls, where VMs are confined; `nil` then means nft is missing (a launch
@@ -85,7 +87,23 @@ public final class QemuDriver: HypervisorDriver {
         machine.sandbox = kernel != nil && configuration.sandbox && sandboxSupported
         machine.confinement = confinement
         machine.walls = walls
+        machine.cgroups = cgroups(accelerator: machine.accelerator)
         return machine
+    }
+
+    /// The VMs' cgroups, where VMs are confined (the layout detected on first use; a host
+    /// where cgroups cannot be managed fails each launch with what is missing).
+    func cgroups(accelerator: ResolvedAccelerator) -> VMCgroups? {
+        guard case .users = confinement else { return nil }
+        let layout = cgroupLayout.withLock { layout in
+            if let layout { return layout }
+            let detected = CgroupLayout.detect()
+            layout = detected
+            return detected
+        }
+        return VMCgroups(
+            stateDirectory: configuration.stateDirectory,
+            translationCacheMiB: accelerator == .tcg ? configuration.tcgCacheMiB : nil, layout: layout)
     }
 
     /// The name, machine id and network a VM's guest is given at boot or after a clone.
@@ -122,7 +140,7 @@ public final class QemuDriver: HypervisorDriver {
                         self.paths.overlay(request.id, disk: $0)
                     },
                     nic: Self.nic(request.shape.network, vm: request.id), pool: request.pool,
-                    address: request.network?.address)
+                    address: request.network?.address, limits: request.walls.limits)
                 if let mac = request.network?.mac { spec.nic?.mac = mac }
                 try machine.start(spec)
                 try machine.forwardPorts(request.network)
@@ -225,6 +243,7 @@ public final class QemuDriver: HypervisorDriver {
                 } else {
                     var spec = self.cloneMachine(
                         template, memoryFile: memoryFile, vm: request.id, address: request.network?.address)
+                    spec.limits = request.walls.limits
                     if !request.shape.sharesTemplateMemory { spec.memory = .cloneCopy(memoryFile) }
                     try machine.start(spec)
                     phases.mark("qemu")
@@ -461,6 +480,24 @@ public final class QemuDriver: HypervisorDriver {
                 )
             }, bridges: bridges, resolvers: NetworkWalls.resolvers())
         try await Blocking.run { () throws(DriverError) in try walls.apply(walls.script(state)) }
+        // Each VM's cgroup: the pool's limits now (a change applies in place), its vCPUs after
+        // a hotplug; the cgroups of VMs that are gone (a crash) go.
+        if let cgroups = cgroups(accelerator: .tcg), cgroups.unavailable == nil {
+            let limits = Dictionary(policies.map { ($0.pool, $0.walls.limits) }, uniquingKeysWith: { a, _ in a })
+            let accelerator = self.accelerator.withLock { $0 } ?? .tcg
+            let sized = self.cgroups(accelerator: accelerator) ?? cgroups
+            await Blocking.runQuietly {
+                for member in members {
+                    guard let shape = member.shape, live.contains(where: { $0.id == member.id }) else { continue }
+                    try? sized.update(
+                        vm: member.id,
+                        limits: QemuVM.cgroupLimits(
+                            shape, member.mapsTemplate ? .clonePrivate("") : .anonymous,
+                            limits[member.pool] ?? ResourceLimits()))
+                }
+                sized.sweep(alive: Set(live.map(\.id)), kill: true)
+            }
+        }
     }
 
     public func discoverTemplates() async -> [String] {

@@ -1,6 +1,7 @@
 import CVmpoolSys
 import Foundation
 import VmpoolDriver
+import VmpoolSpec
 
 /// Where a VM's RAM comes from.
 enum MemoryMode {
@@ -70,6 +71,10 @@ struct MachineSpec {
     var pool = ""
     /// Bridge mode: the address the VM is given, known to the walls before its guest runs.
     var address: String?
+    /// What the pool lowers the VM's cgroup limits to.
+    var limits = ResourceLimits()
+    /// Limits given whole instead of derived from the shape (tests of the limits themselves).
+    var cgroupLimits: CgroupLimits?
 }
 
 /// The descriptor numbers, in QEMU, of the files and sockets vmpool opened and passed to it:
@@ -112,6 +117,8 @@ struct QemuVM {
     var confinement: Confinement = .none(reason: "not started")
     /// The network walls (confined VMs).
     var walls: NetworkWalls?
+    /// The VM's cgroup (confined VMs).
+    var cgroups: VMCgroups?
 
     /// seccomp filter options: QEMU may neither start a program nor change its uid (vmpool starts
     /// it detached and already as its VM's uid), nor use obsolete calls or change its scheduling.
@@ -330,6 +337,14 @@ struct QemuVM {
                 NetworkWalls.Member(uid: user.uid, pool: machine.pool, tap: tap, address: machine.address), vm: id)
         }
         let files = try openFiles(machine, into: &plan)
+        var cgroup: CgroupHandle?
+        defer { cgroup?.close() }
+        if let cgroups {
+            cgroup = try cgroups.prepare(
+                vm: id, limits: machine.cgroupLimits ?? Self.cgroupLimits(machine.shape, machine.memory, machine.limits)
+            )
+            plan.cgroupProcs = cgroup!.procsDescriptors
+        }
         plan.log = Glibc.open(paths.qemuLog(id), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard let binary = QemuProcess.resolve(configuration.binary) else {
             throw DriverError(
@@ -342,6 +357,18 @@ struct QemuVM {
         try awaitMonitor(pid: pid, timeout: configuration.bootTimeout)
         // QEMU read the kernel before its monitor answered; its copy can go.
         for fd in plan.emptiedAfterStart { ftruncate(fd, 0) }
+    }
+
+    /// A VM's cgroup limits: its vCPUs and memory (the ceiling: the guest cannot use more than
+    /// is plugged, and a hotplug then needs no new limit), lowered as the pool says. A clone
+    /// that maps its template's file is charged for the holes it fills there, up to the
+    /// template's size (measured: see `VMCgroups.memoryOverheadMiB`).
+    static func cgroupLimits(_ shape: VMShape, _ memory: MemoryMode, _ limits: ResourceLimits) -> CgroupLimits {
+        var templateMiB: Int?
+        if case .clonePrivate = memory { templateMiB = shape.memoryMiB }
+        return CgroupLimits(
+            vcpus: shape.vcpus, maxVcpus: shape.maxVcpus, memoryMiB: shape.maxMemoryMiB, cpuPercent: limits.cpuPercent,
+            ioWeight: limits.ioWeight, templateMemoryMiB: templateMiB)
     }
 
     /// Opens what QEMU needs and hands it over: the listening sockets of its monitors and
@@ -696,7 +723,14 @@ struct QemuVM {
     /// agent: an apply running meanwhile keeps its channels. `.guest` (the lock holder) asks
     /// the control monitor and the agent, and tells a busy agent channel from a silent guest.
     func status(depth: StatusDepth, agentTimeout: Duration = .seconds(2)) -> VMStatus {
-        guard let pid, QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) else { return .gone }
+        guard let pid, QemuProcess.isRunning(pid, vm: id, runRoot: paths.runRoot) else {
+            // Its cgroup outlives it until the VM is stopped: it tells a memory limit's kill.
+            if cgroups?.oomKilled(vm: id) == true {
+                return VMStatus(
+                    liveness: .gone, fault: "QEMU was killed by its memory limit (its cgroup's OOM killer)")
+            }
+            return .gone
+        }
         let qmp: QMPClient
         var observerLock: ChannelLock?
         do throws(DriverError) {
@@ -813,6 +847,7 @@ struct QemuVM {
         }
         try? FileManager.default.removeItem(atPath: paths.vmDirectory(id))
         HostNetwork.removeTap(NetworkAssignment.tapName(for: id))
+        try? cgroups?.remove(vm: id, kill: true)
     }
 }
 

@@ -47,13 +47,14 @@ public struct Observation: Sendable {
         case .stopping: return .broken("a stop did not finish")
         case .running, .paused: break
         }
+        // Stopped or killed by the hypervisor or the host (a disk write found no space, the VM's
+        // memory limit): broken, never a spare, and said why.
+        if let fault = status.fault { return .broken(fault) }
         switch status.liveness {
         case .gone: return .broken("the VM's process is gone")
         case .hung: return .broken("the hypervisor does not answer")
         case .alive: break
         }
-        // Stopped by the hypervisor itself (a disk write found no space): broken, never a spare.
-        if let fault = status.fault { return .broken(fault) }
         // A VM someone entered while no one held it is not fresh: it is never leased.
         if let entered = record.entered, record.lease == nil {
             return .broken("entered by \(entered.by) while not leased")

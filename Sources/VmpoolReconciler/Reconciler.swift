@@ -179,7 +179,11 @@ public final class Reconciler: Sendable {
                     bridge: pool.spec.network?.mode == .bridge
                         ? pool.spec.network?.bridge ?? NetworkSpec.defaultBridge : nil)
             }
-            let members = observation.records.map { WallMember(id: $0.id, pool: $0.pool, network: $0.network) }
+            let members = observation.records.map {
+                WallMember(
+                    id: $0.id, pool: $0.pool, network: $0.network, shape: $0.shape,
+                    mapsTemplate: $0.boot == .template && $0.shape.sharesTemplateMemory)
+            }
             let bridges = Dictionary(try store.bridges().map { ($0.name, $0.subnet) }, uniquingKeysWith: { a, _ in a })
             try await driver.applyWalls(policies, members: members, bridges: bridges)
         } catch {
@@ -200,16 +204,22 @@ public final class Reconciler: Sendable {
     /// Brings records in line with what the hypervisor reports (paused or resized behind our back).
     private func syncRecords(_ observation: Observation) throws(StoreError) {
         for record in observation.records where record.state == .running || record.state == .paused {
-            guard let status = observation.statuses[record.id], status.liveness == .alive else { continue }
+            guard let status = observation.statuses[record.id] else { continue }
             if let fault = status.fault {
                 // Said once, in an event and the record; the planner replaces the VM.
                 guard record.lastError != fault else { continue }
                 var faulted = record
                 faulted.lastError = fault
                 try store.saveVM(faulted)
-                try store.record(Event(pool: record.pool, vm: record.id, kind: "fault", message: fault))
+                try store.record(
+                    Event(
+                        pool: record.pool, vm: record.id, kind: "fault",
+                        message: fault
+                            + (record.lease == nil ? "; the pool replaces it" : "; its holder should release it")
+                    ))
                 continue
             }
+            guard status.liveness == .alive else { continue }
             var updated = record
             if let running = status.running { updated.state = running ? .running : .paused }
             updated.shape.vcpus = status.vcpus ?? record.shape.vcpus

@@ -48,12 +48,14 @@ struct FaultTests {
         let applied = try run(["apply", "-f", manifest])
         try #require(applied.status == 0, "\(applied.stdout)\(applied.stderr)")
         defer { _ = try? run(["delete", "full"]) }
-        let rows = try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
+        let rows =
+            try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
             as? [[String: Any]] ?? []
         let vm = try #require(rows.first?["id"] as? String)
         // Leased, so that the exec does not itself make the VM one to replace.
         _ = try run(["lease", "full", "--holder", "filler"])
-        let leasedRows = try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
+        let leasedRows =
+            try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
             as? [[String: Any]] ?? []
         let filler = try #require(
             leasedRows.first { ($0["lease"] as? [String: Any])?["holder"] as? String == "filler" }?["id"] as? String)
@@ -72,19 +74,22 @@ struct FaultTests {
             result.stderr.contains("no space left") && !result.stderr.contains("/run/"),
             "exec said: \(result.stderr)")
         print("full disk: exec ended after \(Int(Date().timeIntervalSince(started))) s with \(result.status)")
-        let after = try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
+        let after =
+            try JSONSerialization.jsonObject(with: Data(try run(["get", "vms", "-o", "json"]).stdout.utf8))
             as? [[String: Any]] ?? []
         let row = after.first { $0["id"] as? String == filler }
         #expect(row?["state"] as? String == "failed", "\(row ?? [:])")
         #expect((row?["problem"] as? String)?.contains("no space left on the host") == true, "\(row ?? [:])")
-        let pools = try JSONSerialization.jsonObject(with: Data(try run(["get", "pools", "-o", "json"]).stdout.utf8))
+        let pools =
+            try JSONSerialization.jsonObject(with: Data(try run(["get", "pools", "-o", "json"]).stdout.utf8))
             as? [[String: Any]] ?? []
         #expect(pools.first?["warmReady"] as? Int == 0, "a stopped VM counted as warm: \(pools)")
         // Space comes back when the filler goes (its overlay was what filled the disk).
         _ = try run(["release", filler])
         let reconciled = try run(["reconcile"])
         #expect(reconciled.status == 0, "\(reconciled.stdout)\(reconciled.stderr)")
-        let final = try JSONSerialization.jsonObject(with: Data(try run(["get", "pools", "-o", "json"]).stdout.utf8))
+        let final =
+            try JSONSerialization.jsonObject(with: Data(try run(["get", "pools", "-o", "json"]).stdout.utf8))
             as? [[String: Any]] ?? []
         #expect(final.first?["ready"] as? Int == 2, "\(final)")
         let events = try run(["events", "--pool", "full"]).stdout

@@ -116,3 +116,18 @@ public final class RunningCommand: @unchecked Sendable {
         return result
     }
 }
+
+extension RunningCommand {
+    /// Whether the process ends within `seconds`; it is not reaped, so `wait()` still works.
+    public func exited(within seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            var info = siginfo_t()
+            if waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_signo == SIGCHLD {
+                return true
+            }
+            usleep(20_000)
+        } while Date() < deadline
+        return false
+    }
+}

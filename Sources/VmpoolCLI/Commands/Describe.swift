@@ -304,7 +304,9 @@ struct VMDescription {
                     + (lease.expiresAt.map { ", until \(JSONValue.rfc3339($0))" } ?? ""))
         }
         lines.append("Created:     \(JSONValue.rfc3339(record.createdAt))")
-        for (index, line) in wallLines.enumerated() { lines.append((index == 0 ? "Walls:       " : "             ") + line) }
+        for (index, line) in wallLines.enumerated() {
+            lines.append((index == 0 ? "Walls:       " : "             ") + line)
+        }
         lines.append("Events:")
         lines.append(events.isEmpty ? "  none" : events.map { "  " + EventText.line($0) }.joined(separator: "\n"))
         return lines.joined(separator: "\n")
