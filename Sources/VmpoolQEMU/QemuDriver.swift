@@ -449,7 +449,11 @@ public final class QemuDriver: HypervisorDriver {
         if field("NoNewPrivs") == "1" { sandbox.append("no new privileges") }
         if field("CapEff").map({ $0.allSatisfy { $0 == "0" } }) == true { sandbox.append("no capabilities") }
         if !sandbox.isEmpty { lines.append(("sandbox", sandbox.joined(separator: ", "))) }
-        if walls != nil { lines.append(("network", "behind its pool's walls (nftables table \(walls!.table))")) }
+        if let walls { lines.append(("network", "behind its pool's walls (nftables table \(walls.table))")) }
+        let accelerator = self.accelerator.withLock { $0 } ?? .tcg
+        if let report = cgroups(accelerator: accelerator)?.describe(vm: vm.id) {
+            lines += report.summary.map { ($0.key, $0.value) }
+        }
         return lines
     }
 
