@@ -271,6 +271,84 @@ struct WallsTests {
         print("walls: another VM's uid opened \(opened.count) of \(fds.count + 1) of a VM's files and descriptors")
     }
 
+    /// A guest that spins both its vCPUs and fills its memory stays inside its cgroup: its
+    /// QEMU's CPU time stays within its quota, its memory within its limit, nothing is killed
+    /// outside it, and the VM next to it keeps answering.
+    @Test(.enabled(if: geteuid() == 0, "cgroups need root"))
+    func aGuestThatSpinsAndFillsItsMemoryIsContained() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("noisy", size: 2).replacingOccurrences(of: "vcpus: 1", with: "vcpus: 2"))
+        let leased = try (0..<2).map { _ in
+            try box.run(["lease", "noisy", "--holder", "hostile"]).stdout.trimmingCharacters(
+                in: .whitespacesAndNewlines)
+        }
+        let (noisy, neighbour) = (leased[0], leased[1])
+        let pid = try #require(try box.vms().first { $0["id"] as? String == noisy }?["pid"] as? Int)
+        let describe = try box.run(["describe", "vm", noisy]).stdout
+        let limitLine = describe.split(separator: "\n").first { $0.contains("memory: ") && $0.contains("MiB") }
+        let limitMiB = limitLine.flatMap { line in
+            line.split(separator: " ").firstIndex(of: "memory:").flatMap { Int(line.split(separator: " ")[$0 + 1]) }
+        }
+        #expect(limitMiB != nil, "describe shows no memory limit: \(describe)")
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        func cpuSeconds() -> Double {
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            let fields = stat.split(separator: ")").last?.split(separator: " ") ?? []
+            return fields.count > 13 ? (Double(fields[11]) ?? 0) / ticks + (Double(fields[12]) ?? 0) / ticks : 0
+        }
+        func rssMiB() -> Int {
+            let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            return (fields.count > 1 ? Int(fields[1]) ?? 0 : 0) / 1024
+        }
+        // Both vCPUs spin, and the guest fills most of its memory (a tmpfs, which no guest
+        // process owns: the guest's own OOM killer would pick the agent).
+        let hostile = try box.binary.start([
+            "exec", noisy, "--state-dir", box.state, "--", "sh", "-c",
+            "mkdir -p /tmp/fill && mount -t tmpfs -o size=1g fill /tmp/fill"
+                + " && dd if=/dev/zero of=/tmp/fill/zeros bs=1M count=128 2>/dev/null;"
+                + " for i in 1 2; do (while :; do :; done) & done; sleep 600",
+        ])
+        defer {
+            hostile.kill(SIGKILL)
+            _ = hostile.wait()
+        }
+        // Wait until it has filled its memory and spins: QEMU above 180 MiB, and busier than
+        // most of a CPU over a second (an idle guest takes a twentieth; the host's other work
+        // shares its two CPUs).
+        let deadline = Date().addingTimeInterval(120)
+        var spinning = false
+        while Date() < deadline && !spinning {
+            let before = cpuSeconds()
+            let sampled = Date()
+            _ = try box.exec(neighbour, ["true"])
+            while Date().timeIntervalSince(sampled) < 1 { _ = try box.exec(neighbour, ["true"]) }
+            let rate = (cpuSeconds() - before) / Date().timeIntervalSince(sampled)
+            spinning = rssMiB() >= 180 && rate >= 0.8
+        }
+        #expect(spinning, "the hostile guest never filled its memory and spun (\(rssMiB()) MiB)")
+        let startCPU = cpuSeconds()
+        let started = Date()
+        var answered = 0
+        var tried = 0
+        while Date().timeIntervalSince(started) < 5 {
+            tried += 1
+            if try box.exec(neighbour, ["true"]).status == 0 { answered += 1 }
+        }
+        let elapsed = Date().timeIntervalSince(started)
+        let used = cpuSeconds() - startCPU
+        #expect(answered == tried, "the neighbour answered \(answered) of \(tried) execs while the other VM spun")
+        // Two vCPUs' quota is two CPUs: within it, with a tenth of a CPU for timing slack.
+        #expect(used <= elapsed * 2.1, "QEMU used \(used) s of CPU in \(elapsed) s")
+        let rss = rssMiB()
+        if let limitMiB { #expect(rss <= limitMiB, "QEMU holds \(rss) MiB over its \(limitMiB) MiB limit") }
+        print(
+            "walls: a spinning, filling VM used \(String(format: "%.2f", used)) s of CPU in \(String(format: "%.2f", elapsed)) s,"
+                + " holds \(rss) MiB (limit \(limitMiB ?? 0) MiB); its neighbour answered \(answered) of \(tried)")
+    }
+
     /// Whether the guest's `nc` gets the listener's greeting from HOST:PORT within 5 s.
     static func reaches(_ box: QemuSandbox, _ vm: String, _ host: String, _ port: Int) throws -> Bool {
         let result = try box.exec(vm, ["sh", "-c", "nc -w 5 \(host) \(port) </dev/null"])
