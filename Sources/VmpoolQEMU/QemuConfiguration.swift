@@ -28,6 +28,9 @@ public struct QemuConfiguration: Sendable {
     /// Confine QEMU (its own uid, cgroup and network walls) where vmpool can: as root.
     /// `VMPOOL_WALLS=0` turns it off, to measure what the walls cost.
     public var confine = true
+    /// Put each confined VM's QEMU in a cgroup of its own (`VMPOOL_CGROUPS=0` turns it off:
+    /// for a vmpool run where no cgroup file system is mounted, such as `ip netns exec`).
+    public var cgroups = true
     /// Longest wait for a cold-booted guest's agent (`VMPOOL_BOOT_TIMEOUT`).
     public var bootTimeout: Duration
     /// Set the guest clock after a clone or resume (`VMPOOL_CLOCK_SYNC=0` turns it off, to
@@ -74,6 +77,7 @@ public struct QemuConfiguration: Sendable {
         if environment["VMPOOL_QEMU_SANDBOX"] == "0" { config.sandbox = false }
         if let user = environment["VMPOOL_QEMU_USER"], !user.isEmpty { config.qemuUser = user }
         if environment["VMPOOL_WALLS"] == "0" { config.confine = false }
+        if environment["VMPOOL_CGROUPS"] == "0" { config.cgroups = false }
         // Validated by the command line (an invalid value is an error there).
         if let text = environment["VMPOOL_TCG_CACHE_MIB"], let mib = Int(text), (1...2048).contains(mib) {
             config.tcgCacheMiB = mib

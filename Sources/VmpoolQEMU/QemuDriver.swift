@@ -94,7 +94,7 @@ public final class QemuDriver: HypervisorDriver {
     /// The VMs' cgroups, where VMs are confined (the layout detected on first use; a host
     /// where cgroups cannot be managed fails each launch with what is missing).
     func cgroups(accelerator: ResolvedAccelerator) -> VMCgroups? {
-        guard case .users = confinement else { return nil }
+        guard case .users = confinement, configuration.cgroups else { return nil }
         let layout = cgroupLayout.withLock { layout in
             if let layout { return layout }
             let detected = CgroupLayout.detect()

@@ -113,6 +113,8 @@ class Cluster:
                 "--store", self.url(f"10.231.{n}.1"), "--state-dir", self.state(host), "--driver", driver,
             ],
             stdout=log, stderr=subprocess.STDOUT,
+            # `ip netns exec` mounts a /sys of its own, with no cgroup file system in it.
+            env=dict(os.environ, VMPOOL_CGROUPS="0"),
         )
 
     def kill(self, host, sig=signal.SIGKILL):
@@ -135,7 +137,7 @@ class Cluster:
         return subprocess.run(
             ["ip", "netns", "exec", f"vmpt-{host}", VMPOOL, args[0], "--store", self.url(f"10.231.{n}.1"),
              "--host", host, "--state-dir", self.state(host), *args[1:]],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, env=dict(os.environ, VMPOOL_CGROUPS="0"),
         )
 
     def apply(self, text, *args, check=True, timeout="60s"):

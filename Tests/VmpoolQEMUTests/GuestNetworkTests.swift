@@ -38,7 +38,8 @@ struct GuestNetworkTests {
                 arguments: Array(prefix.dropFirst()) + [
                     box.binary.path, "apply", "-f", file, "--state-dir", box.state,
                 ],
-                environment: box.binary.environment
+                // `ip netns exec` mounts a /sys of its own, with no cgroup file system in it.
+                environment: box.binary.environment.merging(["VMPOOL_CGROUPS": "0"]) { $1 }
             ).wait()
         }
         #expect(result.status == 0, "apply failed: \(result.stdout)\n\(result.stderr)")
@@ -364,9 +365,12 @@ struct TestNamespace {
         _ = try run(["ip", "link", "set", "lo", "up"])
     }
 
+    /// Runs a command in the namespace; vmpool there puts VMs in no cgroup (`ip netns exec`
+    /// mounts a /sys of its own, with no cgroup file system in it).
     func run(_ arguments: [String]) throws -> CommandResult {
         try RunningCommand(
-            path: prefix[0], arguments: Array(prefix.dropFirst()) + arguments, environment: box.binary.environment
+            path: prefix[0], arguments: Array(prefix.dropFirst()) + arguments,
+            environment: box.binary.environment.merging(["VMPOOL_CGROUPS": "0"]) { $1 }
         ).wait()
     }
 

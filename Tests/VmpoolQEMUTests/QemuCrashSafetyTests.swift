@@ -64,8 +64,10 @@ struct QemuCrashSafetyTests {
         }
         func vmpool(_ arguments: [String]) throws -> RunningCommand {
             let full = Namespace.wrap(namespace, [box.binary.path] + arguments + ["--state-dir", box.state])
+            // `ip netns exec` mounts a /sys of its own, with no cgroup file system in it.
             return try RunningCommand(
-                path: full[0], arguments: Array(full.dropFirst()), environment: box.binary.environment)
+                path: full[0], arguments: Array(full.dropFirst()),
+                environment: box.binary.environment.merging(["VMPOOL_CGROUPS": "0"]) { $1 })
         }
         func inside(_ arguments: [String]) throws -> CommandResult {
             let full = Namespace.wrap(namespace, arguments)
