@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -40,12 +41,32 @@ extension Vmpool {
                 }
                 return 0
             }
-            if code != 0 { throw ExitCode(1) }
+            if code != 0 { throw ExitCode(code > 128 ? code : 1) }
         }
 
+        /// Writes to stdout; a reader that stops reading holds it up only until the task is
+        /// cancelled (a signal).
         static func emit(_ bytes: [UInt8]) throws {
             guard !bytes.isEmpty else { return }
-            FileHandle.standardOutput.write(Data(bytes))
+            var info = stat()
+            let mayBlock = fstat(1, &info) != 0 || (info.st_mode & S_IFMT) != S_IFREG
+            var offset = 0
+            while offset < bytes.count {
+                if mayBlock {
+                    var pfd = pollfd(fd: 1, events: Int16(POLLOUT), revents: 0)
+                    if poll(&pfd, 1, 50) <= 0 {
+                        try Task.checkCancellation()
+                        continue
+                    }
+                }
+                let length = mayBlock ? min(bytes.count - offset, Int(PIPE_BUF)) : bytes.count - offset
+                let written = bytes.withUnsafeBytes { Glibc.write(1, $0.baseAddress! + offset, length) }
+                if written < 0 {
+                    if errno == EINTR || errno == EAGAIN { continue }
+                    throw CommandFailure(description: "cannot write to stdout: \(String(cString: strerror(errno)))")
+                }
+                offset += written
+            }
         }
 
         static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {
@@ -86,7 +107,7 @@ extension Vmpool {
                 printError("\nDetached from \(id).")
                 return 0
             }
-            if code != 0 { throw ExitCode(1) }
+            if code != 0 { throw ExitCode(code > 128 ? code : 1) }
         }
     }
 }
