@@ -31,7 +31,7 @@ final class ExecSession {
         /// Between `P` frames that tell the agent the host is still there.
         var keepalive: Duration = .seconds(1)
         /// For a free exec port.
-        var portWait: Duration = .seconds(30)
+        var portWait: Duration = .seconds(120)
     }
 
     private let channel: Channel
