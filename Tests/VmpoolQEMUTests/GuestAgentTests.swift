@@ -190,6 +190,13 @@ struct GuestAgentTests {
         #expect(ContinuousClock.now - started < .seconds(2))
     }
 
+    @Test func anAgentFromBeforeTheSessionStartStillRunsCommands() throws {
+        let agent = try ScriptedAgent(.beforeSessionStart)
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        try session.handshake()
+        #expect(try session.run(ExecRequest(argv: ["true"]), streams: agent.streams) == .exited(3))
+    }
+
     @Test func aCommandThatNeverStartsIsKilledAtTheStartDeadline() throws {
         let agent = try ScriptedAgent(.noStart)
         let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
@@ -248,6 +255,8 @@ struct GuestAgentTests {
 final class ScriptedAgent {
     enum Stage: Sendable {
         case noEcho, noStart, neverEnds
+        /// An agent from before H: it skips the H, answers pings, and runs commands to the end.
+        case beforeSessionStart
     }
 
     /// What the agent got, shared with its thread.
@@ -273,8 +282,15 @@ final class ScriptedAgent {
         Thread.detachNewThread {
             while let (type, payload) = Self.readFrame(guest) {
                 switch type {
-                case AgentFrame.session where stage != .noEcho:
+                case AgentFrame.session where stage != .noEcho && stage != .beforeSessionStart:
                     Self.send(guest, AgentFrame.encode(type, payload))
+                case AgentFrame.query where stage == .beforeSessionStart:
+                    let id = String(decoding: payload, as: UTF8.self).split(separator: " ").first ?? ""
+                    Self.send(guest, AgentFrame.encode(AgentFrame.answer, Array("\(id) ok pong".utf8)))
+                case AgentFrame.command where stage == .beforeSessionStart:
+                    Self.send(guest, AgentFrame.encode(AgentFrame.started, Array("4242".utf8)))
+                    Self.send(guest, AgentFrame.encode(AgentFrame.stdout, Array("old\n".utf8)))
+                    Self.send(guest, AgentFrame.encode(AgentFrame.exit, Array("exit 3".utf8)))
                 case AgentFrame.command where stage == .neverEnds:
                     Self.send(guest, AgentFrame.encode(AgentFrame.started, Array("4242".utf8)))
                     onStart()
