@@ -208,9 +208,6 @@ final class Channel {
         while buffer.count - bufferStart < count { try fill(until: deadline) }
     }
 
-    /// Whether bytes are buffered that no frame or line took yet.
-    var hasBufferedInput: Bool { bufferStart < buffer.count }
-
     private func consume(upTo end: Int) {
         bufferStart = end
         if bufferStart == buffer.count {

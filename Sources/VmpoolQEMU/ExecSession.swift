@@ -243,7 +243,6 @@ final class ExecSession {
             if readStdin { fds.append(pollfd(fd: streams.stdin, events: Int16(POLLIN), revents: 0)) }
             var wait = 50
             if let giveUpAt { wait = min(wait, max(0, Int((giveUpAt - now).milliseconds) + 1)) }
-            if channel.hasBufferedInput { wait = 0 }
             if poll(&fds, nfds_t(fds.count), Int32(wait)) < 0 && errno != EINTR {
                 throw DriverError(.io, "poll failed: \(String(cString: strerror(errno)))", vm: vm)
             }
