@@ -172,15 +172,37 @@ final class ExecSession {
     private struct Outbox {
         private var bytes: [UInt8] = []
         private var start = 0
+        /// Where each queued frame ends, counted in bytes queued since the session began.
+        private var frameEnds: [Int] = []
+        private var queued = 0
+        private var sent = 0
+        /// The end of the last frame sent whole.
+        private var boundary = 0
         var count: Int { bytes.count - start }
 
-        mutating func append(_ type: UInt8, _ payload: [UInt8]) { bytes += AgentFrame.encode(type, payload) }
+        mutating func append(_ type: UInt8, _ payload: [UInt8]) {
+            bytes += AgentFrame.encode(type, payload)
+            queued += 5 + payload.count
+            frameEnds.append(queued)
+        }
+
+        /// Drops the frames not begun yet (stdin nobody needs once the command is killed); the
+        /// frame in progress is kept, so that what follows starts on a frame boundary.
+        mutating func dropUnbegun() {
+            let keep = sent == boundary ? sent : frameEnds.first { $0 > sent } ?? queued
+            bytes.removeLast(queued - keep)
+            queued = keep
+            frameEnds.removeAll { $0 > keep }
+        }
 
         /// Sends what the socket takes; returns whether anything went.
         mutating func flush(to channel: Channel) throws(DriverError) -> Bool {
             guard count > 0 else { return false }
-            let sent = try channel.sendAvailable(bytes[start...])
-            start += sent
+            let taken = try channel.sendAvailable(bytes[start...])
+            start += taken
+            sent += taken
+            if let done = frameEnds.last(where: { $0 <= sent }) { boundary = done }
+            frameEnds.removeAll { $0 <= sent }
             if start == bytes.count {
                 bytes.removeAll(keepingCapacity: true)
                 start = 0
@@ -188,7 +210,7 @@ final class ExecSession {
                 bytes.removeFirst(start)
                 start = 0
             }
-            return sent > 0
+            return taken > 0
         }
     }
 
@@ -226,6 +248,7 @@ final class ExecSession {
                     ending = .notStarted
                 }
                 if ending != nil {
+                    outbox.dropUnbegun()
                     outbox.append(AgentFrame.signal, Array("\(SIGKILL)".utf8))
                     giveUpAt = now + limits.killGrace
                     stdinOpen = false
@@ -267,6 +290,7 @@ final class ExecSession {
                         try LocalOutput.write(payload, to: type == AgentFrame.stdout ? streams.stdout : streams.stderr)
                     } catch {
                         if ending == nil {
+                            outbox.dropUnbegun()
                             outbox.append(AgentFrame.signal, Array("\(SIGKILL)".utf8))
                             giveUpAt = .now + limits.killGrace
                             stdinOpen = false
@@ -306,10 +330,6 @@ final class ExecSession {
         }
     }
 
-    func signal(_ number: Int32) throws(DriverError) {
-        try channel.send(AgentFrame.encode(AgentFrame.signal, Array("\(number)".utf8)), deadline: .now + .seconds(5))
-    }
-
     /// Parses an `X` frame: `exit N`, `signal N` or `error CODE MESSAGE`.
     static func outcome(_ text: String) -> ExecOutcome {
         let parts = text.split(separator: " ", maxSplits: 2).map(String.init)
@@ -321,11 +341,6 @@ final class ExecSession {
             return .notRun(code: [125, 126, 127].contains(code) ? code : 125, message: parts.count > 2 ? parts[2] : "")
         default: return .notRun(code: 125, message: "the guest agent ended the command oddly: \(text.prefix(100))")
         }
-    }
-
-    /// Writes all of `bytes` to a local descriptor, unchanged (binary-safe).
-    static func write(_ bytes: [UInt8], to fd: Int32) throws(DriverError) {
-        try LocalOutput.write(bytes, to: fd)
     }
 }
 
