@@ -210,7 +210,7 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Kind: String, Hashable, Sendable {
             case launchFailed, timeout, protocolError, notFound, invalidState, limitExceeded, injectedFault
-            case imageMissing, hostUnsupported, io, busy, cancelled
+            case imageMissing, hostUnsupported, io, busy, cancelled, processExited
         }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
@@ -239,6 +239,8 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
         public static let busy = Code(.busy)
         /// The operation was interrupted (shutdown, `--timeout`) and undone.
         public static let cancelled = Code(.cancelled)
+        /// The VM's hypervisor process exited under the operation; the next pass replaces the VM.
+        public static let processExited = Code(.processExited)
 
         public var description: String { kind.rawValue }
     }

@@ -3,7 +3,9 @@ import VmpoolDriver
 
 /// Frame types of the guest agent protocol (see Sources/VmpoolImage/Guest/vmpool-agent.c).
 enum AgentFrame {
-    // Host to guest.
+    // Host to guest (and `session` back, as the agent's echo).
+    static let session = UInt8(ascii: "H")
+    static let presence = UInt8(ascii: "P")
     static let query = UInt8(ascii: "Q")
     static let command = UInt8(ascii: "C")
     static let stdin = UInt8(ascii: "I")
@@ -47,8 +49,9 @@ final class AgentClient {
     init(path: String, vm: String?, timeout: Duration = .seconds(5)) throws(DriverError) {
         self.vm = vm
         let deadline = ContinuousClock.now + timeout
-        lock = try ChannelLock(path: path + ".lock", until: deadline, vm: vm)
-        channel = try Channel(path: path, deadline: deadline)
+        let name = "the guest agent's control port"
+        lock = try ChannelLock(path: path + ".lock", name: name, until: deadline, vm: vm)
+        channel = try Channel(path: path, name: name, vm: vm, deadline: deadline)
     }
 
     func close() {
@@ -171,19 +174,23 @@ final class AgentClient {
 final class ChannelLock {
     private var fd: Int32
 
-    init(path: String, until deadline: ContinuousClock.Instant, vm: String?) throws(DriverError) {
+    /// `name` says what the lock guards, for messages ("the VM's console").
+    init(path: String, name: String, until deadline: ContinuousClock.Instant, vm: String?) throws(DriverError) {
         fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
-            throw DriverError(.io, "cannot open \(path): \(String(cString: strerror(errno)))", vm: vm)
+            let reason = String(cString: strerror(errno))
+            throw DriverError(
+                errno == ENOENT ? .notFound : .io, "cannot open the host-side lock of \(name): \(reason)", vm: vm)
         }
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             guard errno == EWOULDBLOCK || errno == EINTR, ContinuousClock.now < deadline else {
                 let busy = errno == EWOULDBLOCK
+                let reason = String(cString: strerror(errno))
                 Glibc.close(fd)
                 fd = -1
                 throw DriverError(
-                    busy ? .busy : .io, busy ? "\(path): another vmpool is using this channel" : "cannot lock \(path)",
-                    vm: vm)
+                    busy ? .busy : .io,
+                    busy ? "another vmpool is using \(name)" : "cannot lock \(name): \(reason)", vm: vm)
             }
             try Interrupt.check()
             usleep(2_000)
@@ -191,8 +198,8 @@ final class ChannelLock {
     }
 
     /// Takes the lock only if it is free at once; `nil` when another process holds it.
-    static func tryTake(path: String, vm: String?) -> ChannelLock? {
-        try? ChannelLock(path: path, until: .now, vm: vm)
+    static func tryTake(path: String, name: String, vm: String?) -> ChannelLock? {
+        try? ChannelLock(path: path, name: name, until: .now, vm: vm)
     }
 
     func release() {

@@ -11,7 +11,8 @@ enum ConsoleLog {
     /// Moves the ring's content into the log; returns the new bytes.
     static func drain(_ machine: QemuVM) throws(DriverError) -> [UInt8] {
         let path = machine.paths.consoleLog(machine.id)
-        let lock = try ChannelLock(path: path + ".lock", until: .now + .seconds(5), vm: machine.id)
+        let lock = try ChannelLock(
+            path: path + ".lock", name: "the VM's console log", until: .now + .seconds(5), vm: machine.id)
         defer { lock.release() }
         let (qmp, monitorLock) = try machine.observerQMP(timeout: .seconds(5))
         defer {
@@ -58,61 +59,85 @@ enum ConsoleLog {
 extension QemuDriver {
     public func consoleLog(_ vm: VMRef) async throws(DriverError) -> [UInt8] {
         let machine = self.vm(vm.id, pid: vm.pid)
+        let process = VMProcess(paths: paths, vm: vm)
         return try await Blocking.run { () throws(DriverError) -> [UInt8] in
-            _ = try ConsoleLog.drain(machine)
+            do throws(DriverError) {
+                _ = try ConsoleLog.drain(machine)
+            } catch {
+                throw process.explain(error, during: "its console output was read")
+            }
             return ConsoleLog.history(machine)
         }
     }
 
     public func consoleDrain(_ vm: VMRef) async throws(DriverError) -> [UInt8] {
         let machine = self.vm(vm.id, pid: vm.pid)
-        return try await Blocking.run { () throws(DriverError) -> [UInt8] in try ConsoleLog.drain(machine) }
+        let process = VMProcess(paths: paths, vm: vm)
+        return try await Blocking.run { () throws(DriverError) -> [UInt8] in
+            do throws(DriverError) {
+                return try ConsoleLog.drain(machine)
+            } catch {
+                throw process.explain(error, during: "its console was followed")
+            }
+        }
     }
 
     /// Relays between `streams` and the interactive console (hvc0) until the detach byte.
     public func attachConsole(_ vm: VMRef, streams: ExecStreams, detach: UInt8) async throws(DriverError) {
         let path = paths.consoleSocket(vm.id)
+        let process = VMProcess(paths: paths, vm: vm)
         try await Blocking.run { () throws(DriverError) in
-            let lock = try ChannelLock(path: path + ".lock", until: .now + .milliseconds(200), vm: vm.id)
-            defer { lock.release() }
-            let channel = try Channel(path: path, deadline: .now + .seconds(5))
-            defer { channel.close() }
-            var buffer = [UInt8](repeating: 0, count: 16384)
-            // A fresh prompt, since the shell printed its last one before we came.
-            try channel.send([0x0D], deadline: .now + .seconds(2))
-            // After the detach key (or the end of input), what the guest still prints in
-            // answer is shown until it has been quiet a moment.
-            var leaving: ContinuousClock.Instant?
-            var quietSince = ContinuousClock.now
-            while true {
-                try Interrupt.check()
-                if let leaving, ContinuousClock.now - quietSince > .milliseconds(300) || ContinuousClock.now > leaving {
-                    return
+            do throws(DriverError) {
+                try Self.relayConsole(path: path, vm: vm.id, streams: streams, detach: detach)
+            } catch {
+                throw process.explain(error, during: "its console was attached")
+            }
+        }
+    }
+
+    private static func relayConsole(path: String, vm: String, streams: ExecStreams, detach: UInt8)
+        throws(DriverError)
+    {
+        let name = "the VM's console"
+        let lock = try ChannelLock(path: path + ".lock", name: name, until: .now + .milliseconds(200), vm: vm)
+        defer { lock.release() }
+        let channel = try Channel(path: path, name: name, vm: vm, deadline: .now + .seconds(5))
+        defer { channel.close() }
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        // A fresh prompt, since the shell printed its last one before we came.
+        try channel.send([0x0D], deadline: .now + .seconds(2))
+        // After the detach key (or the end of input), what the guest still prints in
+        // answer is shown until it has been quiet a moment.
+        var leaving: ContinuousClock.Instant?
+        var quietSince = ContinuousClock.now
+        while true {
+            try Interrupt.check()
+            if let leaving, ContinuousClock.now - quietSince > .milliseconds(300) || ContinuousClock.now > leaving {
+                return
+            }
+            var fds = [
+                pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: streams.stdin, events: Int16(leaving == nil ? POLLIN : 0), revents: 0),
+            ]
+            guard poll(&fds, 2, 50) >= 0 || errno == EINTR else { return }
+            if leaving == nil, fds[1].revents != 0 {
+                let count = read(streams.stdin, &buffer, buffer.count)
+                if count <= 0 {
+                    leaving = .now + .seconds(2)
+                } else if let at = buffer[0..<count].firstIndex(of: detach) {
+                    if at > 0 { try channel.send(Array(buffer[0..<at]), deadline: .now + .seconds(5)) }
+                    leaving = .now + .seconds(2)
+                    quietSince = .now
+                } else {
+                    try channel.send(Array(buffer[0..<count]), deadline: .now + .seconds(5))
                 }
-                var fds = [
-                    pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0),
-                    pollfd(fd: streams.stdin, events: Int16(leaving == nil ? POLLIN : 0), revents: 0),
-                ]
-                guard poll(&fds, 2, 50) >= 0 || errno == EINTR else { return }
-                if leaving == nil, fds[1].revents != 0 {
-                    let count = read(streams.stdin, &buffer, buffer.count)
-                    if count <= 0 {
-                        leaving = .now + .seconds(2)
-                    } else if let at = buffer[0..<count].firstIndex(of: detach) {
-                        if at > 0 { try channel.send(Array(buffer[0..<at]), deadline: .now + .seconds(5)) }
-                        leaving = .now + .seconds(2)
-                        quietSince = .now
-                    } else {
-                        try channel.send(Array(buffer[0..<count]), deadline: .now + .seconds(5))
-                    }
-                }
-                if fds[0].revents != 0 {
-                    let count = recv(channel.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-                    if count == 0 { return }
-                    if count > 0 {
-                        try ExecSession.write(Array(buffer[0..<count]), to: streams.stdout)
-                        quietSince = .now
-                    }
+            }
+            if fds[0].revents != 0 {
+                let count = recv(channel.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+                if count == 0 { throw DriverError(.io, "\(name) closed the connection", vm: vm) }
+                if count > 0 {
+                    try LocalOutput.write(Array(buffer[0..<count]), to: streams.stdout)
+                    quietSince = .now
                 }
             }
         }

@@ -13,13 +13,15 @@ final class QMPClient {
     let vm: String?
 
     /// Connects and negotiates; `timeout` bounds the whole handshake.
-    init(path: String, vm: String?, timeout: Duration = .seconds(5)) throws(DriverError) {
+    init(path: String, name: String = "the VM's QMP monitor", vm: String?, timeout: Duration = .seconds(5))
+        throws(DriverError)
+    {
         self.vm = vm
         let deadline = ContinuousClock.now + timeout
-        channel = try Channel(path: path, deadline: deadline)
+        channel = try Channel(path: path, name: name, vm: vm, deadline: deadline)
         let greeting = try Self.decode(QMPGreeting.self, try channel.readLine(until: deadline), vm: vm)
         guard greeting.qmp != nil else {
-            throw DriverError(.protocolError, "QMP greeting expected on \(path)", vm: vm)
+            throw DriverError(.protocolError, "QMP greeting expected on \(name)", vm: vm)
         }
         try execute("qmp_capabilities", timeout: timeout)
     }

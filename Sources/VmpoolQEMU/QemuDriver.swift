@@ -292,7 +292,9 @@ public final class QemuDriver: HypervisorDriver {
     /// of two half-second samples in a row (at most 30 s). Other guests (the busybox initramfs)
     /// are booted once their agent answers.
     static func settle(_ machine: QemuVM, paths: QemuPaths, timeout: Duration) throws(DriverError) {
-        let session = try ExecSession(paths: paths, vm: machine.id, timeout: .seconds(10))
+        var limits = ExecSession.Limits()
+        limits.portWait = .seconds(10)
+        let session = try ExecSession(paths: paths, vm: machine.id, limits: limits)
         defer { session.close() }
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }

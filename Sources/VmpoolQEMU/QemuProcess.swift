@@ -1,6 +1,39 @@
 import Foundation
 import VmpoolDriver
 
+/// A VM's QEMU process as the commands that work inside the VM see it: when a channel to the
+/// VM fails, whether the VM itself is gone, which users must hear instead of what the socket saw.
+struct VMProcess: Sendable {
+    let vm: String
+    let pid: Int32?
+    let runRoot: String
+
+    init(paths: QemuPaths, vm: VMRef) {
+        self.vm = vm.id
+        self.pid = vm.pid ?? QemuProcess.readPid(paths.pidFile(vm.id))
+        self.runRoot = paths.runRoot
+    }
+
+    /// Whether the process is gone; one that is exiting (its sockets closed already) is given
+    /// up to `grace` to go.
+    func exited(grace: Duration) -> Bool {
+        guard let pid else { return false }
+        return QemuProcess.waitForExit(pid, vm: vm, runRoot: runRoot, timeout: grace)
+    }
+
+    /// `error` as the user should see it: when the VM's process exited, that, and what happens
+    /// next. Its exit status is not known here: QEMU runs daemonized, a child of init.
+    func explain(_ error: DriverError, during what: String) -> DriverError {
+        let transport: [DriverError.Code] = [.io, .timeout, .protocolError, .notFound]
+        guard transport.contains(error.code), let pid else { return error }
+        guard exited(grace: error.code == .io ? .seconds(1) : .zero) else { return error }
+        return DriverError(
+            .processExited,
+            "the VM's process (QEMU, pid \(pid)) exited while \(what); the next reconcile pass replaces the VM",
+            vm: vm)
+    }
+}
+
 /// Starting, finding and ending QEMU processes.
 enum QemuProcess {
     /// An executable path for `binary`, searching PATH when it has no slash.

@@ -505,11 +505,13 @@ struct QemuVM {
     /// steal each other's connection. `nil` (with the lock released) when busy past `timeout`.
     func observerQMP(timeout: Duration) throws(DriverError) -> (QMPClient, ChannelLock) {
         let deadline = ContinuousClock.now + timeout
-        let lock = try ChannelLock(path: paths.observerSocket(id) + ".lock", until: deadline, vm: id)
+        let name = "the VM's observers' QMP monitor"
+        let lock = try ChannelLock(path: paths.observerSocket(id) + ".lock", name: name, until: deadline, vm: id)
         do {
             return (
                 try QMPClient(
-                    path: paths.observerSocket(id), vm: id, timeout: max(deadline - .now, .milliseconds(100))), lock
+                    path: paths.observerSocket(id), name: name, vm: id,
+                    timeout: max(deadline - .now, .milliseconds(100))), lock
             )
         } catch {
             lock.release()

@@ -153,6 +153,22 @@ class Channel:
                 return f
             self._fill(deadline)
 
+    def open_session(self, token=None, timeout=30.0):
+        """Starts an in-band session: sends H with a fresh token and skips everything the agent
+        sends before its echo (an older session's output). Returns the token."""
+        token = token or os.urandom(16).hex()
+        self.send("H", token)
+        echo = frame("H", token)
+        deadline = time.monotonic() + timeout
+        while True:
+            at = self.buf.find(echo)
+            if at >= 0:
+                skipped = bytes(self.buf[:at])
+                del self.buf[:at + len(echo)]
+                self.skipped = skipped
+                return token
+            self._fill(deadline)
+
     def request(self, command, timeout=30.0):
         """Sends `ID COMMAND` as a Q frame; returns the answer after the id ("ok pong")."""
         rid = str(self.next_id)
@@ -228,10 +244,19 @@ class Channel:
 class Agent:
     """A vmpool-agent process in testing mode, serving socketpairs."""
 
-    def __init__(self, binary, names=("ctl", "exec.0", "exec.1"), wrapper=(), env=None):
+    def __init__(self, binary, names=("ctl", "exec.0", "exec.1"), wrapper=(), env=None, notices=False,
+                 host_gone_ms=None):
         self.channels = {}
         child_fds = []
         args = []
+        self.notices = None
+        if notices:
+            # Lines `NAME down|up` stand for the virtio driver's host notices.
+            self.notices, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child_fds.append(guest)
+            args += ["--notices", str(guest.fileno())]
+        if host_gone_ms is not None:
+            args += ["--host-gone-ms", str(host_gone_ms)]
         for name in names:
             host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self.channels[name] = Channel(host)
@@ -244,6 +269,10 @@ class Agent:
 
     def __getitem__(self, name):
         return self.channels[name]
+
+    def notice(self, name, what):
+        """Tells the agent that port NAME's host is now `down` or `up`, as the driver would."""
+        self.notices.sendall(f"{name} {what}\n".encode())
 
     @property
     def pid(self):
@@ -262,6 +291,8 @@ class Agent:
         """Closes every channel; the agent must then exit 0 by itself."""
         for ch in self.channels.values():
             ch.close()
+        if self.notices:
+            self.notices.close()
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -273,6 +304,8 @@ class Agent:
         return rc, err
 
     def kill(self):
+        if self.notices:
+            self.notices.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

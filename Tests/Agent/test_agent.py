@@ -675,6 +675,171 @@ def test_host_disconnect_kills_command(agent):
 
 
 # --------------------------------------------------------------------------------------------
+# In-band sessions (H frames)
+
+
+@pytest.fixture
+def noticed(agent_bin):
+    """An agent with one exec port whose host notices the test gives (`notice`), and a short
+    --host-gone-ms."""
+    a = Agent(agent_bin, names=("exec.0",), notices=True, host_gone_ms=GONE_MS)
+    yield a
+    if a.proc.poll() is None:
+        rc, err = a.close()
+        assert rc == 0, f"agent exited {rc}: {err}"
+    else:
+        a.kill()
+        pytest.fail(f"the agent died during the test (status {a.proc.returncode})")
+
+
+GONE_MS = 300
+
+
+def keep_sending(ch, seconds, pid):
+    """Sends P frames every 50 ms for `seconds`, as a waiting host does, checking that `pid`
+    lives on and that nothing comes back; returns the frames that came."""
+    got = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ch.send("P")
+        assert alive(pid), "the command was killed while its host was still sending"
+        r, _, _ = select.select([ch.sock], [], [], 0.05)
+        if r:
+            ch._fill(time.monotonic() + 1)
+            while (f := ch.poll_frame()):
+                got.append(f)
+    return got
+
+
+def test_session_start_is_echoed(agent):
+    c = agent["exec.0"]
+    token = c.open_session()
+    assert c.skipped == b""
+    assert c.run(["echo", "hi"]).stdout == b"hi\n"
+    # A second session on the same connection, and P frames, which get no answer.
+    c.send("P")
+    assert c.open_session("second-session_token") == "second-session_token" != token
+    assert c.run(["true"]).exit == "exit 0"
+    # Tokens that are too short, too long or have other characters are ignored: the ping
+    # sent after them is answered first.
+    for bad in (b"", b"short", b"a" * 65, b"with space", b"tab\tinside", b"\xff" * 16):
+        c.send("H", bad)
+        c.send("Q", "7 ping")
+        assert c.read_frame() == ("A", b"7 ok pong"), bad
+
+
+def test_session_start_ends_the_previous_command(agent):
+    c = agent["exec.0"]
+    c.open_session()
+    c.send("C", command_payload(["sh", "-c", "sleep 100 & exec yes"]))
+    t, p = c.read_frame()
+    assert t == "S"
+    pid = int(p)
+    assert c.read_frame()[0] == "O"
+    # The host goes on without reading the rest: the next session starts on the port.
+    c.open_session()
+    assert wait_until(lambda: not alive(pid), 5), "the earlier session's command still runs"
+    # Nothing of the earlier session comes after the echo, and its process group is gone.
+    r = c.run(["echo", "after"])
+    assert r.exit == "exit 0" and r.stdout == b"after\n" and [t for t, _ in r.frames] == ["S", "O", "X"], r
+    assert wait_until(lambda: children(agent.pid) == [], 5), children(agent.pid)
+
+
+def test_stale_disconnect_notice_does_not_end_the_next_session(noticed):
+    """The disconnect notice of the port's previous host arrives after the next host's session
+    started: its command runs on."""
+    c = noticed["exec.0"]
+    c.open_session()
+    assert c.run(["true"]).exit == "exit 0"  # the first host's session ended in-band
+    c.open_session()  # the next host, on the same port at once
+    c.send("C", command_payload(["sh", "-c", "read line; echo got $line"], stdin=True))
+    t, p = c.read_frame()
+    assert t == "S"
+    pid = int(p)
+    noticed.notice("exec.0", "down")  # late: the first host's
+    assert keep_sending(c, 4 * GONE_MS / 1000, pid) == []
+    noticed.notice("exec.0", "up")  # the second host's connect
+    c.send("I", b"hello\n")
+    frames = []
+    while not frames or frames[-1][0] != "X":
+        frames.append(c.read_frame(timeout=10))
+    assert frames == [("O", b"got hello\n"), ("X", b"exit 0")]
+    # Both notices handled together (the agent saw neither): nothing changes either.
+    c.open_session()
+    c.send("C", command_payload(["sh", "-c", "read line; echo got $line"], stdin=True))
+    t, p = c.read_frame()
+    pid = int(p)
+    noticed.notice("exec.0", "down")
+    noticed.notice("exec.0", "up")
+    assert keep_sending(c, 0.1, pid) == []
+    # Silent for longer than --host-gone-ms: the host shows as connected, so the command lives.
+    deadline = time.monotonic() + 3 * GONE_MS / 1000
+    while time.monotonic() < deadline:
+        assert alive(pid)
+        select.select([c.sock], [], [], 0.05)
+    c.send("I", b"again\n")
+    assert c.read_frame(timeout=10) == ("O", b"got again\n")
+    assert c.read_frame(timeout=10) == ("X", b"exit 0")
+
+
+def test_vanished_host_has_its_command_killed(noticed):
+    c = noticed["exec.0"]
+    c.open_session()
+    c.send("C", command_payload(["sh", "-c", "sleep 100 & echo started; exec sleep 100"]))
+    t, p = c.read_frame()
+    assert t == "S"
+    pid = int(p)
+    assert c.read_frame() == ("O", b"started\n")
+    gone = time.monotonic()
+    noticed.notice("exec.0", "down")  # and the host sends nothing more
+    assert wait_until(lambda: not alive(pid), 10), "the command of a vanished host still runs"
+    assert time.monotonic() - gone >= GONE_MS / 1000 * 0.9
+    assert wait_until(lambda: children(noticed.pid) == [], 5), children(noticed.pid)
+    # The next host finds the port ready, with none of the old session's frames after its echo.
+    noticed.notice("exec.0", "up")
+    c.open_session()
+    r = c.run(["echo", "next"])
+    assert r.exit == "exit 0" and r.stdout == b"next\n" and [t for t, _ in r.frames] == ["S", "O", "X"], r
+
+
+def test_a_frame_cut_short_is_skipped_up_to_the_next_session(noticed):
+    c = noticed["exec.0"]
+    c.open_session()
+    c.send("C", command_payload(["cat"], stdin=True))
+    t, p = c.read_frame()
+    assert t == "S"
+    pid = int(p)
+    c.send_raw(frame("I", b"x" * 1000)[:300])  # the host dies in the middle of a frame
+    noticed.notice("exec.0", "down")
+    assert wait_until(lambda: not alive(pid), 10)
+    noticed.notice("exec.0", "up")
+    # What the next host's H follows: the rest of the cut frame, and things that look like
+    # the start of an H but are not one.
+    junk = (b"y" * 500 + b"H\0\0\0\x05short" + b"H\0\0\0\x10" + b"!" * 16 + b"H\0\0\0\x20" + b"ok" * 3 +
+            frame("C", command_payload(["touch", "/nonexistent/must-not-run"])) + frame("Q", "9 ping"))
+    c.send_raw(junk)
+    c.open_session()
+    # Before the echo: only what cat wrote back before its host vanished.
+    skipped = c.skipped
+    while skipped:
+        ftype, length = struct.unpack(">BI", skipped[:5])
+        assert chr(ftype) == "O" and set(skipped[5:5 + length]) == {ord("x")}, skipped[:100]
+        skipped = skipped[5 + length:]
+    assert c.run(["echo", "in step"]).stdout == b"in step\n"
+
+
+def test_oversized_frame_in_a_session_skips_to_the_next_session(agent):
+    c = agent["exec.0"]
+    c.open_session()
+    c.send_raw(b"I" + struct.pack(">I", MiB + 1) + b"z" * 5000 + frame("Q", "6 ping"))
+    assert c.read_frame() == ("A", b"0 error frame too large")
+    token = os.urandom(16).hex()
+    c.send("H", token)
+    assert c.read_frame() == ("H", token.encode()), "the ping in the skipped input was answered"
+    assert c.run(["echo", "ok"]).stdout == b"ok\n"
+
+
+# --------------------------------------------------------------------------------------------
 # Hostile input
 
 

@@ -12,7 +12,7 @@ struct ChannelLimitTests {
     func pair() throws -> (Channel, Int32) {
         var fds: [Int32] = [0, 0]
         try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
-        return (Channel(connected: fds[0], path: "test-channel"), fds[1])
+        return (Channel(connected: fds[0], name: "test-channel"), fds[1])
     }
 
     func send(_ fd: Int32, _ bytes: [UInt8]) {

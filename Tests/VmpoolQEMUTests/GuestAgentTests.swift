@@ -1,5 +1,6 @@
 import CVmpoolSys
 import Foundation
+import Synchronization
 import Testing
 import VmpoolDriver
 import VmpoolTestSupport
@@ -52,9 +53,9 @@ struct GuestAgentTests {
             _ = vmpool_wait(pid)
         }
 
-        func client() -> AgentClient { AgentClient(channel: Channel(connected: dup(control), path: "ctl"), vm: "test") }
+        func client() -> AgentClient { AgentClient(channel: Channel(connected: dup(control), name: "ctl"), vm: "test") }
         func session() -> ExecSession {
-            ExecSession(channel: Channel(connected: dup(exec), path: "exec.0"), vm: "test")
+            ExecSession(channel: Channel(connected: dup(exec), name: "exec.0"), vm: "test")
         }
     }
 
@@ -73,8 +74,9 @@ struct GuestAgentTests {
         defer {
             for fd in [stdout, stderr, stdin] { close(fd) }
         }
-        let outcome = try agent.session().run(
-            request, streams: ExecStreams(stdin: stdin, stdout: stdout, stderr: stderr))
+        let session = agent.session()
+        try session.handshake()
+        let outcome = try session.run(request, streams: ExecStreams(stdin: stdin, stdout: stdout, stderr: stderr))
         let o = [UInt8](FileManager.default.contents(atPath: out.path + "/out") ?? Data())
         let e = [UInt8](FileManager.default.contents(atPath: out.path + "/err") ?? Data())
         return (outcome, o, e)
@@ -138,5 +140,209 @@ struct GuestAgentTests {
                 argv: ["sh", "-c", "echo $GREETING; pwd"], environment: ["GREETING=hi there"], directory: "/tmp"))
         #expect(outcome == .exited(0))
         #expect(String(decoding: out, as: UTF8.self) == "hi there\n/tmp\n")
+    }
+    @Test func aSessionStartEndsWhatAnEarlierSessionLeftOnThePort() throws {
+        let agent = try Agent()
+        // An earlier host started a command that floods its output, and left without reading.
+        let raw = dup(agent.exec)
+        defer { close(raw) }
+        let marker = "vmpool-flood-\(UInt32.random(in: 0...UInt32.max))"
+        let flood = AgentFrame.encode(
+            AgentFrame.command, ExecSession.commandPayload(ExecRequest(argv: ["yes", marker])))
+        flood.withUnsafeBytes { _ = write(raw, $0.baseAddress, $0.count) }
+        // The next session on the same port: its echo comes after the flood's output, which is
+        // skipped; the flood is killed; nothing of it follows.
+        let (outcome, out, err) = try run(agent, ExecRequest(argv: ["echo", "after"]))
+        #expect(outcome == .exited(0))
+        #expect(String(decoding: out, as: UTF8.self) == "after\n")
+        #expect(err.isEmpty)
+        // (The agent in its testing mode runs commands on this host.)
+        let deadline = ContinuousClock.now + .seconds(5)
+        while !Self.processes(containing: marker).isEmpty, ContinuousClock.now < deadline { usleep(10_000) }
+        #expect(Self.processes(containing: marker).isEmpty, "the earlier command still runs")
+    }
+
+    /// Pids of this host's processes whose command line contains `text`.
+    static func processes(containing text: String) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { entry in
+            guard let pid = Int32(entry), let data = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline")
+            else { return nil }
+            return String(decoding: data, as: UTF8.self).contains(text) ? pid : nil
+        }
+    }
+
+    /// Limits short enough for a test: what is being checked is that each wait ends.
+    static let shortLimits = ExecSession.Limits(
+        handshake: .milliseconds(300), handshakeTotal: .milliseconds(300), start: .milliseconds(400),
+        killGrace: .milliseconds(300), keepalive: .milliseconds(100), portWait: .seconds(1))
+
+    @Test func noEchoOfTheSessionStartIsATimeout() throws {
+        let agent = try ScriptedAgent(.noEcho)
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        let started = ContinuousClock.now
+        do {
+            try session.handshake()
+            Issue.record("a session started without the agent's echo")
+        } catch {
+            #expect(error.code == .timeout, "\(error)")
+        }
+        #expect(ContinuousClock.now - started < .seconds(2))
+    }
+
+    @Test func anAgentFromBeforeTheSessionStartStillRunsCommands() throws {
+        let agent = try ScriptedAgent(.beforeSessionStart)
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        try session.handshake()
+        #expect(try session.run(ExecRequest(argv: ["true"]), streams: agent.streams) == .exited(3))
+    }
+
+    @Test func aCommandThatNeverStartsIsKilledAtTheStartDeadline() throws {
+        let agent = try ScriptedAgent(.noStart)
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        try session.handshake()
+        let started = ContinuousClock.now
+        do {
+            let outcome = try session.run(ExecRequest(argv: ["true"]), streams: agent.streams)
+            Issue.record("a command that never started ended as \(outcome)")
+        } catch {
+            #expect(error.code == .timeout && error.message.contains("did not start"), "\(error)")
+        }
+        let took = ContinuousClock.now - started
+        #expect(took >= .milliseconds(400) && took < .seconds(2), "\(took)")
+        #expect(agent.waitForKill(), "no kill was sent for the command")
+    }
+
+    @Test func anInterruptedSessionGivesUpWithinTheKillGrace() throws {
+        let interrupt = Interrupt()
+        // The agent starts the command, then never answers again; the interrupt comes as the
+        // command starts.
+        let agent = try ScriptedAgent(.neverEnds, onStart: { interrupt.request() })
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        Interrupt.current = interrupt
+        defer { Interrupt.current = nil }
+        try session.handshake()
+        let started = ContinuousClock.now
+        do {
+            let outcome = try session.run(ExecRequest(argv: ["sleep", "100"]), streams: agent.streams)
+            Issue.record("an interrupted session that got no end ended as \(outcome)")
+        } catch {
+            #expect(error.code == .cancelled, "\(error)")
+        }
+        let took = ContinuousClock.now - started
+        #expect(took >= .milliseconds(300) && took < .seconds(2), "\(took)")
+        #expect(agent.waitForKill(), "no kill was sent for the command")
+    }
+
+    @Test func aTimeoutEndsTheSessionEvenWhenTheAgentNeverConfirms() throws {
+        let agent = try ScriptedAgent(.neverEnds)
+        let session = ExecSession(channel: agent.channel, vm: "test", limits: Self.shortLimits)
+        try session.handshake()
+        let started = ContinuousClock.now
+        let outcome = try session.run(
+            ExecRequest(argv: ["sleep", "100"], timeout: .milliseconds(200)), streams: agent.streams)
+        #expect(outcome == .timedOut)
+        let took = ContinuousClock.now - started
+        #expect(took >= .milliseconds(500) && took < .seconds(2), "\(took)")
+        #expect(agent.waitForKill())
+        #expect(agent.presenceFrames > 0, "no P frame told the agent that the host was still there")
+    }
+}
+
+/// A guest agent that keeps to the protocol only up to a point, played by a thread on one end
+/// of a socketpair: it echoes the session start (or not), starts the command (or not), and
+/// never ends it. It notes the kills and presence frames it gets.
+final class ScriptedAgent {
+    enum Stage: Sendable {
+        case noEcho, noStart, neverEnds
+        /// An agent from before H: it skips the H, answers pings, and runs commands to the end.
+        case beforeSessionStart
+    }
+
+    /// What the agent got, shared with its thread.
+    final class Record: Sendable {
+        let state = Mutex<(kills: [String], presence: Int)>(([], 0))
+    }
+
+    let channel: Channel
+    let streams: ExecStreams
+    private let guest: Int32
+    private let record = Record()
+    private let null: Int32
+
+    init(_ stage: Stage, onStart: @escaping @Sendable () -> Void = {}) throws {
+        var fds: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        channel = Channel(connected: fds[0], name: "scripted exec port")
+        guest = fds[1]
+        null = open("/dev/null", O_RDWR)
+        streams = ExecStreams(stdin: null, stdout: null, stderr: null)
+        let guest = self.guest
+        let record = self.record
+        Thread.detachNewThread {
+            while let (type, payload) = Self.readFrame(guest) {
+                switch type {
+                case AgentFrame.session where stage != .noEcho && stage != .beforeSessionStart:
+                    Self.send(guest, AgentFrame.encode(type, payload))
+                case AgentFrame.query where stage == .beforeSessionStart:
+                    let id = String(decoding: payload, as: UTF8.self).split(separator: " ").first ?? ""
+                    Self.send(guest, AgentFrame.encode(AgentFrame.answer, Array("\(id) ok pong".utf8)))
+                case AgentFrame.command where stage == .beforeSessionStart:
+                    Self.send(guest, AgentFrame.encode(AgentFrame.started, Array("4242".utf8)))
+                    Self.send(guest, AgentFrame.encode(AgentFrame.stdout, Array("old\n".utf8)))
+                    Self.send(guest, AgentFrame.encode(AgentFrame.exit, Array("exit 3".utf8)))
+                case AgentFrame.command where stage == .neverEnds:
+                    Self.send(guest, AgentFrame.encode(AgentFrame.started, Array("4242".utf8)))
+                    onStart()
+                case AgentFrame.signal:
+                    record.state.withLock { $0.kills.append(String(decoding: payload, as: UTF8.self)) }
+                case AgentFrame.presence:
+                    record.state.withLock { $0.presence += 1 }
+                default:
+                    break
+                }
+            }
+        }
+    }
+
+    deinit {
+        channel.close()
+        close(guest)
+        close(null)
+    }
+
+    var presenceFrames: Int { record.state.withLock { $0.presence } }
+
+    /// Whether a SIGKILL for the command arrived, waiting up to 2 s for it.
+    func waitForKill() -> Bool {
+        let deadline = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < deadline {
+            if record.state.withLock({ $0.kills.contains("9") }) { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
+    private static func readFrame(_ fd: Int32) -> (UInt8, [UInt8])? {
+        guard let header = readExactly(fd, 5) else { return nil }
+        let length = header[1...4].reduce(0) { $0 << 8 | Int($1) }
+        guard let payload = readExactly(fd, length) else { return nil }
+        return (header[0], payload)
+    }
+
+    private static func readExactly(_ fd: Int32, _ count: Int) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, count - got) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return nil }
+            got += n
+        }
+        return bytes
+    }
+
+    private static func send(_ fd: Int32, _ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     }
 }

@@ -61,7 +61,8 @@ struct QemuSafetyTests {
         let vm = try #require(try box.ids().first)
         // Someone else connects to the agent's control socket and keeps it.
         let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
-        let holder = try Channel(path: paths.agentSocket(vm), deadline: .now + .seconds(5))
+        let holder = try Channel(
+            path: paths.agentSocket(vm), name: "the control port", vm: vm, deadline: .now + .seconds(5))
         defer { holder.close() }
         usleep(200_000)
         let reconcile = try box.run(["reconcile"])

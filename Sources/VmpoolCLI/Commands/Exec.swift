@@ -138,20 +138,37 @@ enum GuestCommand {
         return vmpoolFailed
     }
 
+    /// How the first of `withSignalsInterrupting`'s two tasks ended.
+    private enum Finish: Sendable {
+        case signal(Int32)
+        case body(Result<Int32, any Error>)
+    }
+
     /// Runs `body`; SIGINT, SIGTERM or SIGHUP cancel it (the command in the guest is killed and
-    /// the terminal restored) instead of killing vmpool outright.
+    /// the terminal restored) instead of killing vmpool outright, and vmpool then exits with
+    /// 128 + the signal's number, as a shell reports a command a signal ended. The driver
+    /// bounds what `body` may still wait for (about a second), so the exit follows at once.
     static func withSignalsInterrupting(_ body: @escaping @Sendable () async throws -> Int32) async throws -> Int32 {
-        try await withThrowingTaskGroup(of: Int32?.self) { group in
+        let finish = await withTaskGroup(of: Finish?.self) { group -> Finish in
             group.addTask {
-                for await _ in await UnixSignalsSequence(trapping: .sigint, .sigterm, .sighup) { return nil }
+                for await signal in await UnixSignalsSequence(trapping: .sigint, .sigterm, .sighup) {
+                    return .signal(signal.rawValue)
+                }
                 return nil
             }
-            group.addTask { try await body() }
-            while let next = try await group.next() {
-                group.cancelAll()
-                if let code = next { return code }
+            group.addTask {
+                do { return .body(.success(try await body())) } catch { return .body(.failure(error)) }
             }
-            return 130
+            var first: Finish?
+            while let next = await group.next() {
+                group.cancelAll()
+                if first == nil, let next { first = next }
+            }
+            return first ?? .signal(SIGINT)
+        }
+        switch finish {
+        case .signal(let number): return 128 + number
+        case .body(let result): return try result.get()
         }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -41,14 +42,35 @@ extension Vmpool {
                 }
                 return 0
             }
-            if code != 0 { throw ExitCode(1) }
+            if code != 0 { throw ExitCode(code > 128 ? code : 1) }
         }
 
-        /// Console output as the guest wrote it into a pipe or file; on a terminal, with every
-        /// control sequence but colour changes escaped (`TerminalText.safeConsole`).
-        static func emit(_ bytes: [UInt8]) throws {
-            guard !bytes.isEmpty else { return }
-            FileHandle.standardOutput.write(Data(isatty(1) == 1 ? TerminalText.safeConsole(bytes) : bytes))
+        /// Writes console output to stdout as the guest wrote it into a pipe or file; on a
+        /// terminal, with every control sequence but colour changes escaped
+        /// (`TerminalText.safeConsole`). A reader that stops reading holds it up only until the
+        /// task is cancelled (a signal).
+        static func emit(_ output: [UInt8]) throws {
+            guard !output.isEmpty else { return }
+            let bytes = isatty(1) == 1 ? TerminalText.safeConsole(output) : output
+            var info = stat()
+            let mayBlock = fstat(1, &info) != 0 || (info.st_mode & S_IFMT) != S_IFREG
+            var offset = 0
+            while offset < bytes.count {
+                if mayBlock {
+                    var pfd = pollfd(fd: 1, events: Int16(POLLOUT), revents: 0)
+                    if poll(&pfd, 1, 50) <= 0 {
+                        try Task.checkCancellation()
+                        continue
+                    }
+                }
+                let length = mayBlock ? min(bytes.count - offset, Int(PIPE_BUF)) : bytes.count - offset
+                let written = bytes.withUnsafeBytes { Glibc.write(1, $0.baseAddress! + offset, length) }
+                if written < 0 {
+                    if errno == EINTR || errno == EAGAIN { continue }
+                    throw CommandFailure(description: "cannot write to stdout: \(String(cString: strerror(errno)))")
+                }
+                offset += written
+            }
         }
 
         static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {
@@ -89,7 +111,7 @@ extension Vmpool {
                 printError("\nDetached from \(id).")
                 return 0
             }
-            if code != 0 { throw ExitCode(1) }
+            if code != 0 { throw ExitCode(code > 128 ? code : 1) }
         }
     }
 }

@@ -3,32 +3,47 @@
 // Ports. The agent finds its ports by name in /sys/class/virtio-ports: org.vmpool.ctl
 // for control requests and org.vmpool.exec.N for commands (the host takes a free one per
 // `vmpool exec`). Every port is an independent session; any frame is accepted on any port.
-// A host connection starts a session; a host disconnect ends it: the command running on the
-// port is killed (its whole process group, SIGKILL), buffers are dropped and the frame
-// parser restarts. With no host connected, virtio_console reports POLLHUP continuously, so
-// an idle port is left out of the poll set and watched through SIGIO (O_ASYNC), which the
-// driver raises on every host connect and disconnect. The ports are found again on uevents
+// With no host connected, virtio_console reports POLLHUP continuously, so such a port is left
+// out of the poll set and watched through SIGIO (O_ASYNC), which the driver raises on every
+// host connect and disconnect and on arriving data. The ports are found again on uevents
 // (and every 500 ms until the control port exists: virtio_console may load after the agent).
 //
-// Session boundaries as the guest sees them. The driver exposes only whether a host is
-// connected now, and delivers a connect or disconnect notice after data sent later: the
-// first frames of a new host may be waiting before its connect shows (they are kept, see
-// settle), and when QEMU handles a disconnect and the next client's connect together, the
-// guest may see no disconnect at all: the new client then continues the old session. After
-// a session that ended cleanly (every answer and X received) that is harmless. After one cut
-// short (a command still running, a frame half sent) the next client would find the port
-// busy or the stream out of step; hosts should not reuse such a port at once (a few
-// milliseconds suffice; the agent's reaction time to the disconnect).
+// Session boundaries. The driver exposes only whether a host is connected now, and delivers
+// the host's connect and disconnect notices on another virtqueue than data, handled later:
+// the first frames of a new host may be here before the notice that the previous host left,
+// or both notices may be handled before the agent looks (it then sees no disconnect at all).
+// A port can therefore be used two ways:
+//  - In-band sessions (what vmpool's exec does): the host opens every session with an H
+//    frame carrying a random token. The H ends whatever the port ran before (its command is
+//    killed, its undelivered output dropped) and is echoed; the host discards everything it
+//    receives before the echo (the tail of an older session's output). A session ends
+//    in-band when X has been sent, or at the next H. Notices then only serve to find a host
+//    that vanished in the middle of a session: when the port shows no host connected and no
+//    byte arrives for --host-gone-ms (default 3000; hosts send P frames every second while
+//    they wait), the session's command is killed and its output dropped; if the host was cut
+//    in the middle of a frame, input is skipped up to the next H frame. A stale disconnect
+//    notice of an older connection never ends a session that is still sending.
+//  - Without an H frame (the control port, older hosts), a host connection starts a
+//    session and a host disconnect ends it: the command running on the port is killed (its
+//    whole process group, SIGKILL), buffers are dropped and the frame parser restarts, and
+//    whole frames that arrived before the disconnect showed are kept for the next session
+//    (see settle). A host that reuses such a port at once may find its frames taken by the
+//    older session.
 //
-// Testing mode: `vmpool-agent --fd NAME=N ...` serves already open descriptors (socket
-// pairs) instead; EOF on one ends its session for good, and the agent exits once every
-// descriptor has ended.
+// Testing mode: `vmpool-agent --fd NAME=N ... [--notices FD] [--host-gone-ms MS]` serves
+// already open descriptors (socket pairs) instead; EOF on one ends its session for good, and
+// the agent exits once every descriptor has ended. Lines `NAME down` and `NAME up` on the
+// --notices descriptor stand for the driver's disconnect and connect notices of port NAME.
 //
 // Frames, both directions: 1 byte type, 4 bytes big-endian payload length, payload.
 // The agent refuses payloads above 1 MiB from the host (answer `A` "0 error frame too
-// large", then input is ignored until the session ends) and sends at most 64 KiB per frame.
+// large", then input is ignored until the session ends, or in an in-band session up to the
+// next H frame) and sends at most 64 KiB per frame.
 //
 // Host to guest:
+//   H  session start: a token of 8 to 64 characters [0-9A-Za-z_-]; answered by H with the same
+//      token after the port's earlier session was ended (see Session boundaries)
+//   P  the host is still there: no answer (sent every second while a host waits)
 //   Q  control request, text `ID COMMAND [ARGS...]`, answered by A `ID ok [DATA]` or
 //      `ID error MESSAGE`:
 //        ping                      -> ok pong
@@ -49,9 +64,9 @@
 //   K  signal number: kill(-pgid, sig)
 //   W  ROWSxCOLS: resize the pty
 // Guest to host:
-//   A answer, S started (pid), O stdout, E stderr, X exit (`exit N`, `signal N` or
-//   `error CODE MESSAGE`). All O and E bytes precede X; X comes once the command has exited
-//   and both of its output pipes reached EOF.
+//   H echo of the host's H, A answer, S started (pid), O stdout, E stderr, X exit (`exit N`,
+//   `signal N` or `error CODE MESSAGE`). All O and E bytes precede X; X comes once the
+//   command has exited and both of its output pipes reached EOF.
 //
 // One process, one poll() loop, every descriptor non-blocking. Memory is bounded: per port a
 // 64 KiB input buffer, a 256 KiB output ring and at most one pending frame of up to 1 MiB;
@@ -112,6 +127,8 @@ extern char **environ;
 #define MIN_READ 4096                  // read command output only with this much room
 #define MAX_PORTS 64
 #define PIPE_SIZE (1 << 20)            // requested size of a command's output pipes
+#define TOKEN_MIN 8                    // an H frame's token: 8 to 64 characters [0-9A-Za-z_-]
+#define TOKEN_MAX 64
 
 static const char *const default_env[] = {
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -157,6 +174,11 @@ struct port {
     int discard;               // an oversized frame was refused: ignore input
     size_t carry;              // input kept at the start of `in` for the next session
     int blocked;
+    // in-band sessions (H frames)
+    int inband;                // an H frame came: sessions begin and end in-band from now on
+    int resync;                // skipping input up to the next H frame (a stream cut short)
+    int hup;                   // in-band: the port shows no host connected (scan mode: not polled)
+    long long quiet_since;     // in-band, hup: ms (CLOCK_MONOTONIC) since which nothing came
     // output ring
     unsigned char *out;
     size_t out_head, out_tail; // free-running counters
@@ -171,6 +193,8 @@ static int sig_fd = -1;
 static int uevent_fd = -1;
 static int have_ctl;           // the control port was found (scan mode)
 static int idle_changed;       // a virtio port went idle: check whether a host is back
+static int notice_fd = -1;     // testing mode: lines `NAME down|up` standing for the notices
+static long long host_gone_ms = 3000; // in-band: a silent, disconnected host is gone after this
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -191,6 +215,12 @@ static void close_fd(int *fd) {
         close(*fd);
         *fd = -1;
     }
+}
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void set_nonblock(int fd) {
@@ -1292,6 +1322,95 @@ static void parser_reset(struct port *p) {
     p->payload = NULL;
 }
 
+static int parser_aligned(const struct port *p) { return p->phase == PHASE_HEADER && p->hdr_len == 0; }
+
+// Drops a frame half received: the parser waits for a header again.
+static void parser_restart(struct port *p) {
+    p->phase = PHASE_HEADER;
+    p->hdr_len = 0;
+    p->len = p->got = 0;
+    free(p->payload);
+    p->payload = NULL;
+}
+
+static int token_char(unsigned char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '-';
+}
+
+// Whether the first `n` bytes of a token are valid characters.
+static int token_prefix_ok(const unsigned char *t, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!token_char(t[i])) return 0;
+    return 1;
+}
+
+// An H frame: the port's earlier session ends (its command is killed, its output not yet sent
+// is dropped) and the token goes back; the host takes what follows the echo as this session's.
+static void session_begin(struct port *p, const unsigned char *token, size_t len) {
+    if (len < TOKEN_MIN || len > TOKEN_MAX || !token_prefix_ok(token, len)) return;
+    if (p->job) {
+        job_signal(p->job, SIGKILL);
+        job_free(p);
+    }
+    p->out_head = p->out_tail = 0;
+    p->blocked = BLOCK_NONE;
+    p->inband = 1;
+    out_frame(p, 'H', token, len);
+}
+
+// Skipping input up to the next H frame: drops the bytes that cannot begin one. Returns true
+// when the input now begins with a whole, valid H frame; false when more input is needed (a
+// candidate cut by the end of the input is kept).
+static int resync(struct port *p) {
+    const unsigned char *data = p->in + p->in_start;
+    size_t avail = p->in_end - p->in_start, at = 0;
+    for (; at < avail; at++) {
+        if (data[at] != 'H') continue;
+        size_t have = avail - at;
+        if (have < FRAME_HEADER) break;
+        uint32_t len = get32(data + at + 1);
+        if (len < TOKEN_MIN || len > TOKEN_MAX) continue;
+        size_t n = have - FRAME_HEADER < len ? have - FRAME_HEADER : len;
+        if (!token_prefix_ok(data + at + FRAME_HEADER, n)) continue;
+        if (n < len) break;
+        p->in_start += at;
+        p->resync = 0;
+        return 1;
+    }
+    p->in_start += at;
+    return 0;
+}
+
+// In-band: the port shows no host connected. That may be a stale notice of an older
+// connection while the current host still sends, so nothing ends here; see host_check.
+static void host_down(struct port *p) {
+    if (p->hup) return;
+    p->hup = 1;
+    p->quiet_since = now_ms();
+    idle_changed = 1;
+}
+
+// In-band, no host shown connected: once nothing has come for host_gone_ms, the host is gone.
+// A running command is killed and the output for that host dropped; a frame it left half
+// sent is dropped with whatever follows, up to the next H. Returns the ms until this is due,
+// or -1 when there is nothing to end.
+static long long host_check(struct port *p, long long now) {
+    if (p->state != PORT_ACTIVE || !p->hup || (!p->job && parser_aligned(p))) return -1;
+    long long due = p->quiet_since + host_gone_ms;
+    if (now < due) return due - now;
+    if (p->job) {
+        job_signal(p->job, SIGKILL);
+        job_free(p);
+    }
+    p->out_head = p->out_tail = 0;
+    p->blocked = BLOCK_NONE;
+    if (!parser_aligned(p)) {
+        parser_restart(p);
+        p->resync = 1;
+    }
+    return -1;
+}
+
 static int session_start(struct port *p) {
     if (!p->in) p->in = malloc(IN_SIZE);
     if (!p->out) p->out = malloc(OUT_SIZE);
@@ -1398,6 +1517,9 @@ static void dispatch(struct port *p) {
     size_t len = p->len;
     p->payload = NULL;
     switch (p->type) {
+    case 'H':
+        session_begin(p, payload, payload ? len : 0);
+        break;
     case 'Q': {
         char *text = payload ? (char *)payload : "";
         if (payload) payload[len] = 0;
@@ -1440,6 +1562,9 @@ static void parse(struct port *p) {
             return;
         }
         if (p->phase == PHASE_HEADER) {
+            if (p->resync && p->hdr_len == 0 && !resync(p)) break;
+            avail = p->in_end - p->in_start;
+            data = p->in + p->in_start;
             if (avail == 0) break;
             size_t n = FRAME_HEADER - p->hdr_len < avail ? FRAME_HEADER - p->hdr_len : avail;
             memcpy(p->hdr + p->hdr_len, data, n);
@@ -1460,13 +1585,23 @@ static void parse(struct port *p) {
                     break;
                 }
                 answer(p, "0", "error", "frame too large");
-                p->discard = 1;
+                if (p->inband) {
+                    parser_restart(p);
+                    p->resync = 1;
+                } else {
+                    p->discard = 1;
+                }
                 continue;
             }
             if (p->type != 'I' && p->len > 0) {
                 p->payload = malloc(p->len + 1);
                 if (!p->payload) {
-                    p->discard = 1;
+                    if (p->inband) {
+                        parser_restart(p);
+                        p->resync = 1;
+                    } else {
+                        p->discard = 1;
+                    }
                     continue;
                 }
             }
@@ -1508,7 +1643,7 @@ static void parse(struct port *p) {
             p->in_start += n;
             if (p->got < p->len) break;
         }
-        if (out_free(p) < OUT_RESERVE) {
+        if (p->type != 'H' && out_free(p) < OUT_RESERVE) {  // an H empties the ring
             p->blocked = BLOCK_OUTPUT;
             break;
         }
@@ -1531,11 +1666,14 @@ static void port_read(struct port *p) {
         if (n > 0) {
             p->in_end += (size_t)n;
             if (p->discard) p->in_start = p->in_end = 0;
+            if (p->hup) p->quiet_since = now_ms();
             continue;
         }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && errno == EAGAIN) return;
-        session_end(p);  // EOF: the host went away
+        // EOF: the host went away (virtio: no data and no host connected now).
+        if (p->inband && !testing) host_down(p);
+        else session_end(p);
         return;
     }
 }
@@ -1552,7 +1690,8 @@ static void port_flush(struct port *p) {
         }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && errno == EAGAIN) return;
-        session_end(p);
+        if (p->inband && !testing) host_down(p);
+        else session_end(p);
         return;
     }
     if (p->state == PORT_ACTIVE && out_used(p) == 0) p->out_head = p->out_tail = 0;
@@ -1596,15 +1735,19 @@ static void port_remove(int index) {
     ports[index] = ports[--nports];
 }
 
-// Idle virtio ports: a port without POLLHUP has a host connected now.
+// Virtio ports out of the poll set, after a notice or data (SIGIO): an idle port without
+// POLLHUP has a host connected now; an in-band port without a host shown connected is read
+// when data waits (a host whose connect notice is late or lost still gets its answers) and
+// polled again once its host shows.
 static void check_idle(void) {
     struct pollfd pfd[MAX_PORTS];
     struct port *which[MAX_PORTS];
     int n = 0;
     for (int i = 0; i < nports; i++) {
-        if (ports[i]->state != PORT_IDLE || ports[i]->fd < 0) continue;
-        which[n] = ports[i];
-        pfd[n].fd = ports[i]->fd;
+        struct port *p = ports[i];
+        if (p->fd < 0 || !(p->state == PORT_IDLE || (p->state == PORT_ACTIVE && p->hup))) continue;
+        which[n] = p;
+        pfd[n].fd = p->fd;
         pfd[n].events = POLLIN;
         pfd[n].revents = 0;
         n++;
@@ -1612,9 +1755,48 @@ static void check_idle(void) {
     if (n == 0 || poll(pfd, (nfds_t)n, 0) < 0) return;
     for (int i = 0; i < n; i++) {
         struct port *p = which[i];
+        if (p->state == PORT_ACTIVE) {
+            if (pfd[i].revents & POLLIN) port_read(p);
+            if (p->state == PORT_ACTIVE && !(pfd[i].revents & (POLLHUP | POLLNVAL))) p->hup = 0;
+            if (p->state == PORT_ACTIVE) pump(p);
+            continue;
+        }
         // POLLHUP: still no host. Input may already be waiting even so (see settle); it is
         // read once the host's connect notice has arrived.
         if (!(pfd[i].revents & (POLLHUP | POLLNVAL)) && session_start(p) == 0) pump(p);
+    }
+}
+
+// Testing mode: reads `NAME down` and `NAME up` lines standing for the driver's notices.
+static void read_notices(void) {
+    static char line[256];
+    static size_t used;
+    for (;;) {
+        ssize_t n = read(notice_fd, line + used, sizeof line - 1 - used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return;
+        if (n <= 0) {
+            close_fd(&notice_fd);
+            return;
+        }
+        used += (size_t)n;
+        char *nl;
+        while ((nl = memchr(line, '\n', used))) {
+            *nl = 0;
+            char *space = strchr(line, ' ');
+            if (space) {
+                *space = 0;
+                for (int i = 0; i < nports; i++) {
+                    struct port *p = ports[i];
+                    if (strcmp(p->name, line) != 0 || p->state != PORT_ACTIVE) continue;
+                    if (strcmp(space + 1, "down") == 0 && p->inband) host_down(p);
+                    else if (strcmp(space + 1, "up") == 0) p->hup = 0;
+                }
+            }
+            used -= (size_t)(nl + 1 - line);
+            memmove(line, nl + 1, used);
+        }
+        if (used == sizeof line - 1) used = 0;  // no newline in a whole buffer: not a notice
     }
 }
 
@@ -1747,9 +1929,10 @@ static int handle_signals(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: vmpool-agent [--fd NAME=FD ...]\n"
-                    "  Without arguments, serves the virtio-serial ports org.vmpool.ctl and\n"
-                    "  org.vmpool.exec.N; with --fd, serves the given open descriptors.\n");
+    fprintf(stderr, "usage: vmpool-agent [--host-gone-ms MS] [--fd NAME=FD ... [--notices FD]]\n"
+                    "  Without --fd, serves the virtio-serial ports org.vmpool.ctl and\n"
+                    "  org.vmpool.exec.N; with --fd, serves the given open descriptors, and takes\n"
+                    "  lines `NAME down|up` on the --notices descriptor as host notices.\n");
     exit(2);
 }
 
@@ -1777,6 +1960,21 @@ int main(int argc, char **argv) {
                 return 2;
             }
             testing = 1;
+        } else if (strcmp(argv[i], "--notices") == 0 && i + 1 < argc) {
+            char *end;
+            long fd = strtol(argv[++i], &end, 10);
+            if (*end || end == argv[i] || fd < 0 || fd > INT_MAX || fcntl((int)fd, F_GETFD) < 0) {
+                fprintf(stderr, "vmpool-agent: --notices %s: not an open descriptor\n", argv[i]);
+                return 2;
+            }
+            notice_fd = (int)fd;
+            fcntl(notice_fd, F_SETFD, FD_CLOEXEC);
+            set_nonblock(notice_fd);
+        } else if (strcmp(argv[i], "--host-gone-ms") == 0 && i + 1 < argc) {
+            char *end;
+            long long ms = strtoll(argv[++i], &end, 10);
+            if (*end || end == argv[i] || ms < 1 || ms > 3600000) usage();
+            host_gone_ms = ms;
         } else {
             usage();
         }
@@ -1806,6 +2004,7 @@ int main(int argc, char **argv) {
     struct sched_param sp = {0};
     sched_setscheduler(0, SCHED_BATCH, &sp);
 
+    if (notice_fd >= 0 && !testing) usage();
     if (testing) {
         for (int i = 0; i < nports; i++) session_start(ports[i]);
     } else {
@@ -1820,21 +2019,28 @@ int main(int argc, char **argv) {
     }
 
     struct pollfd pfd[2 + MAX_PORTS * 5];
+    struct port *slot[MAX_PORTS];
     for (;;) {
         int n = 0;
         pfd[n++] = (struct pollfd){.fd = sig_fd, .events = POLLIN};
-        pfd[n++] = (struct pollfd){.fd = uevent_fd, .events = POLLIN};
+        pfd[n++] = (struct pollfd){.fd = testing ? notice_fd : uevent_fd, .events = POLLIN};
         int live = 0;
+        long long now = now_ms(), wake = -1;
         // Per port: the port, then its job's status, stdout, stderr and stdin (fd -1 when unused).
+        // An in-band port without a host shown connected is left out (virtio reports POLLHUP
+        // then without end) but its command is served; SIGIO and host_check watch the port.
         for (int i = 0; i < nports; i++) {
             struct port *p = ports[i];
+            long long due = host_check(p, now);
+            if (due >= 0 && (wake < 0 || due < wake)) wake = due;
             struct job *j = p->job;
             struct pollfd *f = pfd + n;
             n += 5;
             for (int k = 0; k < 5; k++) f[k] = (struct pollfd){.fd = -1};
+            slot[i] = p->state == PORT_ACTIVE ? p : NULL;
             if (p->state != PORT_ACTIVE) continue;
             live++;
-            f[0].fd = p->fd;
+            if (!p->hup || testing) f[0].fd = p->fd;
             if (p->in_end < IN_SIZE || p->in_start > 0) f[0].events |= POLLIN;
             if (out_used(p) > 0) f[0].events |= POLLOUT;
             if (!j) continue;
@@ -1849,6 +2055,7 @@ int main(int argc, char **argv) {
         // Scan mode: rescan every 500 ms until the control port shows up (virtio_console may
         // load after us), then on uevents only; every 5 s where uevents are not available.
         int timeout = testing ? -1 : !have_ctl ? 500 : uevent_fd < 0 ? 5000 : -1;
+        if (wake >= 0 && (timeout < 0 || wake < timeout)) timeout = (int)(wake + 1);
         int rc = poll(pfd, (nfds_t)n, timeout);
         if (rc < 0) {
             if (errno == EINTR) continue;
@@ -1857,7 +2064,8 @@ int main(int argc, char **argv) {
         }
         int io = 0;
         if (pfd[0].revents) io = handle_signals();
-        if (!testing && ((uevent_fd >= 0 && pfd[1].revents && uevent_changed()) || rc == 0)) {
+        if (testing && pfd[1].fd >= 0 && pfd[1].revents) read_notices();
+        if (!testing && ((uevent_fd >= 0 && pfd[1].revents && uevent_changed()) || (rc == 0 && wake < 0))) {
             // Ports may have come or gone: the poll slots no longer match; poll again.
             scan_ports();
             for (int i = 0; i < nports; i++)
@@ -1867,13 +2075,20 @@ int main(int argc, char **argv) {
         for (int i = 0, base = 2; i < nports; i++, base += 5) {
             struct port *p = ports[i];
             struct pollfd *f = pfd + base;
-            if (p->state != PORT_ACTIVE || f[0].fd != p->fd) continue;
-            if (f[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
-                session_end(p);
-                continue;
+            if (p->state != PORT_ACTIVE || slot[i] != p) continue;
+            if (f[0].fd >= 0 && (f[0].revents & (POLLHUP | POLLERR | POLLNVAL))) {
+                if (testing || !p->inband) {
+                    session_end(p);
+                    continue;
+                }
+                // In-band: take the data that is here, then wait and see (host_check).
+                if (f[0].revents & POLLIN) port_read(p);
+                if (p->state != PORT_ACTIVE) continue;
+                host_down(p);
+                f[0].revents = 0;
             }
-            if (f[0].revents & POLLOUT) port_flush(p);
-            if (p->state == PORT_ACTIVE && (f[0].revents & POLLIN)) port_read(p);
+            if (f[0].fd >= 0 && (f[0].revents & POLLOUT)) port_flush(p);
+            if (p->state == PORT_ACTIVE && f[0].fd >= 0 && (f[0].revents & POLLIN)) port_read(p);
             if (p->state != PORT_ACTIVE) continue;
             struct job *j = p->job;
             if (j && f[1].fd == j->status_fd && f[1].revents) job_status(j);
