@@ -32,6 +32,8 @@ final class ExecSession {
         var keepalive: Duration = .seconds(1)
         /// For a free exec port.
         var portWait: Duration = .seconds(120)
+        /// Of silence from the guest before the VM's run state is looked at.
+        var watch: Duration = .seconds(2)
     }
 
     private let channel: Channel
@@ -220,8 +222,12 @@ final class ExecSession {
     /// Runs the command and streams until it ends. `resize` is polled for a new window size
     /// (pty sessions); the job's `Interrupt` asks to stop: the command is killed (SIGKILL, its
     /// process group) and its end awaited for at most `limits.killGrace`.
+    /// `stopped` is asked, after `limits.watch` without a frame from the guest, whether the
+    /// hypervisor stopped the VM (a disk write found no space): its reason ends the session,
+    /// which would otherwise wait on a guest that cannot run.
     func run(
-        _ request: ExecRequest, streams: ExecStreams, resize: () -> (rows: Int, columns: Int)? = { nil }
+        _ request: ExecRequest, streams: ExecStreams, resize: () -> (rows: Int, columns: Int)? = { nil },
+        stopped: () -> String? = { nil }
     ) throws(DriverError) -> ExecOutcome {
         if request.argv.isEmpty || request.argv.contains(where: { $0.utf8.contains(0) }) {
             return .notRun(code: 125, message: "the command and its arguments must be non-empty text without NUL bytes")
@@ -236,6 +242,7 @@ final class ExecSession {
         var ending: Ending?
         var giveUpAt: ContinuousClock.Instant?
         var lastSent = begin
+        var lastHeard = begin
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let now = ContinuousClock.now
@@ -281,7 +288,16 @@ final class ExecSession {
                     stdinOpen = false
                 }
             }
-            if fds[0].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { try channel.receiveAvailable() }
+            if fds[0].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                try channel.receiveAvailable()
+                lastHeard = .now
+            } else if ending == nil, ContinuousClock.now - lastHeard >= limits.watch {
+                lastHeard = .now
+                if let reason = stopped() {
+                    throw DriverError(
+                        .processExited, "\(reason) while the command ran; the next pass replaces the VM", vm: vm)
+                }
+            }
             while let (type, payload) = try channel.bufferedFrame(limit: AgentFrame.maxFromGuest) {
                 switch type {
                 case AgentFrame.stdout, AgentFrame.stderr:
@@ -384,12 +400,14 @@ extension QemuDriver: GuestAccess {
     {
         let paths = self.paths
         let process = VMProcess(paths: paths, vm: vm)
+        let machine = self.vm(vm.id, pid: vm.pid)
         return try await Blocking.run { () throws(DriverError) -> ExecOutcome in
             do throws(DriverError) {
                 let session = try ExecSession(paths: paths, vm: vm.id)
                 defer { session.close() }
                 return try session.run(
-                    request, streams: streams, resize: request.tty == nil ? { nil } : TerminalSize.takeChange)
+                    request, streams: streams, resize: request.tty == nil ? { nil } : TerminalSize.takeChange,
+                    stopped: { machine.status(depth: .hypervisor, agentTimeout: .seconds(1)).fault })
             } catch {
                 throw process.explain(error, during: "the command ran")
             }

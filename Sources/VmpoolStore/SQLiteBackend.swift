@@ -59,6 +59,9 @@ final class SQLiteBackend: StoreBackend {
     /// migration is pending; the second waits for the first and finds nothing left to do.
     /// The bookkeeping table is GRDB's, which state dirs of earlier versions already have.
     func migrate(_ migrations: [StoreMigration]) throws {
+        // Nothing pending: no write at all (a store on a full disk still opens for reading).
+        let pending = Set(migrations.map(\.identifier)).subtracting(try appliedMigrations())
+        guard !pending.isEmpty else { return }
         try pool.writeWithoutTransaction { db in
             try db.inTransaction(.immediate) {
                 try db.execute(sql: "CREATE TABLE IF NOT EXISTS grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY)")
