@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -211,3 +212,9 @@ long long vmpool_punch_zero_pages(int fd) {
     free(buf);
     return error != 0 ? error : freed;
 }
+
+int vmpool_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath) {
+    return renameat2(olddirfd, oldpath, newdirfd, newpath, RENAME_NOREPLACE);
+}
+
+int vmpool_set_pipe_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }

@@ -47,4 +47,10 @@ int vmpool_spawn_inherit(const char *path, char *const argv[], const int keep[2]
 /// zeros, so no reader of the file, mapped or not, sees a byte change. Returns the bytes
 /// given back, or -errno (what was punched before the error stays punched).
 long long vmpool_punch_zero_pages(int fd);
+
+/// renameat2(..., RENAME_NOREPLACE): fails with EEXIST instead of replacing what is at `newpath`.
+int vmpool_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
+
+/// fcntl(fd, F_SETPIPE_SZ, size): a larger pipe buffer; returns the new size or -1 with errno set.
+int vmpool_set_pipe_size(int fd, int size);
 #endif
