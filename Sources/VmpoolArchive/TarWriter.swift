@@ -146,21 +146,26 @@ public final class TarWriter {
 /// directories, symlinks (never followed) and hard links between files of the tree. Device
 /// nodes, fifos and sockets are skipped with a warning, as a copy out of a guest skips them.
 public struct TreeArchiver: Sendable {
-    /// The path as the user gave it, for messages.
+    /// The path that is read.
     public let path: String
+    /// The path as the user gave it, for messages.
+    public let display: String
     /// What `path` is: `.directory`, `.file` or `.symlink`.
     public let kind: TarEntry.Kind
 
-    /// Looks at `path` (its last component is not followed: a symlink is copied as one).
-    public init(path: String) throws(ArchiveError) {
+    /// Looks at `path` (its last component is not followed: a symlink is copied as one);
+    /// messages name it `display` (default: `path`).
+    public init(path: String, display: String? = nil) throws(ArchiveError) {
         self.path = path
+        let display = display ?? path
+        self.display = display
         var info = stat()
         guard lstat(path, &info) == 0 else {
             let number = errno
             if number == ENOENT || number == ENOTDIR {
-                throw ArchiveError(.hostIO, "no such file or directory on the host: \(path)", errno: number)
+                throw ArchiveError(.hostIO, "no such file or directory on the host: \(display)", errno: number)
             }
-            throw ArchiveError.host("read", path, errno: number)
+            throw ArchiveError.host("read", display, errno: number)
         }
         switch info.st_mode & S_IFMT {
         case S_IFDIR: kind = .directory
@@ -169,7 +174,7 @@ public struct TreeArchiver: Sendable {
         default:
             throw ArchiveError(
                 .unsupported,
-                "\(path) is not a file, a directory or a symlink (device nodes, fifos and sockets are not copied)")
+                "\(display) is not a file, a directory or a symlink (device nodes, fifos and sockets are not copied)")
         }
     }
 
@@ -179,7 +184,7 @@ public struct TreeArchiver: Sendable {
         let state = WalkState(writer: writer, cancel: cancel)
         // The path itself is the user's: symlinks in its parents are followed, the last
         // component is not.
-        try state.add(at: AT_FDCWD, Array(path.utf8), archiveName: top, display: path)
+        try state.add(at: AT_FDCWD, Array(path.utf8), archiveName: top, display: display)
         return state.warnings
     }
 }

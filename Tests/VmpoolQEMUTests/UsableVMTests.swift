@@ -125,7 +125,8 @@ struct UsableVMTests {
         #expect(info.st_mode & 0o777 == 0o751)
         let missing = try box.run(["cp", "\(vm):/no/such/file", box.dir.path + "/x"])
         #expect(missing.status == 1)
-        #expect(missing.stderr == "vmpool: no such file or directory in the guest: /no/such/file\n", "\(missing.stderr)")
+        #expect(
+            missing.stderr == "vmpool: no such file or directory in the guest: /no/such/file\n", "\(missing.stderr)")
         #expect(!FileManager.default.fileExists(atPath: box.dir.path + "/x"))
     }
 

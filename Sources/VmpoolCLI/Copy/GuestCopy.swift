@@ -16,7 +16,10 @@ enum CopyTransfer {
         guard local.path != "/" else {
             throw CommandFailure(description: "copying the host's root directory is not supported; name a directory")
         }
-        let archiver = try TreeArchiver(path: local.path)
+        let archiver: TreeArchiver
+        do { archiver = try TreeArchiver(path: local.path, display: source) } catch {
+            throw CommandFailure(description: "\(error.message); nothing was copied")
+        }
         let name = local.lastPathComponent
         let target = GuestPath(path)
         let mark = name == ".vmpool-cp-end" ? ".vmpool-cp-end.1" : ".vmpool-cp-end"
@@ -143,10 +146,10 @@ enum CopyTransfer {
             throw CommandFailure(description: "interrupted; nothing was copied")
         }
         if let error = archiveError, error.code != .truncated {
-            throw CommandFailure(description: CopyErrors.refused(error, path: remote.path))
+            throw CommandFailure(description: CopyErrors.refused(error, path: path))
         }
         let result = try outcome.get()
-        if let failure = CopyErrors.send(result, output: text, path: remote.path) {
+        if let failure = CopyErrors.send(result, output: text, path: path) {
             throw CommandFailure(description: failure)
         }
         if let error = archiveError {
