@@ -258,16 +258,15 @@ public final class TarReader {
     /// Reads and drops what follows the end-of-archive marker, up to `maxTrailingBytes`.
     private func drain() throws {
         var trailing = Int64(high - low)
-        low = 0
-        high = 0
-        while try fill() {
-            trailing += Int64(high)
-            low = 0
-            high = 0
+        while true {
             guard trailing <= limits.maxTrailingBytes else {
                 throw ArchiveError(
                     .limit, "more than \(limits.maxTrailingBytes) bytes follow the archive's end marker")
             }
+            low = 0
+            high = 0
+            guard try fill() else { return }
+            trailing += Int64(high)
         }
     }
 
