@@ -76,6 +76,19 @@ struct RoundTripTests {
         trees.expectSameTree()
     }
 
+    @Test func gnuTarStreamsInLargeRecordsAreExtractedFaithfully() throws {
+        // What a guest with GNU tar sends: 128 KiB records, so up to 128 KiB of zeros after the end.
+        let trees = try Trees()
+        defer { trees.remove() }
+        let file = trees.scratch.path + "/stream.tar"
+        try shell("cd '\(trees.source)' && tar -c -b 256 -f - -- top | cat > '\(file)'")
+        var info = stat()
+        stat(file, &info)
+        #expect(info.st_size % (128 << 10) == 0)
+        #expect(try trees.extract(file).isEmpty)
+        trees.expectSameTree()
+    }
+
     @Test(.enabled(if: busybox, "busybox is not installed (scripts/test installs busybox-static)"))
     func busyboxTarStreamsAreExtractedFaithfully() throws {
         let trees = try Trees()

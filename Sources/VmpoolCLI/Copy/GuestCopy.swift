@@ -244,9 +244,14 @@ struct GuestPath: Equatable {
 /// stderr, which `CopyErrors` turns into plain words.
 enum GuestScript {
     /// Sends PATH ($1) as a tar stream of its name ($3) from its directory ($2).
+    ///
+    /// GNU tar gets 128 KiB records (`-b 256`) rather than its default 10 KiB: under TCG a
+    /// guest's system call is dear, and 100 MiB through a pipe took 2.6 s in 10 KiB writes and
+    /// 0.7 s in 128 KiB ones (Debian guest). busybox tar has no such option.
     static let send = """
         if [ ! -e "$1" ] && [ ! -L "$1" ]; then echo "vmpool-cp: missing $1" >&2; exit 3; fi
         cd -- "$2" || { echo "vmpool-cp: failed $2" >&2; exit 3; }
+        case $(tar --version 2>/dev/null) in *"GNU tar"*) exec tar -c -b 256 -f - -- "$3" ;; esac
         exec tar -c -f - -- "$3"
         """
 
@@ -260,8 +265,11 @@ enum GuestScript {
     /// short at an entry's end still satisfies tar). A directory is never merged into or put in
     /// place of an existing one. GNU tar reports a short write without its reason, so after a
     /// failed extraction one block is written beside it: dd's error says whether the file system
-    /// is full. On failure the temporary directory is removed; if the script
-    /// is killed (the copy interrupted), a watcher in its own session removes it.
+    /// is full. GNU tar reads 128 KiB records, as `send` explains (100 MiB from a pipe: 5.3 s in
+    /// 10 KiB reads, 1.9 s in 128 KiB ones). The work writes its status into a pipe read by a watcher in its own session
+    /// (setsid): the watcher removes the temporary directory once the pipe closes, whether the
+    /// work ended or was killed with its process group (an interrupted copy), and exits with
+    /// that status (3 when none came). It waits on the pipe, so it costs no process per second.
     static let receive = """
         dst=$1 parent=$2 base=$3 name=$4 kind=$5 mark=$6
         if [ -d "$dst" ]; then dir=$dst final=$name
@@ -278,16 +286,18 @@ enum GuestScript {
         \tfi
         fi
         tmp=$(mktemp -d ./.vmpool-cp.XXXXXX) || { echo "vmpool-cp: failed $dir" >&2; exit 3; }
-        setsid sh -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; rm -rf -- "$2"' sh "$$" "$PWD/${tmp#./}" \\
-        \t</dev/null >/dev/null 2>&1 &
-        if ! tar -x -f - -C "$tmp"; then
-        	err=$(dd if=/dev/zero of="$tmp/.vmpool-space" bs=4096 count=1 2>&1 >/dev/null) || echo "$err" >&2
-        	rm -rf -- "$tmp"; echo "vmpool-cp: failed $dir" >&2; exit 3
-        fi
-        if [ ! -f "$tmp/$mark" ]; then rm -rf -- "$tmp"; echo "vmpool-cp: incomplete $target" >&2; exit 3; fi
-        if [ -L "$final" ]; then rm -f -- "$final"; fi
-        if ! mv -f -T -- "$tmp/$name" "$final"; then rm -rf -- "$tmp"; echo "vmpool-cp: failed $dir" >&2; exit 3; fi
-        rm -rf -- "$tmp"
+        if command -v setsid >/dev/null 2>&1; then watch="setsid sh"; else watch=sh; fi
+        case $(tar --version 2>/dev/null) in *"GNU tar"*) records="-b 256 -B" ;; *) records= ;; esac
+        {
+        \tif ! tar -x $records -f - -C "$tmp"; then
+        \t\terr=$(dd if=/dev/zero of="$tmp/.vmpool-space" bs=4096 count=1 2>&1 >/dev/null) || echo "$err" >&2
+        \t\techo "vmpool-cp: failed $dir" >&2; exit
+        \tfi
+        \tif [ ! -f "$tmp/$mark" ]; then echo "vmpool-cp: incomplete $target" >&2; exit; fi
+        \tif [ -L "$final" ]; then rm -f -- "$final"; fi
+        \tif ! mv -f -T -- "$tmp/$name" "$final"; then echo "vmpool-cp: failed $dir" >&2; exit; fi
+        \techo 0 >&3
+        } 3>&1 1>&2 | $watch -c 'status=3; while read -r line; do status=$line; done; rm -rf -- "$1"; exit "$status"' sh "$tmp"
         """
 }
 
