@@ -267,10 +267,12 @@ enum GuestScript {
     /// place of an existing one. GNU tar reports a short write without its reason, so after a
     /// failed extraction one block is written beside it: dd's error says whether the file system
     /// is full. GNU tar reads 128 KiB records, as `send` explains (100 MiB from a pipe: 5.3 s in
-    /// 10 KiB reads, 1.9 s in 128 KiB ones). The work writes its status into a pipe read by a watcher in its own session
-    /// (setsid): the watcher removes the temporary directory once the pipe closes, whether the
-    /// work ended or was killed with its process group (an interrupted copy), and exits with
-    /// that status (3 when none came). It waits on the pipe, so it costs no process per second.
+    /// 10 KiB reads, 1.9 s in 128 KiB ones).
+    ///
+    /// The work writes its status into a pipe read by a watcher in its own session (setsid): the
+    /// watcher removes the temporary directory once the pipe closes, whether the work ended or
+    /// was killed with its process group (an interrupted copy), and exits with that status (3
+    /// when none came). It waits on the pipe, so it costs no process while the copy runs.
     static let receive = """
         dst=$1 parent=$2 base=$3 name=$4 kind=$5 mark=$6
         if [ -d "$dst" ]; then dir=$dst final=$name
