@@ -5,26 +5,38 @@ import Synchronization
 
 /// A stop request that blocking loops poll (every 100 ms at most), so that work on a pipe ends
 /// soon after the task waiting for it is cancelled, even when the other end never moves again.
+/// It can also watch a descriptor (a signal pipe, see `vmpool_trap_signals`): once that is
+/// readable, the work stops at once, without waiting for any task to be scheduled.
 public final class CancelFlag: Sendable {
     private let flag = Atomic<Bool>(false)
+    /// Readable when the work must stop; -1 for none. Never read from, so every waiter sees it.
+    public let interrupt: Int32
 
-    public init() {}
+    public init(interrupt: Int32 = -1) { self.interrupt = interrupt }
 
     public func cancel() { flag.store(true, ordering: .relaxed) }
-    public var isCancelled: Bool { flag.load(ordering: .relaxed) }
+
+    public var isCancelled: Bool {
+        if flag.load(ordering: .relaxed) { return true }
+        guard interrupt >= 0 else { return false }
+        var pfd = pollfd(fd: interrupt, events: Int16(POLLIN), revents: 0)
+        return poll(&pfd, 1, 0) > 0
+    }
 
     func check() throws(ArchiveError) {
         if isCancelled { throw ArchiveError(.cancelled, "interrupted: the copy was cancelled") }
     }
 }
 
-/// Waits until `fd` is ready for `events`, waking every 100 ms to look at `cancel`.
+/// Waits until `fd` is ready for `events`, waking every 100 ms to look at `cancel` and at once
+/// when its interrupt descriptor becomes readable.
 func waitReady(_ fd: Int32, _ events: Int32, cancel: CancelFlag) throws(ArchiveError) {
     while true {
         try cancel.check()
-        var pfd = pollfd(fd: fd, events: Int16(events), revents: 0)
-        let ready = poll(&pfd, 1, 100)
-        if ready > 0 { return }
+        var fds = [pollfd(fd: fd, events: Int16(events), revents: 0)]
+        if cancel.interrupt >= 0 { fds.append(pollfd(fd: cancel.interrupt, events: Int16(POLLIN), revents: 0)) }
+        let ready = poll(&fds, nfds_t(fds.count), 100)
+        if ready > 0 && fds[0].revents != 0 { return }
         if ready < 0 && errno != EINTR {
             throw ArchiveError(.hostIO, "poll failed: \(plainErrno(errno))", errno: errno)
         }
@@ -93,8 +105,11 @@ public struct StreamPipe: Sendable {
 /// runs its work on the same default-QoS threads as Swift's cooperative pool (one per core), so
 /// two blocked readers on a 2-core machine stall every task, signal handling included.
 public enum OffPool {
-    public static func run<T: Sendable>(_ body: @escaping @Sendable (CancelFlag) throws -> T) async throws -> T {
-        let flag = CancelFlag()
+    /// Runs `body`; its flag also watches `interrupt` (-1: none).
+    public static func run<T: Sendable>(
+        interrupt: Int32 = -1, _ body: @escaping @Sendable (CancelFlag) throws -> T
+    ) async throws -> T {
+        let flag = CancelFlag(interrupt: interrupt)
         let result: Result<T, any Error> = await withTaskCancellationHandler {
             await withCheckedContinuation { continuation in
                 let thread = Thread { continuation.resume(returning: Result { try body(flag) }) }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CVmpoolSys
 import Foundation
 import VmpoolDriver
 
@@ -51,13 +52,19 @@ extension Vmpool {
             let source = self.source
             let destination = self.destination
             let vm = Self.remote(source)?.vm ?? Self.remote(destination)!.vm
-            let code = await GuestCommand.run(options: options, vm: vm) { access, record in
+            // SIGINT, SIGTERM and SIGHUP go into a pipe that the copy's own threads poll: they stop
+            // within a poll, never waiting for a task or a dispatch source to be scheduled.
+            let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+            let interrupt = vmpool_trap_signals(signals, Int32(signals.count))
+            let code = await GuestCommand.run(options: options, vm: vm, trapsSignals: interrupt < 0) { access, record in
                 let warnings =
                     if let from = Self.remote(source) {
-                        try await CopyTransfer.fromGuest(access, record.ref, path: from.path, to: destination)
+                        try await CopyTransfer.fromGuest(
+                            access, record.ref, path: from.path, to: destination, interrupt: interrupt)
                     } else {
                         try await CopyTransfer.toGuest(
-                            access, record.ref, from: source, path: Self.remote(destination)!.path)
+                            access, record.ref, from: source, path: Self.remote(destination)!.path,
+                            interrupt: interrupt)
                     }
                 for warning in warnings { printError("vmpool: \(warning)") }
                 return 0

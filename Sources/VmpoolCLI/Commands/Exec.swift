@@ -93,7 +93,7 @@ enum GuestCommand {
     static let vmpoolFailed: Int32 = 125
 
     static func run(
-        options: GlobalOptions, vm id: String, requireRunning: Bool = true,
+        options: GlobalOptions, vm id: String, requireRunning: Bool = true, trapsSignals: Bool = true,
         _ body: @escaping @Sendable (any GuestAccess, VMRecord) async throws -> Int32
     ) async -> Int32 {
         do {
@@ -121,6 +121,8 @@ enum GuestCommand {
                     throw CommandFailure(description: "VM \(id) is \(state); it must be running")
                 }
             }
+            // `trapsSignals: false`: the body has trapped the signals itself (cp).
+            guard trapsSignals else { return try await body(access, record) }
             return try await withSignalsInterrupting { try await body(access, record) }
         } catch let error as CommandFailure {
             printError("vmpool: \(error.description)")

@@ -7,10 +7,11 @@ import VmpoolDriver
 /// host side is Swift: `TreeArchiver` writes the stream into the guest, `SafeExtractor` reads
 /// the stream out of it without trusting a byte of it. Both directions are all or nothing.
 enum CopyTransfer {
-    /// Copies the host's `source` (a file, directory or symlink) to `path` in the guest.
-    static func toGuest(_ access: any GuestAccess, _ vm: VMRef, from source: String, path: String) async throws
-        -> [String]
-    {
+    /// Copies the host's `source` (a file, directory or symlink) to `path` in the guest. The copy
+    /// stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
+    static func toGuest(
+        _ access: any GuestAccess, _ vm: VMRef, from source: String, path: String, interrupt: Int32 = -1
+    ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let local = URL(fileURLWithPath: source).standardizedFileURL
         guard local.path != "/" else {
@@ -44,7 +45,7 @@ enum CopyTransfer {
             }
             group.addTask {
                 let written = await capture {
-                    try await OffPool.run { cancel in
+                    try await OffPool.run(interrupt: interrupt) { cancel in
                         defer { close(stream.write) }
                         let writer = TarWriter(fd: stream.write, cancel: cancel)
                         let warnings = try archiver.write(as: Array(name.utf8), to: writer, cancel: cancel)
@@ -60,7 +61,10 @@ enum CopyTransfer {
             for await part in group {
                 switch part {
                 case .exec(let result): outcome = result
-                case .wrote(let result): wrote = result
+                case .wrote(let result):
+                    wrote = result
+                    // Interrupted: stop the command in the guest too.
+                    if case .failure(let error as ArchiveError) = result, error.code == .cancelled { group.cancelAll() }
                 default: break
                 }
             }
@@ -80,10 +84,11 @@ enum CopyTransfer {
         return (try? writerResult.get()) ?? []
     }
 
-    /// Copies `path` in the guest (a file, directory or symlink) to the host's `destination`.
-    static func fromGuest(_ access: any GuestAccess, _ vm: VMRef, path: String, to destination: String) async throws
-        -> [String]
-    {
+    /// Copies `path` in the guest (a file, directory or symlink) to the host's `destination`. The
+    /// copy stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
+    static func fromGuest(
+        _ access: any GuestAccess, _ vm: VMRef, path: String, to destination: String, interrupt: Int32 = -1
+    ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let remote = GuestPath(path)
         guard remote.path != "/" else {
@@ -115,7 +120,7 @@ enum CopyTransfer {
             }
             group.addTask {
                 let result = await capture {
-                    try await OffPool.run { cancel in
+                    try await OffPool.run(interrupt: interrupt) { cancel in
                         defer { close(stream.read) }
                         try box.extractor.extract(TarReader(fd: stream.read, cancel: cancel))
                     }
