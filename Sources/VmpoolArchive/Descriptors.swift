@@ -43,6 +43,12 @@ func waitReady(_ fd: Int32, _ events: Int32, cancel: CancelFlag) throws(ArchiveE
     }
 }
 
+/// Waits until `fd` is readable (data, or its end): returns normally then, and throws
+/// `.cancelled` if `cancel` is asked or its interrupt descriptor becomes readable first.
+public func waitReadable(_ fd: Int32, cancel: CancelFlag) throws(ArchiveError) {
+    try waitReady(fd, POLLIN, cancel: cancel)
+}
+
 /// Reads up to `buffer.count` bytes from `fd` (a pipe, a file); 0 at its end. A blocking read
 /// only follows a poll that saw data, so cancellation is seen within 100 ms.
 public func readSome(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, cancel: CancelFlag)

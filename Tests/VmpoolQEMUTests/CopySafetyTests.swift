@@ -40,6 +40,21 @@ struct CopySafetyTests {
         return try condition()
     }
 
+    /// Waits for `command` to end, up to `seconds`; one that is still running then is killed
+    /// (SIGKILL) and recorded as a failure, so that a copy deaf to SIGTERM fails the test
+    /// instead of hanging it.
+    func waitOrKill(_ command: RunningCommand, within seconds: Double = 10) -> CommandResult {
+        let ended = eventually(seconds) {
+            let stat = (try? String(contentsOfFile: "/proc/\(command.pid)/stat", encoding: .utf8)) ?? ""
+            return stat.isEmpty || stat.contains(") Z")
+        }
+        if !ended {
+            Issue.record("cp was still running \(seconds) s after SIGTERM; killed")
+            command.kill(SIGKILL)
+        }
+        return command.wait()
+    }
+
     func entries(_ path: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted()
     }
@@ -145,7 +160,7 @@ struct CopySafetyTests {
         try #require(started, "the copy in never started")
         let sent = ContinuousClock.now
         copyIn.kill(SIGTERM)
-        let interrupted = copyIn.wait()
+        let interrupted = waitOrKill(copyIn)
         let took = ContinuousClock.now - sent
         print("CopySafetyTests: cp (in) ended \(took) after SIGTERM")
         #expect(took < .seconds(2), "cp took \(took) to end after SIGTERM")
@@ -220,7 +235,7 @@ struct CopySafetyTests {
         try #require(flowing, "the copy out never started")
         let sentOut = ContinuousClock.now
         copyOut.kill(SIGTERM)
-        let stopped = copyOut.wait()
+        let stopped = waitOrKill(copyOut)
         let tookOut = ContinuousClock.now - sentOut
         print("CopySafetyTests: cp (out) ended \(tookOut) after SIGTERM")
         #expect(tookOut < .seconds(2), "cp took \(tookOut) to end after SIGTERM")
@@ -228,5 +243,25 @@ struct CopySafetyTests {
             stopped.status == 1 && stopped.stderr.contains("interrupted"), "status \(stopped.status): \(stopped.stderr)"
         )
         #expect(entries(results).isEmpty, "\(entries(results))")
+
+        // A guest that takes the whole stream in and then goes quiet: nothing moves on any
+        // pipe, and SIGTERM still ends cp within about a second.
+        try guest(
+            box, vm,
+            "printf '#!/bin/busybox sh\\n/bin/busybox cat >/dev/null; exec /bin/busybox sleep 1000\\n'"
+                + " > /tmp/liar && for d in /bin /sbin /usr/bin /usr/sbin; do if [ -e $d/sh ]; then cp /tmp/liar $d/sh; fi; done"
+        )
+        let quiet = try box.binary.start([
+            "cp", box.dir.path + "/escape.tar", "\(vm):/tmp/quiet", "--state-dir", box.state,
+        ])
+        let asleep = try eventually(60) { try box.exec(vm, ["ps"]).stdout.contains("sleep 1000") }
+        try #require(asleep, "the guest side of the copy never went quiet")
+        let sentQuiet = ContinuousClock.now
+        quiet.kill(SIGTERM)
+        let ended = waitOrKill(quiet)
+        let tookQuiet = ContinuousClock.now - sentQuiet
+        print("CopySafetyTests: cp (in, quiet guest) ended \(tookQuiet) after SIGTERM")
+        #expect(tookQuiet < .seconds(2), "cp took \(tookQuiet) to end after SIGTERM")
+        #expect(ended.status == 1 && ended.stderr.contains("interrupted"), "status \(ended.status): \(ended.stderr)")
     }
 }

@@ -34,15 +34,18 @@ enum CopyTransfer {
                 name, archiver.kind == .directory ? "d" : "f", mark,
             ], stdin: true)
         let streams = ExecStreams(stdin: stream.read, stdout: output.write, stderr: output.write)
+        let done = try StreamPipe.make()
         async let guestOutput = OffPool.run { _ in collectTail(output.read) }
-        let (outcome, writerResult) = await withTaskGroup(of: Part.self) { group in
+        let (outcome, writerResult, interrupted) = await withTaskGroup(of: Part.self) { group in
             group.addTask {
                 defer {
                     close(stream.read)
                     close(output.write)
+                    close(done.write)
                 }
                 return .exec(await capture { try await access.exec(vm, request, streams: streams) })
             }
+            group.addTask { await Self.watch(interrupt, until: done.read) }
             group.addTask {
                 let written = await capture {
                     try await OffPool.run(interrupt: interrupt) { cancel in
@@ -58,20 +61,23 @@ enum CopyTransfer {
             }
             var outcome: Result<ExecOutcome, any Error> = .failure(CancellationError())
             var wrote: Result<[String], any Error> = .failure(CancellationError())
+            var interrupted = false
             for await part in group {
                 switch part {
                 case .exec(let result): outcome = result
-                case .wrote(let result):
-                    wrote = result
-                    // Interrupted: stop the command in the guest too.
-                    if case .failure(let error as ArchiveError) = result, error.code == .cancelled { group.cancelAll() }
+                case .wrote(let result): wrote = result
+                case .interrupted:
+                    interrupted = true
+                    group.cancelAll()
                 default: break
                 }
             }
-            return (outcome, wrote)
+            return (outcome, wrote, interrupted)
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
-        if Task.isCancelled { throw CommandFailure(description: "interrupted; nothing was copied") }
+        if Task.isCancelled || interrupted {
+            throw CommandFailure(description: "interrupted; nothing was copied")
+        }
         if case .failure(let error as ArchiveError) = writerResult, error.code != .streamClosed {
             throw CommandFailure(
                 description: error.code == .cancelled
@@ -109,15 +115,18 @@ enum CopyTransfer {
         defer { close(null) }
         let request = ExecRequest(argv: ["sh", "-c", GuestScript.send, "sh", remote.path, remote.parent, remote.name])
         let streams = ExecStreams(stdin: null, stdout: stream.write, stderr: output.write)
+        let done = try StreamPipe.make()
         async let guestOutput = OffPool.run { _ in collectTail(output.read) }
-        let (outcome, extracted) = await withTaskGroup(of: Part.self) { group in
+        let (outcome, extracted, interrupted) = await withTaskGroup(of: Part.self) { group in
             group.addTask {
                 defer {
                     close(stream.write)
                     close(output.write)
+                    close(done.write)
                 }
                 return .exec(await capture { try await access.exec(vm, request, streams: streams) })
             }
+            group.addTask { await Self.watch(interrupt, until: done.read) }
             group.addTask {
                 let result = await capture {
                     try await OffPool.run(interrupt: interrupt) { cancel in
@@ -129,6 +138,7 @@ enum CopyTransfer {
             }
             var outcome: Result<ExecOutcome, any Error> = .failure(CancellationError())
             var extracted: Result<Void, any Error> = .failure(CancellationError())
+            var interrupted = false
             for await part in group {
                 switch part {
                 case .exec(let result): outcome = result
@@ -136,13 +146,18 @@ enum CopyTransfer {
                     extracted = result
                     // A refused stream stops the command in the guest, even one that went quiet.
                     if case .failure = result { group.cancelAll() }
+                case .interrupted:
+                    interrupted = true
+                    group.cancelAll()
                 default: break
                 }
             }
-            return (outcome, extracted)
+            return (outcome, extracted, interrupted)
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
-        if Task.isCancelled { throw CommandFailure(description: "interrupted; nothing was copied") }
+        if Task.isCancelled || interrupted {
+            throw CommandFailure(description: "interrupted; nothing was copied")
+        }
         let archiveError = { () -> ArchiveError? in
             if case .failure(let error as ArchiveError) = extracted { return error }
             return nil
@@ -188,6 +203,25 @@ enum CopyTransfer {
         case exec(Result<ExecOutcome, any Error>)
         case wrote(Result<[String], any Error>)
         case extracted(Result<Void, any Error>)
+        /// A signal came (the interrupt pipe became readable) before the guest command ended.
+        case interrupted
+        /// The guest command ended first.
+        case finished
+    }
+
+    /// Waits, on a thread of its own, for `interrupt` or for `done` (closed when the guest
+    /// command has ended), whichever comes first: a signal stops the copy even while the guest
+    /// command is quiet and nothing reads or writes the stream. Closes `done`.
+    static func watch(_ interrupt: Int32, until done: Int32) async -> Part {
+        defer { close(done) }
+        guard interrupt >= 0 else { return .finished }
+        do {
+            try await OffPool.run(interrupt: interrupt) { cancel in try waitReadable(done, cancel: cancel) }
+            return .finished
+        } catch {
+            // Cancelled by the group (a refused stream) is not a signal: only a readable pipe is.
+            return CancelFlag(interrupt: interrupt).isCancelled ? .interrupted : .finished
+        }
     }
 }
 
