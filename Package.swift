@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "VmpoolSim", targets: ["VmpoolSim"]),
         .library(name: "VmpoolQEMU", targets: ["VmpoolQEMU"]),
         .library(name: "VmpoolImage", targets: ["VmpoolImage"]),
+        .library(name: "VmpoolArchive", targets: ["VmpoolArchive"]),
         .library(name: "VmpoolCLI", targets: ["VmpoolCLI"]),
     ],
     dependencies: [
@@ -96,12 +97,15 @@ let package = Package(
                 .embedInCode("Guest/debian-rootfs.sh"), .embedInCode("Guest/fetch-kernel.sh"),
             ]
         ),
+        // Tar streams for `cp`: a guest's archive read without trusting it (bounded, nothing
+        // outside the destination, nothing privileged, all or nothing) and host trees written as one.
+        .target(name: "VmpoolArchive", dependencies: ["CVmpoolSys"]),
         // Commands: argument parsing and printing; everything else is a library call.
         .target(
             name: "VmpoolCLI",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
-                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres",
+                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres", "VmpoolArchive",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -130,7 +134,8 @@ let package = Package(
                 "VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport", .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),
-        .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolTestSupport"]),
+        .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolArchive", "VmpoolTestSupport"]),
+        .testTarget(name: "VmpoolArchiveTests", dependencies: ["VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(
             name: "VmpoolQEMUTests",
             dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolStore", "VmpoolTestSupport"]

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -459,4 +460,37 @@ fail:;
     close(copy);
     errno = saved;
     return -1;
+}
+
+int vmpool_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath) {
+    return renameat2(olddirfd, oldpath, newdirfd, newpath, RENAME_NOREPLACE);
+}
+
+int vmpool_set_pipe_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
+
+static volatile int signal_pipe_write = -1;
+
+static void signal_to_pipe(int sig) {
+    int saved = errno;
+    unsigned char byte = (unsigned char)sig;
+    if (signal_pipe_write >= 0) {
+        ssize_t rc = write(signal_pipe_write, &byte, 1);
+        (void)rc;
+    }
+    errno = saved;
+}
+
+int vmpool_trap_signals(const int *signals, int count) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
+    signal_pipe_write = fds[1];
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = signal_to_pipe;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    for (int i = 0; i < count; i++) {
+        if (sigaction(signals[i], &action, NULL) != 0) return -1;
+    }
+    return fds[0];
 }

@@ -128,7 +128,10 @@ struct UsableVMTests {
         stat(box.dir.path + "/tree3/sub/run.sh", &info)
         #expect(info.st_mode & 0o777 == 0o751)
         let missing = try box.run(["cp", "\(vm):/no/such/file", box.dir.path + "/x"])
-        #expect(missing.status != 0)
+        #expect(missing.status == 1)
+        #expect(
+            missing.stderr == "vmpool: no such file or directory in the guest: /no/such/file\n", "\(missing.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: box.dir.path + "/x"))
     }
 
     @Test func logsAreBoundedAndConsoleAnswers() throws {

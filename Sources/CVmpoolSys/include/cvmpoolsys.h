@@ -73,4 +73,16 @@ int vmpool_tap_open(const char *name);
 /// A memfd (close-on-exec) of the same size as the file open on `fd` holding a copy of its
 /// data; the file's holes stay holes (no memory). -1 with errno set.
 int vmpool_memfd_copy_sparse(int fd, const char *name);
+
+/// renameat2(..., RENAME_NOREPLACE): fails with EEXIST instead of replacing what is at `newpath`.
+int vmpool_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
+
+/// fcntl(fd, F_SETPIPE_SZ, size): a larger pipe buffer; returns the new size or -1 with errno set.
+int vmpool_set_pipe_size(int fd, int size);
+
+/// Makes each of `signals` write its number as one byte into a pipe (non-blocking, close on
+/// exec) instead of its default action, and returns the pipe's read end, or -1 with errno set.
+/// A waiting thread polls that descriptor: it needs no dispatch source and no free thread of
+/// Swift's pool to learn of the signal.
+int vmpool_trap_signals(const int *signals, int count);
 #endif

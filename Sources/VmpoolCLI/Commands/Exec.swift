@@ -96,6 +96,7 @@ enum GuestCommand {
     /// nobody leased, it is recorded first, and the VM is never leased after (`markEntered`).
     static func run(
         options: GlobalOptions, vm id: String, requireRunning: Bool = true, entering: String?,
+        trapsSignals: Bool = true,
         _ body: @escaping @Sendable (any GuestAccess, VMRecord) async throws -> Int32
     ) async -> Int32 {
         do {
@@ -127,6 +128,8 @@ enum GuestCommand {
                 }
             }
             if let entering, record.lease == nil { try session.store.markEntered(record.id, by: entering) }
+            // `trapsSignals: false`: the body has trapped the signals itself (cp).
+            guard trapsSignals else { return try await body(access, record) }
             return try await withSignalsInterrupting { try await body(access, record) }
         } catch let error as CommandFailure {
             printError("vmpool: \(error.description)")
