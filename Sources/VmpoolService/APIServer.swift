@@ -59,8 +59,11 @@ public struct ListenAddress: Sendable, CustomStringConvertible {
     /// A resolved IP address.
     struct IPAddress: Sendable {
         var family: Int32
+        /// The address itself: 4 or 16 bytes.
         var bytes: [UInt8]
         var text: String
+        /// The socket address the resolver gave (sockaddr_in or sockaddr_in6), port 0.
+        var socketAddress: [UInt8]
 
         /// 127.0.0.0/8, ::1 and IPv4-mapped 127.0.0.0/8.
         var isLoopback: Bool {
@@ -85,32 +88,24 @@ public struct ListenAddress: Sendable, CustomStringConvertible {
         var found: [IPAddress] = []
         var entry: UnsafeMutablePointer<addrinfo>? = list
         while let current = entry {
-            if let address = Self.address(current.pointee.ai_addr, family: current.pointee.ai_family) {
-                found.append(address)
-            }
+            if let address = Self.address(current.pointee) { found.append(address) }
             entry = current.pointee.ai_next
         }
         guard !found.isEmpty else { throw ServiceError("--listen: \"\(host)\" resolved to no IP address") }
         return found
     }
 
-    private static func address(_ sockaddr: UnsafeMutablePointer<sockaddr>?, family: Int32) -> IPAddress? {
-        guard let sockaddr else { return nil }
-        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
-        switch family {
-        case AF_INET:
-            var raw = sockaddr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
-            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
-            inet_ntop(AF_INET, &raw, &text, socklen_t(text.count))
-            return IPAddress(family: family, bytes: bytes, text: String(cString: text))
-        case AF_INET6:
-            var raw = sockaddr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
-            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
-            inet_ntop(AF_INET6, &raw, &text, socklen_t(text.count))
-            return IPAddress(family: family, bytes: bytes, text: String(cString: text))
-        default:
+    /// An IPv4 or IPv6 entry of the resolver's answer.
+    private static func address(_ entry: addrinfo) -> IPAddress? {
+        guard let sockaddr = entry.ai_addr, entry.ai_family == AF_INET || entry.ai_family == AF_INET6 else {
             return nil
         }
+        let raw = Array(UnsafeRawBufferPointer(start: sockaddr, count: Int(entry.ai_addrlen)))
+        // The address sits at offset 4 of a sockaddr_in, 8 of a sockaddr_in6.
+        let bytes = entry.ai_family == AF_INET ? Array(raw[4..<8]) : Array(raw[8..<24])
+        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
+        inet_ntop(entry.ai_family, bytes, &text, socklen_t(text.count))
+        return IPAddress(family: entry.ai_family, bytes: bytes, text: String(cString: text), socketAddress: raw)
     }
 
     /// Binds and closes a socket on the address: a port in use is reported now, in words, not
@@ -121,27 +116,12 @@ public struct ListenAddress: Sendable, CustomStringConvertible {
         defer { close(fd) }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var result: Int32
-        if address.family == AF_INET {
-            var sin = sockaddr_in()
-            sin.sin_family = sa_family_t(AF_INET)
-            sin.sin_port = in_port_t(UInt16(port).bigEndian)
-            withUnsafeMutableBytes(of: &sin.sin_addr) { $0.copyBytes(from: address.bytes) }
-            result = withUnsafePointer(to: &sin) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-        } else {
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = in_port_t(UInt16(port).bigEndian)
-            withUnsafeMutableBytes(of: &sin6.sin6_addr) { $0.copyBytes(from: address.bytes) }
-            result = withUnsafePointer(to: &sin6) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
-                }
-            }
+        // The port, big-endian, at offset 2 of either socket address.
+        var socketAddress = address.socketAddress
+        socketAddress[2] = UInt8(port >> 8)
+        socketAddress[3] = UInt8(port & 0xFF)
+        let result = socketAddress.withUnsafeBytes { raw in
+            Glibc.bind(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(raw.count))
         }
         guard result == 0 else {
             let code = errno

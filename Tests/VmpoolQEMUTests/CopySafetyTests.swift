@@ -30,21 +30,11 @@ struct CopySafetyTests {
         return result.stdout
     }
 
-    /// Waits up to `seconds` for `condition`, polling.
-    func eventually(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try condition() { return true }
-            usleep(50_000)
-        }
-        return try condition()
-    }
-
     /// Waits for `command` to end, up to `seconds`; one that is still running then is killed
     /// (SIGKILL) and recorded as a failure, so that a copy deaf to SIGTERM fails the test
     /// instead of hanging it.
     func waitOrKill(_ command: RunningCommand, within seconds: Double = 10) -> CommandResult {
-        let ended = eventually(seconds) {
+        let ended = eventually(timeout: .seconds(seconds)) {
             let stat = (try? String(contentsOfFile: "/proc/\(command.pid)/stat", encoding: .utf8)) ?? ""
             return stat.isEmpty || stat.contains(") Z")
         }
@@ -156,7 +146,7 @@ struct CopySafetyTests {
         _ = FileManager.default.createFile(atPath: zeros, contents: nil)
         truncate(zeros, 200 << 20)
         let copyIn = try box.binary.start(["cp", zeros, "\(vm):/tmp/zeros", "--state-dir", box.state])
-        let started = try eventually(60) { try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.") }
+        let started = try eventually(timeout: .seconds(60)) { try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.") }
         try #require(started, "the copy in never started")
         let sent = ContinuousClock.now
         copyIn.kill(SIGTERM)
@@ -167,7 +157,7 @@ struct CopySafetyTests {
         #expect(
             interrupted.status == 1 && interrupted.stderr.contains("interrupted"),
             "status \(interrupted.status): \(interrupted.stderr)")
-        let cleaned = try eventually(10) { !(try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.")) }
+        let cleaned = try eventually(timeout: .seconds(10)) { !(try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.")) }
         let left = try box.exec(vm, ["ls", "-A", "/tmp"]).stdout
         #expect(cleaned, "the guest kept its temporary directory: \(left)")
         #expect(try box.exec(vm, ["ls", "/tmp/zeros"]).status != 0, "a partial /tmp/zeros is in the guest")
@@ -227,7 +217,7 @@ struct CopySafetyTests {
         )
         let copyOut = try box.binary.start(["cp", "\(vm):/work", results, "--state-dir", box.state])
         // Started: the staged file on the host is growing.
-        let flowing = eventually(60) {
+        let flowing = eventually(timeout: .seconds(60)) {
             guard let staging = entries(results).first(where: { $0.hasPrefix(".vmpool-cp-") }) else { return false }
             var info = stat()
             return stat(results + "/" + staging + "/work", &info) == 0 && info.st_size > 1 << 20
@@ -254,7 +244,7 @@ struct CopySafetyTests {
         let quiet = try box.binary.start([
             "cp", box.dir.path + "/escape.tar", "\(vm):/tmp/quiet", "--state-dir", box.state,
         ])
-        let asleep = try eventually(60) { try box.exec(vm, ["ps"]).stdout.contains("sleep 1000") }
+        let asleep = try eventually(timeout: .seconds(60)) { try box.exec(vm, ["ps"]).stdout.contains("sleep 1000") }
         try #require(asleep, "the guest side of the copy never went quiet")
         let sentQuiet = ContinuousClock.now
         quiet.kill(SIGTERM)
