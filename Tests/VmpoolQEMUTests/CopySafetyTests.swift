@@ -146,7 +146,9 @@ struct CopySafetyTests {
         _ = FileManager.default.createFile(atPath: zeros, contents: nil)
         truncate(zeros, 200 << 20)
         let copyIn = try box.binary.start(["cp", zeros, "\(vm):/tmp/zeros", "--state-dir", box.state])
-        let started = try eventually(timeout: .seconds(60)) { try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.") }
+        let started = try eventually(timeout: .seconds(60)) {
+            try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.")
+        }
         try #require(started, "the copy in never started")
         let sent = ContinuousClock.now
         copyIn.kill(SIGTERM)
@@ -157,7 +159,9 @@ struct CopySafetyTests {
         #expect(
             interrupted.status == 1 && interrupted.stderr.contains("interrupted"),
             "status \(interrupted.status): \(interrupted.stderr)")
-        let cleaned = try eventually(timeout: .seconds(10)) { !(try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp.")) }
+        let cleaned = try eventually(timeout: .seconds(10)) {
+            !(try box.exec(vm, ["ls", "-A", "/tmp"]).stdout.contains(".vmpool-cp."))
+        }
         let left = try box.exec(vm, ["ls", "-A", "/tmp"]).stdout
         #expect(cleaned, "the guest kept its temporary directory: \(left)")
         #expect(try box.exec(vm, ["ls", "/tmp/zeros"]).status != 0, "a partial /tmp/zeros is in the guest")

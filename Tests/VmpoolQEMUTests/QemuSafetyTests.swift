@@ -208,7 +208,8 @@ struct QemuSafetyTests {
         #expect(standbys.count == 2 && before == 2)
         let killed = try #require(standbys.first?.pid)
         kill(killed, SIGKILL)
-        #expect(try eventually(timeout: .seconds(30)) { try counted() == 1 }, "a standby whose QEMU was killed is counted")
+        #expect(
+            try eventually(timeout: .seconds(30)) { try counted() == 1 }, "a standby whose QEMU was killed is counted")
     }
 
     @Test func everySpellingOfTheStateDirNamesTheSameVMs() throws {
@@ -285,7 +286,11 @@ struct QemuSafetyTests {
             _ = other?.wait()
         }
         // runuser starts QEMU after a fork and PAM: wait for it with a deadline.
-        if geteuid() == 0 { #expect(eventually(timeout: .seconds(30)) { qemuOf(uid: 65534).count == 1 }, "the other user's QEMU did not start") }
+        if geteuid() == 0 {
+            #expect(
+                eventually(timeout: .seconds(30)) { qemuOf(uid: 65534).count == 1 },
+                "the other user's QEMU did not start")
+        }
         let others = qemuOf(uid: 65534)
         #expect(try box.run(["reconcile"]).status == 0)
         #expect(kill(decoy.pid, 0) == 0, "reconcile killed a process that is not one of its QEMUs")
