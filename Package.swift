@@ -28,12 +28,15 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
     ],
     targets: [
         // Manifest model, loading and validation: YAML in, typed pool specs or located errors out.
         .target(name: "VmpoolSpec", dependencies: [.product(name: "Yams", package: "Yams")]),
         // The hypervisor seam: the driver protocol and the VM facts every driver reports.
-        .target(name: "VmpoolDriver", dependencies: ["VmpoolSpec"]),
+        .target(
+            name: "VmpoolDriver",
+            dependencies: ["VmpoolSpec", .product(name: "Crypto", package: "swift-crypto")]),
         // The state store: desired pools, VMs, templates, the operation journal, events, hosts,
         // written once over a backend seam; SQLite (GRDB) in the state dir; the state-dir lock.
         .target(
@@ -63,7 +66,7 @@ let package = Package(
         .target(
             name: "VmpoolService",
             dependencies: [
-                "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "CVmpoolSys",
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "CVmpoolSys",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -75,7 +78,7 @@ let package = Package(
         // The simulated hypervisor (CI fixtures, tests, dry experiments).
         .target(
             name: "VmpoolSim",
-            dependencies: ["VmpoolDriver", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: ["VmpoolSpec", "VmpoolDriver", .product(name: "GRDB", package: "GRDB.swift")]
         ),
         // Small C helpers for what Swift cannot spell on Linux (SCM_RIGHTS fd passing).
         .target(name: "CVmpoolSys"),
@@ -83,7 +86,7 @@ let package = Package(
         .target(
             name: "VmpoolQEMU",
             dependencies: [
-                "VmpoolSpec", "VmpoolDriver", "CVmpoolSys",
+                "VmpoolSpec", "VmpoolDriver", "VmpoolArchive", "CVmpoolSys",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

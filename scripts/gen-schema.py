@@ -492,9 +492,61 @@ def limits_schema():
     }
 
 
+MAX_TEMPLATE_FILES = 64
+MAX_SETUP_STEPS = 64
+MAX_STEP_ARGUMENTS = 256
+MAX_STEP_TEXT = 16384
+# A whole number of seconds (1..3600), minutes (1..60) or hours (1).
+READY_TIMEOUT_PATTERN = (
+    "^(([1-9][0-9]{0,2}|[1-2][0-9]{3}|3[0-5][0-9]{2}|3600)s"
+    "|([1-9]|[1-5][0-9]|60)m|1h)$"
+)
+NO_NUL_PATTERN = r"^[^\u0000]*$"
+GUEST_PATH_PATTERN = r"^/[^\u0000-\u001f\u007f]+$"
+
+
+def setup_step(description):
+    return {
+        "description": description,
+        "oneOf": [
+            {
+                "description": "A shell line, run under /bin/sh -c.",
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_STEP_TEXT,
+                "pattern": NO_NUL_PATTERN,
+            },
+            {
+                "description": "An argument vector (strings; quote numbers).",
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_STEP_ARGUMENTS,
+                "prefixItems": [
+                    {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_STEP_TEXT,
+                        "pattern": NO_NUL_PATTERN,
+                    }
+                ],
+                "items": {
+                    "type": "string",
+                    "maxLength": MAX_STEP_TEXT,
+                    "pattern": NO_NUL_PATTERN,
+                },
+            },
+        ],
+    }
+
+
 def template_schema():
     return {
-        "description": "How the template serves its clones. boot: template only.",
+        "description": (
+            "How the pool's VMs are prepared (files, setup, ready: in the "
+            "template VM before its memory is saved, or in each VM that "
+            "boots cold) and how the template serves its clones "
+            "(shareMemory: boot: template only)."
+        ),
         "type": "object",
         "additionalProperties": False,
         "properties": {
@@ -506,17 +558,80 @@ def template_schema():
                 ),
                 "type": "boolean",
             },
+            "files": {
+                "description": (
+                    "Host files or directories copied into the VM first, in "
+                    "order. A change of path or content rebuilds the "
+                    "template and replaces the VMs."
+                ),
+                "type": "array",
+                "maxItems": MAX_TEMPLATE_FILES,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["src", "dst"],
+                    "properties": {
+                        "src": {
+                            "description": "Host path, relative to the manifest.",
+                            "$ref": "#/$defs/path",
+                        },
+                        "dst": {
+                            "description": (
+                                "Absolute guest path (not /), no control "
+                                "characters; its parents are made."
+                            ),
+                            "type": "string",
+                            "maxLength": 4096,
+                            "pattern": GUEST_PATH_PATTERN,
+                        },
+                    },
+                },
+            },
+            "setup": {
+                "description": "Commands run in order in the VM; each must exit 0.",
+                "type": "array",
+                "maxItems": MAX_SETUP_STEPS,
+                "items": setup_step("One setup step."),
+            },
+            "ready": {
+                "description": (
+                    "Must hold before the template's memory is saved, and in "
+                    "each VM before it counts as ready."
+                ),
+                "type": "object",
+                "additionalProperties": False,
+                "anyOf": [{"required": ["exec"]}, {"required": ["port"]}],
+                "properties": {
+                    "exec": setup_step("A command that exits 0 once the VM is ready."),
+                    "port": {
+                        "description": "A guest TCP port something listens on.",
+                        "type": "integer",
+                        "minimum": MIN_PORT,
+                        "maximum": MAX_PORT,
+                    },
+                    "timeout": {
+                        "description": "How long the check may take to hold (default 5m): 1s to 60m.",
+                        "type": "string",
+                        "pattern": READY_TIMEOUT_PATTERN,
+                    },
+                },
+            },
         },
     }
 
 
 def template_only_with_boot_template():
+    """shareMemory is for boot: template; files, setup and ready are not."""
     return {
         "if": {
             "properties": {"boot": {"const": "template"}},
             "required": ["boot"],
         },
-        "else": {"properties": {"template": False}},
+        "else": {
+            "properties": {
+                "template": {"properties": {"shareMemory": False}}
+            }
+        },
     }
 
 

@@ -378,6 +378,8 @@ int vmpool_launch(const char *path, char *const argv[], char *const envp[], cons
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 
+int vmpool_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
 int vmpool_memfd_copy(int fd, const char *name) {
     struct stat info;
     if (fstat(fd, &info) != 0) return -1;

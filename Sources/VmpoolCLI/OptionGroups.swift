@@ -1,3 +1,4 @@
+import VmpoolSpec
 import ArgumentParser
 import Foundation
 import VmpoolDriver

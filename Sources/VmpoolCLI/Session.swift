@@ -137,6 +137,10 @@ func checkImages(_ manifests: ManifestSet) throws {
             diagnostics.append(
                 Diagnostic(.imageNotFound, at: origin.location(of: field), field: field, problem.message))
         }
+        do { _ = try Preparation.resolve(pool.template) } catch {
+            diagnostics.append(
+                Diagnostic(.imageNotFound, at: origin.location(of: error.field), field: error.field, error.message))
+        }
         if let network = pool.network, network.mode == .bridge, let text = network.subnet,
             let subnet = IPv4Subnet(text)
         {

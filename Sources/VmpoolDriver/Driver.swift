@@ -210,7 +210,7 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Kind: String, Hashable, Sendable {
             case launchFailed, timeout, protocolError, notFound, invalidState, limitExceeded, injectedFault
-            case imageMissing, hostUnsupported, io, busy, cancelled, processExited
+            case imageMissing, hostUnsupported, io, busy, cancelled, processExited, setupFailed
         }
         private let kind: Kind
         private init(_ kind: Kind) { self.kind = kind }
@@ -241,6 +241,8 @@ public struct DriverError: Error, Sendable, CustomStringConvertible {
         public static let cancelled = Code(.cancelled)
         /// The VM's hypervisor process exited under the operation; the next pass replaces the VM.
         public static let processExited = Code(.processExited)
+        /// A step of the pool's preparation (a file copy, a setup command) failed in the guest.
+        public static let setupFailed = Code(.setupFailed)
 
         public var description: String { kind.rawValue }
     }

@@ -72,10 +72,12 @@ public struct VMShape: Codable, Sendable, Hashable {
     /// or has a private copy of it (`template.shareMemory: false`). Not part of the template's
     /// key: a change replaces the clones, not the template.
     public var sharesTemplateMemory: Bool
+    /// Files, setup and ready check run in the VM (or its template) before it is ready.
+    public var preparation: Preparation?
 
     public init(
         vcpus: Int, memoryMiB: Int, maxVcpus: Int, maxMemoryMiB: Int, image: BootImage, disks: [DiskShape] = [],
-        network: NetworkShape? = nil, sharesTemplateMemory: Bool = true
+        network: NetworkShape? = nil, sharesTemplateMemory: Bool = true, preparation: Preparation? = nil
     ) {
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
@@ -85,26 +87,27 @@ public struct VMShape: Codable, Sendable, Hashable {
         self.disks = disks
         self.network = network
         self.sharesTemplateMemory = sharesTemplateMemory
+        self.preparation = preparation
     }
 
-    /// The shape a pool asks for, given its resolved image and disks. The pool's walls
-    /// (egress, isolation, limits) are not part of it: they change in place.
-    public init(pool: PoolSpec, image: BootImage, disks: [DiskShape] = []) {
+    /// The shape a pool asks for, given its resolved image, disks and preparation. The pool's
+    /// walls (egress, isolation, limits) are not part of it: they change in place.
+    public init(pool: PoolSpec, image: BootImage, disks: [DiskShape] = [], preparation: Preparation? = nil) {
         self.init(
             vcpus: pool.vcpus, memoryMiB: pool.memoryMiB, maxVcpus: pool.maxVcpus,
             maxMemoryMiB: pool.maxMemoryMiB, image: image, disks: disks, network: NetworkShape(pool.network),
-            sharesTemplateMemory: pool.sharesTemplateMemory)
+            sharesTemplateMemory: pool.sharesTemplateMemory, preparation: preparation)
     }
 
     /// Two shapes a template clone can be made between: everything but hotplugged amounts.
     public var templateKey: TemplateKey {
         TemplateKey(
             vcpus: vcpus, memoryMiB: memoryMiB, maxVcpus: maxVcpus, maxMemoryMiB: maxMemoryMiB, image: image,
-            disks: disks, network: network)
+            disks: disks, network: network, preparation: preparation)
     }
 
     enum CodingKeys: String, CodingKey {
-        case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network, sharesTemplateMemory
+        case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network, sharesTemplateMemory, preparation
     }
 
     /// Reads shapes recorded before disks, networks and private template memory existed as
@@ -119,9 +122,11 @@ public struct VMShape: Codable, Sendable, Hashable {
         disks = try c.decodeIfPresent([DiskShape].self, forKey: .disks) ?? []
         network = try c.decodeIfPresent(NetworkShape.self, forKey: .network)
         sharesTemplateMemory = try c.decodeIfPresent(Bool.self, forKey: .sharesTemplateMemory) ?? true
+        preparation = try c.decodeIfPresent(Preparation.self, forKey: .preparation)
     }
 
-    /// `sharesTemplateMemory` is written only when false, so shapes that share read as before.
+    /// `sharesTemplateMemory` is written only when false and `preparation` only when there is
+    /// one, so shapes that use neither read as before.
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(vcpus, forKey: .vcpus)
@@ -132,6 +137,7 @@ public struct VMShape: Codable, Sendable, Hashable {
         try c.encode(disks, forKey: .disks)
         try c.encodeIfPresent(network, forKey: .network)
         if !sharesTemplateMemory { try c.encode(false, forKey: .sharesTemplateMemory) }
+        try c.encodeIfPresent(preparation, forKey: .preparation)
     }
 }
 
@@ -148,11 +154,14 @@ public struct TemplateKey: Codable, Sendable, Hashable {
     /// The hypervisor's device layout the template was saved with (`nil`: before layouts had
     /// versions); a template of another layout cannot be restored.
     public var layout: Int?
+    /// What the template VM was prepared with before its memory was saved.
+    public var preparation: Preparation?
 
     public init(
         vcpus: Int, memoryMiB: Int, maxVcpus: Int, maxMemoryMiB: Int, image: BootImage, disks: [DiskShape] = [],
-        network: NetworkShape? = nil, layout: Int? = TemplateKey.currentLayout
+        network: NetworkShape? = nil, layout: Int? = TemplateKey.currentLayout, preparation: Preparation? = nil
     ) {
+        self.preparation = preparation
         self.vcpus = vcpus
         self.memoryMiB = memoryMiB
         self.maxVcpus = maxVcpus
@@ -171,10 +180,12 @@ public struct TemplateKey: Codable, Sendable, Hashable {
     public var shape: VMShape {
         VMShape(
             vcpus: vcpus, memoryMiB: memoryMiB, maxVcpus: maxVcpus, maxMemoryMiB: maxMemoryMiB, image: image,
-            disks: disks, network: network)
+            disks: disks, network: network, preparation: preparation)
     }
 
-    enum CodingKeys: String, CodingKey { case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network, layout }
+    enum CodingKeys: String, CodingKey {
+        case vcpus, memoryMiB, maxVcpus, maxMemoryMiB, image, disks, network, layout, preparation
+    }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -186,6 +197,7 @@ public struct TemplateKey: Codable, Sendable, Hashable {
         disks = try c.decodeIfPresent([DiskShape].self, forKey: .disks) ?? []
         network = try c.decodeIfPresent(NetworkShape.self, forKey: .network)
         layout = try c.decodeIfPresent(Int.self, forKey: .layout)
+        preparation = try c.decodeIfPresent(Preparation.self, forKey: .preparation)
     }
 }
 

@@ -77,6 +77,8 @@ enum Fit: Hashable {
             self = .replace("disks changed: " + Self.describe(have.disks, want.disks))
         } else if have.network != want.network {
             self = .replace("the network changed")
+        } else if have.preparation != want.preparation {
+            self = .replace(Preparation.describe(have.preparation, want.preparation))
         } else if have.sharesTemplateMemory != want.sharesTemplateMemory {
             self = .replace(
                 want.sharesTemplateMemory
@@ -344,6 +346,9 @@ struct PoolPlanner {
         if have.image != want.image { changes.append("image changed") }
         if have.disks != want.disks { changes.append("disks changed") }
         if have.network != want.network { changes.append("network changed") }
+        if have.preparation != want.preparation {
+            changes.append(Preparation.describe(have.preparation, want.preparation))
+        }
         if have.layout != want.layout { changes.append("saved by another vmpool version") }
         if have.vcpus != want.vcpus { changes.append("vcpus \(have.vcpus) → \(want.vcpus)") }
         if have.memoryMiB != want.memoryMiB {

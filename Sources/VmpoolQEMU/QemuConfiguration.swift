@@ -1,3 +1,4 @@
+import VmpoolSpec
 import Foundation
 import VmpoolDriver
 
@@ -135,6 +136,10 @@ struct QemuPaths: Sendable {
     func memoryFile(template id: String) -> String { memoryRoot + "/" + id + ".mem" }
     /// A template's device state, as migrated out of the saved template VM.
     func stateFile(template id: String) -> String { templateRoot + "/" + id + ".state" }
+    /// The output of a template's setup steps, kept as long as the template.
+    func setupLog(template id: String) -> String { templateRoot + "/" + id + ".setup.log" }
+    /// The output of a cold VM's setup steps, kept as long as the VM.
+    func setupLog(_ id: String) -> String { vmDirectory(id) + "/setup.log" }
     /// A template's disk, frozen when its memory was saved; clones' overlays are made over it.
     func templateDisk(template id: String, disk: String) -> String {
         templateRoot + "/" + id + ".disk-" + disk + ".qcow2"

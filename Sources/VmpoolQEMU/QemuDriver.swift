@@ -146,6 +146,9 @@ public final class QemuDriver: HypervisorDriver {
                 try machine.forwardPorts(request.network)
                 try machine.awaitBoot(
                     identity: Self.identity(of: request.id, network: request.network), timeout: bootTimeout)
+                if let preparation = request.shape.preparation {
+                    try self.preparation(of: machine, log: self.paths.setupLog(request.id)).prepare(preparation)
+                }
                 if request.state == .paused { try machine.pause() }
             } catch {
                 Undo.run { machine.stop() }
@@ -187,6 +190,11 @@ public final class QemuDriver: HypervisorDriver {
                         timeout: .seconds(30))
                 }
                 agent.close()
+                if let preparation = template.key.preparation {
+                    let log = self.paths.setupLog(template: template.id)
+                    unlink(log)
+                    try self.preparation(of: machine, log: log).prepare(preparation)
+                }
                 try Self.settle(machine, paths: self.paths, timeout: bootTimeout)
                 try machine.save(to: stateFile + ".tmp")
                 guard rename(stateFile + ".tmp", stateFile) == 0 else {
@@ -201,6 +209,13 @@ public final class QemuDriver: HypervisorDriver {
         }
         let freed = try await Blocking.run { () throws(DriverError) in Self.freeZeroPages(memoryFile) }
         if let freed { logger.debug("template \(template.id): \(freed >> 20) MiB of zero pages given back") }
+    }
+
+    /// Runs a pool's preparation in `machine` through its agent.
+    func preparation(of machine: QemuVM, log: String?) -> GuestPreparation {
+        GuestPreparation(
+            paths: paths, vm: machine.id, log: log,
+            stopped: { machine.status(depth: .hypervisor, agentTimeout: .seconds(1)).fault })
     }
 
     /// Gives back the pages of a saved template's memory file that hold only zeros (28 of 139
@@ -252,6 +267,10 @@ public final class QemuDriver: HypervisorDriver {
                 let restored = try machine.restore(
                     from: stateFile, identity: Self.identity(of: request.id, network: request.network), timeout: timeout
                 )
+                if let ready = template.key.preparation?.ready {
+                    try self.preparation(of: machine, log: nil).awaitReady(ready)
+                    phases.mark("ready")
+                }
                 logger.debug(
                     "clone phases: \(PhaseClock.describe(phases.phases + restored))", metadata: ["vm": "\(request.id)"])
                 if request.state == .paused { try machine.pause() }
@@ -378,6 +397,7 @@ public final class QemuDriver: HypervisorDriver {
         unlink(paths.memoryFile(template: id))
         unlink(paths.stateFile(template: id))
         unlink(paths.stateFile(template: id) + ".tmp")
+        unlink(paths.setupLog(template: id))
         let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
         for file in files where file.hasPrefix(id + ".disk-") { unlink(paths.templateRoot + "/" + file) }
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
@@ -511,6 +531,7 @@ public final class QemuDriver: HypervisorDriver {
         let memory = (try? FileManager.default.contentsOfDirectory(atPath: paths.memoryRoot)) ?? []
         var ids: [String] = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
         ids += files.filter { $0.hasSuffix(".state.tmp") }.map { String($0.dropLast(10)) }
+        ids += files.filter { $0.hasSuffix(".setup.log") }.map { String($0.dropLast(10)) }
         for file in files {
             if let range = file.range(of: ".disk-") { ids.append(String(file[..<range.lowerBound])) }
         }

@@ -376,7 +376,11 @@ extension Reconciler {
         } catch {
             try? await driver.deleteTemplate(id: ref.id)
             try store.deleteTemplate(ref.id)
-            try store.finish(journal, outcome: .failed, error: error.description)
+            try store.finish(
+                journal, outcome: .failed, error: error.description,
+                event: Event(
+                    pool: pool.spec.name, kind: "template-failed",
+                    message: "template \(ref.id): \((error as? DriverError)?.message ?? error.description)"))
             throw error
         }
         try store.markTemplateReady(ref.id)

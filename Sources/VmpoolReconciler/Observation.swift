@@ -175,8 +175,15 @@ extension Reconciler {
         if let (field, problem) = problems.first {
             return .failure(Unresolvable(message: "\(field): \(problem.message)"))
         }
+        let preparation: Preparation?
+        do { preparation = try Preparation.resolve(spec.template) } catch {
+            return .failure(Unresolvable(message: error.description))
+        }
         return .success(
-            DesiredPool(spec: spec, shape: VMShape(pool: spec, image: DiskImages.resolve(image), disks: disks)))
+            DesiredPool(
+                spec: spec,
+                shape: VMShape(
+                    pool: spec, image: DiskImages.resolve(image), disks: disks, preparation: preparation)))
     }
 
     /// The concrete image a pool boots: its own, or the default guest image (with the pool's

@@ -1,3 +1,4 @@
+import VmpoolSpec
 import Foundation
 import VmpoolDriver
 

@@ -113,10 +113,14 @@ struct DocumentReader {
         let limits = spec["limits"].flatMap { readLimits($0) }
         let template = spec["template"].flatMap { readTemplate($0) }
 
-        // An invalid boot is reported as such; the template is judged against a valid one.
-        if let node = spec["template"], spec["boot"] == nil || boot != nil, boot != .template {
+        // An invalid boot is reported as such; shareMemory is judged against a valid one (files,
+        // setup and ready prepare VMs that boot cold too).
+        if case .mapping(let fields) = spec["template"],
+            let node = fields.first(where: { $0.key.scalar?.string == "shareMemory" })?.key,
+            spec["boot"] == nil || boot != nil, boot != .template
+        {
             report(
-                .crossField, node, "spec.template",
+                .crossField, node, "spec.template.shareMemory",
                 "only with boot: template (boot is \(boot?.rawValue ?? "cold, the default"))")
         }
 
@@ -345,14 +349,192 @@ struct DocumentReader {
 
     /// Template options, one entry per key: adding one is a key here and a field of `TemplateSpec`.
     private mutating func readTemplate(_ node: Node) -> TemplateSpec? {
-        guard let template = mapping(node, path: "spec.template", allowed: ["shareMemory"], required: []) else {
+        guard
+            let template = mapping(
+                node, path: "spec.template", allowed: ["shareMemory", "files", "setup", "ready"], required: [])
+        else { return nil }
+        var result = TemplateSpec()
+        var failed = false
+        if let node = template["shareMemory"] {
+            if let value = boolean(node, path: "spec.template.shareMemory") {
+                result.shareMemory = value
+            } else {
+                failed = true
+            }
+        }
+        if let node = template["files"] {
+            if let files = readTemplateFiles(node) { result.files = files } else { failed = true }
+        }
+        if let node = template["setup"] {
+            if let steps = readSetup(node) { result.setup = steps } else { failed = true }
+        }
+        if let node = template["ready"] {
+            if let ready = readReady(node) { result.ready = ready } else { failed = true }
+        }
+        return failed ? nil : result
+    }
+
+    private mutating func readTemplateFiles(_ node: Node) -> [TemplateFile]? {
+        guard case .sequence(let sequence) = node else {
+            report(
+                .wrongType, node, "spec.template.files",
+                "expected a sequence of {src, dst} files, got \(Self.show(node))")
             return nil
         }
-        var result = TemplateSpec()
-        if let node = template["shareMemory"], let value = boolean(node, path: "spec.template.shareMemory") {
-            result.shareMemory = value
+        guard sequence.count <= SpecLimits.maxTemplateFiles else {
+            report(
+                .outOfRange, node, "spec.template.files",
+                "expected at most \(SpecLimits.maxTemplateFiles) files, got \(sequence.count)")
+            return nil
         }
-        return result
+        var files: [TemplateFile] = []
+        var failed = false
+        for (index, item) in sequence.enumerated() {
+            let field = "spec.template.files[\(index)]"
+            guard let entry = mapping(item, path: field, allowed: ["src", "dst"], required: ["src", "dst"]),
+                let srcNode = entry["src"], let dstNode = entry["dst"],
+                let src = path(srcNode, path: field + ".src"), let dst = guestPath(dstNode, path: field + ".dst")
+            else {
+                failed = true
+                continue
+            }
+            files.append(TemplateFile(src: src, dst: dst))
+        }
+        return failed ? nil : files
+    }
+
+    private mutating func readSetup(_ node: Node) -> [SetupStep]? {
+        guard case .sequence(let sequence) = node else {
+            report(
+                .wrongType, node, "spec.template.setup",
+                "expected a sequence of steps (a shell line, or a list of arguments), got \(Self.show(node))")
+            return nil
+        }
+        guard sequence.count <= SpecLimits.maxSetupSteps else {
+            report(
+                .outOfRange, node, "spec.template.setup",
+                "expected at most \(SpecLimits.maxSetupSteps) steps, got \(sequence.count)")
+            return nil
+        }
+        var steps: [SetupStep] = []
+        var failed = false
+        for (index, item) in sequence.enumerated() {
+            if let step = readStep(item, path: "spec.template.setup[\(index)]") {
+                steps.append(step)
+            } else {
+                failed = true
+            }
+        }
+        return failed ? nil : steps
+    }
+
+    /// A shell line (`/bin/sh -c LINE`) or an argument vector.
+    private mutating func readStep(_ node: Node, path field: String) -> SetupStep? {
+        let expectation = "expected a shell line or a list of 1 to \(SpecLimits.maxStepArguments) arguments"
+        switch node {
+        case .scalar:
+            guard let line = stepText(node, path: field) else { return nil }
+            return SetupStep(shell: line)
+        case .sequence(let sequence):
+            guard (1...SpecLimits.maxStepArguments).contains(sequence.count) else {
+                report(.outOfRange, node, field, "\(expectation), got \(sequence.count) arguments")
+                return nil
+            }
+            var argv: [String] = []
+            for (index, item) in sequence.enumerated() {
+                guard let argument = stepText(item, path: "\(field)[\(index)]", allowEmpty: index > 0) else {
+                    return nil
+                }
+                argv.append(argument)
+            }
+            return SetupStep(argv: argv)
+        default:
+            report(.wrongType, node, field, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+    }
+
+    /// A step's text: a string (a number is refused, as in a container's command: quote it),
+    /// no NUL, bounded.
+    private mutating func stepText(_ node: Node, path field: String, allowEmpty: Bool = false) -> String? {
+        guard case .scalar(let scalar) = node, node.tagName == .str else {
+            report(.wrongType, node, field, "expected a string (quote numbers: \"8080\"), got \(Self.show(node))")
+            return nil
+        }
+        let text = scalar.string
+        guard allowEmpty || !text.isEmpty, text.unicodeScalars.count <= SpecLimits.maxStepText,
+            !text.utf8.contains(0)
+        else {
+            report(
+                .badFormat, node, field,
+                "expected \(allowEmpty ? "" : "non-empty ")text of at most \(SpecLimits.maxStepText) characters"
+                    + " without NUL")
+            return nil
+        }
+        return text
+    }
+
+    private mutating func readReady(_ node: Node) -> ReadyCheck? {
+        guard
+            let ready = mapping(node, path: "spec.template.ready", allowed: ["exec", "port", "timeout"], required: [])
+        else { return nil }
+        var check = ReadyCheck()
+        var failed = false
+        if let node = ready["exec"] {
+            if let step = readStep(node, path: "spec.template.ready.exec") { check.exec = step } else { failed = true }
+        }
+        if let node = ready["port"] {
+            if let port = integer(node, path: "spec.template.ready.port", 1...65535) {
+                check.port = port
+            } else {
+                failed = true
+            }
+        }
+        if let node = ready["timeout"] {
+            if let seconds = wholeDuration(node, path: "spec.template.ready.timeout", SpecLimits.readyTimeoutSeconds) {
+                check.timeoutSeconds = seconds
+            } else {
+                failed = true
+            }
+        }
+        if !failed, check.exec == nil, check.port == nil {
+            report(.missingField, node, "spec.template.ready", "expected exec, port or both")
+            failed = true
+        }
+        return failed ? nil : check
+    }
+
+    /// A whole number of seconds, minutes or hours (`90s`, `2m`, `1h`), in seconds within `range`.
+    private mutating func wholeDuration(_ node: Node, path field: String, _ range: ClosedRange<Int>) -> Int? {
+        let expectation =
+            "expected a whole number of seconds, minutes or hours from \(range.lowerBound)s to"
+            + " \(range.upperBound / 60)m (90s, 2m, 1h)"
+        let units: [Character: Int] = ["s": 1, "m": 60, "h": 3600]
+        guard case .scalar(let scalar) = node, node.tagName == .str, let unit = scalar.string.last,
+            let scale = units[unit], let value = IPNetwork.decimal(scalar.string.dropLast(), maxDigits: 5)
+        else {
+            report(.badFormat, node, field, "\(expectation), got \(Self.show(node))")
+            return nil
+        }
+        guard range.contains(value * scale) else {
+            report(.outOfRange, node, field, "\(expectation), got \(scalar.string)")
+            return nil
+        }
+        return value * scale
+    }
+
+    /// An absolute guest path other than `/`, without control characters.
+    private mutating func guestPath(_ node: Node, path field: String) -> String? {
+        guard let value = string(node, path: field) else { return nil }
+        let count = value.unicodeScalars.count
+        guard value.hasPrefix("/"), value != "/", count <= SpecLimits.maxPathLength, !Self.hasControl(value) else {
+            report(
+                .badFormat, node, field,
+                "expected an absolute guest path (not /) of at most \(SpecLimits.maxPathLength) characters"
+                    + " without control characters, got \(Self.show(node))")
+            return nil
+        }
+        return value
     }
 
     private mutating func readPorts(_ node: Node) -> [Int]? {

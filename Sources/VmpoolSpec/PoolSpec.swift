@@ -112,26 +112,105 @@ public struct NetworkSpec: Codable, Sendable, Hashable {
     }
 }
 
-/// How a `boot: template` pool's template serves its clones. More keys come here (files,
-/// setup, ready); each is read by `DocumentReader.readTemplate` from one table entry.
+/// A host file or directory copied into the template VM (or each cold VM) before setup runs.
+public struct TemplateFile: Codable, Sendable, Hashable {
+    /// Host path, absolute (a manifest's relative path is resolved against its directory).
+    public var src: String
+    /// Absolute guest path the file or directory is copied to (its parents are made).
+    public var dst: String
+
+    public init(src: String, dst: String) {
+        self.src = src
+        self.dst = dst
+    }
+}
+
+/// One setup command, run in the guest; it must exit 0.
+public struct SetupStep: Codable, Sendable, Hashable {
+    /// The argument vector; a string step of the manifest is `/bin/sh -c LINE`.
+    public var argv: [String]
+
+    public init(argv: [String]) {
+        self.argv = argv
+    }
+
+    /// A string step: `line` under `/bin/sh -c`.
+    public init(shell line: String) {
+        self.argv = ["/bin/sh", "-c", line]
+    }
+
+    /// The step as the manifest wrote it, for messages.
+    public var display: String {
+        if argv.count == 3, argv[0] == "/bin/sh", argv[1] == "-c" { return argv[2] }
+        return argv.joined(separator: " ")
+    }
+}
+
+/// What must hold before a template's memory is saved, and in each VM before it counts as
+/// ready: a command that exits 0, a guest TCP port that accepts a connection, or both.
+public struct ReadyCheck: Codable, Sendable, Hashable {
+    public var exec: SetupStep?
+    public var port: Int?
+    /// How long the check may take to hold, seconds.
+    public var timeoutSeconds: Int
+
+    public init(exec: SetupStep? = nil, port: Int? = nil, timeoutSeconds: Int = ReadyCheck.defaultTimeoutSeconds) {
+        self.exec = exec
+        self.port = port
+        self.timeoutSeconds = timeoutSeconds
+    }
+
+    public static let defaultTimeoutSeconds = 300
+}
+
+/// How a pool's VMs are prepared and how its template serves its clones (SPEC §11). `files`,
+/// `setup` and `ready` run in the template VM before its memory is saved, or in each VM of a
+/// pool that boots cold; `shareMemory` is for `boot: template` only.
 public struct TemplateSpec: Codable, Sendable, Hashable {
     /// Clones map the template's memory copy-on-write (the default); `false`: each clone gets a
     /// private copy, so no page is shared between VMs. Changing it replaces the clones, not
     /// the template.
     public var shareMemory: Bool
+    /// Copied in first, in order.
+    public var files: [TemplateFile]
+    /// Run in order after the files; each must exit 0.
+    public var setup: [SetupStep]
+    /// Must hold before the save and in each VM before it is ready.
+    public var ready: ReadyCheck?
 
-    public init(shareMemory: Bool = true) {
+    public init(
+        shareMemory: Bool = true, files: [TemplateFile] = [], setup: [SetupStep] = [], ready: ReadyCheck? = nil
+    ) {
         self.shareMemory = shareMemory
+        self.files = files
+        self.setup = setup
+        self.ready = ready
     }
 
     /// Every field at its default.
     public var isDefault: Bool { self == TemplateSpec() }
 
-    enum CodingKeys: String, CodingKey { case shareMemory }
+    /// Whether the VMs are prepared at all (files, setup or a ready check).
+    public var prepares: Bool { !files.isEmpty || !setup.isEmpty || ready != nil }
+
+    enum CodingKeys: String, CodingKey { case shareMemory, files, setup, ready }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         shareMemory = try c.decodeIfPresent(Bool.self, forKey: .shareMemory) ?? true
+        files = try c.decodeIfPresent([TemplateFile].self, forKey: .files) ?? []
+        setup = try c.decodeIfPresent([SetupStep].self, forKey: .setup) ?? []
+        ready = try c.decodeIfPresent(ReadyCheck.self, forKey: .ready)
+    }
+
+    /// Files, setup and ready are left out when empty, so that a spec that does not use them
+    /// stores as it did before they existed.
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(shareMemory, forKey: .shareMemory)
+        if !files.isEmpty { try c.encode(files, forKey: .files) }
+        if !setup.isEmpty { try c.encode(setup, forKey: .setup) }
+        try c.encodeIfPresent(ready, forKey: .ready)
     }
 }
 
@@ -283,6 +362,14 @@ public enum SpecLimits {
     public static let maxPorts = 32
     /// Egress rules per pool.
     public static let maxEgressRules = 64
+    /// Files, setup steps and arguments of one step or check.
+    public static let maxTemplateFiles = 64
+    public static let maxSetupSteps = 64
+    public static let maxStepArguments = 256
+    /// A setup line or argument, in characters (Unicode scalars, as JSON Schema counts).
+    public static let maxStepText = 16_384
+    /// `template.ready.timeout`: 1 s to 1 h.
+    public static let readyTimeoutSeconds = 1...3600
     /// `limits.ioWeight`: cgroup v2 `io.weight`'s range.
     public static let ioWeight = 1...10_000
     /// `limits.cpu`, percent of the VM's vCPUs.

@@ -1,3 +1,4 @@
+import VmpoolSpec
 import CVmpoolSys
 import Foundation
 import Testing

@@ -257,7 +257,7 @@ struct WallsTests {
 
     @Test(
         arguments: [
-            (nil, "10:5 spec.template crossField"), ("cold", "11:5 spec.template crossField"),
+            (nil, "10:5 spec.template.shareMemory crossField"), ("cold", "11:5 spec.template.shareMemory crossField"),
         ] as [(String?, String)])
     func templateNeedsBootTemplate(_ boot: String?, _ expected: String) throws {
         #expect(failure(Self.document("  template:\n    shareMemory: false\n", boot: boot)) == [expected])
@@ -276,7 +276,8 @@ struct WallsTests {
         ("shareMemory: 'false'", "11:18 spec.template.shareMemory wrongType"),
         ("shareMemory: null", "11:18 spec.template.shareMemory wrongType"),
         ("shareMemory: 0", "11:18 spec.template.shareMemory wrongType"),
-        ("setup: [true]", "11:5 spec.template.setup unknownField"),
+        ("setup: [true]", "11:13 spec.template.setup[0] wrongType"),
+        ("sources: []", "11:5 spec.template.sources unknownField"),
     ])
     func badTemplateFieldsAreLocated(_ line: String, _ expected: String) {
         #expect(failure(Self.document("  template:\n    \(line)\n", boot: "template")) == [expected])

@@ -63,6 +63,9 @@ int vmpool_launch(const char *path, char *const argv[], char *const envp[], cons
                   const int *cgroup_procs, int ncg, int log_fd, long uid, long gid, int *pid_out,
                   int *failed_step);
 
+/// An empty memfd (close-on-exec); -1 with errno set.
+int vmpool_memfd(const char *name);
+
 /// A memfd (close-on-exec) holding a copy of the whole file open on `fd`; -1 with errno set.
 int vmpool_memfd_copy(int fd, const char *name);
 
