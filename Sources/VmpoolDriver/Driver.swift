@@ -335,4 +335,7 @@ public protocol GuestAccess: Sendable {
     /// Connects `streams` to the VM's interactive console until `detach` is read from
     /// `streams.stdin` or the VM goes away.
     func attachConsole(_ vm: VMRef, streams: ExecStreams, detach: UInt8) async throws(DriverError)
+    /// The host file holding the output of the setup steps of template `id` (or, when
+    /// `template` is false, of the cold VM `id`), if it has one.
+    func setupLog(of id: String, template: Bool) -> String?
 }

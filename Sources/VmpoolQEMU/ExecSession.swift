@@ -396,6 +396,11 @@ enum LocalOutput {
 }
 
 extension QemuDriver: GuestAccess {
+    public func setupLog(of id: String, template: Bool) -> String? {
+        let path = template ? paths.setupLog(template: id) : paths.setupLog(id)
+        return access(path, R_OK) == 0 ? path : nil
+    }
+
     public func exec(_ vm: VMRef, _ request: ExecRequest, streams: ExecStreams) async throws(DriverError)
         -> ExecOutcome
     {

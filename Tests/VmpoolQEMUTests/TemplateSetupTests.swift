@@ -67,6 +67,9 @@ struct TemplateSetupTests {
         #expect(logs.count == 1, "\(logs)")
         let log = try String(contentsOfFile: box.state + "/templates/" + (logs.first ?? ""), encoding: .utf8)
         #expect(log.contains("setup step 2 (busybox httpd -p 8080 -h /srv/www)"), "\(log)")
+        let described = try box.run(["describe", "pool", "web"]).stdout
+        #expect(described.contains("Setup log:") && described.contains(logs.first ?? "-"), "\(described)")
+        #expect(described.contains("  setup 2: busybox httpd -p 8080 -h /srv/www"), "\(described)")
 
         box.dir.write("site/index.html", "second edition\n")
         let plan = try box.run(["plan", "-f", file])
@@ -92,7 +95,8 @@ struct TemplateSetupTests {
         let file = box.write(pool("broken", firstStep: "\"\(step)\""))
         let result = try box.run(["apply", "-f", file])
         #expect(result.status == 1)
-        let expected = "setup step 1 (\(step)) exited with status 3; its stderr ends: schema.sql: syntax error at line 3"
+        let expected =
+            "setup step 1 (\(step)) exited with status 3; its stderr ends: schema.sql: syntax error at line 3"
         #expect(result.stdout.contains(expected), "\(result.stdout)\n\(result.stderr)")
         #expect(try box.ids(pool: "broken").isEmpty, "a VM was made from a template that never became ready")
         #expect(box.qemuProcesses().isEmpty, "the template VM was left running")

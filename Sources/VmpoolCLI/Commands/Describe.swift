@@ -40,6 +40,9 @@ extension Vmpool {
                     stored: stored, readiness: readiness, rows: rows, templates: templates,
                     standbys: standbys.map { ($0, $0.ready && alive.contains($0.id)) }, events: events)
                 description.leaseWaiters = try session.store.leaseWaiters()[name] ?? 0
+                if let guest = session.reconciler.driver as? any GuestAccess {
+                    description.setupLogs = templates.compactMap { guest.setupLog(of: $0.ref.id, template: true) }
+                }
                 if session.cluster != nil {
                     description.placement = try session.store.placements().filter { $0.pool == name }
                     description.unplaced = try session.store.unplaced()[name] ?? 0
@@ -159,6 +162,8 @@ struct PoolDescription {
     var unplaced = 0
     /// Lease requests waiting in line for a ready VM.
     var leaseWaiters = 0
+    /// Where the output of the templates' setup steps is kept.
+    var setupLogs: [String] = []
 
     var text: String {
         let spec = stored.spec
@@ -187,6 +192,7 @@ struct PoolDescription {
             if let subnet = network.subnet { text += ", subnet \(subnet)" }
             lines.append(text)
         }
+        lines += Self.preparation(spec.template)
         lines.append(
             "Status:      \(readiness.ready)/\(spec.size) ready, \(readiness.warm)/\(spec.warm) warm, \(readiness.leased) leased, \(readiness.vms) VMs"
                 + (leaseWaiters > 0 ? ", \(leaseWaiters) lease request\(leaseWaiters == 1 ? "" : "s") waiting" : "")
@@ -204,6 +210,7 @@ struct PoolDescription {
                     ? "-"
                     : templates.map { "\($0.ref.id) (\($0.state.rawValue), saved \(JSONValue.rfc3339($0.createdAt)))" }
                         .joined(separator: "; ")))
+        for log in setupLogs { lines.append("Setup log:   \(log)") }
         lines.append(
             "Standbys:    \(standbys.filter(\.1).count) ready"
                 + (standbys.isEmpty ? "" : " (\(standbys.map(\.0.id).joined(separator: ", ")))"))
@@ -216,9 +223,24 @@ struct PoolDescription {
         return lines.joined(separator: "\n")
     }
 
+    /// The spec's files, setup steps and ready check, one line each.
+    static func preparation(_ template: TemplateSpec) -> [String] {
+        var lines: [String] = []
+        for file in template.files { lines.append("  file \(file.src) → \(file.dst)") }
+        for (index, step) in template.setup.enumerated() { lines.append("  setup \(index + 1): \(step.display)") }
+        if let ready = template.ready {
+            let checks = [ready.exec.map { "exec \($0.display)" }, ready.port.map { "port \($0)" }].compactMap { $0 }
+            lines.append(
+                "  ready: \(checks.joined(separator: " and ")) within \(DurationText.format(.seconds(ready.timeoutSeconds)))"
+            )
+        }
+        return lines
+    }
+
     var json: [String: JSONValue] {
         [
             "name": .string(stored.spec.name), "generation": .int(stored.generation),
+            "setupLogs": .array(setupLogs.map { .string($0) }),
             "spec": PoolRow(spec: stored.spec, generation: stored.generation, readiness: readiness, standbys: 0).json
                 .filter { !["ready", "vms", "warmReady", "leased", "standbys"].contains($0.key) }.reduce(
                     into: [String: JSONValue]()
