@@ -304,7 +304,9 @@ public final class QemuDriver: HypervisorDriver {
     /// counts a unit started when its process is, so "running" can come while a console
     /// login is still halfway through (PAM, the shell's profile): each clone would finish it,
     /// seconds of CPU under TCG right when it should answer. udevd keeps its idle workers 3 s
-    /// after its queue empties, so the wait also lasts until they have exited (at most 10 s):
+    /// after its queue empties, so the wait also lasts until they have exited (at most 60 s,
+    /// however loaded the host; a template whose workers outlive that is not saved, and the
+    /// build fails with that reason, to be retried):
     /// a template saved with them made every clone reap ten processes right after its restore,
     /// 6 MiB of copied guest memory and 4 MiB of translated code per clone. Then `sync`, so no
     /// clone writes back the template's dirty pages. Quiet: the guest's CPU idle at least 85%
@@ -322,16 +324,23 @@ public final class QemuDriver: HypervisorDriver {
             + " systemctl is-system-running --wait >/dev/null 2>&1;"
             + " u=$(systemctl show -p MainPID --value systemd-udevd 2>/dev/null); n=0;"
             + " while [ -n \"$u\" ] && [ \"$u\" != 0 ] && [ -n \"$(cat /proc/$u/task/$u/children 2>/dev/null)\" ]"
-            + " && [ $n -lt 40 ]; do sleep 0.25; n=$((n + 1)); done; sync;"
+            + " && [ $n -lt 240 ]; do sleep 0.25; n=$((n + 1)); done;"
+            + " [ $n -lt 240 ] || exit 3; sync;"
             + " read -r _ u n s i w q f t _ </proc/stat; all=$((u+n+s+i+w+q+f+t)); idle=$i; quiet=0; tries=0;"
             + " while [ $quiet -lt 2 ] && [ $tries -lt 60 ]; do sleep 0.5;"
             + " read -r _ u n s i w q f t _ </proc/stat; now=$((u+n+s+i+w+q+f+t));"
             + " if [ $((now - all)) -gt 0 ] && [ $(((i - idle) * 100 / (now - all))) -ge 85 ];"
             + " then quiet=$((quiet + 1)); else quiet=0; fi;"
             + " all=$now; idle=$i; tries=$((tries + 1)); done; exit 0"
-        _ = try session.run(
+        let outcome = try session.run(
             ExecRequest(argv: ["/bin/sh", "-c", script], timeout: timeout),
             streams: ExecStreams(stdin: null, stdout: null, stderr: null))
+        if outcome == .exited(3) {
+            throw DriverError(
+                .timeout,
+                "the template did not settle: udev's workers were still running 60 s after its queue emptied;"
+                    + " it is not saved, and the next pass builds it again", vm: machine.id)
+        }
     }
 
     /// What a clone (or its standby) of `template` runs with: the template's memory file
