@@ -62,8 +62,8 @@ struct CopyScriptTests {
         return bytes
     }
 
-    /// Waits up to `seconds` for `condition`.
-    func eventually(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+    /// Waits up to `seconds` for `condition` (a loaded host runs the watcher late).
+    func eventually(_ seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             if condition() { return true }
