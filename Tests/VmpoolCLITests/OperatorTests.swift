@@ -192,9 +192,14 @@ struct OperatorTests {
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool("f", size: 1))).status == 0)
         let following = try box.binary.start(["events", "--follow", "--state-dir", box.state])
-        usleep(1_200_000)
+        func printed(_ kind: String) -> Int {
+            let text = (try? String(contentsOfFile: following.outPath, encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").filter { $0.contains(" \(kind) ") }.count
+        }
+        // What was there is printed first; then the new apply's events as they come.
+        #expect(eventually { printed("created") == 1 }, "the existing events were not printed")
         #expect(try box.run("apply", "-f", box.write(pool("f", size: 2))).status == 0)
-        usleep(1_500_000)
+        #expect(eventually { printed("applied") >= 2 && printed("created") >= 2 }, "the new events were not printed")
         following.kill(SIGTERM)
         let lines = following.wait().stdoutLines
         #expect(lines.filter { $0.hasPrefix("TIME") }.count == 1, "\(lines)")

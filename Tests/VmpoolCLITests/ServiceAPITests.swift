@@ -63,7 +63,7 @@ struct ServiceAPITests {
         #expect(again.status == 404, "a released VM is gone: \(again.text)")
         #expect(try box.vms()[first] == nil)
         // The service refills the pool; an unleased VM cannot be released.
-        #expect(box.eventually(seconds: 10) { LeaseTests.unleasedRunning(try box.vms()) == 2 })
+        #expect(eventuallyIgnoringErrors(timeout: .seconds(10)) { LeaseTests.unleasedRunning(try box.vms()) == 2 })
         let free = try #require(try box.vms().first { $0.value["lease"] is NSNull }?.key)
         let unleased = try http.request("DELETE", "/v1/leases/\(free)")
         #expect(unleased.status == 409, "\(unleased.text)")
@@ -80,7 +80,7 @@ struct ServiceAPITests {
             "vmpool_action_duration_seconds", "vmpool_pass_duration_seconds", "vmpool_lease_duration_seconds",
         ]
         var metrics = ""
-        let complete = box.eventually(seconds: 10) {
+        let complete = eventuallyIgnoringErrors(timeout: .seconds(10)) {
             let response = try http.request("GET", "/metrics")
             metrics = response.text
             return response.status == 200 && names.allSatisfy { metrics.contains($0) }
@@ -181,21 +181,21 @@ struct ServiceAPITests {
         defer { service.stop() }
         let http = try service.connect()
         try http.sendOnly("POST", "/v1/pools/web/leases", body: #"{"wait":"30s","holder":"gone-client"}"#)
-        let waiting = box.eventually(seconds: 20) {
+        let waiting = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let result = try box.run("describe", "pool", "web", "-o", "json")
             let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
             return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 1
         }
         #expect(waiting, "the lease request waits in line")
         http.hangUp()
-        let gaveUp = box.eventually(seconds: 20) {
+        let gaveUp = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let result = try box.run("describe", "pool", "web", "-o", "json")
             let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
             return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 0
         }
         #expect(gaveUp, "the wait ended with its client")
         #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
-        let ready = box.eventually(seconds: 20) {
+        let ready = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             try box.vms().values.contains { ($0["state"] as? String) == "running" }
         }
         #expect(ready, "the pool grew")
@@ -272,7 +272,7 @@ final class APIService {
         command = try box.binary.start(
             ["reconcile", "--every", "300ms", "--listen", listen, "--state-dir", box.state] + extra)
         // Up when it answers.
-        let ready = box.eventually(seconds: 20) {
+        let ready = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let connection = try self.connect()
             return try connection.request("GET", "/openapi.json", headers: ["Authorization": "Bearer -"]).status > 0
         }

@@ -32,10 +32,6 @@ func desired(_ specs: PoolSpec...) -> [DesiredPool] {
     specs.map { DesiredPool(spec: $0, shape: VMShape(pool: $0, image: testImage)) }
 }
 
-func kinds(_ plan: Plan) -> [Action.Kind: Int] {
-    plan.summary.filter { $0.value > 0 }
-}
-
 func template(for spec: PoolSpec, usable: Bool = true, key: TemplateKey? = nil) -> [String: ObservedTemplate] {
     let ref = TemplateRef(
         id: "\(spec.name)-tmpl-000001", pool: spec.name,

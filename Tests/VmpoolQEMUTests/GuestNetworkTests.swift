@@ -18,11 +18,7 @@ struct GuestNetworkTests {
     static func pool(
         _ name: String, size: Int, memory: String = "256Mi", boot: String = "template", _ lines: String...
     ) -> String {
-        ([
-            "apiVersion: vmpool/v1", "kind: Pool", "metadata: {name: \(name)}", "spec:", "  size: \(size)",
-            "  vcpus: 1",
-            "  memory: \(memory)", "  boot: \(boot)",
-        ] + lines.map { "  " + $0 }).joined(separator: "\n") + "\n"
+        poolYAML(name, size: size, memory: memory, boot: boot, extra: lines.map { "  " + $0 + "\n" }.joined())
     }
 
     func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml", through prefix: [String] = []) throws
