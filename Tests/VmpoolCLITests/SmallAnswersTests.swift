@@ -1,0 +1,85 @@
+import Foundation
+import Testing
+import VmpoolDriver
+import VmpoolSpec
+import VmpoolStore
+import VmpoolTestSupport
+
+@testable import VmpoolCLI
+
+/// Answers at the edges of the commands, through the binary on the sim driver: what an
+/// empty input, a bad option, a single host or a log line says, and that it says it where a
+/// script looks.
+@Suite("Small answers at the edges", .serialized)
+struct SmallAnswersTests {
+    @Test func validateJsonPrintsTheErrorsOnStdoutToo() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let bad = box.dir.write(
+            "bad.yaml",
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata:
+              name: ci
+            spec:
+              size: 1
+              vcpus: two
+              memory: 12
+            """)
+        let result = try box.binary.run(["validate", "-f", bad, "-o", "json"])
+        #expect(result.status == 1)
+        let document = try #require(
+            try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any],
+            "stdout: \(result.stdout)")
+        #expect(document["valid"] as? Bool == false)
+        #expect(document["pools"] as? [String] == [])
+        let errors = document["errors"] as? [[String: Any]] ?? []
+        #expect(errors.count == 2, "\(errors)")
+        let vcpus = try #require(errors.first { $0["field"] as? String == "spec.vcpus" }, "\(errors)")
+        #expect(vcpus["file"] as? String == bad)
+        #expect(vcpus["line"] as? Int == 7 && vcpus["column"] as? Int == 10)
+        #expect(vcpus["message"] as? String == #"expected an integer from 1 to 64, got "two""#)
+        #expect(vcpus["code"] as? String == "wrongType" || vcpus["code"] as? String == "outOfRange")
+        // The diagnostics still go to stderr for people.
+        #expect(result.stderr.contains(bad + #":7:10: spec.vcpus:"#), "\(result.stderr)")
+
+        // A valid input keeps its shape, and says it has no errors.
+        let good = box.write(pool("a", size: 1), as: "good.yaml")
+        let valid = try box.binary.run(["validate", "-f", good, "-o", "json"])
+        #expect(valid.status == 0, "\(valid.stderr)")
+        let ok = try JSONSerialization.jsonObject(with: Data(valid.stdout.utf8)) as? [String: Any]
+        #expect(ok?["valid"] as? Bool == true && ok?["pools"] as? [String] == ["a"], "\(valid.stdout)")
+        #expect((ok?["errors"] as? [Any])?.isEmpty == true, "\(valid.stdout)")
+    }
+
+    @Test func anInputWithNoPoolsIsRefusedByValidateAndApply() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("a", size: 2))
+        #expect(try box.run("apply", "-f", file).status == 0)
+        let empty = box.dir.path + "/empty"
+        try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
+
+        let validated = try box.binary.run(["validate", "-f", empty])
+        #expect(validated.status == 1, "\(validated.stdout)")
+        #expect(validated.stdout.isEmpty, "\(validated.stdout)")
+        #expect(validated.stderr.contains("nothing to validate: \(empty)"), "\(validated.stderr)")
+        let json = try box.binary.run(["validate", "-f", empty, "-o", "json"])
+        #expect(json.status == 1)
+        let document = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        #expect(document?["valid"] as? Bool == false, "\(json.stdout)")
+        #expect((document?["errors"] as? [Any])?.count == 1, "\(json.stdout)")
+        // An empty file was read: a valid stream of no documents, as the JSON Schema judges it.
+        let blank = try box.binary.run(["validate", "-f", box.dir.write("blank.yaml", "")])
+        #expect(blank.status == 0 && blank.stdout == "0 pools valid: the input holds no Pool document\n")
+
+        for input in [empty, "-"] {
+            let applied = try box.binary.run(["apply", "-f", input, "--state-dir", box.state], input: "")
+            #expect(applied.status == 1, "apply -f \(input): \(applied.stdout)")
+            #expect(applied.stderr.contains("no pools passed to apply"), "\(applied.stderr)")
+            #expect(!applied.stdout.contains("No changes"), "\(applied.stdout)")
+        }
+        #expect(try box.vmStates() == ["running": 2], "a refused empty apply changes nothing")
+    }
+}
