@@ -82,4 +82,70 @@ struct SmallAnswersTests {
         }
         #expect(try box.vmStates() == ["running": 2], "a refused empty apply changes nothing")
     }
+
+    @Test func getHostsOnTheDefaultStoreListsThisHost() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 2))).status == 0)
+        let text = try box.run("get", "hosts")
+        #expect(text.status == 0, "\(text.stderr)")
+        #expect(text.stdoutLines.count == 2 && text.stdoutLines.first?.hasPrefix("NAME") == true, "\(text.stdout)")
+        let hosts = try box.json("get", "hosts")
+        #expect(hosts.count == 1, "\(hosts)")
+        #expect(hosts.first?["vms"] as? Int == 2)
+        #expect(hosts.first?["state"] as? String == "ready")
+        #expect(((hosts.first?["used"] as? [String: Any])?["vcpus"] as? Int) == 2)
+    }
+
+    @Test func execUsageErrorsAreVmpoolsOwnFailure125() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 1))).status == 0)
+        let vm = try #require(try box.json("get", "vms").first?["id"] as? String)
+        for arguments in [
+            ["exec", vm, "-e", "=x", "--", "true"], ["exec", vm], ["exec", vm, "--bogus", "--", "true"],
+        ] {
+            let result = try box.binary.run(arguments + ["--state-dir", box.state])
+            #expect(result.status == 125, "\(arguments): exit \(result.status) \(result.stderr)")
+            #expect(!result.stderr.isEmpty)
+        }
+        #expect(try box.binary.run(["exec", "--help"]).status == 0)
+        // Other commands keep 1 for a usage error.
+        #expect(try box.binary.run(["get", "vms", "--bogus"]).status == 1)
+    }
+
+    @Test func anEmptyLogOfACloneSaysItsBootWasTheTemplates() {
+        let shape = VMShape(pool: pool("t", size: 1, boot: .template), image: testImage)
+        let clone = VMRecord(
+            id: "t-000001", pool: "t", state: .running, boot: .template, shape: shape, templateID: "t-tmpl-000001",
+            createdAt: Date())
+        let hint = Vmpool.Logs.emptyCloneHint(clone)
+        #expect(hint?.contains("t-tmpl-000001") == true && hint?.contains("template") == true, "\(hint ?? "nil")")
+        let cold = VMRecord(id: "c-000001", pool: "c", state: .running, boot: .cold, shape: shape, createdAt: Date())
+        #expect(Vmpool.Logs.emptyCloneHint(cold) == nil, "a VM that booted itself needs no hint")
+    }
+
+    @Test func aBadLogLevelOrFormatFromTheEnvironmentNamesTheVariable() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let loud = try box.run("get", "pools", environment: ["VMPOOL_LOG_LEVEL": "loud"])
+        #expect(loud.status == 1)
+        #expect(loud.stderr.contains(#"VMPOOL_LOG_LEVEL: expected one of"#), "\(loud.stderr)")
+        #expect(!loud.stderr.contains("--log-level:"), "\(loud.stderr)")
+        let flag = try box.run("get", "pools", "--log-level", "loud")
+        #expect(flag.status == 1 && flag.stderr.contains("--log-level: expected one of"), "\(flag.stderr)")
+        let format = try box.run("get", "pools", environment: ["VMPOOL_LOG_FORMAT": "xml"])
+        #expect(format.status == 1 && format.stderr.contains("VMPOOL_LOG_FORMAT: expected text or json"))
+    }
+
+    @Test func deleteTakesATimeoutAsTheReadmeSays() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 2))).status == 0)
+        let deleted = try box.run("delete", "a", "--timeout", "30s")
+        #expect(deleted.status == 0, "\(deleted.stderr)")
+        #expect(try box.json("get", "pools").isEmpty)
+        let negative = try box.run("delete", "a", "--timeout", "-1s")
+        #expect(negative.status == 1 && negative.stderr.contains("--timeout"), "\(negative.stderr)")
+    }
 }
