@@ -56,6 +56,11 @@ struct ServiceAPITests {
             let response = try http.request("POST", "/v1/pools/\(pool)/leases", body: body)
             #expect(response.status == status, "\(body ?? "no body") to \(pool): \(response.status) \(response.text)")
             #expect(response.object?["error"] is String, "an error says why: \(response.text)")
+            if status == 409 {
+                // Said for an HTTP client: the body's wait field, not the command line's flag.
+                let error = response.object?["error"] as? String ?? ""
+                #expect(error.contains(#""wait""#) && !error.contains("--wait"), "\(error)")
+            }
         }
 
         #expect(try http.request("DELETE", "/v1/leases/\(first)").status == 204)
@@ -87,7 +92,12 @@ struct ServiceAPITests {
         }
         #expect(complete, "missing: \(names.filter { !metrics.contains($0) }); got \(metrics)")
         #expect(metrics.contains(#"vmpool_pool_leased{pool="web"} 1"#), "\(metrics)")
-        #expect(try http.request("GET", "/v1/nothing").status == 404)
+        let nothing = try http.request("GET", "/v1/nothing")
+        #expect(nothing.status == 404)
+        #expect(
+            nothing.headers["content-type"]?.hasPrefix("application/json") == true
+                && (nothing.object?["error"] as? String)?.contains("/v1/nothing") == true,
+            "an unknown path says so in JSON, like every other error: \(nothing.text)")
         // A known path answers a method it does not take with 405 and what it takes.
         for (method, path, allowed) in [
             ("TRACE", "/metrics", "GET"), ("PUT", "/v1/pools/web/leases", "POST"),
@@ -124,6 +134,11 @@ struct ServiceAPITests {
         let right = ["Authorization": "Bearer \(token)"]
         let lease = try http.request("POST", "/v1/pools/web/leases", headers: right)
         #expect(lease.status == 201, "\(lease.text)")
+        // The scheme's name is case-insensitive (RFC 7235).
+        for scheme in ["bearer", "BEARER"] {
+            let response = try http.request("GET", "/v1/vms", headers: ["Authorization": "\(scheme) \(token)"])
+            #expect(response.status == 200, "\(scheme): \(response.status)")
+        }
         #expect(try http.request("GET", "/v1/vms", headers: right).status == 200)
         #expect(try http.request("GET", "/metrics", headers: right).status == 200)
 
