@@ -157,7 +157,7 @@ struct OperatorTests {
                 environment: ["VMPOOL_SIM_FAIL": "create:0.4", "VMPOOL_SIM_SEED": "42"])
             #expect(result.status == 1, "\(result.stdout)")
             let slots = result.stdout.split(separator: "\n").filter { $0.contains("[failed") }.compactMap { line in
-                line.range(of: #"\(\d+ of 12\)"#, options: .regularExpression).map { String(line[$0]) }
+                line.range(of: #"VM \d+ of 12 "#, options: .regularExpression).map { String(line[$0]) }
             }
             failed.append(Set(slots))
         }

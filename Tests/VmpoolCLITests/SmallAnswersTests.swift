@@ -148,4 +148,19 @@ struct SmallAnswersTests {
         let negative = try box.run("delete", "a", "--timeout", "-1s")
         #expect(negative.status == 1 && negative.stderr.contains("--timeout"), "\(negative.stderr)")
     }
+
+    @Test func jsonLogLinesGiveDurationsAsNumbers() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let applied = try box.run(
+            "apply", "-f", box.write(pool("a", size: 2)), "--log-format", "json", "--log-level", "info")
+        #expect(applied.status == 0, "\(applied.stderr)")
+        let timed = applied.stderrLines.compactMap {
+            (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any]
+        }.filter { $0["took_ms"] != nil }
+        #expect(timed.count == 2, "\(applied.stderr)")
+        for line in timed {
+            #expect(line["took_ms"] is NSNumber && !(line["took_ms"] is String), "\(line)")
+        }
+    }
 }

@@ -266,6 +266,17 @@ struct PlannerTests {
         #expect(Planner.plan(PlanInput(desired: desired(spec), vms: fleet.vms)).isEmpty)
     }
 
+    @Test func newVMsSayWhichOfTheWholePoolTheyAreAndWhetherTheyAreWarmSpares() {
+        let running = Planner.plan(PlanInput(desired: desired(pool(size: 2, warm: 1)), vms: []))
+        #expect(
+            running.actions.map(\.reason) == [
+                "VM 1 of 3 (2 running + 1 warm)", "VM 2 of 3 (2 running + 1 warm)",
+                "VM 3 of 3 (2 running + 1 warm), a warm spare",
+            ])
+        let paused = Planner.plan(PlanInput(desired: desired(pool(size: 2, state: .paused)), vms: []))
+        #expect(paused.actions.map(\.reason) == ["VM 1 of 2 (2 paused)", "VM 2 of 2 (2 paused)"])
+    }
+
     @Test func scaleDownStopsUnreadyVMsFirst() {
         let spec = pool(size: 2)
         var fleet = Fleet()
