@@ -163,4 +163,23 @@ struct SmallAnswersTests {
             #expect(line["took_ms"] is NSNumber && !(line["took_ms"] is String), "\(line)")
         }
     }
+
+    @Test func describePoolShowsWhenTheTemplateWasSaved() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let file = box.write(pool("t", size: 1, boot: .template))
+        #expect(try box.run("apply", "-f", file, environment: ["VMPOOL_SIM_LATENCY": "400ms"]).status == 0)
+        let described = try box.binary.run(["describe", "pool", "t", "-o", "json", "--state-dir", box.state])
+        let object = try JSONSerialization.jsonObject(with: Data(described.stdout.utf8)) as? [String: Any]
+        let template = try #require((object?["templates"] as? [[String: Any]])?.first, "\(described.stdout)")
+        let started = try #require(LeaseTests.date(template["startedAt"]), "\(template)")
+        let saved = try #require(LeaseTests.date(template["savedAt"]), "\(template)")
+        #expect(saved.timeIntervalSince(started) >= 0.35, "the build took 400 ms: \(template)")
+        let events = try box.json("events", "--pool", "t")
+        let built = try #require(events.first { $0["kind"] as? String == "template-built" }, "\(events)")
+        let eventTime = try #require(LeaseTests.date(built["time"]))
+        #expect(abs(eventTime.timeIntervalSince(saved)) < 0.2, "saved \(saved), event \(eventTime)")
+        let text = try box.run("describe", "pool", "t")
+        #expect(text.stdout.contains("saved \(template["savedAt"] as? String ?? "?")"), "\(text.stdout)")
+    }
 }
