@@ -186,7 +186,6 @@ struct LeaseTests {
                     try store.leaseWaiters()["web"] == waiters.count
                 }
                 #expect(queued, "\(holder) is in line")
-                usleep(200_000)
             }
             return waiters
         }
