@@ -83,7 +83,8 @@ struct QemuSafetyTests {
         // A second SIGTERM interrupts a boot that would otherwise wait for its timeout.
         let waiting = try box.binary.start(
             ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "120s"])
-        usleep(1_500_000)
+        // Signalled once its guest is booting (its QEMU runs), when it would wait 120 s.
+        #expect(eventually(timeout: .seconds(30)) { !box.qemuProcesses().isEmpty }, "the apply started no QEMU")
         let signalled = Date()
         waiting.kill(SIGTERM)
         usleep(200_000)
