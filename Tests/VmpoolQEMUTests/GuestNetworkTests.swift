@@ -79,9 +79,9 @@ struct GuestNetworkTests {
                 ["sh", "-c", "setsid -f python3 -m http.server 8000 --directory /etc </dev/null >/dev/null 2>&1"])
             #expect(served.status == 0, "\(served.stderr)")
             var body = ""
-            for _ in 0..<100 where !body.contains(id) {
+            _ = eventually {
                 body = (try? httpGet(port: port, path: "/hostname")) ?? ""
-                if !body.contains(id) { usleep(100_000) }
+                return body.contains(id)
             }
             #expect(body.contains(id), "\(id) on 127.0.0.1:\(port): \(body)")
         }
