@@ -121,7 +121,7 @@ let package = Package(
             name: "VmpoolTestSupport",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolStorePostgres", "VmpoolSim", "VmpoolReconciler",
-                "CVmpoolSys", .product(name: "Logging", package: "swift-log"),
+                "VmpoolPlanner", "CVmpoolSys", .product(name: "Logging", package: "swift-log"),
             ],
             path: "Tests/VmpoolTestSupport"
         ),

@@ -23,12 +23,12 @@ enum ClusterApply {
         try await waitForHosts(session, cluster: cluster, timeout: timeout, output: output)
     }
 
-    static func delete(_ session: Session, cluster: ClusterMember, names: Set<String>, output: OutputFormat)
-        async throws
-    {
+    static func delete(
+        _ session: Session, cluster: ClusterMember, names: Set<String>, timeout: Duration?, output: OutputFormat
+    ) async throws {
         try session.store.markDeleting(names)
         Wake.send(directory: session.stateDirectory)
-        try await waitForHosts(session, cluster: cluster, timeout: nil, output: output)
+        try await waitForHosts(session, cluster: cluster, timeout: timeout, output: output)
     }
 
     /// One pool's state across the cluster.

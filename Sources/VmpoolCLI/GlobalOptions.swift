@@ -127,7 +127,7 @@ public struct GlobalOptions: ParsableArguments {
         let text = logLevel ?? environment["VMPOOL_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: text.isEmpty ? "info" : text) else {
             throw ValidationError(
-                "--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")),"
+                "\(logLevel == nil ? "VMPOOL_LOG_LEVEL" : "--log-level"): expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")),"
                     + " got \"\(text)\"")
         }
         return level
@@ -141,7 +141,8 @@ public struct GlobalOptions: ParsableArguments {
     func resolvedLogFormat() throws -> LogFormat {
         let text = logFormat ?? environment["VMPOOL_LOG_FORMAT"] ?? "text"
         guard let format = LogFormat(rawValue: text.isEmpty ? "text" : text) else {
-            throw ValidationError("--log-format: expected text or json, got \"\(text)\"")
+            throw ValidationError(
+                "\(logFormat == nil ? "VMPOOL_LOG_FORMAT" : "--log-format"): expected text or json, got \"\(text)\"")
         }
         return format
     }

@@ -4,31 +4,48 @@ import Foundation
 extension Vmpool {
     /// Parses and runs the command line with SPEC's exit codes: 0 success, 1 any error
     /// (including a usage error, which argument-parser would report as 64), 2 only for
-    /// `plan --detailed-exitcode` with changes.
+    /// `plan --detailed-exitcode` with changes. A usage error of `exec` is vmpool's own
+    /// failure, 125, as `docker exec` reports it, so it is never taken for the command's status.
     public static func runMain(_ arguments: [String]? = nil) async -> Int32 {
-        if let unknown = unknownCommand(arguments ?? Array(CommandLine.arguments.dropFirst())) {
+        let arguments = arguments ?? Array(CommandLine.arguments.dropFirst())
+        if let unknown = unknownCommand(arguments) {
             printError(unknown)
             return 1
         }
+        var command: any ParsableCommand
         do {
-            var command = try parseAsRoot(arguments)
+            command = try parseAsRoot(arguments)
+        } catch {
+            return report(error, failure: usageFailureStatus(arguments))
+        }
+        do {
             if var asyncCommand = command as? AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {
                 try command.run()
             }
             return 0
-        } catch let code as ExitCode {
-            return code.rawValue
         } catch {
-            let message = fullMessage(for: error)
-            if exitCode(for: error) == .success {
-                if !message.isEmpty { printOut(message) }
-                return 0
-            }
-            printError(message)
-            return 1
+            return report(error, failure: 1)
         }
+    }
+
+    /// Prints what `error` says (help on stdout, errors on stderr) and gives the exit status.
+    private static func report(_ error: any Error, failure: Int32) -> Int32 {
+        if let code = error as? ExitCode { return code.rawValue }
+        let message = fullMessage(for: error)
+        if exitCode(for: error) == .success {
+            if !message.isEmpty { printOut(message) }
+            return 0
+        }
+        printError(message)
+        return failure
+    }
+
+    /// The status of a command line that does not parse: 125 for `exec`, whose own statuses
+    /// are the guest command's, else 1.
+    static func usageFailureStatus(_ arguments: [String]) -> Int32 {
+        arguments.first == Exec.configuration.commandName ? GuestCommand.vmpoolFailed : 1
     }
 }
 

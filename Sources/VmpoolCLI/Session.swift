@@ -23,12 +23,12 @@ struct Session {
     /// This host's part in a cluster, on a shared (PostgreSQL) store.
     let cluster: ClusterMember?
 
-    /// Opens the state dir. `locking` names the command for the lock holder record; such a
-    /// session holds the lock until it ends. `create` makes an absent state dir, else an
-    /// absent one is an error (observers never create one).
     /// The live progress line, when a pass runs on a terminal.
     let progress: ProgressLine?
 
+    /// Opens the state dir. `locking` names the command for the lock holder record; such a
+    /// session holds the lock until it ends. `create` makes an absent state dir, else an
+    /// absent one is an error (observers never create one).
     init(
         _ options: GlobalOptions, locking command: String?, create: Bool = true, parallelism: Int = 4,
         timeout: Duration? = nil, showProgress: Bool = false, capacity: HostCapacity? = nil
@@ -92,12 +92,19 @@ struct CommandFailure: Error, CustomStringConvertible {
 
 /// Loads manifests or prints every diagnostic and fails. Directories without manifests are
 /// named on stderr; `--prune` with no pools at all is refused unless `allowEmpty`, since it
-/// would delete every pool (as kubectl refuses an empty prune).
-func loadManifests(_ paths: [String], prune: Bool = false, allowEmpty: Bool = false) throws -> ManifestSet {
+/// would delete every pool (as kubectl refuses an empty prune). A `command` that has nothing
+/// to do without pools (`apply`) refuses an input with none, as kubectl's "no
+/// objects passed to apply" does, so an empty pipe or a mistyped directory is never taken for
+/// success. `rejected` sees the diagnostics before the command fails.
+func loadManifests(
+    _ paths: [String], prune: Bool = false, allowEmpty: Bool = false, refusingEmptyFor command: String? = nil,
+    rejected: ([Diagnostic]) -> Void = { _ in }
+) throws -> ManifestSet {
     let manifests: ManifestSet
     do {
         manifests = try ManifestLoader.load(paths: paths)
     } catch {
+        rejected(error.diagnostics)
         printDiagnostics(error.diagnostics)
         throw ExitCode.failure
     }
@@ -109,7 +116,17 @@ func loadManifests(_ paths: [String], prune: Bool = false, allowEmpty: Bool = fa
             description: "refusing --prune with no pools in the input: it would delete every applied pool;"
                 + " pass --allow-empty if that is what you want")
     }
+    if let command, manifests.pools.isEmpty && !(prune && allowEmpty) {
+        throw CommandFailure(description: noPoolsMessage(command, paths: paths))
+    }
     return manifests
+}
+
+/// Why an input with no pools is refused, naming what was read.
+func noPoolsMessage(_ command: String, paths: [String]) -> String {
+    let shown = paths.map { $0 == ManifestLoader.standardInput ? "<stdin>" : $0 }.joined(separator: ", ")
+    return "no pools passed to \(command): \(shown.isEmpty ? "the input" : shown) holds no Pool document;"
+        + " nothing was changed"
 }
 
 func printDiagnostics(_ diagnostics: [Diagnostic]) {
@@ -120,7 +137,17 @@ func printDiagnostics(_ diagnostics: [Diagnostic]) {
 /// Checks that the files manifests name are there and are what they must be (kernel and
 /// initrd readable; disk images qcow2 or raw, not larger than the disk), reporting each
 /// problem at its field. Nothing reaches the store or the hypervisor otherwise.
-func checkImages(_ manifests: ManifestSet) throws {
+func checkImages(_ manifests: ManifestSet, rejected: ([Diagnostic]) -> Void = { _ in }) throws {
+    let diagnostics = imageDiagnostics(manifests)
+    if !diagnostics.isEmpty {
+        rejected(diagnostics)
+        printDiagnostics(diagnostics)
+        throw ExitCode.failure
+    }
+}
+
+/// The problems `checkImages` reports, each at its field.
+func imageDiagnostics(_ manifests: ManifestSet) -> [Diagnostic] {
     var diagnostics: [Diagnostic] = []
     for pool in manifests.pools {
         guard let origin = manifests.origins[pool.name] else { continue }
@@ -154,10 +181,7 @@ func checkImages(_ manifests: ManifestSet) throws {
             }
         }
     }
-    if !diagnostics.isEmpty {
-        printDiagnostics(diagnostics)
-        throw ExitCode.failure
-    }
+    return diagnostics
 }
 
 /// Writes a line to stderr, terminal-safe (`TerminalText`): errors carry holders and guest output.

@@ -306,13 +306,14 @@ struct PoolPlanner {
     /// The VMs still to make, numbered after those kept (`slot`).
     private func addNew(_ slots: [DesiredState], after kept: Int, into builder: inout PlanBuilder, dependsOn: [Int]) {
         let kind: Action.Kind = spec.boot == .template ? .clone : .create
+        // "VM 7 of 10 (8 running + 2 warm)", and for a warm spare "..., a warm spare": the slot
+        // counts every VM of the pool, so the total is size + warm, not one state's count.
+        let wanted = "\(spec.size) \(spec.state.rawValue)" + (spec.warm > 0 ? " + \(spec.warm) warm" : "")
         for (offset, state) in slots.enumerated() {
-            let wanted =
-                state == .running && spec.state == .running
-                ? "\(spec.size) running VMs wanted" : "\(wantPaused) paused VMs wanted"
+            let spare = state == .paused && spec.state == .running ? ", a warm spare" : ""
             var action = Action(
-                kind, pool: spec.name, state: state, reason: "\(wanted) (\(kept + offset + 1) of \(spec.totalVMs))",
-                dependsOn: dependsOn)
+                kind, pool: spec.name, state: state,
+                reason: "VM \(kept + offset + 1) of \(spec.totalVMs) (\(wanted))\(spare)", dependsOn: dependsOn)
             action.slot = kept + offset + 1
             builder.add(action)
         }

@@ -21,6 +21,9 @@ public struct Leases: Sendable {
     /// Why a lease was not given.
     public struct Failure: Error, CustomStringConvertible, Sendable {
         public var description: String
+        /// No VM was ready and the caller asked not to wait: asking to wait may succeed. Each
+        /// front end words that its own way (the CLI's `--wait`, the HTTP body's `wait`).
+        public var couldWait = false
     }
 
     /// Why `holder` cannot name a lease's holder, or `nil`: 1 to 200 characters (counted as
@@ -91,7 +94,7 @@ public struct Leases: Sendable {
                     throw Failure(
                         description: wait > .zero
                             ? "no VM of pool \(pool) became ready within \(DurationText.format(wait))"
-                            : "no ready VM in pool \(pool) (wait for one with --wait)")
+                            : "no ready VM in pool \(pool) (wait for one with --wait)", couldWait: wait == .zero)
                 }
                 try await Task.sleep(for: .milliseconds(20))
             }

@@ -365,7 +365,12 @@ public struct APIServer: Sendable {
         } catch let error as StoreError where error.code == .notFound {
             return try Self.error(.notFound, error.message)
         } catch let error as Leases.Failure {
-            return try Self.error(.conflict, error.description)
+            // The CLI's words name its --wait flag; an HTTP client waits with the body's field.
+            return try Self.error(
+                .conflict,
+                error.couldWait
+                    ? "no ready VM in pool \(pool); send {\"wait\": \"30s\"} (any duration up to 1h) to wait for one"
+                    : error.description)
         }
     }
 
@@ -418,7 +423,8 @@ struct APIRequestContext: RequestContext {
     }
 }
 
-/// Answers a method a known path does not take with 405 and `Allow`, not 404.
+/// Answers a method a known path does not take with 405 and `Allow`, not 404; an unknown
+/// path gets 404 with a JSON error body like every other answer.
 struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
     /// The method each path of the API takes.
     static func allowed(_ path: String) -> HTTPRequest.Method? {
@@ -437,7 +443,10 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch let error as HTTPError where error.status == .notFound {
-            guard let method = Self.allowed(request.uri.path), method != request.method else { throw error }
+            guard let method = Self.allowed(request.uri.path), method != request.method else {
+                return try APIServer.error(
+                    .notFound, "no such path: \(request.uri.path) (the API is described at /openapi.json)")
+            }
             var response = try APIServer.error(
                 .methodNotAllowed, "\(request.uri.path) takes \(method.rawValue), not \(request.method.rawValue)")
             response.headers[.allow] = method.rawValue
@@ -447,6 +456,7 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
 }
 
 /// Requires `Authorization: Bearer TOKEN` when a token is configured (compared in constant time).
+/// The scheme's name is case-insensitive (RFC 7235 section 2.1), so `bearer TOKEN` is accepted too.
 struct BearerMiddleware<Context: RequestContext>: RouterMiddleware {
     let token: String?
 
@@ -454,14 +464,21 @@ struct BearerMiddleware<Context: RequestContext>: RouterMiddleware {
         -> Response
     {
         guard let token else { return try await next(request, context) }
-        let given = request.headers[.authorization] ?? ""
-        let expected = "Bearer " + token
-        guard Self.equal(Array(given.utf8), Array(expected.utf8)) else {
+        let given = Self.credentials(request.headers[.authorization] ?? "")
+        guard let given, Self.equal(Array(given.utf8), Array(token.utf8)) else {
             var response = try APIServer.error(.unauthorized, "a bearer token is required (Authorization: Bearer ...)")
             response.headers[.wwwAuthenticate] = "Bearer"
             return response
         }
         return try await next(request, context)
+    }
+
+    /// The token of a `Bearer` authorization, the scheme in any case, after one or more spaces;
+    /// `nil` for any other scheme.
+    static func credentials(_ header: String) -> String? {
+        let scheme = header.prefix { $0 != " " }
+        guard scheme.lowercased() == "bearer" else { return nil }
+        return String(header.dropFirst(scheme.count).drop { $0 == " " })
     }
 
     static func equal(_ a: [UInt8], _ b: [UInt8]) -> Bool {

@@ -24,6 +24,18 @@ public struct HostRecord: Sendable, Hashable {
     /// When the cluster declared it dead and re-placed its VMs; `nil` while it counts.
     public var fencedAt: Date?
 
+    public init(
+        name: String, epoch: Int64, capacity: HostCapacity, heartbeatAt: Date, registeredAt: Date,
+        fencedAt: Date? = nil
+    ) {
+        self.name = name
+        self.epoch = epoch
+        self.capacity = capacity
+        self.heartbeatAt = heartbeatAt
+        self.registeredAt = registeredAt
+        self.fencedAt = fencedAt
+    }
+
     /// Alive: not fenced, and heard from within `timeout` of `now`.
     public func isAlive(timeout: Duration, now: Date = Date()) -> Bool {
         fencedAt == nil && now.timeIntervalSince(heartbeatAt) <= timeout.seconds

@@ -87,12 +87,16 @@ public struct TemplateRecord: Sendable, Hashable {
 
     public var ref: TemplateRef
     public var state: State
+    /// When the build was recorded, before it started.
     public var createdAt: Date
+    /// When its state was saved and it became ready; `nil` while it is building.
+    public var savedAt: Date?
 
-    public init(ref: TemplateRef, state: State, createdAt: Date) {
+    public init(ref: TemplateRef, state: State, createdAt: Date, savedAt: Date? = nil) {
         self.ref = ref
         self.state = state
         self.createdAt = createdAt
+        self.savedAt = savedAt
     }
 }
 

@@ -514,7 +514,8 @@ public final class StateStore: Sendable {
     public func templates() throws(StoreError) -> [TemplateRecord] {
         try read { db in
             try db.query(
-                "SELECT id, pool, key, state, createdAt FROM template WHERE host = ? ORDER BY createdAt", [host]
+                "SELECT id, pool, key, state, createdAt, savedAt FROM template WHERE host = ? ORDER BY createdAt",
+                [host]
             )
             .map(Self.template)
         }
@@ -539,9 +540,11 @@ public final class StateStore: Sendable {
         }
     }
 
-    public func markTemplateReady(_ id: String) throws(StoreError) {
+    /// Records that the template's state was saved, now: it is ready to clone from.
+    public func markTemplateReady(_ id: String, at savedAt: Date = Date()) throws(StoreError) {
         try write { db in
-            try db.execute("UPDATE template SET state = 'ready' WHERE id = ?", [id])
+            try db.execute(
+                "UPDATE template SET state = 'ready', savedAt = ? WHERE id = ?", [savedAt.timeIntervalSince1970, id])
         }
     }
 
@@ -806,9 +809,11 @@ public final class StateStore: Sendable {
         guard let state = TemplateRecord.State(rawValue: try row["state"]) else {
             throw StoreError(.corrupt, "template \(id) has an unknown state")
         }
+        let savedAt: Double? = try row["savedAt"]
         return TemplateRecord(
             ref: TemplateRef(id: id, pool: try row["pool"], key: key), state: state,
-            createdAt: Date(timeIntervalSince1970: try row["createdAt"]))
+            createdAt: Date(timeIntervalSince1970: try row["createdAt"]),
+            savedAt: savedAt.map { Date(timeIntervalSince1970: $0) })
     }
 
     private static func journal(_ row: SQLRow) throws -> JournalEntry {

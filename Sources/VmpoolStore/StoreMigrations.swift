@@ -191,5 +191,12 @@ extension StateStore {
             ALTER TABLE vm ADD COLUMN enteredAt DOUBLE;
             ALTER TABLE vm ADD COLUMN enteredBy TEXT;
             """),
+        // When a template's state was saved (it became ready), apart from when its build was
+        // recorded: the build takes seconds, and `describe pool` shows the save.
+        StoreMigration(
+            "v8-template-saved",
+            """
+            ALTER TABLE template ADD COLUMN savedAt DOUBLE;
+            """),
     ]
 }

@@ -62,16 +62,6 @@ struct CopyScriptTests {
         return bytes
     }
 
-    /// Waits up to `seconds` for `condition` (a loaded host runs the watcher late).
-    func eventually(_ seconds: Double = 60, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if condition() { return true }
-            usleep(20_000)
-        }
-        return condition()
-    }
-
     static func entries(_ path: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted()
     }
@@ -209,14 +199,19 @@ struct CopyScriptTests {
             ], environment: ["PATH": guest.path, "FIFO": fifo])
         var writer: Int32 = -1
         #expect(
-            eventually {
+            eventually(timeout: .seconds(60)) {
                 writer = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC); return writer >= 0
             })
         defer { close(writer) }
-        #expect(eventually { Self.entries(dir.path + "/dest").contains { $0.hasPrefix(".vmpool-cp.") } })
+        #expect(
+            eventually(timeout: .seconds(60)) {
+                Self.entries(dir.path + "/dest").contains { $0.hasPrefix(".vmpool-cp.") }
+            })
         kill(-command.pid, SIGKILL)
         _ = command.wait()
-        #expect(eventually { Self.entries(dir.path + "/dest").isEmpty }, "\(Self.entries(dir.path + "/dest"))")
+        #expect(
+            eventually(timeout: .seconds(60)) { Self.entries(dir.path + "/dest").isEmpty },
+            "\(Self.entries(dir.path + "/dest"))")
     }
 
     @Test(.enabled(if: geteuid() == 0, "mounting a small tmpfs needs root"), arguments: guests)

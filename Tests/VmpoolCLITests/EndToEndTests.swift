@@ -4,46 +4,6 @@ import VmpoolSim
 import VmpoolSpec
 import VmpoolTestSupport
 
-/// Runs the built `vmpool` binary as a user would, on the sim driver.
-struct Sandbox {
-    let dir = TemporaryDirectory()
-    var state: String { dir.path + "/state" }
-    let binary = VmpoolBinary(environment: ["VMPOOL_DRIVER": "sim"])
-
-    /// `vmpool ARGS --state-dir STATE`.
-    @discardableResult
-    func run(_ arguments: String..., environment: [String: String] = [:]) throws -> CommandResult {
-        try binary.run(arguments + ["--state-dir", state], environment: environment)
-    }
-
-    func write(_ spec: PoolSpec, as name: String = "pools.yaml") -> String {
-        dir.write(name, manifest(spec))
-    }
-
-    func json(_ arguments: String...) throws -> [[String: Any]] {
-        let result = try binary.run(arguments + ["--state-dir", state, "-o", "json"])
-        #expect(result.status == 0, "\(result.stderr)")
-        let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8))
-        return (object as? [[String: Any]]) ?? []
-    }
-
-    func plan(_ file: String) throws -> (status: Int32, counts: [String: Int]) {
-        let result = try binary.run(["plan", "-f", file, "--state-dir", state, "-o", "json", "--detailed-exitcode"])
-        let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
-        let actions = object?["actions"] as? [[String: Any]] ?? []
-        var counts: [String: Int] = [:]
-        for action in actions { counts[action["action"] as? String ?? "?", default: 0] += 1 }
-        return (result.status, counts)
-    }
-
-    func vmStates(pool: String? = nil) throws -> [String: Int] {
-        var counts: [String: Int] = [:]
-        let rows = pool.map { try? json("get", "vms", "--pool", $0) } ?? (try? json("get", "vms"))
-        for vm in rows ?? [] { counts[vm["state"] as? String ?? "?", default: 0] += 1 }
-        return counts
-    }
-}
-
 @Suite("vmpool binary on the sim driver", .serialized)
 struct EndToEndTests {
     @Test func theBinaryWasBuilt() {
@@ -267,9 +227,10 @@ struct EndToEndTests {
         let holder = try box.binary.start(
             ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_SIM_LATENCY": "200ms"])
         // Wait until the holder has the lock (its holder record appears).
-        for _ in 0..<100 where ((try? String(contentsOfFile: box.state + "/lock", encoding: .utf8)) ?? "").isEmpty {
-            usleep(20_000)
+        let held = eventually(timeout: .seconds(2)) {
+            !((try? String(contentsOfFile: box.state + "/lock", encoding: .utf8)) ?? "").isEmpty
         }
+        #expect(held, "the apply never took the lock")
         let waiter = try box.run("apply", "-f", file, "--lock-timeout", "300ms")
         #expect(waiter.status == 1)
         #expect(waiter.stderr.contains("pid \(holder.pid) (apply) since"), "\(waiter.stderr)")

@@ -29,7 +29,7 @@ struct HelpTests {
                                           resume, pause, hotplug and stop VMs.
                   reconcile               Converge the host to the pools last applied (one
                                           pass, or a loop with --every).
-                  get                     List pools, VMs or the hosts of a shared store.
+                  get                     List pools, VMs or the hosts of the store.
                   describe                Show a pool or VM in detail: spec, status, VMs,
                                           template, standbys, recent events.
                   events                  List what happened to pools and VMs (created,

@@ -110,7 +110,9 @@ struct LeaseTests {
         let leased = try box.run("lease", "web", "--ttl", "1s", "--holder", "short")
         #expect(leased.status == 0, "\(leased.stderr)")
         let id = leased.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        usleep(1_500_000)
+        let lease = try box.vms()[id]?["lease"] as? [String: Any]
+        let expires = try #require(Self.date(lease?["expiresAt"]), "a lease with --ttl has expiresAt: \(lease ?? [:])")
+        #expect(eventually(timeout: .seconds(5)) { Date() > expires }, "the lease never expired")
 
         let plan = try box.binary.run(["plan", "-f", file, "--state-dir", box.state, "-o", "json"])
         let document = try JSONSerialization.jsonObject(with: Data(plan.stdout.utf8)) as? [String: Any]
@@ -159,7 +161,7 @@ struct LeaseTests {
                 holders[id] == ["taker-\(n)"], "\(id) was printed to taker-\(n); the store says \(holders[id] ?? [])")
         }
         #expect(holders.count == callers, "exactly the printed VMs are leased")
-        let refilled = box.eventually(seconds: 10) { Self.unleasedRunning(try box.vms()) == 8 }
+        let refilled = eventuallyIgnoringErrors(timeout: .seconds(10)) { Self.unleasedRunning(try box.vms()) == 8 }
         #expect(refilled, "the service refills the pool behind the takers")
         service.kill(SIGTERM)
         #expect(service.wait().status == 0)
@@ -180,9 +182,10 @@ struct LeaseTests {
                 waiters.append(
                     try box.binary.start(
                         ["lease", "web", "--wait", "30s", "--holder", holder, "--state-dir", box.state]))
-                let queued = box.eventually(seconds: 10) { try store.leaseWaiters()["web"] == waiters.count }
+                let queued = eventuallyIgnoringErrors(timeout: .seconds(10)) {
+                    try store.leaseWaiters()["web"] == waiters.count
+                }
                 #expect(queued, "\(holder) is in line")
-                usleep(200_000)
             }
             return waiters
         }
@@ -192,7 +195,7 @@ struct LeaseTests {
         var waiters = try queue(first)
         for n in 0..<5 {
             #expect(Self.convergedOrLeasedAway(try box.run("apply", "-f", one)))
-            let served = box.eventually(seconds: 10) { try Self.leases(box).count == n + 1 }
+            let served = eventuallyIgnoringErrors(timeout: .seconds(10)) { try Self.leases(box).count == n + 1 }
             #expect(served, "a waiter took the VM of step \(n)")
         }
         // Five at once, appearing one by one: still in line.
@@ -239,7 +242,7 @@ struct LeaseTests {
         let grow = try box.binary.start(
             ["apply", "-f", box.write(pool(size: 6)), "--state-dir", box.state], environment: slow)
         // The apply holds the lock once it has recorded its launches.
-        let locked = box.eventually(seconds: 10) {
+        let locked = eventuallyIgnoringErrors(timeout: .seconds(10)) {
             try box.vms().values.contains { $0["state"] as? String == "creating" }
         }
         #expect(locked, "the apply is under way")
@@ -265,7 +268,9 @@ struct LeaseTests {
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool(size: 2))).status == 0)
         let lease = try BlockedOutput.start(box, ["lease", "web", "--holder", "gone"])
-        let taken = box.eventually(seconds: 10) { try Self.leases(box).values.contains { $0.holder == "gone" } }
+        let taken = eventuallyIgnoringErrors(timeout: .seconds(10)) {
+            try Self.leases(box).values.contains { $0.holder == "gone" }
+        }
         #expect(taken, "the store gave the blocked lease a VM")
         let id = try Self.leases(box).first { $0.value.holder == "gone" }?.key
         lease.kill()
@@ -439,15 +444,6 @@ extension Sandbox {
         return rows
     }
 
-    /// Polls `condition` every 50 ms for up to `seconds`.
-    func eventually(seconds: Double, _ condition: () throws -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        repeat {
-            if (try? condition()) == true { return true }
-            usleep(50_000)
-        } while Date() < deadline
-        return false
-    }
 }
 
 /// A vmpool whose stdout is a pipe already full that nobody reads: its first write blocks

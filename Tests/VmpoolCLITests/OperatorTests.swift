@@ -157,7 +157,7 @@ struct OperatorTests {
                 environment: ["VMPOOL_SIM_FAIL": "create:0.4", "VMPOOL_SIM_SEED": "42"])
             #expect(result.status == 1, "\(result.stdout)")
             let slots = result.stdout.split(separator: "\n").filter { $0.contains("[failed") }.compactMap { line in
-                line.range(of: #"\(\d+ of 12\)"#, options: .regularExpression).map { String(line[$0]) }
+                line.range(of: #"VM \d+ of 12 "#, options: .regularExpression).map { String(line[$0]) }
             }
             failed.append(Set(slots))
         }
@@ -192,9 +192,14 @@ struct OperatorTests {
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool("f", size: 1))).status == 0)
         let following = try box.binary.start(["events", "--follow", "--state-dir", box.state])
-        usleep(1_200_000)
+        func printed(_ kind: String) -> Int {
+            let text = (try? String(contentsOfFile: following.outPath, encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").filter { $0.contains(" \(kind) ") }.count
+        }
+        // What was there is printed first; then the new apply's events as they come.
+        #expect(eventually { printed("created") == 1 }, "the existing events were not printed")
         #expect(try box.run("apply", "-f", box.write(pool("f", size: 2))).status == 0)
-        usleep(1_500_000)
+        #expect(eventually { printed("applied") >= 2 && printed("created") >= 2 }, "the new events were not printed")
         following.kill(SIGTERM)
         let lines = following.wait().stdoutLines
         #expect(lines.filter { $0.hasPrefix("TIME") }.count == 1, "\(lines)")

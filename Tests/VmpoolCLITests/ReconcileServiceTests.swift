@@ -18,7 +18,12 @@ struct ReconcileServiceTests {
         let service = try box.binary.start(
             ["reconcile", "--every", "200ms", "--parallel", "2", "--state-dir", box.state],
             environment: ["VMPOOL_SIM_LATENCY": "300ms", "VMPOOL_LOG_LEVEL": "info"])
-        usleep(800_000)
+        // SIGTERM once the pass has made some VMs (each create takes 300 ms, two at a time),
+        // well before it could make all 8.
+        let underway = eventuallyIgnoringErrors(timeout: .seconds(10)) {
+            try box.json("get", "vms").filter { $0["state"] as? String == "running" }.count >= 2
+        }
+        #expect(underway, "the service's pass made no VM")
         let signalled = Date()
         service.kill(SIGTERM)
         let result = service.wait()
@@ -51,9 +56,15 @@ struct ReconcileServiceTests {
         unlink(box.dir.path + "/vmlinuz")
         let sim = try SimDriver(stateDirectory: box.state)
         for vm in try box.json("get", "vms") { try sim.simulateCrash(vm["id"] as? String ?? "") }
+        let port = APIService.freePort()
         let service = try box.binary.start(
-            ["reconcile", "--every", "100ms", "--state-dir", box.state], environment: ["VMPOOL_LOG_LEVEL": "info"])
-        usleep(1_500_000)
+            ["reconcile", "--every", "100ms", "--listen", "127.0.0.1:\(port)", "--state-dir", box.state],
+            environment: ["VMPOOL_LOG_LEVEL": "info"])
+        // Ten passes: a pool retried in a hot loop would be retried in most of them.
+        let passed = eventuallyIgnoringErrors(timeout: .seconds(20)) {
+            try Self.passes(port: port) >= 10 && box.vmStates(pool: "healthy") == ["running": 2]
+        }
+        #expect(passed, "the service ran \((try? Self.passes(port: port)) ?? 0) passes")
         service.kill(SIGTERM)
         let result = service.wait()
         #expect(result.status == 0)
@@ -71,13 +82,16 @@ struct ReconcileServiceTests {
         let small = box.write(pool(size: 1))
         #expect(try box.run("apply", "-f", small).status == 0)
         // A pass every hour: anything it does after the first pass is the work of a wake.
+        let port = APIService.freePort()
         let service = try box.binary.start(
-            ["reconcile", "--every", "1h", "--state-dir", box.state], environment: ["VMPOOL_LOG_LEVEL": "debug"])
+            ["reconcile", "--every", "1h", "--listen", "127.0.0.1:\(port)", "--state-dir", box.state],
+            environment: ["VMPOOL_LOG_LEVEL": "debug"])
         defer {
             service.kill(SIGTERM)
             _ = service.wait()
         }
-        usleep(500_000)
+        // Its first pass is over (it now waits an hour, or a wake).
+        #expect(eventuallyIgnoringErrors(timeout: .seconds(20)) { try Self.passes(port: port) >= 1 })
         // apply and delete do not wait for the service's lock.
         let bigger = box.write(pool(size: 3))
         let started = Date()
@@ -93,16 +107,21 @@ struct ReconcileServiceTests {
         try sim.simulateCrash(victim)
         let third = box.write(pool("third", size: 0), as: "third.yaml")
         #expect(try box.run("apply", "-f", third).status == 0)
-        var repaired = false
-        for _ in 0..<40 where !repaired {
-            usleep(100_000)
-            repaired = try box.json("get", "vms", "--pool", "web").allSatisfy { $0["id"] as? String != victim }
+        let repaired = eventuallyIgnoringErrors(timeout: .seconds(10)) {
+            try box.json("get", "vms", "--pool", "web").allSatisfy { $0["id"] as? String != victim }
         }
         #expect(repaired, "the woken service replaced the dead VM")
         service.kill(SIGTERM)
         let log = service.wait()
         #expect(log.status == 0)
         #expect(log.stderr.contains("woken"), "\(log.stderr.suffix(2000))")
+    }
+
+    /// How many passes the service on `port` has finished (its pass-duration histogram's count).
+    static func passes(port: Int) throws -> Int {
+        let metrics = try HTTPConnection(port: port).request("GET", "/metrics").text
+        let line = metrics.split(separator: "\n").first { $0.hasPrefix("vmpool_pass_duration_seconds_count") }
+        return line.flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }.map { Int($0) } ?? 0
     }
 
     @Test func backoffDoublesPerFailureUpToTheCeiling() {

@@ -318,12 +318,10 @@ struct SafetyTests {
             ["apply", "-f", file, "--parallel", "1", "--state-dir", box.state],
             environment: ["VMPOOL_SIM_LATENCY": "400ms"])
         // The apply holds the lock once its holder record is in the lock file.
-        let deadline = Date().addingTimeInterval(20)
-        while Date() < deadline,
-            (try? String(contentsOfFile: box.state + "/lock", encoding: .utf8))?.contains("apply") != true
-        {
-            usleep(20_000)
+        let held = eventually(timeout: .seconds(20)) {
+            (try? String(contentsOfFile: box.state + "/lock", encoding: .utf8))?.contains("apply") == true
         }
+        #expect(held, "the apply never took the lock")
         let planned = try box.run("plan", "-f", file)
         let planEnded = Date()
         let applied = applying.wait()

@@ -56,6 +56,11 @@ struct ServiceAPITests {
             let response = try http.request("POST", "/v1/pools/\(pool)/leases", body: body)
             #expect(response.status == status, "\(body ?? "no body") to \(pool): \(response.status) \(response.text)")
             #expect(response.object?["error"] is String, "an error says why: \(response.text)")
+            if status == 409 {
+                // Said for an HTTP client: the body's wait field, not the command line's flag.
+                let error = response.object?["error"] as? String ?? ""
+                #expect(error.contains(#""wait""#) && !error.contains("--wait"), "\(error)")
+            }
         }
 
         #expect(try http.request("DELETE", "/v1/leases/\(first)").status == 204)
@@ -63,7 +68,7 @@ struct ServiceAPITests {
         #expect(again.status == 404, "a released VM is gone: \(again.text)")
         #expect(try box.vms()[first] == nil)
         // The service refills the pool; an unleased VM cannot be released.
-        #expect(box.eventually(seconds: 10) { LeaseTests.unleasedRunning(try box.vms()) == 2 })
+        #expect(eventuallyIgnoringErrors(timeout: .seconds(10)) { LeaseTests.unleasedRunning(try box.vms()) == 2 })
         let free = try #require(try box.vms().first { $0.value["lease"] is NSNull }?.key)
         let unleased = try http.request("DELETE", "/v1/leases/\(free)")
         #expect(unleased.status == 409, "\(unleased.text)")
@@ -80,14 +85,19 @@ struct ServiceAPITests {
             "vmpool_action_duration_seconds", "vmpool_pass_duration_seconds", "vmpool_lease_duration_seconds",
         ]
         var metrics = ""
-        let complete = box.eventually(seconds: 10) {
+        let complete = eventuallyIgnoringErrors(timeout: .seconds(10)) {
             let response = try http.request("GET", "/metrics")
             metrics = response.text
             return response.status == 200 && names.allSatisfy { metrics.contains($0) }
         }
         #expect(complete, "missing: \(names.filter { !metrics.contains($0) }); got \(metrics)")
         #expect(metrics.contains(#"vmpool_pool_leased{pool="web"} 1"#), "\(metrics)")
-        #expect(try http.request("GET", "/v1/nothing").status == 404)
+        let nothing = try http.request("GET", "/v1/nothing")
+        #expect(nothing.status == 404)
+        #expect(
+            nothing.headers["content-type"]?.hasPrefix("application/json") == true
+                && (nothing.object?["error"] as? String)?.contains("/v1/nothing") == true,
+            "an unknown path says so in JSON, like every other error: \(nothing.text)")
         // A known path answers a method it does not take with 405 and what it takes.
         for (method, path, allowed) in [
             ("TRACE", "/metrics", "GET"), ("PUT", "/v1/pools/web/leases", "POST"),
@@ -124,6 +134,11 @@ struct ServiceAPITests {
         let right = ["Authorization": "Bearer \(token)"]
         let lease = try http.request("POST", "/v1/pools/web/leases", headers: right)
         #expect(lease.status == 201, "\(lease.text)")
+        // The scheme's name is case-insensitive (RFC 7235).
+        for scheme in ["bearer", "BEARER"] {
+            let response = try http.request("GET", "/v1/vms", headers: ["Authorization": "\(scheme) \(token)"])
+            #expect(response.status == 200, "\(scheme): \(response.status)")
+        }
         #expect(try http.request("GET", "/v1/vms", headers: right).status == 200)
         #expect(try http.request("GET", "/metrics", headers: right).status == 200)
 
@@ -181,21 +196,21 @@ struct ServiceAPITests {
         defer { service.stop() }
         let http = try service.connect()
         try http.sendOnly("POST", "/v1/pools/web/leases", body: #"{"wait":"30s","holder":"gone-client"}"#)
-        let waiting = box.eventually(seconds: 20) {
+        let waiting = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let result = try box.run("describe", "pool", "web", "-o", "json")
             let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
             return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 1
         }
         #expect(waiting, "the lease request waits in line")
         http.hangUp()
-        let gaveUp = box.eventually(seconds: 20) {
+        let gaveUp = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let result = try box.run("describe", "pool", "web", "-o", "json")
             let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
             return ((object?["status"] as? [String: Any])?["leaseWaiters"] as? Int) == 0
         }
         #expect(gaveUp, "the wait ended with its client")
         #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
-        let ready = box.eventually(seconds: 20) {
+        let ready = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             try box.vms().values.contains { ($0["state"] as? String) == "running" }
         }
         #expect(ready, "the pool grew")
@@ -272,7 +287,7 @@ final class APIService {
         command = try box.binary.start(
             ["reconcile", "--every", "300ms", "--listen", listen, "--state-dir", box.state] + extra)
         // Up when it answers.
-        let ready = box.eventually(seconds: 20) {
+        let ready = eventuallyIgnoringErrors(timeout: .seconds(20)) {
             let connection = try self.connect()
             return try connection.request("GET", "/openapi.json", headers: ["Authorization": "Bearer -"]).status > 0
         }

@@ -32,10 +32,6 @@ func desired(_ specs: PoolSpec...) -> [DesiredPool] {
     specs.map { DesiredPool(spec: $0, shape: VMShape(pool: $0, image: testImage)) }
 }
 
-func kinds(_ plan: Plan) -> [Action.Kind: Int] {
-    plan.summary.filter { $0.value > 0 }
-}
-
 func template(for spec: PoolSpec, usable: Bool = true, key: TemplateKey? = nil) -> [String: ObservedTemplate] {
     let ref = TemplateRef(
         id: "\(spec.name)-tmpl-000001", pool: spec.name,
@@ -268,6 +264,17 @@ struct PlannerTests {
         fleet.add(spec, 4)
         fleet.add(spec, 2, condition: .paused)
         #expect(Planner.plan(PlanInput(desired: desired(spec), vms: fleet.vms)).isEmpty)
+    }
+
+    @Test func newVMsSayWhichOfTheWholePoolTheyAreAndWhetherTheyAreWarmSpares() {
+        let running = Planner.plan(PlanInput(desired: desired(pool(size: 2, warm: 1)), vms: []))
+        #expect(
+            running.actions.map(\.reason) == [
+                "VM 1 of 3 (2 running + 1 warm)", "VM 2 of 3 (2 running + 1 warm)",
+                "VM 3 of 3 (2 running + 1 warm), a warm spare",
+            ])
+        let paused = Planner.plan(PlanInput(desired: desired(pool(size: 2, state: .paused)), vms: []))
+        #expect(paused.actions.map(\.reason) == ["VM 1 of 2 (2 paused)", "VM 2 of 2 (2 paused)"])
     }
 
     @Test func scaleDownStopsUnreadyVMsFirst() {

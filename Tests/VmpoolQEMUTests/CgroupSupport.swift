@@ -76,17 +76,6 @@ struct JoinedProcess {
     }
 }
 
-/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
-func eventually(timeout: Duration = .seconds(10), _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while true {
-        if try condition() { return true }
-        if ContinuousClock.now >= deadline { return false }
-        var pfd = pollfd(fd: -1, events: 0, revents: 0)
-        _ = poll(&pfd, 0, 5)
-    }
-}
-
 /// A plain directory that behaves like a cgroup v2 file system where vmpool can tell: mkdir
 /// gives a cgroup its interface files (the controllers its parent enables), subtree_control
 /// takes `+name`/`-name` for controllers the cgroup has and refuses (EBUSY) a non-root cgroup

@@ -12,18 +12,7 @@ import VmpoolTestSupport
     "Exec sessions on real QEMU", .serialized,
     .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
 struct ExecSessionTests {
-    func pool(_ name: String) -> String {
-        """
-        apiVersion: vmpool/v1
-        kind: Pool
-        metadata: {name: \(name)}
-        spec:
-          size: 1
-          vcpus: 1
-          memory: 256Mi
-          boot: template
-        """
-    }
+    func pool(_ name: String) -> String { poolYAML(name, size: 1, boot: "template") }
 
     /// One VM cloned from a template, without standbys (as in the report of hung copies).
     func vm(_ box: QemuSandbox, _ name: String) throws -> String {

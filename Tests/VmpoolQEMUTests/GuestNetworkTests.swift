@@ -18,11 +18,7 @@ struct GuestNetworkTests {
     static func pool(
         _ name: String, size: Int, memory: String = "256Mi", boot: String = "template", _ lines: String...
     ) -> String {
-        ([
-            "apiVersion: vmpool/v1", "kind: Pool", "metadata: {name: \(name)}", "spec:", "  size: \(size)",
-            "  vcpus: 1",
-            "  memory: \(memory)", "  boot: \(boot)",
-        ] + lines.map { "  " + $0 }).joined(separator: "\n") + "\n"
+        poolYAML(name, size: size, memory: memory, boot: boot, extra: lines.map { "  " + $0 + "\n" }.joined())
     }
 
     func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml", through prefix: [String] = []) throws
@@ -83,9 +79,9 @@ struct GuestNetworkTests {
                 ["sh", "-c", "setsid -f python3 -m http.server 8000 --directory /etc </dev/null >/dev/null 2>&1"])
             #expect(served.status == 0, "\(served.stderr)")
             var body = ""
-            for _ in 0..<100 where !body.contains(id) {
+            _ = eventually {
                 body = (try? httpGet(port: port, path: "/hostname")) ?? ""
-                if !body.contains(id) { usleep(100_000) }
+                return body.contains(id)
             }
             #expect(body.contains(id), "\(id) on 127.0.0.1:\(port): \(body)")
         }

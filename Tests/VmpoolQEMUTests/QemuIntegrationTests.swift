@@ -138,6 +138,12 @@ struct QemuIntegrationTests {
         #expect(try agentInfo(box, vm: id).cpus == 1)
     }
 
+    /// Whether `pid` has ended: gone, or a zombie waiting for its parent.
+    static func ended(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        return stat.split(separator: ")").last?.split(separator: " ").first == "Z"
+    }
+
     @Test func aKilledQemuIsReplacedByTheNextReconcile() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
@@ -146,7 +152,7 @@ struct QemuIntegrationTests {
         let victim = try #require(before.first)
         let pid = try #require(victim["pid"] as? Int)
         kill(Int32(pid), SIGKILL)
-        usleep(200_000)
+        #expect(eventually { Self.ended(Int32(pid)) }, "the killed QEMU \(pid) is still running")
         let plan = try box.run(["plan", "-f", box.write(manifest("heal", size: 2))])
         #expect(plan.stdout.contains("replace"), "plan shows the repair first: \(plan.stdout)")
         let result = try box.run(["reconcile"])

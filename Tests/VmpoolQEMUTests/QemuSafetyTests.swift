@@ -13,18 +13,9 @@ import VmpoolTestSupport
     "Safety on real QEMU", .serialized,
     .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
 struct QemuSafetyTests {
+    /// This suite's pools: template-booted unless it says otherwise.
     func pool(_ name: String, size: Int, boot: String = "template", extra: String = "") -> String {
-        """
-        apiVersion: vmpool/v1
-        kind: Pool
-        metadata: {name: \(name)}
-        spec:
-          size: \(size)
-          vcpus: 1
-          memory: 256Mi
-          boot: \(boot)
-        \(extra)
-        """
+        poolYAML(name, size: size, boot: boot, extra: extra)
     }
 
     @Test func observersDuringAnApplyNeitherDisturbItNorMisreport() throws {
@@ -92,7 +83,8 @@ struct QemuSafetyTests {
         // A second SIGTERM interrupts a boot that would otherwise wait for its timeout.
         let waiting = try box.binary.start(
             ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_BOOT_TIMEOUT": "120s"])
-        usleep(1_500_000)
+        // Signalled once its guest is booting (its QEMU runs), when it would wait 120 s.
+        #expect(eventually(timeout: .seconds(30)) { !box.qemuProcesses().isEmpty }, "the apply started no QEMU")
         let signalled = Date()
         waiting.kill(SIGTERM)
         usleep(200_000)

@@ -11,21 +11,11 @@ import VmpoolTestSupport
     "Usable VMs on real QEMU", .serialized,
     .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
 struct UsableVMTests {
+    /// This suite's pools: cold-booted and running unless it says otherwise.
     func pool(_ name: String, size: Int, boot: String = "cold", state: String = "running", extra: String = "")
         -> String
     {
-        """
-        apiVersion: vmpool/v1
-        kind: Pool
-        metadata: {name: \(name)}
-        spec:
-          size: \(size)
-          vcpus: 1
-          memory: 256Mi
-          boot: \(boot)
-          state: \(state)
-        \(extra)
-        """
+        poolYAML(name, size: size, boot: boot, state: state, extra: extra)
     }
 
     func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml") throws {
@@ -143,13 +133,11 @@ struct UsableVMTests {
         #expect(logs.status == 0 && logs.stdout.contains("vmpool-guest: ready"), "\(logs.stdout)")
         // --follow prints what the guest writes after it started, until interrupted.
         let following = try box.binary.start(["logs", vm, "--follow", "--tail", "1", "--state-dir", box.state])
-        usleep(500_000)
+        #expect(eventually { following.outputSize > 0 }, "logs --follow printed no tail")
         let late = "late-\(UInt32.random(in: 0...UInt32.max))"
         _ = try box.exec(vm, ["sh", "-c", "echo \(late) > /dev/ttyS0"])
-        var followed = ""
-        for _ in 0..<50 where !followed.contains(late) {
-            usleep(100_000)
-            followed = (try? String(contentsOfFile: following.outPath, encoding: .utf8)) ?? ""
+        _ = eventually(timeout: .seconds(5)) {
+            ((try? String(contentsOfFile: following.outPath, encoding: .utf8)) ?? "").contains(late)
         }
         following.kill(SIGINT)
         let ended = following.wait()
@@ -232,13 +220,27 @@ struct UsableVMTests {
         #expect(templates.isEmpty, "left: \(templates)")
     }
 
+    /// Waits until `pool`'s template was saved at least `seconds` ago (the age of the clock in
+    /// its saved state); `false` when it has no saved template.
+    func templateSaved(_ box: QemuSandbox, pool: String, atLeast seconds: Double) throws -> Bool {
+        let described = try box.run(["describe", "pool", pool, "-o", "json"])
+        let object = try JSONSerialization.jsonObject(with: Data(described.stdout.utf8)) as? [String: Any]
+        let templates = object?["templates"] as? [[String: Any]] ?? []
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        guard let text = templates.first?["savedAt"] as? String, let saved = formatter.date(from: text) else {
+            return false
+        }
+        return eventually(timeout: .seconds(seconds + 10)) { Date().timeIntervalSince(saved) >= seconds }
+    }
+
     @Test func clonesHaveTheirOwnIdentityAndTheHostsClock() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         try apply(box, pool("twins", size: 0, boot: "template"))
         // The template is saved now; clones made 10 s later must still read the host's time.
         try apply(box, pool("twins", size: 1, boot: "template"))
-        sleep(10)
+        #expect(try templateSaved(box, pool: "twins", atLeast: 10), "the template was not saved")
         try apply(box, pool("twins", size: 3, boot: "template"))
         var names = Set<String>()
         var randoms = Set<String>()
@@ -265,7 +267,7 @@ struct UsableVMTests {
         #expect(generations.count == 3, "generation ids: \(generations)")
         // Without the clock step a clone keeps its template's time: the check above can fail.
         _ = try box.run(["apply", "-f", box.write(pool("drift", size: 1, boot: "template"), as: "drift.yaml")])
-        sleep(3)
+        #expect(try templateSaved(box, pool: "drift", atLeast: 3), "the template was not saved")
         let grown = box.write(pool("drift", size: 2, boot: "template"), as: "drift.yaml")
         _ = try box.run(["apply", "-f", grown], environment: ["VMPOOL_CLOCK_SYNC": "0", "VMPOOL_STANDBY": "0"])
         let newest = try #require(try box.ids(pool: "drift").last)

@@ -9,18 +9,9 @@ import VmpoolTestSupport
     "Walls around every VM on real QEMU", .serialized,
     .enabled(if: QemuEnvironment.available, "\(QemuEnvironment.skipReason ?? "")"))
 struct WallsTests {
+    /// This suite's pools: template-booted unless it says otherwise.
     func pool(_ name: String, size: Int, boot: String = "template", extra: String = "") -> String {
-        """
-        apiVersion: vmpool/v1
-        kind: Pool
-        metadata: {name: \(name)}
-        spec:
-          size: \(size)
-          vcpus: 1
-          memory: 256Mi
-          boot: \(boot)
-        \(extra)
-        """
+        poolYAML(name, size: size, boot: boot, extra: extra)
     }
 
     func apply(_ box: QemuSandbox, _ text: String, name: String = "pool.yaml") throws {

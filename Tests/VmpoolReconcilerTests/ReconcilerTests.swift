@@ -242,8 +242,6 @@ struct ReconcilerTests {
     }
 }
 
-func kinds(_ plan: Plan) -> [Action.Kind: Int] { plan.summary.filter { $0.value > 0 } }
-
 @Suite("Interrupted deletes")
 struct InterruptedDeleteTests {
     @Test func anInterruptedDeleteIsFinishedByReconcileNotUndone() async throws {

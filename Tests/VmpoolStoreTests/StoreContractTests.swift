@@ -183,7 +183,7 @@ struct StoreContractTests {
             Issue.record("a newer store was opened")
         } catch let error as StoreError {
             #expect(error.code == .newerSchema)
-            #expect(error.message.contains("v99-from-the-future") && error.message.contains("v7-vm-entered"))
+            #expect(error.message.contains("v99-from-the-future") && error.message.contains("v8-template-saved"))
         }
     }
 }

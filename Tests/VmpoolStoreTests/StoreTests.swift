@@ -249,7 +249,7 @@ struct SchemaVersionTests {
         } catch {
             #expect(error.code == .newerSchema)
             #expect(
-                error.message.contains("v99-from-the-future") && error.message.contains("v7-vm-entered"),
+                error.message.contains("v99-from-the-future") && error.message.contains("v8-template-saved"),
                 "\(error.message)")
         }
     }

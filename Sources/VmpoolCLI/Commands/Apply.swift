@@ -35,7 +35,8 @@ extension Vmpool {
         var output: OutputFormat { format.output }
 
         func run() async throws {
-            let manifests = try loadManifests(self.manifests.file, prune: prune, allowEmpty: allowEmpty)
+            let manifests = try loadManifests(
+                self.manifests.file, prune: prune, allowEmpty: allowEmpty, refusingEmptyFor: "apply")
             try checkImages(manifests)
             if dryRun {
                 let session = try await Session(options, locking: nil)

@@ -19,6 +19,9 @@ extension Vmpool {
         @Option(name: .shortAndLong, help: "Output format: text or json.")
         var output: OutputFormat = .text
 
+        /// The pass's deadline here; on a shared store, how long to wait for the hosts.
+        @OptionGroup var timeout: TimeoutOption
+
         func validate() throws {
             if pools.isEmpty { throw ValidationError("name at least one pool to delete") }
         }
@@ -28,7 +31,8 @@ extension Vmpool {
             let session =
                 options.sharedStore
                 ? try await Session(options, locking: nil, create: false)
-                : try await Session(options, locking: "delete", create: false, showProgress: true)
+                : try await Session(
+                    options, locking: "delete", create: false, timeout: timeout.timeout, showProgress: true)
             let known = Set(try session.store.pools().map(\.spec.name))
             var names = pools
             if ignoreNotFound {
@@ -43,7 +47,8 @@ extension Vmpool {
                 throw CommandFailure(description: "no pool named \"\(missing)\" has been applied")
             }
             if let cluster = session.cluster {
-                try await ClusterApply.delete(session, cluster: cluster, names: Set(names), output: output)
+                try await ClusterApply.delete(
+                    session, cluster: cluster, names: Set(names), timeout: timeout.timeout, output: output)
                 return
             }
             let cancellation = Cancellation()

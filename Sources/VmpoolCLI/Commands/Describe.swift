@@ -208,8 +208,12 @@ struct PoolDescription {
             "Template:    "
                 + (templates.isEmpty
                     ? "-"
-                    : templates.map { "\($0.ref.id) (\($0.state.rawValue), saved \(JSONValue.rfc3339($0.createdAt)))" }
-                        .joined(separator: "; ")))
+                    : templates.map { template in
+                        "\(template.ref.id) ("
+                            + (template.savedAt.map { "\(template.state.rawValue), saved \(JSONValue.rfc3339($0))" }
+                                ?? "\(template.state.rawValue) since \(JSONValue.rfc3339(template.createdAt))") + ")"
+                    }
+                    .joined(separator: "; ")))
         for log in setupLogs { lines.append("Setup log:   \(log)") }
         lines.append(
             "Standbys:    \(standbys.filter(\.1).count) ready"
@@ -263,7 +267,8 @@ struct PoolDescription {
                 templates.map {
                     .object([
                         "id": .string($0.ref.id), "state": .string($0.state.rawValue),
-                        "savedAt": .string(JSONValue.rfc3339($0.createdAt)),
+                        "startedAt": .string(JSONValue.rfc3339($0.createdAt)),
+                        "savedAt": $0.savedAt.map { .string(JSONValue.rfc3339($0)) } ?? .null,
                     ])
                 }),
             "standbys": .array(standbys.map { .object(["id": .string($0.0.id), "ready": .bool($0.1)]) }),

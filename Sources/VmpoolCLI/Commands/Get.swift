@@ -11,7 +11,7 @@ extension Vmpool {
     struct Get: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "get",
-            abstract: "List pools, VMs or the hosts of a shared store.",
+            abstract: "List pools, VMs or the hosts of the store.",
             subcommands: [Pools.self, VMs.self, Hosts.self])
 
         struct Pools: AsyncParsableCommand {
@@ -88,7 +88,8 @@ extension Vmpool.Get {
     struct Hosts: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "hosts",
-            abstract: "List the hosts sharing the store, with their capacity, use and heartbeat.", aliases: ["host"])
+            abstract: "List the hosts of the store (this one alone on SQLite): capacity, use and heartbeat.",
+            aliases: ["host"])
 
         @OptionGroup var options: GlobalOptions
 
@@ -97,19 +98,26 @@ extension Vmpool.Get {
 
         func run() async throws {
             let session = try await Session(options, locking: nil, create: false)
-            guard let cluster = session.cluster else {
-                throw CommandFailure(
-                    description:
-                        "the store is this host's own (SQLite); hosts share a PostgreSQL store (--store postgres://...)"
-                )
-            }
             let vms = try session.store.allVMs()
-            let byHost = Dictionary(grouping: vms, by: \.host)
             let now = Date()
-            let rows = try session.store.hosts().map { host in
-                HostRow(
-                    record: host, alive: host.isAlive(timeout: cluster.hostTimeout, now: now),
-                    vms: byHost[host.name] ?? [], now: now)
+            let rows: [HostRow]
+            if let cluster = session.cluster {
+                let byHost = Dictionary(grouping: vms, by: \.host)
+                rows = try session.store.hosts().map { host in
+                    HostRow(
+                        record: host, alive: host.isAlive(timeout: cluster.hostTimeout, now: now),
+                        vms: byHost[host.name] ?? [], now: now)
+                }
+            } else {
+                // The store is this host's own (SQLite): the one host is this one, offering the
+                // machine's CPUs and memory.
+                let record = HostRecord(
+                    name: try options.resolvedHost(), epoch: 0,
+                    capacity: HostCapacity(
+                        vcpus: ProcessInfo.processInfo.activeProcessorCount,
+                        memoryMiB: Int(ProcessInfo.processInfo.physicalMemory >> 20)),
+                    heartbeatAt: now, registeredAt: now)
+                rows = [HostRow(record: record, alive: true, vms: vms, now: now)]
             }
             switch output {
             case .json: printOut(try JSONOutput.encode(rows.map(\.json)))

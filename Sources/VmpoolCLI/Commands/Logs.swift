@@ -2,6 +2,7 @@ import ArgumentParser
 import CVmpoolSys
 import Foundation
 import VmpoolDriver
+import VmpoolStore
 
 extension Vmpool {
     /// The serial console's output of a VM, bounded on disk.
@@ -33,6 +34,7 @@ extension Vmpool {
             let code = await GuestCommand.run(options: options, vm: vm, requireRunning: false, entering: nil) {
                 access, record in
                 var history = try await access.consoleLog(record.ref)
+                if history.isEmpty, let hint = Self.emptyCloneHint(record) { printError(hint) }
                 if let tail { history = Self.lastLines(history, tail) }
                 try Self.emit(history)
                 while follow {
@@ -71,6 +73,16 @@ extension Vmpool {
                 }
                 offset += written
             }
+        }
+
+        /// Why a clone's log is empty: it never booted; its template did, and the template's
+        /// console is gone with the template's process. `nil` for a VM that booted itself.
+        static func emptyCloneHint(_ record: VMRecord) -> String? {
+            guard let template = record.templateID else { return nil }
+            return "vmpool logs: \(record.id) was cloned from template \(template) of pool \(record.pool), so its boot"
+                + " output belongs to the template, whose console is not kept; this log holds only what the guest"
+                + " printed after the clone, and it has printed nothing yet (vmpool describe pool \(record.pool)"
+                + " shows the template; a boot: cold VM logs its own boot)"
         }
 
         static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {

@@ -311,7 +311,10 @@ enum GuestScript {
     /// The work writes its status into a pipe read by a watcher in its own session (setsid): the
     /// watcher removes the temporary directory once the pipe closes, whether the work ended or
     /// was killed with its process group (an interrupted copy), and exits with that status (3
-    /// when none came). It waits on the pipe, so it costs no process while the copy runs.
+    /// when none came). It waits on the pipe, so it costs no process while the copy runs. The
+    /// watcher makes the directory itself (mkdir fails on anything already there) and the work
+    /// waits for it, so the directory never exists while the only process that would remove it
+    /// can still be killed with the copy's process group.
     static let receive = """
         dst=$1 parent=$2 base=$3 name=$4 kind=$5 mark=$6
         if [ -d "$dst" ]; then dir=$dst final=$name
@@ -327,11 +330,15 @@ enum GuestScript {
         \t\techo "vmpool-cp: exists $target" >&2; exit 3
         \tfi
         fi
-        tmp=$(mktemp -d ./.vmpool-cp.XXXXXX) || { echo "vmpool-cp: failed $dir" >&2; exit 3; }
+        tmp=$(mktemp -u ./.vmpool-cp.XXXXXX) || { echo "vmpool-cp: failed $dir" >&2; exit 3; }
         if command -v setsid >/dev/null 2>&1; then watch="setsid sh"; else watch=sh; fi
         records=
         case $(command -v tar) in */*) case $(tar --version 2>/dev/null) in *"GNU tar"*) records="-b 256 -B" ;; esac ;; esac
         {
+        \tn=0
+        \twhile [ ! -d "$tmp" ] || [ -L "$tmp" ]; do
+        \t\tn=$((n + 1)); [ $n -le 1000 ] || { echo "vmpool-cp: failed $dir" >&2; exit; }; sleep 0.01
+        \tdone
         \tif ! tar -x $records -f - -C "$tmp"; then
         \t\terr=$(dd if=/dev/zero of="$tmp/.vmpool-space" bs=4096 count=1 2>&1 >/dev/null) || echo "$err" >&2
         \t\techo "vmpool-cp: failed $dir" >&2; exit
@@ -340,7 +347,7 @@ enum GuestScript {
         \tif [ -L "$final" ]; then rm -f -- "$final"; fi
         \tif ! mv -f -T -- "$tmp/$name" "$final"; then echo "vmpool-cp: failed $dir" >&2; exit; fi
         \techo 0 >&3
-        } 3>&1 1>&2 | $watch -c 'status=3; while read -r line; do status=$line; done; rm -rf -- "$1"; exit "$status"' sh "$tmp"
+        } 3>&1 1>&2 | $watch -c 'mkdir -m 700 -- "$1" || exit 3; status=3; while read -r line; do status=$line; done; rm -rf -- "$1"; exit "$status"' sh "$tmp"
         """
 }
 

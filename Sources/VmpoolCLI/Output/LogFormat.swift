@@ -13,7 +13,9 @@ enum LogFormat: String, CaseIterable, Sendable {
 }
 
 /// Writes each log record as one JSON object per line on stderr: `time`, `level`, `message`,
-/// `source`, and the metadata keys (`pool`, `vm`, `took_ms`...) as fields.
+/// `source`, and the metadata keys (`pool`, `vm`, `took_ms`...) as fields. Numbers stay
+/// numbers: a numeric metadata value, and a key named for a unit (`took_ms`) whose value is an
+/// integer, are written as JSON numbers, so log queries can compare and sum them.
 struct JSONLogHandler: LogHandler {
     var logLevel: Logger.Level = .info
     var metadata: Logger.Metadata = [:]
@@ -25,12 +27,12 @@ struct JSONLogHandler: LogHandler {
     }
 
     func log(event: LogEvent) {
-        var fields: [String: String] = [
-            "time": JSONLogHandler.timestamp(), "level": event.level.rawValue, "message": "\(event.message)",
-            "source": event.source, "logger": label,
+        var fields: [String: JSONValue] = [
+            "time": .string(JSONLogHandler.timestamp()), "level": .string(event.level.rawValue),
+            "message": .string("\(event.message)"), "source": .string(event.source), "logger": .string(label),
         ]
         for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) where fields[key] == nil {
-            fields[key] = "\(value)"
+            fields[key] = Self.field(key, value)
         }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
@@ -38,6 +40,22 @@ struct JSONLogHandler: LogHandler {
         // C1 and bidi controls pass a JSON encoder raw; escaped, a terminal tailing the log is safe.
         FileHandle.standardError.write(
             Data(TerminalText.safe(String(decoding: data, as: UTF8.self)).utf8) + Data([0x0A]))
+    }
+
+    /// Suffixes of keys whose values are measured quantities.
+    static let unitSuffixes = ["_ms", "_seconds", "_bytes", "_mib", "_count"]
+
+    /// One metadata value as a JSON field: numbers and booleans as themselves, the rest as text.
+    static func field(_ key: String, _ value: Logger.Metadata.Value) -> JSONValue {
+        switch value {
+        case .stringConvertible(let value as Int): return .int(value)
+        case .stringConvertible(let value as Int64): return .int(Int(value))
+        case .stringConvertible(let value as Double): return value.isFinite ? .double(value) : .string("\(value)")
+        case .stringConvertible(let value as Bool): return .bool(value)
+        case .string(let text) where unitSuffixes.contains(where: key.hasSuffix):
+            return Int(text).map(JSONValue.int) ?? .string(text)
+        default: return .string("\(value)")
+        }
     }
 
     private static func timestamp() -> String {
