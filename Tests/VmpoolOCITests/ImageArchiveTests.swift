@@ -98,6 +98,37 @@ struct ImageArchiveTests {
         }
     }
 
+    @Test(.enabled(if: geteuid() == 0, "layers keep owners, which needs root"))
+    func aDockerArchiveIsReadByItsManifestAndItsLayersChecked() throws {
+        let dir = TemporaryDirectory(prefix: "docker")
+        defer { dir.remove() }
+        let path = dir.path + "/saved.tar"
+        try OCIImageBuilder.writeDockerArchive(
+            [[.directory("etc"), .file("etc/a", "1")], [.whiteout("etc/a"), .file("etc/b", "2")]], to: path,
+            tag: "docker.io/library/web:2", env: ["A=1"], workingDir: "/etc")
+        let files = try ImageFiles(archive: path)
+        let image = try ImageLayout.resolve(files, source: try ImageSource(parsing: "docker-archive:" + path))
+        #expect(image.name == "web" && image.config.workingDir == "/etc" && image.config.env == ["A=1"])
+        #expect(image.layers.count == 2 && image.layers.allSatisfy { $0.diffID != nil })
+        let tree = TemporaryDirectory(prefix: "tree")
+        defer { tree.remove() }
+        let fd = open(tree.path, O_RDONLY | O_DIRECTORY)
+        defer { close(fd) }
+        var applier = LayerApplier(root: fd)
+        for (index, layer) in image.layers.enumerated() {
+            try RootDisk.apply(layer, label: "layer \(index + 1)", files: files, into: &applier)
+        }
+        #expect(FileManager.default.contents(atPath: tree.path + "/etc/b") == Data("2".utf8))
+        #expect(!FileManager.default.fileExists(atPath: tree.path + "/etc/a"))
+        // A tag the archive does not have is an error that lists the ones it has.
+        do {
+            let error = #expect(throws: OCIError.self) {
+                try ImageLayout.resolve(files, source: try ImageSource(parsing: "docker-archive:" + path + ":nope"))
+            }
+            #expect(error?.description.contains("docker.io/library/web:2") == true, "\(String(describing: error))")
+        }
+    }
+
     @Test func aFileThatIsNoImageIsRefusedClearly() throws {
         let dir = TemporaryDirectory(prefix: "oci")
         defer { dir.remove() }

@@ -168,6 +168,15 @@ struct BroughtImageTests {
         let images = box.dir.path + "/images"
         let built = try box.run(["image", "build", "--from", source, "--output", images])
         #expect(built.status == 0, "\(built.stderr)")
+        if made == nil {
+            // The same image as buildah writes a docker archive.
+            let docker = try box.run([
+                "image", "build", "--from", "docker-archive:" + archive + ".docker", "--output", images, "--name",
+                "tool-docker",
+            ])
+            #expect(docker.status == 0, "\(docker.stderr)")
+            #expect(FileManager.default.fileExists(atPath: images + "/tool-docker.qcow2"))
+        }
         let disk = images + "/tool.qcow2"
         try apply(box, Self.pool("tool", disk: disk))
         let vm = try #require(try box.ids(pool: "tool").first)
@@ -193,6 +202,7 @@ struct BroughtImageTests {
             b "$1" config --env TOOL_MODE=fast --workingdir /srv/tool --cmd /bin/sh "$c"
             b "$1" commit "$c" localhost/\(reference):latest >/dev/null
             b "$1" push localhost/\(reference):latest oci-archive:"$2":\(reference)
+            b "$1" push localhost/\(reference):latest docker-archive:"$2.docker":localhost/\(reference):latest
             b "$1" rm "$c" >/dev/null
             """
         let process = Process()

@@ -158,6 +158,43 @@ public enum OCIImageBuilder {
         }
     }
 
+    /// Writes a docker archive (as `docker save` writes one: manifest.json, `ID/layer.tar`,
+    /// `HEX.json`) of uncompressed `layers` to `path`, tagged `tag` when given.
+    public static func writeDockerArchive(
+        _ layers: [[LayerItem]], to path: String, tag: String? = nil, env: [String] = [], workingDir: String? = nil
+    ) throws {
+        let tars = try layers.map { try layer($0) }
+        var inner: [String: Any] = ["Env": env]
+        if let workingDir { inner["WorkingDir"] = workingDir }
+        let config = try json([
+            "architecture": "amd64", "os": "linux", "config": inner,
+            "rootfs": ["type": "layers", "diff_ids": tars.map(sha256)],
+        ])
+        let configName = String(sha256(config).dropFirst(7)) + ".json"
+        let layerNames = tars.map { String(sha256($0).dropFirst(7)) + "/layer.tar" }
+        var entry: [String: Any] = ["Config": configName, "Layers": layerNames]
+        if let tag { entry["RepoTags"] = [tag] }
+        let manifest = try json([entry])
+        var bytes: [UInt8] = []
+        let writer = TarWriter { bytes.append(contentsOf: $0) }
+        func add(_ name: String, _ data: [UInt8]) throws {
+            try writer.appendHeader(TarEntry(name: Array(name.utf8), kind: .file, size: Int64(data.count)))
+            try data.withUnsafeBytes { try writer.appendData($0) }
+            try writer.endData(size: Int64(data.count))
+        }
+        for (name, tar) in zip(layerNames, tars) {
+            try writer.appendHeader(
+                TarEntry(name: Array(name.split(separator: "/")[0].utf8), kind: .directory, mode: 0o755))
+            try add(name, tar)
+        }
+        try add(configName, config)
+        try add("manifest.json", manifest)
+        try writer.finish()
+        guard FileManager.default.createFile(atPath: path, contents: Data(bytes)) else {
+            throw SandboxError("cannot write \(path)")
+        }
+    }
+
     static func json(_ object: Any) throws -> [UInt8] {
         Array(try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
     }
