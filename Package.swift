@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "VmpoolQEMU", targets: ["VmpoolQEMU"]),
         .library(name: "VmpoolImage", targets: ["VmpoolImage"]),
         .library(name: "VmpoolArchive", targets: ["VmpoolArchive"]),
+        .library(name: "VmpoolOCI", targets: ["VmpoolOCI"]),
         .library(name: "VmpoolCLI", targets: ["VmpoolCLI"]),
     ],
     dependencies: [
@@ -103,12 +104,24 @@ let package = Package(
         // Tar streams for `cp`: a guest's archive read without trusting it (bounded, nothing
         // outside the destination, nothing privileged, all or nothing) and host trees written as one.
         .target(name: "VmpoolArchive", dependencies: ["CVmpoolSys"]),
+        // Images the user brings: an OCI or Docker image archive read without trusting it
+        // (digests checked, sizes bounded, nothing outside the root), its layers applied in order
+        // with whiteouts into a root tree, and that tree made a root disk (mke2fs -d, qemu-img).
+        .target(
+            name: "VmpoolOCI",
+            dependencies: [
+                "VmpoolArchive", "CVmpoolSys", "CVmpoolZlib", .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // zlib's inflate for gzip-compressed layers.
+        .target(name: "CVmpoolZlib", linkerSettings: [.linkedLibrary("z")]),
         // Commands: argument parsing and printing; everything else is a library call.
         .target(
             name: "VmpoolCLI",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
                 "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres", "VmpoolArchive",
+                "VmpoolOCI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -121,7 +134,8 @@ let package = Package(
             name: "VmpoolTestSupport",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolStorePostgres", "VmpoolSim", "VmpoolReconciler",
-                "VmpoolPlanner", "CVmpoolSys", .product(name: "Logging", package: "swift-log"),
+                "VmpoolPlanner", "VmpoolArchive", "CVmpoolSys", .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             path: "Tests/VmpoolTestSupport"
         ),
@@ -139,9 +153,10 @@ let package = Package(
         ),
         .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolArchiveTests", dependencies: ["VmpoolArchive", "VmpoolTestSupport"]),
+        .testTarget(name: "VmpoolOCITests", dependencies: ["VmpoolOCI", "VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(
             name: "VmpoolQEMUTests",
-            dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolStore", "VmpoolTestSupport"]
+            dependencies: ["VmpoolQEMU", "VmpoolImage", "VmpoolStore", "VmpoolArchive", "VmpoolTestSupport"]
         ),
     ]
 )

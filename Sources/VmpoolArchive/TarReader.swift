@@ -34,9 +34,16 @@ public struct TarEntry: Sendable, Equatable {
     /// Data bytes that follow the header (regular files).
     public var size: Int64
     public var mtime: Int64
+    /// Numeric owner and group (a copy ignores them; a root file system keeps them).
+    public var uid: UInt32
+    public var gid: UInt32
+    /// A device node's numbers.
+    public var deviceMajor: UInt32
+    public var deviceMinor: UInt32
 
     public init(
-        name: [UInt8], kind: Kind, linkTarget: [UInt8] = [], mode: UInt32 = 0o644, size: Int64 = 0, mtime: Int64 = 0
+        name: [UInt8], kind: Kind, linkTarget: [UInt8] = [], mode: UInt32 = 0o644, size: Int64 = 0, mtime: Int64 = 0,
+        uid: UInt32 = 0, gid: UInt32 = 0, deviceMajor: UInt32 = 0, deviceMinor: UInt32 = 0
     ) {
         self.name = name
         self.kind = kind
@@ -44,6 +51,10 @@ public struct TarEntry: Sendable, Equatable {
         self.mode = mode
         self.size = size
         self.mtime = mtime
+        self.uid = uid
+        self.gid = gid
+        self.deviceMajor = deviceMajor
+        self.deviceMinor = deviceMinor
     }
 
     /// The name for messages.
@@ -183,7 +194,8 @@ public final class TarReader {
             try reserve(size, for: name)
             let entry = TarEntry(
                 name: name, kind: kind, linkTarget: target, mode: fields.mode & 0o7777, size: size,
-                mtime: pax.mtime ?? fields.mtime)
+                mtime: pax.mtime ?? fields.mtime, uid: pax.uid ?? fields.uid, gid: pax.gid ?? fields.gid,
+                deviceMajor: fields.deviceMajor, deviceMinor: fields.deviceMinor)
             remaining = size
             padding = Int((512 - size % 512) % 512)
             current = entry
@@ -315,6 +327,10 @@ struct HeaderFields {
     let mode: UInt32
     let size: Int64
     let mtime: Int64
+    let uid: UInt32
+    let gid: UInt32
+    let deviceMajor: UInt32
+    let deviceMinor: UInt32
 
     init(_ header: UnsafeRawBufferPointer, offset: Int64) throws {
         let stored = try Self.number(header, 148, 8, "checksum", offset: offset)
@@ -334,6 +350,15 @@ struct HeaderFields {
         self.mode = UInt32(truncatingIfNeeded: mode)
         size = try Self.number(header, 124, 12, "size", offset: offset)
         mtime = (try? Self.number(header, 136, 12, "mtime", offset: offset)) ?? 0
+        // Owners and device numbers matter only to a root file system; a bad one reads as 0.
+        func small(_ start: Int, _ length: Int) -> UInt32 {
+            let value = (try? Self.number(header, start, length, "id", offset: offset)) ?? 0
+            return value <= Int64(UInt32.max) ? UInt32(value) : 0
+        }
+        uid = small(108, 8)
+        gid = small(116, 8)
+        deviceMajor = small(329, 8)
+        deviceMinor = small(337, 8)
         var name = Self.text(header, 0, 100)
         // POSIX ustar keeps a name's leading part in the prefix field; GNU tar's magic
         // ("ustar  ") uses that space for other things.
@@ -385,13 +410,15 @@ struct HeaderFields {
     }
 }
 
-/// The pax extended header records vmpool uses: `path`, `linkpath`, `size`, `mtime`. Every
+/// The pax extended header records vmpool uses: `path`, `linkpath`, `size`, `mtime`, `uid`, `gid`. Every
 /// record's length is checked against the header it is in; sparse files are refused.
 struct PaxRecords {
     var path: [UInt8]?
     var linkPath: [UInt8]?
     var size: Int64?
     var mtime: Int64?
+    var uid: UInt32?
+    var gid: UInt32?
 
     init() {}
 
@@ -434,6 +461,11 @@ struct PaxRecords {
                     let number = Int64(String(decoding: value, as: UTF8.self))
                 else { throw bad("has an invalid size") }
                 size = number
+            case "uid", "gid":
+                guard !value.isEmpty, value.count <= 10, value.allSatisfy({ (48...57).contains($0) }),
+                    let number = UInt32(String(decoding: value, as: UTF8.self))
+                else { throw bad("has an invalid \(key)") }
+                if key == "uid" { uid = number } else { gid = number }
             case "mtime":
                 let text = String(decoding: value, as: UTF8.self)
                 mtime = Int64(text.split(separator: ".", maxSplits: 1).first ?? "") ?? 0
@@ -451,5 +483,7 @@ struct PaxRecords {
         if let value = other.linkPath { linkPath = value }
         if let value = other.size { size = value }
         if let value = other.mtime { mtime = value }
+        if let value = other.uid { uid = value }
+        if let value = other.gid { gid = value }
     }
 }

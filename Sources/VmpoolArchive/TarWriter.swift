@@ -45,7 +45,8 @@ public final class TarWriter {
         try append(
             Self.header(
                 name: name, type: type, mode: entry.mode, size: entry.kind == .file ? entry.size : 0,
-                mtime: entry.mtime, linkTarget: entry.linkTarget))
+                mtime: entry.mtime, linkTarget: entry.linkTarget, uid: entry.uid, gid: entry.gid,
+                deviceMajor: entry.deviceMajor, deviceMinor: entry.deviceMinor))
     }
 
     /// Appends data bytes of the current file.
@@ -105,7 +106,8 @@ public final class TarWriter {
     /// One 512-byte GNU header; names longer than 100 bytes are cut (a long-name record comes
     /// first), numbers too large for octal are written base-256.
     public static func header(
-        name: [UInt8], type: UInt8, mode: UInt32, size: Int64, mtime: Int64, linkTarget: [UInt8]
+        name: [UInt8], type: UInt8, mode: UInt32, size: Int64, mtime: Int64, linkTarget: [UInt8],
+        uid: UInt32 = 0, gid: UInt32 = 0, deviceMajor: UInt32 = 0, deviceMinor: UInt32 = 0
     ) -> [UInt8] {
         var block = [UInt8](repeating: 0, count: 512)
         func put(_ bytes: some Collection<UInt8>, at offset: Int, length: Int) {
@@ -127,13 +129,17 @@ public final class TarWriter {
         }
         put(name, at: 0, length: 100)
         octal(Int64(mode & 0o7777), at: 100, length: 8)
-        octal(0, at: 108, length: 8)
-        octal(0, at: 116, length: 8)
+        octal(Int64(uid), at: 108, length: 8)
+        octal(Int64(gid), at: 116, length: 8)
         octal(size, at: 124, length: 12)
         octal(max(mtime, 0), at: 136, length: 12)
         block[156] = type
         put(linkTarget, at: 157, length: 100)
         put("ustar  \0".utf8, at: 257, length: 8)
+        if type == UInt8(ascii: "3") || type == UInt8(ascii: "4") {
+            octal(Int64(deviceMajor), at: 329, length: 8)
+            octal(Int64(deviceMinor), at: 337, length: 8)
+        }
         put("        ".utf8, at: 148, length: 8)
         let sum = block.reduce(0) { $0 + Int64($1) }
         let text = String(sum, radix: 8)

@@ -17,7 +17,7 @@ public enum GuestImage {
 
     /// The version of the guest side (agent protocol, init, device layout) this vmpool speaks.
     /// An image built by another version is not used: `image build` must run again.
-    public static let version = 2
+    public static let version = 3
 
     /// The built default image of a state dir, or `nil` when `vmpool image build` has not run
     /// (or ran with a vmpool whose guest side differs).
@@ -186,9 +186,14 @@ public enum GuestImage {
     /// mmdebstrap: systemd, python3 and the vmpool agent started at boot; booted with the
     /// default kernel and initramfs and `root=/dev/vda`. Progress goes to stderr. Needs root
     /// (mmdebstrap, mkfs.ext4 -d) and Debian's package mirrors. Returns the disk's path.
-    public static func buildDebian(output: String, size: String = "4G", cache: String?, compiler: String? = nil)
-        throws -> String
-    {
+    public static func buildDebian(
+        output: String, size: String = "4G", packages: [String] = [], cache: String?, compiler: String? = nil
+    ) throws -> String {
+        for name in packages where !isDebianPackageName(name) {
+            throw ImageError(
+                "--packages: '\(name)' is not a Debian package name (lowercase letters, digits, '.', '+', '-';"
+                    + " at least two characters, starting with a letter or digit)")
+        }
         let work = NSTemporaryDirectory() + "vmpool-debian-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
@@ -205,6 +210,7 @@ public enum GuestImage {
             try FileManager.default.createDirectory(atPath: cache, withIntermediateDirectories: true)
             arguments += ["--cache", cache]
         }
+        if !packages.isEmpty { arguments += ["--packages", packages.joined(separator: ",")] }
         guard let bash = searchPath("bash") else { throw ImageError("bash is not installed") }
         let pid = withCStrings([bash] + arguments) { vmpool_spawn_io(bash, $0, nil, -1, 2, 2) }
         guard pid > 0 else { throw ImageError("cannot run the root disk builder: \(String(cString: strerror(errno)))") }
@@ -213,6 +219,17 @@ public enum GuestImage {
             throw ImageError("building the Debian root disk failed (status \(status)); see above")
         }
         return disk
+    }
+
+    /// Debian's rule for package names (Policy 5.6.1): lowercase letters, digits, `+`, `-` and
+    /// `.`, at least two characters, starting with a letter or digit.
+    public static func isDebianPackageName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        func alphanumeric(_ byte: UInt8) -> Bool { (0x61...0x7A).contains(byte) || (0x30...0x39).contains(byte) }
+        guard bytes.count >= 2, bytes.count <= 128, alphanumeric(bytes[0]) else { return false }
+        return bytes.allSatisfy {
+            alphanumeric($0) || $0 == UInt8(ascii: "+") || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: ".")
+        }
     }
 
     /// Where package downloads are kept between builds: `$XDG_CACHE_HOME/vmpool`, else `~/.cache/vmpool`.

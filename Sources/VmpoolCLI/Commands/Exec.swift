@@ -34,7 +34,7 @@ extension Vmpool {
         @Option(name: .shortAndLong, help: "Set an environment variable in the guest (KEY=VALUE, repeatable).")
         var env: [String] = []
 
-        @Option(name: .shortAndLong, help: "Working directory in the guest (default /).")
+        @Option(name: .shortAndLong, help: "Working directory in the guest (default: the image's WorkingDir, else /).")
         var workdir: String?
 
         @Option(

@@ -6,9 +6,15 @@
 # ports, disk, network, RNG). Then:
 #
 #  - with root=/dev/XXX on the kernel command line, mounts that ext4 file
-#    system (waiting up to 10 s for the device) and switches to it; its own
-#    init starts its own agent. If it cannot, it says so in one line on the
-#    console and carries on as below, so that the VM stays reachable.
+#    system (waiting up to 10 s for the device) and switches to it. A disk with
+#    vmpool's agent as a systemd unit (the Debian disk) starts its own. Any
+#    other disk (an OCI image's, a distribution's) gets this initramfs's
+#    busybox and agent on a tmpfs at /.vmpool/guest: the agent is started,
+#    chrooted into the disk, before its /sbin/init takes over (systemd stays
+#    PID 1 and leaves processes it found alone); a disk with no /sbin/init
+#    gets this script as PID 1 instead (running from /.vmpool/guest). If it
+#    cannot, it says so in one line on the console and carries on as below,
+#    so that the VM stays reachable.
 #  - otherwise brings up lo and runs the vmpool agent (it finds its
 #    virtio-serial ports itself) and a shell on the interactive console (hvc0,
 #    which `vmpool console` attaches to), each in a respawning loop. The
@@ -20,6 +26,44 @@
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 bb=/bin/busybox
+
+# Run from /.vmpool/guest of a root disk (see carry below): "agent" is the agent's respawn
+# loop next to the disk's own init; "image" is PID 1 of a disk that has none.
+guest=/.vmpool/guest
+case ${1-} in
+agent)
+	while :; do
+		$guest/bin/vmpool-agent </dev/null >/dev/null 2>&1
+		$guest/bin/busybox sleep 1
+	done
+	;;
+image)
+	bb=$guest/bin/busybox
+	PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$guest/bin:$guest/sbin:$guest/usr/bin:$guest/usr/sbin
+	for d in run dev/shm; do
+		if [ -d /$d ] && ! $bb mountpoint -q /$d; then
+			$bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /$d 2>/dev/null
+		fi
+	done
+	$bb chmod 0755 /run 2>/dev/null
+	$bb ip link set lo up 2>/dev/null
+	echo "vmpool-guest: ready" >/dev/console 2>/dev/null
+	(
+		while :; do
+			$guest/bin/vmpool-agent </dev/null >/dev/null 2>&1
+			$bb sleep 1
+		done
+	) &
+	shell=$bb
+	[ -x /bin/sh ] && shell=
+	while :; do
+		if [ -c /dev/hvc0 ]; then
+			$bb setsid -c $shell sh -l </dev/hvc0 >/dev/hvc0 2>&1
+		fi
+		$bb sleep 1
+	done
+	;;
+esac
 
 $bb mount -t proc proc /proc 2>/dev/null
 $bb mount -t sysfs sysfs /sys 2>/dev/null
@@ -61,6 +105,29 @@ has_init() {
 	[ -f "/newroot$p" ] && [ -x "/newroot$p" ]
 }
 
+# True when the disk starts vmpool's agent itself (the Debian disk: a systemd unit).
+own_agent() {
+	w=/newroot/etc/systemd/system/sysinit.target.wants/vmpool-agent.service
+	[ -x /newroot/usr/local/sbin/vmpool-agent ] && { [ -L $w ] || [ -e $w ]; }
+}
+
+# Puts busybox, its applet links, the agent and this script on a tmpfs at
+# /newroot/.vmpool/guest (the directory is made on the disk if it is missing).
+carry() {
+	[ -L /newroot/.vmpool ] && return 1
+	$bb mkdir -p /newroot$guest 2>/dev/null || return 1
+	[ -L /newroot$guest ] && return 1
+	$bb mount -t tmpfs -o mode=0755,nodev tmpfs /newroot$guest 2>/dev/null || return 1
+	$bb cp -a /bin /sbin /usr /init /newroot$guest/ 2>/dev/null
+}
+
+move_mounts() {
+	for fs in dev proc sys; do
+		$bb mkdir -p /newroot/$fs 2>/dev/null
+		$bb mount --move /$fs /newroot/$fs 2>/dev/null
+	done
+}
+
 root=
 read -r cmdline </proc/cmdline
 set -f
@@ -82,15 +149,24 @@ if [ -n "$root" ]; then
 		say "root device $root did not appear within 10 s; staying in the initramfs"
 	elif ! $bb mount -t ext4 -o rw "$root" /newroot 2>/dev/null; then
 		say "cannot mount $root (ext4, read-write); staying in the initramfs"
-	elif ! has_init; then
+	elif own_agent; then
+		if has_init; then
+			move_mounts
+			exec $bb switch_root /newroot /sbin/init
+		fi
 		$bb umount /newroot 2>/dev/null
 		say "$root has no /sbin/init; staying in the initramfs"
-	else
-		for fs in dev proc sys; do
-			$bb mkdir -p /newroot/$fs 2>/dev/null
-			$bb mount --move /$fs /newroot/$fs 2>/dev/null
-		done
+	elif ! carry; then
+		$bb umount /newroot/.vmpool/guest 2>/dev/null
+		$bb umount /newroot 2>/dev/null
+		say "cannot put the agent on $root (/.vmpool/guest); staying in the initramfs"
+	elif has_init; then
+		move_mounts
+		$bb chroot /newroot $guest/bin/busybox sh $guest/init agent </dev/null >/dev/null 2>&1 &
 		exec $bb switch_root /newroot /sbin/init
+	else
+		move_mounts
+		exec $bb switch_root /newroot $guest/bin/busybox sh $guest/init image
 	fi
 fi
 

@@ -57,7 +57,9 @@
 //                                     (the older positional form `hello SEC.FRAC HEX` still works)
 //   C  run a command: entries of one tag byte and a NUL-terminated string: `a` argv element
 //      (at least one), `e` KEY=VALUE environment, `d` working directory, `t` ROWSxCOLS for a
-//      pty, `i` 1 to forward stdin (otherwise stdin is /dev/null). Answered by S (the pid)
+//      pty, `i` 1 to forward stdin (otherwise stdin is /dev/null). The environment starts
+//      from PATH and HOME, with the image's Env over them (IMAGE_CONFIG), and the directory
+//      is the image's WorkingDir, else /. Answered by S (the pid)
 //      once the command runs, or X `error 127|126|125 MESSAGE` when it cannot. Under TCG
 //      the command starts with ADDR_NO_RANDOMIZE unless its environment has VMPOOL_ASLR=1.
 //   I  stdin bytes for the running command; an empty I closes its stdin (sends EOF on a pty)
@@ -134,6 +136,22 @@ static const char *const default_env[] = {
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME=/root",
 };
+
+// A root disk vmpool made from an image (image build --from) carries the image's defaults for
+// commands in this file: lines `env KEY=VALUE` and `workdir PATH` (and `user NAME`, not used:
+// commands run as root, as on every vmpool guest).
+#define IMAGE_CONFIG "/.vmpool/image-config"
+#define IMAGE_ENV_MAX 256
+// Where the initramfs put its busybox (and this agent) for a root disk without an agent of its
+// own; the applets come last on the default PATH, so that `cp` (sh and tar) works on any image.
+#define CARRIED_BUSYBOX "/.vmpool/guest/bin/busybox"
+#define CARRIED_PATH ":/.vmpool/guest/bin:/.vmpool/guest/sbin:/.vmpool/guest/usr/bin:/.vmpool/guest/usr/sbin"
+
+// The environment and working directory a command starts with unless the host says otherwise.
+static char *base_env[IMAGE_ENV_MAX + 4];
+static size_t nbase;
+static const char *base_cwd = "/";
+static int base_cwd_from_image;
 
 enum { PORT_IDLE, PORT_ACTIVE, PORT_DEAD };
 enum { BLOCK_NONE, BLOCK_STDIN, BLOCK_OUTPUT };
@@ -986,6 +1004,62 @@ static void control(struct port *p, char *text) {
 // ---------------------------------------------------------------------------------------------
 // Commands
 
+// Sets KEY=VALUE in base_env, replacing an entry with the same key.
+static void base_env_set(char *entry) {
+    char *eq = entry ? strchr(entry, '=') : NULL;
+    if (!eq || eq == entry) return;
+    size_t klen = (size_t)(eq - entry) + 1;
+    for (size_t k = 0; k < nbase; k++) {
+        if (strncmp(base_env[k], entry, klen) == 0) {
+            base_env[k] = entry;
+            return;
+        }
+    }
+    if (nbase < sizeof base_env / sizeof base_env[0]) base_env[nbase++] = entry;
+}
+
+// The defaults: the agent's own, then the image's (IMAGE_CONFIG), then the carried busybox's
+// applets at the end of PATH. Lines longer than 4 KiB are skipped.
+static void load_defaults(void) {
+    for (size_t i = 0; i < sizeof default_env / sizeof default_env[0]; i++) base_env_set(strdup(default_env[i]));
+    FILE *f = fopen(IMAGE_CONFIG, "re");
+    if (f) {
+        char line[4096];
+        int n = 0;
+        while (n < IMAGE_ENV_MAX && fgets(line, sizeof line, f)) {
+            size_t len = strlen(line);
+            if (len > 0 && line[len - 1] == '\n') {
+                line[--len] = 0;
+            } else if (!feof(f)) {
+                int c;
+                while ((c = fgetc(f)) != EOF && c != '\n') {
+                }
+                continue;
+            }
+            if (strncmp(line, "env ", 4) == 0) {
+                base_env_set(strdup(line + 4));
+                n++;
+            } else if (strncmp(line, "workdir /", 9) == 0) {
+                base_cwd = strdup(line + 8);
+                base_cwd_from_image = base_cwd != NULL;
+                if (!base_cwd) base_cwd = "/";
+            }
+        }
+        fclose(f);
+    }
+    if (access(CARRIED_BUSYBOX, X_OK) == 0) {
+        for (size_t k = 0; k < nbase; k++) {
+            if (strncmp(base_env[k], "PATH=", 5) != 0) continue;
+            size_t len = strlen(base_env[k]) + sizeof CARRIED_PATH;
+            char *path = malloc(len);
+            if (path) {
+                snprintf(path, len, "%s%s", base_env[k], CARRIED_PATH);
+                base_env[k] = path;
+            }
+        }
+    }
+}
+
 static void job_free(struct port *p) {
     struct job *j = p->job;
     if (!j) return;
@@ -1046,6 +1120,7 @@ struct request {
     struct winsize ws;
     int want_stdin;
     int keep_layout;  // VMPOOL_ASLR=1 in the command's environment
+    int cwd_default;  // cwd is the image's WorkingDir: "/" if it does not exist
 };
 
 // Parses a C payload (entries of a tag byte and a NUL-terminated string); NULL or why not.
@@ -1062,13 +1137,13 @@ static const char *parse_request(unsigned char *payload, size_t len, struct requ
         at = (size_t)(nul - payload) + 1;
     }
     if (nargv == 0) return "bad request: no argv";
-    size_t ndefault = sizeof default_env / sizeof default_env[0];
     rq->argv = calloc(nargv + 1, sizeof *rq->argv);
-    rq->envp = calloc(nenv + ndefault + 2, sizeof *rq->envp);
+    rq->envp = calloc(nenv + nbase + 2, sizeof *rq->envp);
     if (!rq->argv || !rq->envp) return "out of memory";
     size_t na = 0, ne = 0;
-    for (size_t i = 0; i < ndefault; i++) rq->envp[ne++] = (char *)default_env[i];
-    rq->cwd = "/";
+    for (size_t i = 0; i < nbase; i++) rq->envp[ne++] = base_env[i];
+    rq->cwd = base_cwd;
+    rq->cwd_default = base_cwd_from_image;
     for (size_t at = 0; at < len;) {
         unsigned char tag = payload[at];
         char *value = (char *)payload + at + 1;
@@ -1087,6 +1162,7 @@ static const char *parse_request(unsigned char *payload, size_t len, struct requ
         } else if (tag == 'd') {
             if (!*value) return "bad request: empty working directory";
             rq->cwd = value;
+            rq->cwd_default = 0;
         } else if (tag == 't') {
             rq->tty = value;
             if (parse_size(value, &rq->ws.ws_row, &rq->ws.ws_col) != 0) return "bad request: tty size";
@@ -1153,7 +1229,7 @@ static const char *launch(struct request *rq, struct job *j) {
             dup2(out[1], 1);
             dup2(err[1], 2);
         }
-        if (chdir(rq->cwd) != 0) child_fail(status[1], 3);
+        if (chdir(rq->cwd) != 0 && (!rq->cwd_default || chdir("/") != 0)) child_fail(status[1], 3);
         // Under TCG commands (and what they start) get a fixed address-space layout, unless
         // the request asks for randomization (VMPOOL_ASLR=1): see under_tcg.
         if (fixed_layout && !rq->keep_layout) {
@@ -1981,6 +2057,7 @@ int main(int argc, char **argv) {
     }
 
     signal(SIGPIPE, SIG_IGN);
+    load_defaults();
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
