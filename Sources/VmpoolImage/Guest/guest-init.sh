@@ -42,7 +42,10 @@ agent)
 	n=0
 	while [ $n -lt 100 ]; do
 		if [ "$($bb stat -L -c %d /proc/1/exe 2>/dev/null)" = "$disk" ]; then
-			[ -S /run/systemd/private ] || [ "$($bb cat /proc/1/comm 2>/dev/null)" != systemd ] && break
+			case $($bb readlink /proc/1/exe 2>/dev/null) in
+			*/systemd) [ -S /run/systemd/private ] && break ;;
+			*) break ;;
+			esac
 		fi
 		$bb usleep 100000
 		n=$((n + 1))
