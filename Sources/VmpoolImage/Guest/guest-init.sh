@@ -32,6 +32,24 @@ bb=/bin/busybox
 guest=/.vmpool/guest
 case ${1-} in
 agent)
+	# Started just before the disk's init: wait (at most 10 s) until that init runs as PID 1
+	# (its executable is on this disk, not the initramfs) and, if it is systemd, listens on
+	# its private socket (what systemctl talks to). Readiness then comes once the disk's own
+	# boot is under way, and a template is saved only after systemd has settled (the host
+	# waits for that with systemctl).
+	bb=$guest/bin/busybox
+	disk=$($bb stat -c %d /)
+	n=0
+	while [ $n -lt 100 ]; do
+		if [ "$($bb stat -L -c %d /proc/1/exe 2>/dev/null)" = "$disk" ]; then
+			case $($bb readlink /proc/1/exe 2>/dev/null) in
+			*/systemd) [ -S /run/systemd/private ] && break ;;
+			*) break ;;
+			esac
+		fi
+		$bb usleep 100000
+		n=$((n + 1))
+	done
 	while :; do
 		$guest/bin/vmpool-agent </dev/null >/dev/null 2>&1
 		$guest/bin/busybox sleep 1
