@@ -179,6 +179,15 @@ struct NetworkWalls: Sendable {
         return lines
     }
 
+    /// The nft program that removes both tables (made first, so that it succeeds when they
+    /// are already gone).
+    var removal: String {
+        [
+            "add table inet \(table)", "delete table inet \(table)", "add table bridge \(table)",
+            "delete table bridge \(table)",
+        ].joined(separator: "\n") + "\n"
+    }
+
     /// Runs an nft program; a failure says what nft said.
     func apply(_ program: String, vm: String? = nil) throws(DriverError) {
         let (status, errors) = try Spawn.run(nft, ["-f", "-"], input: program)

@@ -499,6 +499,11 @@ public final class QemuDriver: HypervisorDriver {
                     + " VMPOOL_WALLS=0 runs VMs without any walls)")
         }
         let live = await discover()
+        if policies.isEmpty && live.isEmpty {
+            // Nothing left to wall in: the tables go, so that removed state dirs leave no rules.
+            try await Blocking.run { () throws(DriverError) in try walls.apply(walls.removal) }
+            return
+        }
         let addresses = Dictionary(
             members.map { ($0.id, $0.network?.address) }, uniquingKeysWith: { first, _ in first })
         let state = NetworkWalls.State(

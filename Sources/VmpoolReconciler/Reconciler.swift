@@ -159,6 +159,9 @@ public final class Reconciler: Sendable {
             remaining = Plan()
         } else {
             let after = try await observe(depth: .guest, leased: false)
+            // The last pool is gone: its walls go too (a state dir with nothing in it leaves
+            // nothing in the host's firewall).
+            if try store.pools().isEmpty { await applyWalls(after) }
             var next = planInput(desired: pools, prune: after.storedNames(prune), observation: after)
             if let pruneReason { next.pruneReason = pruneReason }
             remaining = Planner.plan(next)
