@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import VmpoolArchive
+import VmpoolTestSupport
 
 /// A copy's threads wait on pipes that a guest may never move again; they must stop soon after
 /// they are asked to, by a signal pipe or by their flag (set when their task is cancelled).
@@ -51,10 +52,9 @@ struct InterruptTests {
         // Waits (up to 30 s) until the pipe holds all it can: the writer is then blocked on it.
         let capacity = fcntl(stream.write, 1032)  // F_GETPIPE_SZ, which Glibc does not export to Swift
         var queued: Int32 = 0
-        let deadline = Date().addingTimeInterval(30)
-        while queued < capacity && Date() < deadline {
+        _ = eventually(timeout: .seconds(30)) {
             _ = ioctl(stream.read, UInt(FIONREAD), &queued)
-            if queued < capacity { usleep(1000) }
+            return queued >= capacity
         }
         #expect(queued == capacity, "the writer never filled the pipe (\(queued) of \(capacity) bytes)")
         #expect(!writer.end(within: 0), "the writer to a full pipe ended by itself")
