@@ -496,3 +496,32 @@ int vmpool_trap_signals(const int *signals, int count) {
     }
     return fds[0];
 }
+
+long long vmpool_copy_file(int in, int out) {
+    long long total = 0;
+    for (;;) {
+        ssize_t copied = copy_file_range(in, NULL, out, NULL, (size_t)1 << 30, 0);
+        if (copied == 0) return total;
+        if (copied > 0) {
+            total += copied;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        if (errno != EXDEV && errno != ENOSYS && errno != EINVAL && errno != EOPNOTSUPP) return -1;
+        break;  // not between these file systems: copy through a buffer
+    }
+    char buffer[1 << 16];
+    for (;;) {
+        ssize_t got = read(in, buffer, sizeof buffer);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return -1;
+        if (got == 0) return total;
+        for (ssize_t done = 0; done < got;) {
+            ssize_t put = write(out, buffer + done, (size_t)(got - done));
+            if (put < 0 && errno == EINTR) continue;
+            if (put <= 0) return -1;
+            done += put;
+        }
+        total += got;
+    }
+}

@@ -19,7 +19,11 @@ enum Overlay {
             arguments += ["-b", backing, "-F", disk.backingChain.first?.format ?? "qcow2"]
         }
         arguments.append(disk.path)
-        if let size = disk.sizeMiB { arguments.append("\(size)M") }
+        if let bytes = disk.sizeBytes {
+            arguments.append("\(bytes)")
+        } else if let size = disk.sizeMiB {
+            arguments.append("\(size)M")
+        }
         let (status, errors) = try Spawn.run(binary, arguments)
         guard status == 0 else {
             unlink(disk.path)
@@ -45,15 +49,18 @@ enum Overlay {
         }
     }
 
-    /// A clone's overlays over its template's frozen disks (same sizes).
-    static func overTemplate(_ disks: [DiskShape], template: String, paths: QemuPaths, vm: String) -> [DiskAttachment] {
+    /// A clone's overlays over its template's frozen disks (same sizes). A fork's snapshot
+    /// of a clone is made over that clone's template: `underlay` names it.
+    static func overTemplate(
+        _ disks: [DiskShape], template: String, underlay: String? = nil, paths: QemuPaths, vm: String
+    ) -> [DiskAttachment] {
         disks.map { disk in
-            DiskAttachment(
-                name: disk.name, path: paths.overlay(vm, disk: disk.name),
-                backingChain: [
-                    BackingFile(path: paths.templateDisk(template: template, disk: disk.name), format: "qcow2")
-                ]
-                    + base(of: disk), sizeMiB: nil, scratch: true)
+            let frozen = ([template] + (underlay.map { [$0] } ?? [])).map {
+                BackingFile(path: paths.templateDisk(template: $0, disk: disk.name), format: "qcow2")
+            }
+            return DiskAttachment(
+                name: disk.name, path: paths.overlay(vm, disk: disk.name), backingChain: frozen + base(of: disk),
+                sizeMiB: nil, scratch: true)
         }
     }
 }

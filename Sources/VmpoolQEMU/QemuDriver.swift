@@ -231,7 +231,17 @@ public final class QemuDriver: HypervisorDriver {
     }
 
     public func clone(_ request: LaunchRequest, from template: TemplateRef) async throws(DriverError) -> LaunchedVM {
-        let (memoryFile, stateFile) = try savedFiles(of: template, for: request.id)
+        try await restore(request, from: template)
+    }
+
+    /// Starts `request`'s VM from a saved template: a pool's (`clone`), or a fork's snapshot of
+    /// a running VM, whose disks may lie over the source's own template (`underlay`), whose RAM
+    /// block may be named otherwise (`ramID`), and whose guest was ready when it was saved.
+    func restore(
+        _ request: LaunchRequest, from template: TemplateRef, underlay: String? = nil, ramID: String = QemuVM.ramID,
+        awaitsReady: Bool = true
+    ) async throws(DriverError) -> LaunchedVM {
+        let (memoryFile, stateFile) = try savedFiles(of: template, underlay: underlay, for: request.id)
         let timeout = configuration.restoreTimeout
         let logger = self.logger
         return try await Blocking.run { () throws(DriverError) -> LaunchedVM in
@@ -257,7 +267,9 @@ public final class QemuDriver: HypervisorDriver {
                     phases.mark("standby")
                 } else {
                     var spec = self.cloneMachine(
-                        template, memoryFile: memoryFile, vm: request.id, address: request.network?.address)
+                        template, memoryFile: memoryFile, vm: request.id, address: request.network?.address,
+                        underlay: underlay)
+                    spec.ramID = ramID
                     spec.limits = request.walls.limits
                     if !request.shape.sharesTemplateMemory { spec.memory = .cloneCopy(memoryFile) }
                     try machine.start(spec)
@@ -267,7 +279,7 @@ public final class QemuDriver: HypervisorDriver {
                 let restored = try machine.restore(
                     from: stateFile, identity: Self.identity(of: request.id, network: request.network), timeout: timeout
                 )
-                if let ready = template.key.preparation?.ready {
+                if awaitsReady, let ready = template.key.preparation?.ready {
                     try self.preparation(of: machine, log: nil).awaitReady(ready)
                     phases.mark("ready")
                 }
@@ -345,20 +357,25 @@ public final class QemuDriver: HypervisorDriver {
 
     /// What a clone (or its standby) of `template` runs with: the template's memory file
     /// mapped private, and its own overlays over the template's frozen disks.
-    func cloneMachine(_ template: TemplateRef, memoryFile: String, vm: String, address: String? = nil) -> MachineSpec {
+    func cloneMachine(
+        _ template: TemplateRef, memoryFile: String, vm: String, address: String? = nil, underlay: String? = nil
+    ) -> MachineSpec {
         MachineSpec(
             shape: template.key.shape, memory: .clonePrivate(memoryFile), incoming: true,
-            disks: Overlay.overTemplate(template.key.disks, template: template.id, paths: paths, vm: vm),
+            disks: Overlay.overTemplate(
+                template.key.disks, template: template.id, underlay: underlay, paths: paths, vm: vm),
             nic: Self.nic(template.key.network, vm: vm), pool: template.pool, address: address)
     }
 
     /// A template's memory, device-state and disk files, which a clone or standby needs present.
-    private func savedFiles(of template: TemplateRef, for vm: String) throws(DriverError)
+    private func savedFiles(of template: TemplateRef, underlay: String? = nil, for vm: String) throws(DriverError)
         -> (memory: String, state: String)
     {
         let memory = paths.memoryFile(template: template.id)
         let state = paths.stateFile(template: template.id)
-        let disks = template.key.disks.map { paths.templateDisk(template: template.id, disk: $0.name) }
+        let disks = template.key.disks.flatMap { disk in
+            ([template.id] + (underlay.map { [$0] } ?? [])).map { paths.templateDisk(template: $0, disk: disk.name) }
+        }
         guard ([memory, state] + disks).allSatisfy({ access($0, R_OK) == 0 }) else {
             throw DriverError(.notFound, "template \(template.id) has no saved state", vm: vm)
         }

@@ -35,6 +35,8 @@ struct DiskAttachment: Sendable, Hashable {
     var backing: String? { backingChain.first?.path }
     /// The virtual size, MiB (`nil`: the backing file's).
     var sizeMiB: Int?
+    /// The virtual size in bytes, where it need not be whole MiB (a fork's stand-in disks).
+    var sizeBytes: UInt64?
     /// A VM's disk lives and dies with its QEMU process (a stopped or lost VM's overlays are
     /// removed, never booted again), so the guest's flushes need not reach the host's disk:
     /// QEMU skips them. A template's disk is not scratch: clones are made from it.
@@ -75,6 +77,10 @@ struct MachineSpec {
     var limits = ResourceLimits()
     /// Limits given whole instead of derived from the shape (tests of the limits themselves).
     var cgroupLimits: CgroupLimits?
+    /// The id of the RAM file's memory backend, which names the RAM block a migration
+    /// matches: `QemuVM.ramID` for templates and clones; a fork of a cold-booted VM uses the
+    /// name QEMU gives anonymous RAM (`QemuVM.anonymousRAMID`).
+    var ramID = QemuVM.ramID
 }
 
 /// The descriptor numbers, in QEMU, of the files and sockets vmpool opened and passed to it:
@@ -126,6 +132,8 @@ struct QemuVM {
 
     /// The RAM block id shared by template and clones; migration matches blocks by it.
     static let ramID = "vmpool.ram"
+    /// The RAM block of a VM started without a RAM file (the pc machine's default RAM id).
+    static let anonymousRAMID = "pc.ram"
 
     /// Exec ports per VM: execs and copies that can run at once (more wait for a free one).
     static let execPorts = 8
@@ -138,7 +146,8 @@ struct QemuVM {
     /// The QEMU argument vector, from small parts. Every value from a manifest is its own argv
     /// element or a JSON value; paths inside `key=value` option lists are comma-escaped.
     func arguments(_ machine: MachineSpec, files: QemuFiles) -> [String] {
-        identityArguments(files) + acceleratorArguments() + memoryArguments(machine.shape, machine.memory, files)
+        identityArguments(files) + acceleratorArguments()
+            + memoryArguments(machine.shape, machine.memory, files, ramID: machine.ramID)
             + bootArguments(machine.shape, machine.memory, files) + channelArguments(files) + consoleArguments()
             + diskArguments(machine.disks, files) + nicArguments(machine.nic, tap: files.tap)
             + processArguments(incoming: machine.incoming)
@@ -166,7 +175,9 @@ struct QemuVM {
         }
     }
 
-    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles) -> [String] {
+    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles, ramID: String = Self.ramID)
+        -> [String]
+    {
         var args: [String] = []
         var machine = "pc"
         var memoryOption = "size=\(shape.memoryMiB)M"
@@ -185,11 +196,11 @@ struct QemuVM {
             args += [
                 "-object",
                 QemuOpts.json([
-                    "qom-type": "memory-backend-file", "id": Self.ramID, "size": shape.memoryMiB << 20,
+                    "qom-type": "memory-backend-file", "id": ramID, "size": shape.memoryMiB << 20,
                     "mem-path": "/proc/self/fd/\(files.memory ?? -1)", "share": shared, "prealloc": false,
                 ]),
             ]
-            machine += ",memory-backend=\(Self.ramID)"
+            machine += ",memory-backend=\(ramID)"
         }
         args += ["-machine", machine, "-m", memoryOption]
         if let firmware = configuration.firmware { args += ["-bios", firmware] }
@@ -612,7 +623,7 @@ struct QemuVM {
         try agent.hello(identity: identity, timeout: .seconds(10))
     }
 
-    private func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) {
+    func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) {
         let deadline = ContinuousClock.now + timeout
         while true {
             let info = try qmp.execute("query-migrate", returning: MigrationInfo.self)

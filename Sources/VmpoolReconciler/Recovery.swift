@@ -30,6 +30,8 @@ extension Reconciler {
         for entry in try store.unfinishedOperations() {
             if Self.locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH) {
                 if let vm = entry.vm { inProgress.insert(vm) }
+                // A fork's snapshot, and the helper VM that receives the source's memory.
+                if let template = entry.template { inProgress.insert(template) }
             } else {
                 open.append(entry)
             }
@@ -48,6 +50,13 @@ extension Reconciler {
                 metadata: ["pool": "\(record.pool)", "vm": "\(id)", "pid": "\(entry.ownerPID)"])
         }
 
+        // Forks whose vmpool died: a fork already running was never handed over, so it goes as
+        // an unreceived lease does.
+        for entry in open where entry.operation == StateStore.forkLaunchOperation {
+            guard let id = entry.vm, let record = records[id], record.lease != nil, record.state == .running
+            else { continue }
+            records[id] = try store.release(id)
+        }
         // Launches that never reported back, and stops that never finished: the VM goes.
         for record in records.values
         where (record.state == .creating || record.state == .stopping) && !inProgress.contains(record.id) {
@@ -86,7 +95,8 @@ extension Reconciler {
         }
 
         // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
-        for found in discovered where records[found.id] == nil && !standbys.contains(found.id) {
+        for found in discovered
+        where records[found.id] == nil && !standbys.contains(found.id) && !inProgress.contains(found.id) {
             let pool = VMID.pool(of: found.id) ?? ""
 
             try? await driver.stop(VMRef(id: found.id, pool: pool, pid: found.pid))
@@ -95,8 +105,20 @@ extension Reconciler {
                 Event(pool: pool, vm: found.id, kind: "orphan-stopped", message: "hypervisor VM had no record"))
             logger.warning("stopped an orphan VM", metadata: ["vm": "\(found.id)", "pid": "\(found.pid ?? 0)"])
         }
+        // A fork's source, paused while its state was saved, runs again (its helper, stopped
+        // above, no longer receives its state).
+        for entry in open where entry.operation == StateStore.forkOperation {
+            guard let id = entry.vm, let record = records[id], record.state == .running else { continue }
+            let status = await driver.status(of: [record.ref], depth: .hypervisor)[id]
+            if status?.liveness == .alive, status?.running == false, status?.fault == nil {
+                try? await driver.resume(record.ref)
+                logger.notice(
+                    "resumed a VM a fork paused before its vmpool died",
+                    metadata: ["pool": "\(record.pool)", "vm": "\(id)", "pid": "\(entry.ownerPID)"])
+            }
+        }
         let knownTemplates = Set(try store.templates().map(\.ref.id))
-        for id in await driver.discoverTemplates() where !knownTemplates.contains(id) {
+        for id in await driver.discoverTemplates() where !knownTemplates.contains(id) && !inProgress.contains(id) {
             try? await driver.deleteTemplate(id: id)
             report.templatesRemoved.append(id)
         }
@@ -104,5 +126,7 @@ extension Reconciler {
     }
 
     /// Operations journaled by a vmpool that does not hold the state-dir lock.
-    static let locklessOperations: Set<String> = ["lease", "release"]
+    static let locklessOperations: Set<String> = [
+        "lease", "release", StateStore.forkOperation, StateStore.forkLaunchOperation,
+    ]
 }

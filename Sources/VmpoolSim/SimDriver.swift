@@ -352,3 +352,31 @@ public final class SimDriver: HypervisorDriver {
         }
     }
 }
+
+extension SimDriver: ForkAccess {
+    /// Copies a running sim VM: each fork is a running VM of the source's pool and shape (its
+    /// CPUs and memory as the source has them now). A fork fails as a clone does
+    /// (`VMPOOL_SIM_FAIL=clone:...`), keyed by its slot.
+    public func fork(_ source: ForkSource, snapshot: String, into requests: [LaunchRequest])
+        async throws(DriverError) -> ForkOutcome
+    {
+        let row = try fetch(source.vm.id)
+        guard row.running else {
+            throw DriverError(.invalidState, "the VM is paused; only a running VM can be forked", vm: source.vm.id)
+        }
+        var results: [Result<LaunchedVM, DriverError>] = []
+        for request in requests {
+            do throws(DriverError) {
+                try await step(.clone, key: request.slot, vm: request.id)
+                var copy = request
+                copy.shape.vcpus = row.vcpus
+                copy.shape.memoryMiB = row.memoryMiB
+                try insert(copy, template: nil)
+                results.append(.success(LaunchedVM(pid: nil, shape: copy.shape)))
+            } catch {
+                results.append(.failure(error))
+            }
+        }
+        return ForkOutcome(pause: .zero, vms: results)
+    }
+}

@@ -195,7 +195,7 @@ public final class StateStore: Sendable {
     public static let forwardedPorts = 20000...32767
 
     /// Allocates what a VM's NIC needs, inside the caller's transaction.
-    private func allocate(
+    func allocate(
         _ db: any SQLTransaction, _ request: NetworkRequest, vm: String, portIsFree: (Int) -> Bool
     ) throws -> NetworkAssignment {
         var assignment = NetworkAssignment(mode: request.mode, mac: NetworkAssignment.mac(for: vm))
@@ -240,7 +240,7 @@ public final class StateStore: Sendable {
     }
 
     /// Forgets a VM's row and everything allocated to it.
-    private func deleteVMRow(_ db: any SQLTransaction, _ id: String) throws {
+    func deleteVMRow(_ db: any SQLTransaction, _ id: String) throws {
         try db.execute("DELETE FROM vm WHERE id = ?", [id])
         try db.execute("DELETE FROM hostport WHERE vm = ?", [id])
         try db.execute("DELETE FROM address WHERE vm = ?", [id])
@@ -681,7 +681,7 @@ public final class StateStore: Sendable {
 
     // MARK: - Rows
 
-    private func insertJournal(
+    func insertJournal(
         _ db: any SQLTransaction, operation: String, pool: String, vm: String?, template: String?
     ) throws -> Int64 {
         try db.insertReturningID(
@@ -689,7 +689,7 @@ public final class StateStore: Sendable {
             [operation, pool, vm, template, Date().timeIntervalSince1970, getpid(), host])
     }
 
-    private func closeJournal(
+    func closeJournal(
         _ db: any SQLTransaction, _ id: Int64, outcome: JournalEntry.Outcome, error: String?
     ) throws {
         try db.execute(
@@ -706,7 +706,7 @@ public final class StateStore: Sendable {
     /// Writes a VM's row. Its lease is written when the row is new, and otherwise only by
     /// `lease` and `release`: a pass that read the VM before a lease took it cannot undo the
     /// lease by writing what it read.
-    private func upsertVM(_ db: any SQLTransaction, _ r: VMRecord) throws {
+    func upsertVM(_ db: any SQLTransaction, _ r: VMRecord) throws {
         try db.execute(
             """
             INSERT INTO vm (id, pool, state, boot, vcpus, memoryMiB, maxVcpus, maxMemoryMiB, kernel,

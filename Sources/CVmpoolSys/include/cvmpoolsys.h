@@ -76,6 +76,8 @@ int vmpool_tap_open(const char *name);
 /// A memfd (close-on-exec) of the same size as the file open on `fd` holding a copy of its
 /// data; the file's holes stay holes (no memory). -1 with errno set.
 int vmpool_memfd_copy_sparse(int fd, const char *name);
+/// Copies what is left of `in` to `out` (copy_file_range, else through a buffer); bytes copied, or -1.
+long long vmpool_copy_file(int in, int out);
 
 /// renameat2(..., RENAME_NOREPLACE): fails with EEXIST instead of replacing what is at `newpath`.
 int vmpool_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
