@@ -59,6 +59,9 @@ extension QemuDriver: ForkAccess {
             return results
         }
         phases.mark("forks")
+        logger.debug(
+            "fork phases: \(PhaseClock.describe(snapshot.phases + phases.phases)); paused \(snapshot.pause.milliseconds)ms",
+            metadata: ["vm": "\(source.vm.id)"])
         // The forks hold the memory file mapped and their disks' layers open: the names can go.
         try? await deleteTemplate(id: id)
         return ForkOutcome(pause: snapshot.pause, vms: results, phases: snapshot.phases + phases.phases)
