@@ -38,6 +38,8 @@ struct HelpTests {
                   lease                   Take one ready VM of a pool for yourself alone; the
                                           pool refills.
                   release                 End leases: stop the leased VMs.
+                  fork                    Copy a running leased VM, memory, disks and devices,
+                                          into new leased VMs.
                   exec                    Run a command in a VM through its guest agent.
                   cp                      Copy files or directories between the host and a VM
                                           (VM:PATH on one side).

@@ -12,6 +12,10 @@ public struct Sandbox {
     /// `vmpool ARGS --state-dir STATE`.
     @discardableResult
     public func run(_ arguments: String..., environment: [String: String] = [:]) throws -> CommandResult {
+        try run(arguments, environment: environment)
+    }
+
+    public func run(_ arguments: [String], environment: [String: String] = [:]) throws -> CommandResult {
         try binary.run(arguments + ["--state-dir", state], environment: environment)
     }
 
