@@ -147,8 +147,14 @@ extension QemuDriver: ForkAccess {
         try control.execute("stop")
         do throws(DriverError) {
             try control.execute("migrate", ["uri": "fd:vmpool-fork"])
-            try origin.waitForMigration(control, timeout: .seconds(120))
+            let migrated = try origin.waitForMigration(control, timeout: .seconds(120))
             phases.mark("migrate")
+            let sent = (migrated.ram?.transferred ?? 0) >> 20
+            let whole = migrated.ram?.normal ?? 0
+            let zero = migrated.ram?.duplicate ?? 0
+            logger.debug(
+                "fork migration: \(sent) MiB sent, \(whole) pages whole, \(zero) zero, \(migrated.totalTime ?? 0) ms in QEMU",
+                metadata: ["vm": "\(source.vm.id)"])
             // Migrated, the source's disks are flushed and let go of until it runs again.
             for disk in source.shape.disks {
                 try Self.copyFile(

@@ -177,10 +177,21 @@ struct MemorySizeSummary: Decodable {
 struct MigrationInfo: Decodable {
     var status: String?
     var errorDesc: String?
+    /// Milliseconds from the start, once completed.
+    var totalTime: Int?
+    var ram: RAM?
+
+    /// What went of the RAM: pages sent whole (`normal`) and zero pages sent as a mark (`duplicate`).
+    struct RAM: Decodable {
+        var transferred: Int?
+        var normal: Int?
+        var duplicate: Int?
+    }
 
     enum CodingKeys: String, CodingKey {
-        case status
+        case status, ram
         case errorDesc = "error-desc"
+        case totalTime = "total-time"
     }
 }
 

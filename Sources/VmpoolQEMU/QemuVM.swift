@@ -623,13 +623,14 @@ struct QemuVM {
         try agent.hello(identity: identity, timeout: .seconds(10))
     }
 
-    func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) {
+    @discardableResult
+    func waitForMigration(_ qmp: QMPClient, timeout: Duration) throws(DriverError) -> MigrationInfo {
         let deadline = ContinuousClock.now + timeout
         while true {
             let info = try qmp.execute("query-migrate", returning: MigrationInfo.self)
             switch info.status {
             case "completed":
-                return
+                return info
             case "failed", "cancelled":
                 throw DriverError(
                     .protocolError, "saving the VM failed: \(info.errorDesc ?? "unknown reason")", vm: id)
