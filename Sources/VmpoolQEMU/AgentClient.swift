@@ -170,8 +170,9 @@ final class AgentClient {
 }
 
 /// The host-side lock of a channel that serves one client at a time: vmpool processes take it
-/// before connecting, so they queue instead of stealing each other's connection.
-final class ChannelLock {
+/// before connecting, so they queue instead of stealing each other's connection. Taken on one
+/// thread and released on another, never used from two at once.
+final class ChannelLock: @unchecked Sendable {
     private var fd: Int32
 
     /// `name` says what the lock guards, for messages ("the VM's console").

@@ -71,6 +71,18 @@ public struct VMUsers: Sendable {
             .limitExceeded, "every uid of \(user)'s subordinate range (\(count)) is in use by a VM", vm: vm)
     }
 
+    /// Whether a process holds `uid`'s lock: a VM runs as it, or is being started as it.
+    static func isHeld(_ uid: uid_t) -> Bool {
+        let fd = open(lockDirectory + "/\(uid)", O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        if flock(fd, LOCK_SH | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return false
+        }
+        return errno == EWOULDBLOCK
+    }
+
     /// The owners of every process (the owner of /proc/PID).
     static func uidsInUse() -> Set<uid_t> {
         var uids: Set<uid_t> = []

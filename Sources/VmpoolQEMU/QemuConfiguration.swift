@@ -122,6 +122,11 @@ struct QemuPaths: Sendable {
     /// the previous part).
     func consoleLog(_ id: String) -> String { vmDirectory(id) + "/console.log" }
     func pidFile(_ id: String) -> String { vmDirectory(id) + "/pid" }
+    /// Held while a VM's uid is made known and its cgroup made, and while a pass looks for
+    /// VMs, writes the walls and sweeps the cgroups: neither sees the other halfway.
+    var launchLock: String { stateDirectory + "/launch.lock" }
+    /// The uid a VM runs as and its id, written before its process starts.
+    func uidFile(_ id: String) -> String { vmDirectory(id) + "/uid" }
 
     /// The sockets vmpool listens on for the VM's QEMU, which serves them on the descriptors it inherits.
     func sockets(_ id: String) -> [String] {

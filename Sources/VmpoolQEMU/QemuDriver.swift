@@ -515,8 +515,15 @@ public final class QemuDriver: HypervisorDriver {
                 "nftables (nft) is not installed: the network walls around VMs need it (apt install nftables;"
                     + " VMPOOL_WALLS=0 runs VMs without any walls)")
         }
+        // No launch makes its uid known or its cgroup meanwhile (forks launch without the lock).
+        let launchLock = try await Blocking.run { () throws(DriverError) -> ChannelLock in
+            try ChannelLock(
+                path: self.paths.launchLock, name: "the state dir's launch lock", until: .now + .seconds(60), vm: nil)
+        }
+        defer { launchLock.release() }
         let live = await discover()
-        if policies.isEmpty && live.isEmpty {
+        let starting = startingVMs(users).filter { vm in !live.contains { $0.id == vm.id } }
+        if policies.isEmpty && live.isEmpty && starting.isEmpty {
             // Nothing left to wall in: the tables go, so that removed state dirs leave no rules.
             try await Blocking.run { () throws(DriverError) in try walls.apply(walls.removal) }
             return
@@ -525,17 +532,14 @@ public final class QemuDriver: HypervisorDriver {
             members.map { ($0.id, $0.network?.address) }, uniquingKeysWith: { first, _ in first })
         let state = NetworkWalls.State(
             policies: policies,
-            members: live.compactMap { vm in
-                guard let pid = vm.pid, let uid = QemuProcess.owner(pid), users.contains(uid),
-                    let pool = VMID.pool(of: vm.id)
-                else {
-                    return nil
-                }
-                let tap = NetworkAssignment.tapName(for: vm.id)
-                return NetworkWalls.Member(
-                    uid: uid, pool: pool, tap: HostNetwork.linkExists(tap) ? tap : nil, address: addresses[vm.id] ?? nil
-                )
-            }, bridges: bridges, resolvers: NetworkWalls.resolvers())
+            members: (live.map { vm in (vm.id, vm.pid.flatMap(QemuProcess.owner)) } + starting.map { ($0.id, $0.uid) })
+                .compactMap { id, uid in
+                    guard let uid, users.contains(uid), let pool = VMID.pool(of: id) else { return nil }
+                    let tap = NetworkAssignment.tapName(for: id)
+                    return NetworkWalls.Member(
+                        uid: uid, pool: pool, tap: HostNetwork.linkExists(tap) ? tap : nil,
+                        address: addresses[id] ?? nil)
+                }, bridges: bridges, resolvers: NetworkWalls.resolvers())
         try await Blocking.run { () throws(DriverError) in try walls.apply(walls.script(state)) }
         // Each VM's cgroup: the pool's limits now (a change applies in place), its vCPUs after
         // a hotplug; the cgroups of VMs that are gone (a crash) go.
@@ -552,8 +556,26 @@ public final class QemuDriver: HypervisorDriver {
                             shape, member.mapsTemplate ? .clonePrivate("") : .anonymous,
                             limits[member.pool] ?? ResourceLimits()))
                 }
-                sized.sweep(alive: Set(live.map(\.id)), kill: true)
+                sized.sweep(alive: Set(live.map(\.id) + starting.map(\.id)), kill: true)
             }
+        }
+    }
+
+    /// VMs being started now, by another vmpool as the case may be (a fork takes no lock):
+    /// their uid is held, their process not yet found by `discover`.
+    func startingVMs(_ users: VMUsers) -> [(id: String, uid: uid_t)] {
+        let dirs = (try? FileManager.default.contentsOfDirectory(atPath: paths.runRoot)) ?? []
+        return dirs.compactMap { dir in
+            guard let text = try? String(contentsOfFile: paths.runRoot + "/" + dir + "/uid", encoding: .utf8)
+            else { return nil }
+            let fields = text.split(separator: " ")
+            guard fields.count == 2, let uid = uid_t(fields[0]), users.contains(uid), VMUsers.isHeld(uid) else {
+                return nil
+            }
+            let id = fields[1].trimmingCharacters(in: .whitespacesAndNewlines)
+            // The file is in the VM's own run dir, named by its id: another name is not believed.
+            guard paths.vmDirectory(id) == paths.runRoot + "/" + dir else { return nil }
+            return (id, uid)
         }
     }
 

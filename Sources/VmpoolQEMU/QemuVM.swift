@@ -325,11 +325,18 @@ struct QemuVM {
         }
         var plan = LaunchPlan()
         defer { plan.closeAll() }
+        var launchLock: ChannelLock?
+        defer { launchLock?.release() }
         if case .users(let users) = confinement {
+            launchLock = try ChannelLock(
+                path: paths.launchLock, name: "the state dir's launch lock", until: .now + .seconds(60), vm: id)
             let user = try users.claim(for: id)
             plan.user = user
             // Held by the VM's process for its life: the uid is its own until it exits.
             _ = plan.pass(user.lock)
+            // Whose uid it is, while it is held: a pass that rewrites the walls or sweeps the
+            // cgroups meanwhile (a fork starts VMs without the state dir lock) keeps this VM's.
+            try? "\(user.uid) \(id)\n".write(toFile: paths.uidFile(id), atomically: false, encoding: .utf8)
         }
         if case .tap(let name, let bridge) = machine.nic?.backend {
             try HostNetwork.createTap(name, bridge: bridge, vm: id, user: plan.user.map { "\($0.uid)" })
@@ -356,6 +363,7 @@ struct QemuVM {
             )
             plan.cgroupProcs = cgroup!.procsDescriptors
         }
+        launchLock?.release()
         plan.log = Glibc.open(paths.qemuLog(id), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard let binary = QemuProcess.resolve(configuration.binary) else {
             throw DriverError(

@@ -128,6 +128,47 @@ struct ForkTests {
         #expect(box.qemuProcesses().count == 2)
     }
 
+    /// Forks start without the state dir lock: a service passing every half second meanwhile
+    /// (writing the walls, sweeping the cgroups of VMs it does not see running) must neither
+    /// kill a fork halfway nor leave it out of the walls.
+    @Test func forksBesideARunningServiceAllStartBehindTheWalls() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        let source = try setUp(box)
+        let service = try RunningCommand(
+            path: box.binary.path, arguments: ["reconcile", "--every", "500ms", "--state-dir", box.state],
+            environment: box.binary.environment.merging(["VMPOOL_STANDBY": "0"]) { $1 })
+        defer {
+            service.kill(SIGTERM)
+            _ = service.wait()
+        }
+        let walls = "vmpool_" + QemuPaths.hash(URL(fileURLWithPath: box.state).standardizedFileURL.path, hexDigits: 12)
+        var made = 0
+        for round in 0..<4 {
+            let forked = try box.run(["fork", source, "--count", "2"])
+            #expect(forked.status == 0, "round \(round): \(forked.stderr)")
+            let forks = forked.stdout.split(separator: "\n").map(String.init)
+            made += forks.count
+            // Each fork's uid is in the walls' map the moment fork returns (as root: VMs are
+            // walled only there).
+            guard geteuid() == 0 else {
+                _ = try box.run(["release"] + forks)
+                continue
+            }
+            let map = try RunningCommand(
+                path: "/usr/sbin/nft", arguments: ["list", "map", "inet", walls, "vm_uids"], environment: [:]
+            ).wait().stdout
+            for vm in try box.vms() where forks.contains(vm["id"] as? String ?? "") {
+                let pid = try #require(vm["pid"] as? Int)
+                let uid = try #require(QemuProcess.owner(Int32(pid)))
+                #expect(
+                    map.contains("\(uid) :"), "round \(round): \(vm["id"] ?? "") (uid \(uid)) is not walled: \(map)")
+            }
+            _ = try box.run(["release"] + forks)
+        }
+        #expect(made == 8)
+    }
+
     /// SIGKILL of `fork` at instants spread over its run; after one `reconcile` every QEMU is a
     /// recorded VM's and every record's VM runs, no snapshot or helper is left, no journal
     /// entry is open, and the source answers.
