@@ -2,24 +2,29 @@ import Foundation
 import VmpoolArchive
 import VmpoolDriver
 
+/// Why a copy failed, in the words a user reads; nothing was copied.
+public struct CopyFailure: Error, CustomStringConvertible, Sendable {
+    public let description: String
+}
+
 /// A copy between the host and a guest as one tar stream through the guest agent. The guest
 /// side is its own `tar` under a short `sh` script (busybox or GNU, both images have them); the
 /// host side is Swift: `TreeArchiver` writes the stream into the guest, `SafeExtractor` reads
 /// the stream out of it without trusting a byte of it. Both directions are all or nothing.
-enum CopyTransfer {
+public enum CopyTransfer {
     /// Copies the host's `source` (a file, directory or symlink) to `path` in the guest. The copy
     /// stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
-    static func toGuest(
+    public static func toGuest(
         _ access: any GuestAccess, _ vm: VMRef, from source: String, path: String, interrupt: Int32 = -1
     ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let local = URL(fileURLWithPath: source).standardizedFileURL
         guard local.path != "/" else {
-            throw CommandFailure(description: "copying the host's root directory is not supported; name a directory")
+            throw CopyFailure(description: "copying the host's root directory is not supported; name a directory")
         }
         let archiver: TreeArchiver
         do { archiver = try TreeArchiver(path: local.path, display: source) } catch {
-            throw CommandFailure(description: "\(error.message); nothing was copied")
+            throw CopyFailure(description: "\(error.message); nothing was copied")
         }
         let name = local.lastPathComponent
         let target = GuestPath(path)
@@ -76,29 +81,29 @@ enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied")
         }
         if case .failure(let error as ArchiveError) = writerResult, error.code != .streamClosed {
-            throw CommandFailure(
+            throw CopyFailure(
                 description: error.code == .cancelled
                     ? "interrupted; nothing was copied" : "\(error.message); nothing was copied")
         }
         let result = try outcome.get()
         if let failure = CopyErrors.receive(result, output: text, path: target.path) {
-            throw CommandFailure(description: failure)
+            throw CopyFailure(description: failure)
         }
         return (try? writerResult.get()) ?? []
     }
 
     /// Copies `path` in the guest (a file, directory or symlink) to the host's `destination`. The
     /// copy stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
-    static func fromGuest(
+    public static func fromGuest(
         _ access: any GuestAccess, _ vm: VMRef, path: String, to destination: String, interrupt: Int32 = -1
     ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let remote = GuestPath(path)
         guard remote.path != "/" else {
-            throw CommandFailure(
+            throw CopyFailure(
                 description: "copying the guest's root directory is not supported; name a directory under it")
         }
         let place = try hostPlace(destination, name: remote.name)
@@ -106,7 +111,7 @@ enum CopyTransfer {
         do {
             extractor = try SafeExtractor(
                 directory: place.directory, name: place.name, requested: Array(remote.name.utf8))
-        } catch { throw CommandFailure(description: "\(error.message); nothing was copied") }
+        } catch { throw CopyFailure(description: "\(error.message); nothing was copied") }
         let box = ExtractorBox(extractor)
         defer { extractor.discard() }
         let stream = try StreamPipe.make()
@@ -156,30 +161,30 @@ enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied")
         }
         let archiveError = { () -> ArchiveError? in
             if case .failure(let error as ArchiveError) = extracted { return error }
             return nil
         }()
         if let error = archiveError, error.code == .cancelled {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied")
         }
         if let error = archiveError, error.code != .truncated {
-            throw CommandFailure(description: CopyErrors.refused(error, path: path))
+            throw CopyFailure(description: CopyErrors.refused(error, path: path))
         }
         let result = try outcome.get()
         if let failure = CopyErrors.send(result, output: text, path: path) {
-            throw CommandFailure(description: failure)
+            throw CopyFailure(description: failure)
         }
         if let error = archiveError {
-            throw CommandFailure(
+            throw CopyFailure(
                 description:
                     "the copy of \(remote.path) from the guest ended early: \(error.message); nothing was copied")
         }
         try extracted.get()
         do { try extractor.commit() } catch let error as ArchiveError {
-            throw CommandFailure(description: "\(error.message); nothing was copied")
+            throw CopyFailure(description: "\(error.message); nothing was copied")
         }
         return extractor.warnings
     }
@@ -192,7 +197,7 @@ enum CopyTransfer {
             return (destination, name)
         }
         if destination.hasSuffix("/") {
-            throw CommandFailure(description: "no such directory on the host: \(destination); nothing was copied")
+            throw CopyFailure(description: "no such directory on the host: \(destination); nothing was copied")
         }
         let parent = (destination as NSString).deletingLastPathComponent
         return (parent.isEmpty ? "." : parent, (destination as NSString).lastPathComponent)
