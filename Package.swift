@@ -64,12 +64,13 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
-        // The long-running service's HTTP side: the lease API and Prometheus metrics.
+        // The long-running service's HTTP side: the lease API, commands and files in leased VMs,
+        // and Prometheus metrics.
         .target(
             name: "VmpoolService",
             dependencies: [
-                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "CVmpoolSys",
-                .product(name: "Hummingbird", package: "hummingbird"),
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "VmpoolArchive", "VmpoolCopy",
+                "CVmpoolSys", .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

@@ -4,7 +4,36 @@ import VmpoolDriver
 
 /// Why a copy failed, in the words a user reads; nothing was copied.
 public struct CopyFailure: Error, CustomStringConvertible, Sendable {
+    /// Stable failure kinds, for callers that answer each its own way (the HTTP API's status).
+    public struct Code: Hashable, Sendable {
+        private enum Kind: Hashable, Sendable {
+            case missing, conflict, unsupported, interrupted, refused, failed
+        }
+        private let kind: Kind
+        private init(_ kind: Kind) { self.kind = kind }
+
+        /// The path to copy, or the directory to copy into, does not exist.
+        public static let missing = Code(.missing)
+        /// What is at the destination stands in the way (a directory, a file where a directory
+        /// is needed).
+        public static let conflict = Code(.conflict)
+        /// The copy is not one vmpool makes (a root directory).
+        public static let unsupported = Code(.unsupported)
+        /// Stopped by a signal or a caller that went away.
+        public static let interrupted = Code(.interrupted)
+        /// The guest's stream broke the extractor's rules.
+        public static let refused = Code(.refused)
+        /// Anything else: the guest's tools failed (no space, permission denied), the host's I/O.
+        public static let failed = Code(.failed)
+    }
+
     public let description: String
+    public let code: Code
+
+    init(description: String, code: Code = .failed) {
+        self.description = description
+        self.code = code
+    }
 }
 
 /// A copy between the host and a guest as one tar stream through the guest agent. The guest
@@ -20,7 +49,8 @@ public enum CopyTransfer {
         signal(SIGPIPE, SIG_IGN)
         let local = URL(fileURLWithPath: source).standardizedFileURL
         guard local.path != "/" else {
-            throw CopyFailure(description: "copying the host's root directory is not supported; name a directory")
+            throw CopyFailure(
+                description: "copying the host's root directory is not supported; name a directory", code: .unsupported)
         }
         let archiver: TreeArchiver
         do { archiver = try TreeArchiver(path: local.path, display: source) } catch {
@@ -81,16 +111,16 @@ public enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CopyFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         if case .failure(let error as ArchiveError) = writerResult, error.code != .streamClosed {
-            throw CopyFailure(
-                description: error.code == .cancelled
-                    ? "interrupted; nothing was copied" : "\(error.message); nothing was copied")
+            throw error.code == .cancelled
+                ? CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
+                : CopyFailure(description: "\(error.message); nothing was copied")
         }
         let result = try outcome.get()
         if let failure = CopyErrors.receive(result, output: text, path: target.path) {
-            throw CopyFailure(description: failure)
+            throw CopyFailure(description: failure, code: CopyErrors.code(result, output: text))
         }
         return (try? writerResult.get()) ?? []
     }
@@ -104,7 +134,8 @@ public enum CopyTransfer {
         let remote = GuestPath(path)
         guard remote.path != "/" else {
             throw CopyFailure(
-                description: "copying the guest's root directory is not supported; name a directory under it")
+                description: "copying the guest's root directory is not supported; name a directory under it",
+                code: .unsupported)
         }
         let place = try hostPlace(destination, name: remote.name)
         let extractor: SafeExtractor
@@ -161,21 +192,23 @@ public enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CopyFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         let archiveError = { () -> ArchiveError? in
             if case .failure(let error as ArchiveError) = extracted { return error }
             return nil
         }()
         if let error = archiveError, error.code == .cancelled {
-            throw CopyFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         if let error = archiveError, error.code != .truncated {
-            throw CopyFailure(description: CopyErrors.refused(error, path: path))
+            throw CopyFailure(
+                description: CopyErrors.refused(error, path: path),
+                code: error.code == .hostIO || error.code == .exists ? .failed : .refused)
         }
         let result = try outcome.get()
         if let failure = CopyErrors.send(result, output: text, path: path) {
-            throw CopyFailure(description: failure)
+            throw CopyFailure(description: failure, code: CopyErrors.code(result, output: text))
         }
         if let error = archiveError {
             throw CopyFailure(
@@ -197,7 +230,8 @@ public enum CopyTransfer {
             return (destination, name)
         }
         if destination.hasSuffix("/") {
-            throw CopyFailure(description: "no such directory on the host: \(destination); nothing was copied")
+            throw CopyFailure(
+                description: "no such directory on the host: \(destination); nothing was copied", code: .missing)
         }
         let parent = (destination as NSString).deletingLastPathComponent
         return (parent.isEmpty ? "." : parent, (destination as NSString).lastPathComponent)
@@ -397,6 +431,16 @@ enum CopyErrors {
         }
         if let reason = reason(output) { return "\(reason) in the guest, reading \(path)\(detail(output))" }
         return "reading \(path) in the guest failed\(detail(output))"
+    }
+
+    /// The kind of a failure `receive` or `send` put in words.
+    static func code(_ outcome: ExecOutcome, output: String) -> CopyFailure.Code {
+        guard case .exited = outcome, let (what, _) = tagged(output) else { return .failed }
+        switch what {
+        case "missing": return .missing
+        case "notdir", "exists": return .conflict
+        default: return .failed
+        }
     }
 
     /// A guest command that did not run or was killed.
