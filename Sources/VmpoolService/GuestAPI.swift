@@ -124,7 +124,9 @@ extension APIServer {
                 .badRequest,
                 given.isEmpty ? "path: give the guest path, ?path=/PATH" : "path: give one guest path, not several")
         }
-        guard path.hasPrefix("/"), !path.contains("\0"), path.unicodeScalars.count <= GuestLimits.path else {
+        guard path.utf8.first == UInt8(ascii: "/"), !path.utf8.contains(0),
+            path.unicodeScalars.count <= GuestLimits.path
+        else {
             throw APIFailure(
                 .badRequest, "path: expected an absolute guest path (up to 4096 characters, no NUL), got \"\(path)\"")
         }
@@ -337,7 +339,7 @@ struct ExecCall {
         else {
             throw APIFailure(.badRequest, "argv: expected a non-empty array of strings (the command and its arguments)")
         }
-        if words.contains(where: { $0.contains("\0") }) {
+        if words.contains(where: { $0.utf8.contains(0) }) {
             throw APIFailure(.badRequest, "argv: NUL is not allowed in a command or an argument")
         }
         var environment: [String: String] = [:]
@@ -347,7 +349,7 @@ struct ExecCall {
             else {
                 throw APIFailure(.badRequest, #"env: expected an object of strings like {"LANG": "C"}"#)
             }
-            if pairs.values.contains(where: { $0.contains("\0") }) {
+            if pairs.values.contains(where: { $0.utf8.contains(0) }) {
                 throw APIFailure(.badRequest, "env: NUL is not allowed in a value")
             }
             environment = pairs
@@ -355,7 +357,7 @@ struct ExecCall {
         self.environment = environment
         var directory: String?
         if let value = fields["workdir"] {
-            guard let text = value as? String, !text.isEmpty, !text.contains("\0") else {
+            guard let text = value as? String, !text.isEmpty, !text.utf8.contains(0) else {
                 throw APIFailure(.badRequest, "workdir: expected a non-empty guest path without NUL")
             }
             directory = text
@@ -389,7 +391,10 @@ struct ExecCall {
 
     /// Why a name of `env` cannot be set: empty, or holding `=` or NUL.
     var environmentProblem: String? {
-        guard let bad = environment.keys.sorted().first(where: { $0.isEmpty || $0.contains("=") || $0.contains("\0") })
+        guard
+            let bad = environment.keys.sorted().first(where: {
+                $0.isEmpty || $0.utf8.contains(UInt8(ascii: "=")) || $0.utf8.contains(0)
+            })
         else { return nil }
         return "env: \"\(bad)\" cannot name a variable (a name is not empty and holds no = and no NUL)"
     }
