@@ -139,10 +139,10 @@ extension APIServer {
     /// nothing privileged.
     func putFiles(_ request: Request, context: APIRequestContext, vm id: String) async throws -> Response {
         let path = try Self.guestPath(request)
-        let (access, record) = try await leasedGuest(id)
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > GuestLimits.upload {
             throw APIFailure(.contentTooLarge, "the archive is larger than 1 GiB; nothing was copied")
         }
+        let (access, record) = try await leasedGuest(id)
         let scratch = try Scratch(in: leases.stateDirectory)
         defer { scratch.remove() }
         let archive = scratch.path + "/upload.tar"

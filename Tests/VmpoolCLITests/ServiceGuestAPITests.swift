@@ -12,8 +12,23 @@ struct ServiceGuestAPITests {
         let box = Sandbox()
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
+        // What a service that crashed mid-copy left is removed by the next one; what a live
+        // service's request holds is not.
+        let scratch = box.state + "/api-files"
+        let exited = try RunningCommand(path: "/bin/true", arguments: [], environment: [:])
+        _ = exited.wait()
+        let dead = scratch + "/\(exited.pid)-crashed"
+        let live = scratch + "/\(getpid())-running"
+        for directory in [dead + "/tree/sub", live + "/tree"] {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        }
+        #expect(FileManager.default.createFile(atPath: dead + "/upload.tar", contents: Data("x".utf8)))
+        chmod(dead + "/tree/sub", 0o500)
         let service = try APIService(box)
         defer { service.stop() }
+        #expect(!FileManager.default.fileExists(atPath: dead), "a crashed service's files are removed")
+        #expect(FileManager.default.fileExists(atPath: live + "/tree"), "a live service's files are kept")
+        try FileManager.default.removeItem(atPath: live)
         let http = try service.connect()
         let lease = try http.request("POST", "/v1/pools/web/leases", body: #"{"holder":"guest-tests"}"#)
         #expect(lease.status == 201, "\(lease.text)")
@@ -44,6 +59,12 @@ struct ServiceGuestAPITests {
             #expect(response.status == 400, "\(body): \(response.status) \(response.text)")
             #expect(error.contains(field), "\(body): the error names \(field): \(error)")
         }
+
+        // An exec request past 24 MiB is refused whole, in JSON like every error.
+        let huge = #"{"argv": ["cat"], "stdin": ""# + String(repeating: "QUFB", count: 25 << 18) + #""}"#
+        let tooLarge = try http.request("POST", "/v1/vms/\(vm)/exec", body: huge)
+        #expect(tooLarge.status == 413, "\(tooLarge.status)")
+        #expect((tooLarge.object?["error"] as? String)?.contains("24 MiB") == true, "\(tooLarge.text.prefix(200))")
 
         // A well-formed request reaches the VM, which the sim driver cannot enter.
         let valid =
@@ -82,7 +103,7 @@ struct ServiceGuestAPITests {
             #expect(response.headers["allow"] == allowed, "\(method) \(path): \(response.headers)")
         }
         // Nothing of any request is left in the state dir.
-        let scratch = (try? FileManager.default.contentsOfDirectory(atPath: box.state + "/api-files")) ?? []
-        #expect(scratch.isEmpty, "left: \(scratch)")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: scratch)) ?? []
+        #expect(left.isEmpty, "left: \(left)")
     }
 }
