@@ -274,28 +274,31 @@ extension APIServer {
             close(gone.read)
             close(gone.write)
         }
-        let watcher = Task {
-            while !Task.isCancelled {
-                if !channel.isActive {
-                    _ = write(gone.write, [UInt8(1)], 1)
-                    return
-                }
-                try? await Task.sleep(for: .milliseconds(100))
-            }
-        }
-        defer { watcher.cancel() }
         do {
-            let warnings = try await body(gone.read)
-            watcher.cancel()
-            await watcher.value
-            return warnings
+            return try await withThrowingTaskGroup(of: [String]?.self) { group in
+                group.addTask { try await body(gone.read) }
+                group.addTask {
+                    // Makes the copy's interrupt pipe readable once the connection is closed.
+                    while !Task.isCancelled {
+                        if !channel.isActive {
+                            _ = write(gone.write, [UInt8(1)], 1)
+                            break
+                        }
+                        try? await Task.sleep(for: .milliseconds(100))
+                    }
+                    return nil
+                }
+                var warnings: [String] = []
+                while let part = try await group.next() {
+                    guard let part else { continue }
+                    warnings = part
+                    group.cancelAll()
+                }
+                return warnings
+            }
         } catch let failure as CopyFailure {
-            watcher.cancel()
-            await watcher.value
             throw APIFailure(failure.code.status, failure.description)
         } catch let error as DriverError {
-            watcher.cancel()
-            await watcher.value
             throw APIFailure(.conflict, error.description)
         }
     }
