@@ -213,6 +213,22 @@ struct APIGuestTests {
         ])
         #expect(junk.status == 400, "\(String(decoding: junk.body, as: UTF8.self))")
 
+        // An upload whose client goes away halfway leaves nothing on the host.
+        let scratch = box.state + "/api-files"
+        let entries = { (try? FileManager.default.contentsOfDirectory(atPath: scratch)) ?? [] }
+        let uploader = try RunningCommand(
+            path: "/usr/bin/curl",
+            arguments: [
+                "-sS", "-o", "/dev/null", "-X", "PUT", "-H", "Expect:", "-T", "-",
+                "\(service.base)/v1/vms/\(vm)/files?path=/tmp",
+            ], environment: [:], stdin: .pipe)
+        uploader.write(String(repeating: "x", count: 32768))
+        let receiving = eventually(timeout: .seconds(30)) { !entries().isEmpty }
+        uploader.kill(SIGKILL)
+        _ = uploader.wait()
+        #expect(receiving, "the upload is kept in a private directory while it comes")
+        #expect(eventually(timeout: .seconds(30)) { entries().isEmpty }, "left: \(entries())")
+
         // The pool refills; its new VM is nobody's lease and is not entered over HTTP.
         var free: String?
         let refilled = eventuallyIgnoringErrors(timeout: .seconds(600)) {
@@ -232,7 +248,6 @@ struct APIGuestTests {
         // Released; nothing of any request is left on the host.
         let released = try service.request(["-X", "DELETE", "\(service.base)/v1/leases/\(vm)"])
         #expect(released.status == 204)
-        let scratch = (try? FileManager.default.contentsOfDirectory(atPath: box.state + "/api-files")) ?? []
-        #expect(scratch.isEmpty, "left: \(scratch)")
+        #expect(entries().isEmpty, "left: \(entries())")
     }
 }
