@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "VmpoolQEMU", targets: ["VmpoolQEMU"]),
         .library(name: "VmpoolImage", targets: ["VmpoolImage"]),
         .library(name: "VmpoolArchive", targets: ["VmpoolArchive"]),
+        .library(name: "VmpoolCopy", targets: ["VmpoolCopy"]),
         .library(name: "VmpoolOCI", targets: ["VmpoolOCI"]),
         .library(name: "VmpoolCLI", targets: ["VmpoolCLI"]),
     ],
@@ -63,12 +64,13 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
-        // The long-running service's HTTP side: the lease API and Prometheus metrics.
+        // The long-running service's HTTP side: the lease API, commands and files in leased VMs,
+        // and Prometheus metrics.
         .target(
             name: "VmpoolService",
             dependencies: [
-                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "CVmpoolSys",
-                .product(name: "Hummingbird", package: "hummingbird"),
+                "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "VmpoolArchive", "VmpoolCopy",
+                "CVmpoolSys", .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -104,6 +106,9 @@ let package = Package(
         // Tar streams for `cp`: a guest's archive read without trusting it (bounded, nothing
         // outside the destination, nothing privileged, all or nothing) and host trees written as one.
         .target(name: "VmpoolArchive", dependencies: ["CVmpoolSys"]),
+        // `cp` between the host and a guest: one tar stream through the guest agent, the guest's
+        // side a short sh script, the host's side the archive library (for the CLI and the API).
+        .target(name: "VmpoolCopy", dependencies: ["VmpoolDriver", "VmpoolArchive"]),
         // Images the user brings: an OCI or Docker image archive read without trusting it
         // (digests checked, sizes bounded, nothing outside the root), its layers applied in order
         // with whiteouts into a root tree, and that tree made a root disk (mke2fs -d, qemu-img).
@@ -121,7 +126,7 @@ let package = Package(
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
                 "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres", "VmpoolArchive",
-                "VmpoolOCI",
+                "VmpoolOCI", "VmpoolCopy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -151,7 +156,8 @@ let package = Package(
                 "VmpoolReconciler", "VmpoolSim", "VmpoolTestSupport", .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),
-        .testTarget(name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolArchive", "VmpoolTestSupport"]),
+        .testTarget(
+            name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolArchive", "VmpoolCopy", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolArchiveTests", dependencies: ["VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolOCITests", dependencies: ["VmpoolOCI", "VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(

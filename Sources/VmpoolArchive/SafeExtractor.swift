@@ -357,7 +357,7 @@ func kindAt(_ parent: Int32, _ leaf: [UInt8]) -> mode_t? {
 
 /// Removes `name` in `parent` and everything under it without following symlinks (each
 /// directory opened with O_NOFOLLOW from its parent's descriptor).
-func removeTree(_ parent: Int32, _ name: [CChar]) {
+public func removeTree(_ parent: Int32, _ name: [CChar]) {
     let fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
     guard fd >= 0 else {
         unlinkat(parent, name, 0)

@@ -277,6 +277,23 @@ public struct APIServer: Sendable {
         router.delete("/v1/leases/:vm") { _, context in
             try await release(context.parameters.get("vm") ?? "")
         }
+        router.post("/v1/vms/:vm/exec") { request, context in
+            try await Self.answering {
+                try await exec(request, context: context, vm: context.parameters.get("vm") ?? "")
+            }
+        }
+        router.put("/v1/vms/:vm/files") { request, context in
+            try await Self.answering {
+                try await putFiles(request, context: context, vm: context.parameters.get("vm") ?? "")
+            }
+        }
+        router.get("/v1/vms/:vm/files") { request, context in
+            try await Self.answering {
+                try await getFiles(request, context: context, vm: context.parameters.get("vm") ?? "")
+            }
+        }
+        // What a service that crashed mid-copy left.
+        Scratch.sweep(leases.stateDirectory)
         var configuration = ApplicationConfiguration(address: address.bindAddress, serverName: "vmpool")
         configuration.reuseAddress = true
         return Application(
@@ -426,14 +443,16 @@ struct APIRequestContext: RequestContext {
 /// Answers a method a known path does not take with 405 and `Allow`, not 404; an unknown
 /// path gets 404 with a JSON error body like every other answer.
 struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
-    /// The method each path of the API takes.
-    static func allowed(_ path: String) -> HTTPRequest.Method? {
+    /// The methods each path of the API takes.
+    static func allowed(_ path: String) -> [HTTPRequest.Method] {
         let parts = path.split(separator: "/", omittingEmptySubsequences: false)
         switch (parts.count, parts.dropFirst().first, parts.dropFirst(2).first, parts.last) {
-        case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _): return .get
-        case (5, "v1", "pools", "leases") where !parts[3].isEmpty: return .post
-        case (4, "v1", "leases", _) where !parts[3].isEmpty: return .delete
-        default: return nil
+        case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _): return [.get]
+        case (5, "v1", "pools", "leases") where !parts[3].isEmpty: return [.post]
+        case (4, "v1", "leases", _) where !parts[3].isEmpty: return [.delete]
+        case (5, "v1", "vms", "exec") where !parts[3].isEmpty: return [.post]
+        case (5, "v1", "vms", "files") where !parts[3].isEmpty: return [.get, .put]
+        default: return []
         }
     }
 
@@ -443,13 +462,16 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch let error as HTTPError where error.status == .notFound {
-            guard let method = Self.allowed(request.uri.path), method != request.method else {
+            let methods = Self.allowed(request.uri.path)
+            guard !methods.isEmpty, !methods.contains(request.method) else {
                 return try APIServer.error(
                     .notFound, "no such path: \(request.uri.path) (the API is described at /openapi.json)")
             }
+            let names = methods.map(\.rawValue).joined(separator: ", ")
+            let takes = methods.map(\.rawValue).joined(separator: " or ")
             var response = try APIServer.error(
-                .methodNotAllowed, "\(request.uri.path) takes \(method.rawValue), not \(request.method.rawValue)")
-            response.headers[.allow] = method.rawValue
+                .methodNotAllowed, "\(request.uri.path) takes \(takes), not \(request.method.rawValue)")
+            response.headers[.allow] = names
             return response
         }
     }

@@ -4,7 +4,7 @@ import VmpoolArchive
 import VmpoolDriver
 import VmpoolTestSupport
 
-@testable import VmpoolCLI
+@testable import VmpoolCopy
 
 /// The guest's side of `cp`, run here under both guests' shells and tars (busybox; dash with
 /// GNU tar), fed by vmpool's own writer: atomic, never through a symlink, plain about failures.

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CVmpoolSys
 import Foundation
+import VmpoolCopy
 import VmpoolDriver
 
 extension Vmpool {

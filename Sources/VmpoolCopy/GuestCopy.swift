@@ -2,24 +2,59 @@ import Foundation
 import VmpoolArchive
 import VmpoolDriver
 
+/// Why a copy failed, in the words a user reads; nothing was copied.
+public struct CopyFailure: Error, CustomStringConvertible, Sendable {
+    /// Stable failure kinds, for callers that answer each its own way (the HTTP API's status).
+    public struct Code: Hashable, Sendable {
+        private enum Kind: Hashable, Sendable {
+            case missing, conflict, unsupported, interrupted, refused, failed
+        }
+        private let kind: Kind
+        private init(_ kind: Kind) { self.kind = kind }
+
+        /// The path to copy, or the directory to copy into, does not exist.
+        public static let missing = Code(.missing)
+        /// What is at the destination stands in the way (a directory, a file where a directory
+        /// is needed).
+        public static let conflict = Code(.conflict)
+        /// The copy is not one vmpool makes (a root directory).
+        public static let unsupported = Code(.unsupported)
+        /// Stopped by a signal or a caller that went away.
+        public static let interrupted = Code(.interrupted)
+        /// The guest's stream broke the extractor's rules.
+        public static let refused = Code(.refused)
+        /// Anything else: the guest's tools failed (no space, permission denied), the host's I/O.
+        public static let failed = Code(.failed)
+    }
+
+    public let description: String
+    public let code: Code
+
+    init(description: String, code: Code = .failed) {
+        self.description = description
+        self.code = code
+    }
+}
+
 /// A copy between the host and a guest as one tar stream through the guest agent. The guest
 /// side is its own `tar` under a short `sh` script (busybox or GNU, both images have them); the
 /// host side is Swift: `TreeArchiver` writes the stream into the guest, `SafeExtractor` reads
 /// the stream out of it without trusting a byte of it. Both directions are all or nothing.
-enum CopyTransfer {
+public enum CopyTransfer {
     /// Copies the host's `source` (a file, directory or symlink) to `path` in the guest. The copy
     /// stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
-    static func toGuest(
+    public static func toGuest(
         _ access: any GuestAccess, _ vm: VMRef, from source: String, path: String, interrupt: Int32 = -1
     ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let local = URL(fileURLWithPath: source).standardizedFileURL
         guard local.path != "/" else {
-            throw CommandFailure(description: "copying the host's root directory is not supported; name a directory")
+            throw CopyFailure(
+                description: "copying the host's root directory is not supported; name a directory", code: .unsupported)
         }
         let archiver: TreeArchiver
         do { archiver = try TreeArchiver(path: local.path, display: source) } catch {
-            throw CommandFailure(description: "\(error.message); nothing was copied")
+            throw CopyFailure(description: "\(error.message); nothing was copied")
         }
         let name = local.lastPathComponent
         let target = GuestPath(path)
@@ -76,37 +111,38 @@ enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         if case .failure(let error as ArchiveError) = writerResult, error.code != .streamClosed {
-            throw CommandFailure(
-                description: error.code == .cancelled
-                    ? "interrupted; nothing was copied" : "\(error.message); nothing was copied")
+            throw error.code == .cancelled
+                ? CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
+                : CopyFailure(description: "\(error.message); nothing was copied")
         }
         let result = try outcome.get()
         if let failure = CopyErrors.receive(result, output: text, path: target.path) {
-            throw CommandFailure(description: failure)
+            throw CopyFailure(description: failure, code: CopyErrors.code(result, output: text))
         }
         return (try? writerResult.get()) ?? []
     }
 
     /// Copies `path` in the guest (a file, directory or symlink) to the host's `destination`. The
     /// copy stops, leaving nothing, once `interrupt` (a signal pipe; -1: none) is readable.
-    static func fromGuest(
+    public static func fromGuest(
         _ access: any GuestAccess, _ vm: VMRef, path: String, to destination: String, interrupt: Int32 = -1
     ) async throws -> [String] {
         signal(SIGPIPE, SIG_IGN)
         let remote = GuestPath(path)
         guard remote.path != "/" else {
-            throw CommandFailure(
-                description: "copying the guest's root directory is not supported; name a directory under it")
+            throw CopyFailure(
+                description: "copying the guest's root directory is not supported; name a directory under it",
+                code: .unsupported)
         }
         let place = try hostPlace(destination, name: remote.name)
         let extractor: SafeExtractor
         do {
             extractor = try SafeExtractor(
                 directory: place.directory, name: place.name, requested: Array(remote.name.utf8))
-        } catch { throw CommandFailure(description: "\(error.message); nothing was copied") }
+        } catch { throw CopyFailure(description: "\(error.message); nothing was copied") }
         let box = ExtractorBox(extractor)
         defer { extractor.discard() }
         let stream = try StreamPipe.make()
@@ -156,30 +192,32 @@ enum CopyTransfer {
         }
         let text = String(decoding: (try? await guestOutput) ?? [], as: UTF8.self)
         if Task.isCancelled || interrupted {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         let archiveError = { () -> ArchiveError? in
             if case .failure(let error as ArchiveError) = extracted { return error }
             return nil
         }()
         if let error = archiveError, error.code == .cancelled {
-            throw CommandFailure(description: "interrupted; nothing was copied")
+            throw CopyFailure(description: "interrupted; nothing was copied", code: .interrupted)
         }
         if let error = archiveError, error.code != .truncated {
-            throw CommandFailure(description: CopyErrors.refused(error, path: path))
+            throw CopyFailure(
+                description: CopyErrors.refused(error, path: path),
+                code: error.code == .hostIO || error.code == .exists ? .failed : .refused)
         }
         let result = try outcome.get()
         if let failure = CopyErrors.send(result, output: text, path: path) {
-            throw CommandFailure(description: failure)
+            throw CopyFailure(description: failure, code: CopyErrors.code(result, output: text))
         }
         if let error = archiveError {
-            throw CommandFailure(
+            throw CopyFailure(
                 description:
                     "the copy of \(remote.path) from the guest ended early: \(error.message); nothing was copied")
         }
         try extracted.get()
         do { try extractor.commit() } catch let error as ArchiveError {
-            throw CommandFailure(description: "\(error.message); nothing was copied")
+            throw CopyFailure(description: "\(error.message); nothing was copied")
         }
         return extractor.warnings
     }
@@ -192,7 +230,8 @@ enum CopyTransfer {
             return (destination, name)
         }
         if destination.hasSuffix("/") {
-            throw CommandFailure(description: "no such directory on the host: \(destination); nothing was copied")
+            throw CopyFailure(
+                description: "no such directory on the host: \(destination); nothing was copied", code: .missing)
         }
         let parent = (destination as NSString).deletingLastPathComponent
         return (parent.isEmpty ? "." : parent, (destination as NSString).lastPathComponent)
@@ -392,6 +431,16 @@ enum CopyErrors {
         }
         if let reason = reason(output) { return "\(reason) in the guest, reading \(path)\(detail(output))" }
         return "reading \(path) in the guest failed\(detail(output))"
+    }
+
+    /// The kind of a failure `receive` or `send` put in words.
+    static func code(_ outcome: ExecOutcome, output: String) -> CopyFailure.Code {
+        guard case .exited = outcome, let (what, _) = tagged(output) else { return .failed }
+        switch what {
+        case "missing": return .missing
+        case "notdir", "exists": return .conflict
+        default: return .failed
+        }
     }
 
     /// A guest command that did not run or was killed.
