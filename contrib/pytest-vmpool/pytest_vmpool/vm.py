@@ -56,6 +56,7 @@ class VM:
     def __init__(self, leases, record, holder):
         self._leases = leases
         self._forks = []
+        self._holder = holder  # as sent: forks are leased to it too
         self.id = record["id"]
         self.pool = record["pool"]
         self.address = record["address"]
@@ -108,8 +109,8 @@ class VM:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise VmpoolError(f"fork count must be a whole number of 1 or more, got {count!r}")
         ttl = duration(ttl, "fork ttl") if ttl is not None else self._leases.ttl
-        records = self._leases.backend.fork(self.id, count, ttl, self.holder)
-        forks = [self._leases._track(record, self.holder) for record in records]
+        records = self._leases.backend.fork(self.id, count, ttl, self._holder)
+        forks = [self._leases._track(record, self._holder) for record in records]
         self._forks.extend(forks)
         return forks
 
