@@ -23,7 +23,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-VMPOOL = os.environ.get("VMPOOL_BIN", os.path.join(ROOT, ".build/debug/vmpool"))
+VMPOOL = os.path.abspath(os.environ.get("VMPOOL_BIN", os.path.join(ROOT, ".build/debug/vmpool")))
 KERNEL = os.environ.get("VMPOOL_TEST_KERNEL")
 REQUIRED = os.environ.get("VMPOOL_REQUIRE_QEMU") == "1"
 POOL = "examples"
