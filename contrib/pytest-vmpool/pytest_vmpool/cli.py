@@ -54,7 +54,7 @@ class CliBackend:
         )
         try:
             out, err = process.communicate(stdin, timeout=timeout)
-        except BaseException:
+        except BaseException as error:
             process.send_signal(signal.SIGTERM)
             try:
                 out, _ = process.communicate(timeout=STOP_GRACE)
@@ -63,6 +63,8 @@ class CliBackend:
                 out, _ = process.communicate()
             if interrupted is not None:
                 interrupted(out)
+            if isinstance(error, subprocess.TimeoutExpired):
+                raise VmpoolError(f"{' '.join(command[1:3])} did not end within {timeout:.0f}s; stopped") from None
             raise
         return process.returncode, out, err
 

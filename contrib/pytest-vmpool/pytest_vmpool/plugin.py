@@ -96,6 +96,14 @@ def _settings(request):
     return settings
 
 
+@pytest.fixture(scope="session")
+def vmpool_leases(request):
+    """The session's leases, for fixtures of a wider scope than a test's:
+    `vmpool_leases.lease(pool, holder)` returns a VM to release when done; whatever is still
+    held when the session ends is released then."""
+    return request.config.stash[_LEASES]
+
+
 @pytest.fixture
 def vmpool_vm(request):
     """A VM leased for this test alone, released after it whatever its outcome (with the

@@ -5,6 +5,7 @@ import threading
 
 from .errors import CommandFailed, VmpoolError
 from .text import duration
+from .text import holder as clean_holder
 
 
 class Leases:
@@ -18,8 +19,13 @@ class Leases:
         self._live = {}
         self._lock = threading.Lock()
 
-    def lease(self, pool, holder, ttl=None, wait=None):
-        """A VM of `pool` leased for `holder`, waiting up to `wait` for one to be ready."""
+    def lease(self, pool, holder="pytest", ttl=None, wait=None):
+        """A VM of `pool` leased for `holder` (control characters dropped, cut to 200
+        characters), waiting up to `wait` for one to be ready; `ttl` and `wait` default to the
+        session's."""
+        if not isinstance(pool, str) or not pool:
+            raise VmpoolError(f"lease needs a pool name, got {pool!r}")
+        holder = clean_holder(holder)
         ttl = duration(ttl, "ttl") if ttl is not None else self.ttl
         wait = duration(wait, "wait") if wait is not None else self.wait
         record = self.backend.lease(pool, holder, ttl, wait)

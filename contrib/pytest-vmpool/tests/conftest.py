@@ -125,9 +125,9 @@ class Host:
         events = json.loads(self.vmpool("events", "--pool", self.pool, "-o", "json").stdout)
         return [event for event in events if event["kind"] == kind]
 
-    def ready(self):
-        pools = json.loads(self.vmpool("get", "pools", "-o", "json").stdout)
-        return pools and pools[0]["ready"] >= 1
+    def pool_status(self):
+        """The pool as `get pools -o json` shows it."""
+        return json.loads(self.vmpool("get", "pools", self.pool, "-o", "json").stdout)[0]
 
     def has_command(self, name):
         return subprocess.run([self.bin, name, "--help"], capture_output=True).returncode == 0
