@@ -88,7 +88,10 @@ class CliBackend:
             ["fork"], vm, "--count", str(count), "--ttl", ttl, "--holder", holder, "-o", "json"
         )
         code, out, err = self._run(command, interrupted=lambda out: self._give_up([out], many=True))
-        self._check(f"vmpool fork {vm}", code, err)
+        if code != 0:
+            # Some copies may have started (fork prints those and exits 1): they are given back.
+            self._give_up([out], many=True)
+            self._check(f"vmpool fork {vm}", code, err)
         try:
             return lease_records(_json(out, "vmpool fork"), "vmpool fork", count)
         except VmpoolError:
@@ -100,7 +103,7 @@ class CliBackend:
         self._check(f"vmpool release {vm}", code, err)
 
     def _give_up(self, outputs, many=False):
-        """Releases whatever an interrupted lease or fork printed before it ended."""
+        """Releases whatever an interrupted lease or a failed fork printed before it ended."""
         for out in outputs:
             try:
                 records = json.loads(out)

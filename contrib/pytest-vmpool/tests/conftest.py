@@ -27,6 +27,7 @@ VMPOOL = os.path.abspath(os.environ.get("VMPOOL_BIN", os.path.join(ROOT, ".build
 KERNEL = os.environ.get("VMPOOL_TEST_KERNEL")
 REQUIRED = os.environ.get("VMPOOL_REQUIRE_QEMU") == "1"
 POOL = "examples"
+IDLE = "idle"
 MANIFEST = f"""\
 apiVersion: vmpool/v1
 kind: Pool
@@ -37,6 +38,16 @@ spec:
   vcpus: 1
   memory: 256Mi
   boot: template
+---
+# never has a ready VM: a lease of it waits
+apiVersion: vmpool/v1
+kind: Pool
+metadata:
+  name: {IDLE}
+spec:
+  size: 0
+  vcpus: 1
+  memory: 128Mi
 """
 
 # The example module is run by the tests, as a user's suite, never collected with them.
@@ -138,7 +149,10 @@ class Host:
 
     def qemu_processes(self):
         """Live processes whose command line names this state dir's run dir."""
-        marker = (self.state + "/run/").encode()
+        return self.processes((self.state + "/run/").encode())
+
+    def processes(self, marker):
+        """Live processes whose command line holds `marker` (bytes)."""
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -164,7 +178,7 @@ class Host:
             except subprocess.TimeoutExpired:
                 self.service.kill()
                 self.service.wait()
-        deleted = self.vmpool("delete", self.pool, "--ignore-not-found", "--timeout", "300s", check=False)
+        deleted = self.vmpool("delete", self.pool, IDLE, "--ignore-not-found", "--timeout", "300s", check=False)
         left = self.qemu_processes()
         for pid in left:
             os.kill(pid, signal.SIGKILL)

@@ -20,7 +20,7 @@ def expected(outcomes, fork):
     """What every test of the example must have ended as."""
     want = {}
     for name in outcomes:
-        if name.endswith("test_interrupted"):
+        if name.endswith(("test_interrupted", "test_waiting_for_a_vm")):
             want[name] = "skipped"
         elif name.endswith("test_fork") and not fork:
             want[name] = "deselected"
@@ -84,19 +84,22 @@ def test_fork_needs_the_fork_command(host):
         pytest.skip(f"{host.bin} has no fork command: test_example.py::test_fork was not run")
 
 
+def interruptible(host, record, test):
+    """The example's `test` in a pytest of its own, started to be interrupted."""
+    command = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", os.path.join(HERE, "example", "pytest.ini"),
+        "--rootdir", os.path.join(HERE, "example"), "--vmpool-bin", host.bin, "--vmpool-state-dir", host.state,
+        "-k", test, os.path.join(HERE, "example"),
+    ]
+    env = {**os.environ, "VMPOOL_EXAMPLE_RECORD": str(record), "VMPOOL_EXAMPLE_INTERRUPT": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_interrupted_session_releases(host, tmp_path):
     """Ctrl-C in the middle of a test ends the session and still releases its VM."""
     record = tmp_path / "record"
     record.mkdir()
-    from conftest import HERE as here
-
-    command = [
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", os.path.join(here, "example", "pytest.ini"),
-        "--rootdir", os.path.join(here, "example"), "--vmpool-bin", host.bin, "--vmpool-state-dir", host.state,
-        "-k", "test_interrupted", os.path.join(here, "example"),
-    ]
-    env = {**os.environ, "VMPOOL_EXAMPLE_RECORD": str(record), "VMPOOL_EXAMPLE_INTERRUPT": "1"}
-    session = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    session = interruptible(host, record, "test_interrupted")
     try:
         vm = eventually(lambda: os.listdir(record), seconds=300, what="the test's VM")[0]
         assert any(leased["id"] == vm for leased in host.leased())
@@ -109,6 +112,24 @@ def test_interrupted_session_releases(host, tmp_path):
     assert session.returncode == 2, out  # pytest's "interrupted"
     assert "KeyboardInterrupt" in out, out
     check_released(host, [vm])
+
+
+def test_interrupted_while_leasing(host, tmp_path):
+    """Ctrl-C while a lease waits for a VM ends the session at once and leaves no vmpool
+    process waiting on behalf of a session that is gone."""
+    session = interruptible(host, tmp_path, "test_waiting_for_a_vm")
+    leasing = f"lease\0--state-dir\0{host.state}\0idle\0".encode()
+    try:
+        eventually(lambda: host.processes(leasing), seconds=120, what="vmpool lease waiting")
+        session.send_signal(signal.SIGINT)
+        out, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert session.returncode == 2, out
+    eventually(lambda: not host.processes(leasing), seconds=30, what="the waiting vmpool lease to end")
+    assert not host.leased()
 
 
 def test_no_pool_is_a_usage_error(host, tmp_path):

@@ -234,3 +234,40 @@ def test_api_fork_of_the_wrong_count_releases_what_it_got(fake):
     with pytest.raises(VmpoolError, match="1 leases for 3 asked"):
         vm.fork(count=3)
     assert ("DELETE", "/v1/leases/p-2") in [(m, p) for m, p, _, _ in Fake.requests]
+
+
+FAKE_VMPOOL = """#!/bin/sh
+# Records its arguments, one line per call, and answers as vmpool's command line does.
+printf '%s\\n' "$*" >> "$0.calls"
+case "$1" in
+lease) echo '{"id": "p-1", "pool": "p", "address": null, "ports": {}, "holder": "h", "expiresAt": null}' ;;
+fork)
+    echo '[{"id": "p-2", "pool": "p", "address": null, "ports": {}, "holder": "h", "expiresAt": null}]'
+    echo 'vmpool: a fork did not start: p-3: cannot start QEMU' >&2
+    exit 1 ;;
+exec) printf 'no such VM\\n' >&2; exit 125 ;;
+esac
+"""
+
+
+def test_cli_commands_and_a_fork_that_partly_failed(tmp_path):
+    """The command lines the plugin runs, and what it does with vmpool's failures: a fork
+    that made one copy of two gives that copy back; exec's 125 is an error, not a status."""
+    from pytest_vmpool.cli import CliBackend
+
+    fake = tmp_path / "vmpool"
+    fake.write_text(FAKE_VMPOOL)
+    fake.chmod(0o755)
+    vm = Leases(CliBackend(str(fake), "/tmp/s"), ttl="1h", wait="2m").lease("p", "pytest:t\n")
+    with pytest.raises(VmpoolError, match="vmpool fork p-1 failed: vmpool: a fork did not start"):
+        vm.fork(count=2)
+    with pytest.raises(VmpoolError, match=r"vmpool exec p-1 failed \(exit 125\): no such VM"):
+        vm.exec("true", env={"A": "1"}, timeout=5)
+    vm.release()
+    assert (tmp_path / "vmpool.calls").read_text().splitlines() == [
+        "lease --state-dir /tmp/s p --ttl 1h --wait 2m --holder pytest:t -o json",
+        "fork --state-dir /tmp/s p-1 --count 2 --ttl 1h --holder pytest:t -o json",
+        "release --state-dir /tmp/s p-2",
+        "exec --state-dir /tmp/s p-1 -e A=1 --timeout 5s -- true",
+        "release --state-dir /tmp/s p-1",
+    ]

@@ -4,7 +4,7 @@ Each test gets a fresh VM (`vmpool_vm`); pytest.ini names the pool. Every VM a t
 is recorded in VMPOOL_EXAMPLE_RECORD (a directory, one file per VM id holding the test's id),
 so that the run can be checked from outside: distinct VMs, none left leased.
 test_deliberately_failing and test_error_after_lease fail on purpose; test_interrupted runs
-only when asked (VMPOOL_EXAMPLE_INTERRUPT), to be interrupted.
+and test_waiting_for_a_vm only when asked (VMPOOL_EXAMPLE_INTERRUPT), to be interrupted.
 """
 
 import datetime
@@ -121,3 +121,10 @@ def test_error_after_lease(broken_setup):
 def test_interrupted(vm):
     """Waits for the session to be interrupted (Ctrl-C); its VM is released on the way out."""
     threading.Event().wait(600)
+
+
+@pytest.mark.skipif(not os.environ.get("VMPOOL_EXAMPLE_INTERRUPT"), reason="run to be interrupted")
+@pytest.mark.vmpool(pool="idle", wait="10m")
+def test_waiting_for_a_vm(vm):
+    """Its pool never has a ready VM: the session is interrupted while the lease waits."""
+    pytest.fail("a VM of a pool of size 0 was leased")
