@@ -9,7 +9,6 @@ destination as it was.
 """
 
 import os
-import posixpath
 import shutil
 import stat
 import tarfile
