@@ -24,6 +24,12 @@ public struct Forks: Sendable {
         /// The request itself is wrong (no such VM, not leased, not running, busy): 4xx over HTTP.
         public var isConflict: Bool
         public var isNotFound = false
+
+        public init(description: String, isConflict: Bool, isNotFound: Bool = false) {
+            self.description = description
+            self.isConflict = isConflict
+            self.isNotFound = isNotFound
+        }
     }
 
     /// What a fork made.

@@ -277,6 +277,9 @@ public struct APIServer: Sendable {
         router.delete("/v1/leases/:vm") { _, context in
             try await release(context.parameters.get("vm") ?? "")
         }
+        router.post("/v1/vms/:vm/forks") { request, context in
+            try await fork(request, context: context, vm: context.parameters.get("vm") ?? "")
+        }
         router.post("/v1/vms/:vm/exec") { request, context in
             try await Self.answering {
                 try await exec(request, context: context, vm: context.parameters.get("vm") ?? "")
@@ -450,7 +453,8 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
         case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _): return [.get]
         case (5, "v1", "pools", "leases") where !parts[3].isEmpty: return [.post]
         case (4, "v1", "leases", _) where !parts[3].isEmpty: return [.delete]
-        case (5, "v1", "vms", "exec") where !parts[3].isEmpty: return [.post]
+        case (5, "v1", "vms", "exec") where !parts[3].isEmpty, (5, "v1", "vms", "forks") where !parts[3].isEmpty:
+            return [.post]
         case (5, "v1", "vms", "files") where !parts[3].isEmpty: return [.get, .put]
         default: return []
         }

@@ -109,6 +109,53 @@ struct ServiceAPITests {
         }
     }
 
+    /// `POST /v1/vms/{vm}/forks` on the sim driver: forks of a leased VM come back shaped like
+    /// leases; a wrong body, VM or holder is refused and changes nothing.
+    @Test func forksAreMadeOverHTTP() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool(size: 2))).status == 0)
+        let service = try APIService(box)
+        defer { service.stop() }
+        let http = try service.connect()
+        let source = try #require(
+            try http.request("POST", "/v1/pools/web/leases", body: #"{"holder":"job"}"#).object?["id"] as? String)
+        let unleased = try #require(try box.vms().first { $0.value["lease"] is NSNull }?.key)
+
+        let forked = try http.request("POST", "/v1/vms/\(source)/forks", body: #"{"count": 2, "ttl": "10m"}"#)
+        #expect(forked.status == 201, "\(forked.text)")
+        let list = try #require(try JSONSerialization.jsonObject(with: forked.body) as? [[String: Any]])
+        #expect(list.count == 2)
+        #expect(list.allSatisfy { Set($0.keys) == ["id", "pool", "address", "ports", "holder", "expiresAt"] })
+        #expect(list.allSatisfy { $0["holder"] as? String == "job" && $0["expiresAt"] is String }, "\(list)")
+        let forks = Set(list.compactMap { $0["id"] as? String })
+        let rows = try box.vms()
+        #expect(forks.allSatisfy { (rows[$0]?["lease"] as? [String: Any])?["holder"] as? String == "job" })
+
+        let before = try box.vms().count
+        let refused: [(vm: String, body: String?, status: Int)] = [
+            (source, #"{"count": 0}"#, 400),
+            (source, #"{"count": 65}"#, 400),
+            (source, #"{"count": 2.5}"#, 400),
+            (source, #"{"count": true}"#, 400),
+            (source, #"{"count": "2"}"#, 400),
+            (source, #"{"ttl": "0"}"#, 400),
+            (source, #"{"holder": "a\u001b[2Jb"}"#, 400),
+            (source, #"{"color": "red"}"#, 400),
+            (source, "[1]", 400),
+            ("web-000000", nil, 404),
+            (unleased, nil, 409),
+            (source, #"{"holder": "someone-else"}"#, 409),
+        ]
+        for (vm, body, status) in refused {
+            let response = try http.request("POST", "/v1/vms/\(vm)/forks", body: body)
+            #expect(response.status == status, "\(body ?? "no body") for \(vm): \(response.status) \(response.text)")
+            #expect(response.object?["error"] is String, "an error says why: \(response.text)")
+        }
+        #expect(try box.vms().count == before, "a refused fork made nothing")
+        for fork in forks { #expect(try http.request("DELETE", "/v1/leases/\(fork)").status == 204) }
+    }
+
     @Test func aTokenFileGuardsEveryRequest() throws {
         let box = Sandbox()
         defer { box.dir.remove() }
