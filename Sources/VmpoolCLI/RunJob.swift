@@ -45,6 +45,8 @@ struct RunJob {
         var command: Duration = .zero
         var output: Duration = .zero
         var release: Duration = .zero
+        /// The last byte of the command's stdout, when it was relayed (`-o json`).
+        var lastByte: UInt8?
 
         var json: [String: JSONValue] {
             let ms = { (duration: Duration) in JSONValue.int(Int(duration.milliseconds)) }
@@ -56,6 +58,15 @@ struct RunJob {
                     "release": ms(release),
                 ]),
             ]
+        }
+
+        /// The object `-o json` prints: one line, on a line of its own after the command's output,
+        /// so that a script finds it as the last line of stdout.
+        func jsonLine() throws -> String {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            let text = String(decoding: try encoder.encode(JSONValue.object(json)), as: UTF8.self)
+            return (lastByte.map { $0 == UInt8(ascii: "\n") } ?? true ? "" : "\n") + text
         }
 
         /// Prints a failure of vmpool's own and keeps it for the report.
@@ -73,6 +84,8 @@ struct RunJob {
     let inputs: [Transfer]
     let outputs: [Transfer]
     let request: ExecRequest
+    /// Whether the command's stdout goes through vmpool (`-o json`, whose object must start a line).
+    let relaysStdout: Bool
 
     func run() async -> Report {
         var report = Report(pool: pool)
@@ -203,21 +216,34 @@ struct RunJob {
         let result: Result<ExecOutcome, any Error>
         do {
             let done = try StreamPipe.make()
-            result = await withTaskGroup(of: CopyTransfer.Part.self) { group in
+            let relay = relaysStdout ? try StreamPipe.make() : nil
+            let streams = ExecStreams(stdout: relay?.write ?? 1)
+            (result, report.lastByte) = await withTaskGroup(of: Part.self) { group in
                 group.addTask {
-                    defer { close(done.write) }
-                    return .exec(await capture { try await access.exec(record.ref, request, streams: ExecStreams()) })
+                    defer {
+                        close(done.write)
+                        if let relay { close(relay.write) }
+                    }
+                    return .exec(await capture { try await access.exec(record.ref, request, streams: streams) })
                 }
-                group.addTask { await CopyTransfer.watch(interrupt, until: done.read) }
+                group.addTask {
+                    if case .interrupted = await CopyTransfer.watch(interrupt, until: done.read) { return .interrupted }
+                    return .finished
+                }
+                if let relay {
+                    group.addTask { .relayed((try? await OffPool.run { _ in Self.relay(relay.read) }) ?? nil) }
+                }
                 var result: Result<ExecOutcome, any Error> = .failure(CancellationError())
+                var last: UInt8?
                 for await part in group {
                     switch part {
                     case .exec(let outcome): result = outcome
                     case .interrupted: group.cancelAll()
-                    default: break
+                    case .relayed(let byte): last = byte
+                    case .finished: break
                     }
                 }
-                return result
+                return (result, last)
             }
         } catch {
             report.fail(Self.describe(error))
@@ -273,6 +299,45 @@ struct RunJob {
                 report.fail("--out \(output.guest): \(Self.describe(error))")
                 if report.status == 0 { report.status = GuestCommand.vmpoolFailed }
             }
+        }
+    }
+
+    /// What one child of the command's task group reports.
+    private enum Part: Sendable {
+        case exec(Result<ExecOutcome, any Error>)
+        /// A signal came before the command ended.
+        case interrupted
+        /// The command ended first.
+        case finished
+        /// The command's stdout ended; the last byte it wrote, if any.
+        case relayed(UInt8?)
+    }
+
+    /// Copies `fd` to stdout until its end, and returns the last byte that went out, so that
+    /// `-o json`'s object starts on a line of its own. A stdout that fails is drained and
+    /// left: the command is not held up by it.
+    static func relay(_ fd: Int32) -> UInt8? {
+        defer { close(fd) }
+        var last: UInt8?
+        var failed = false
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { return last }
+            var offset = 0
+            while !failed && offset < count {
+                let written = buffer.withUnsafeBytes { write(1, $0.baseAddress! + offset, count - offset) }
+                if written >= 0 {
+                    offset += written
+                } else if errno == EAGAIN {
+                    var pfd = pollfd(fd: 1, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&pfd, 1, 100)
+                } else if errno != EINTR {
+                    failed = true
+                }
+            }
+            if !failed { last = buffer[count - 1] }
         }
     }
 

@@ -114,9 +114,10 @@ extension Vmpool {
                 ttl: ttl ?? timeout.map { $0 + Self.ttlMargin } ?? Self.defaultTTL, wait: wait ?? .zero,
                 inputs: inputs.compactMap { RunJob.Transfer(input: $0) },
                 outputs: outputs.compactMap { RunJob.Transfer(output: $0) },
-                request: ExecRequest(argv: command, environment: env, directory: workdir, timeout: timeout))
+                request: ExecRequest(argv: command, environment: env, directory: workdir, timeout: timeout),
+                relaysStdout: output == .json)
             let report = await job.run()
-            if output == .json { printOut(try JSONOutput.encode(report.json)) }
+            if output == .json { printOut(try report.jsonLine()) }
             throw ExitCode(report.status)
         }
     }
