@@ -98,6 +98,9 @@ struct RunJob {
             report.fail("cannot trap signals: \(String(cString: strerror(errno)))")
             return report
         }
+        // A reader of stdout that went away fails the command's output (it is killed), never
+        // vmpool itself: the VM is still released.
+        signal(SIGPIPE, SIG_IGN)
         let signalled: @Sendable () -> Bool = { CancelFlag(interrupt: interrupt).isCancelled }
         if let problem = preflight() {
             report.fail(problem)
@@ -314,19 +317,18 @@ struct RunJob {
     }
 
     /// Copies `fd` to stdout until its end, and returns the last byte that went out, so that
-    /// `-o json`'s object starts on a line of its own. A stdout that fails is drained and
-    /// left: the command is not held up by it.
+    /// `-o json`'s object starts on a line of its own. A stdout that fails (a reader gone)
+    /// closes `fd`: the command's next write fails, as it would on vmpool's own stdout.
     static func relay(_ fd: Int32) -> UInt8? {
         defer { close(fd) }
         var last: UInt8?
-        var failed = false
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if count < 0 && errno == EINTR { continue }
             if count <= 0 { return last }
             var offset = 0
-            while !failed && offset < count {
+            while offset < count {
                 let written = buffer.withUnsafeBytes { write(1, $0.baseAddress! + offset, count - offset) }
                 if written >= 0 {
                     offset += written
@@ -334,10 +336,10 @@ struct RunJob {
                     var pfd = pollfd(fd: 1, events: Int16(POLLOUT), revents: 0)
                     _ = poll(&pfd, 1, 100)
                 } else if errno != EINTR {
-                    failed = true
+                    return last
                 }
             }
-            if !failed { last = buffer[count - 1] }
+            last = buffer[count - 1]
         }
     }
 

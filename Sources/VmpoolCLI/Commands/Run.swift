@@ -117,7 +117,11 @@ extension Vmpool {
                 request: ExecRequest(argv: command, environment: env, directory: workdir, timeout: timeout),
                 relaysStdout: output == .json)
             let report = await job.run()
-            if output == .json { printOut(try report.jsonLine()) }
+            // A stdout whose reader is gone has already failed the command; the object is dropped.
+            if output == .json {
+                _ = try? FileHandle.standardOutput.write(
+                    contentsOf: Data((TerminalText.safe(try report.jsonLine()) + "\n").utf8))
+            }
             throw ExitCode(report.status)
         }
     }
