@@ -135,11 +135,22 @@ struct RunCommandTests {
         #expect(missing.status == 127, "exit \(missing.status): \(missing.stderr)")
         try expectReleased(box, pids: pid(of: missing, among: before), "after a command not found")
 
+        // A --in that cannot be copied: 125, the command is not run, the VM is released.
+        try refill(box)
+        before = try pids(box)
+        let badIn = try run(
+            box, "job", ["--in", hostFile + ":/no/such/dir/in.txt", "-o", "json", "--", "sh", "-c", "echo ran"])
+        #expect(badIn.status == 125, "exit \(badIn.status): \(badIn.stderr)")
+        #expect(badIn.stderr.contains("--in \(hostFile)") && badIn.stderr.contains("not run"), "\(badIn.stderr)")
+        #expect(!badIn.stdout.contains("ran"), "the command ran after a failed --in: \(badIn.stdout)")
+        try expectReleased(box, pids: pid(of: badIn, among: before), "after a --in that failed")
+
         // A --in whose source is not there fails before anything is leased; so does an empty pool.
         let vmsBefore = try box.ids()
         let absent = try run(box, "job", ["--in", box.dir.path + "/absent:/tmp/x", "--", "true"])
         #expect(absent.status == 125 && absent.stderr.contains("nothing was leased"), "\(absent.stderr)")
         #expect(try box.ids() == vmsBefore, "a refused run changed the VMs")
+        _ = try run(box, "job", ["--", "true"])
         let empty = try run(box, "job", ["-o", "json", "--", "true"])
         #expect(empty.status == 125 && empty.stderr.contains("no ready VM in pool job"), "\(empty.stderr)")
         let emptyReport = try JSONSerialization.jsonObject(with: Data(empty.stdout.utf8)) as? [String: Any]
