@@ -87,6 +87,7 @@ struct RunJob {
     /// Whether the command's stdout goes through vmpool (`-o json`, whose object must start a line).
     let relaysStdout: Bool
 
+    /// Runs the steps; the exit status is 128 + the first signal that came, if one did.
     func run() async -> Report {
         var report = Report(pool: pool)
         // SIGINT, SIGTERM and SIGHUP go into a pipe that every step watches (never read until
@@ -101,10 +102,17 @@ struct RunJob {
         // A reader of stdout that went away fails the command's output (it is killed), never
         // vmpool itself: the VM is still released.
         signal(SIGPIPE, SIG_IGN)
+        await steps(interrupt: interrupt, into: &report)
+        report.status = Self.finalStatus(report.status, interrupt: interrupt)
+        return report
+    }
+
+    /// Lease, copy in, command, copy out, release: every step after the lease ends in the release.
+    private func steps(interrupt: Int32, into report: inout Report) async {
         let signalled: @Sendable () -> Bool = { CancelFlag(interrupt: interrupt).isCancelled }
         if let problem = preflight() {
             report.fail(problem)
-            return report
+            return
         }
         let session: Session
         let access: any GuestAccess
@@ -118,7 +126,7 @@ struct RunJob {
             access = guest
         } catch {
             report.fail(Self.describe(error))
-            return report
+            return
         }
         let leases = Leases(
             store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
@@ -131,8 +139,7 @@ struct RunJob {
         } catch {
             report.lease = ContinuousClock.now - clock
             if !signalled() { report.fail(Self.describe(error)) }
-            report.status = Self.finalStatus(report.status, interrupt: interrupt)
-            return report
+            return
         }
         report.vm = record.id
         report.lease = ContinuousClock.now - clock
@@ -166,8 +173,6 @@ struct RunJob {
             if report.status == 0 { report.status = GuestCommand.vmpoolFailed }
         }
         report.release = ContinuousClock.now - clock
-        report.status = Self.finalStatus(report.status, interrupt: interrupt)
-        return report
     }
 
     /// What makes the run fail before it leases anything: a `--in` source that is not there, a

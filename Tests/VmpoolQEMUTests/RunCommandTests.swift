@@ -194,5 +194,16 @@ struct RunCommandTests {
         #expect(result.stderr.contains(vm) && result.stderr.contains("exited"), "\(result.stderr)")
         try expectReleased(box, pids: [pid], "after the VM was killed")
         #expect(!(try box.ids().contains(vm)), "the dead VM is still recorded")
+
+        // A signal while run waits for a ready VM: 128+N, and no VM is leased for it.
+        let held = try box.run(["lease", "sig", "--holder", "test"])
+        #expect(held.status == 0, "\(held.stderr)")
+        let waiting = try box.binary.start(["run", "sig", "--wait", "5m", "--state-dir", box.state, "--", "true"])
+        #expect(!waiting.exited(within: 1), "run did not wait for a VM")
+        waiting.kill(SIGTERM)
+        let ended = try #require(waiting.wait(timeout: .seconds(30)), "a waiting run did not end after SIGTERM")
+        #expect(ended.status == 143, "exit \(ended.status): \(ended.stderr)")
+        let holders = try leased(box).compactMap { ($0["lease"] as? [String: Any])?["holder"] as? String }
+        #expect(holders == ["test"], "\(holders)")
     }
 }
