@@ -42,10 +42,11 @@ extension Vmpool {
         return failure
     }
 
-    /// The status of a command line that does not parse: 125 for `exec`, whose own statuses
-    /// are the guest command's, else 1.
+    /// The status of a command line that does not parse: 125 for `exec` and `run`, whose own
+    /// statuses are the guest command's, else 1.
     static func usageFailureStatus(_ arguments: [String]) -> Int32 {
-        arguments.first == Exec.configuration.commandName ? GuestCommand.vmpoolFailed : 1
+        [Exec.configuration.commandName, Run.configuration.commandName].contains(arguments.first)
+            ? GuestCommand.vmpoolFailed : 1
     }
 }
 

@@ -12,7 +12,8 @@ public struct Vmpool: AsyncParsableCommand {
         version: "0.1.0",
         subcommands: [
             Validate.self, PlanCommand.self, Apply.self, Reconcile.self, Get.self, Describe.self, Events.self,
-            Delete.self, LeaseCommand.self, Release.self, ForkCommand.self, Exec.self, Cp.self, Logs.self, Console.self,
+            Delete.self, LeaseCommand.self, Release.self, Run.self, ForkCommand.self, Exec.self, Cp.self, Logs.self,
+            Console.self,
             Image.self,
         ]
     )

@@ -238,7 +238,7 @@ public enum CopyTransfer {
     }
 
     /// What one child of a copy's task group reports.
-    enum Part: Sendable {
+    public enum Part: Sendable {
         case exec(Result<ExecOutcome, any Error>)
         case wrote(Result<[String], any Error>)
         case extracted(Result<Void, any Error>)
@@ -251,7 +251,7 @@ public enum CopyTransfer {
     /// Waits, on a thread of its own, for `interrupt` or for `done` (closed when the guest
     /// command has ended), whichever comes first: a signal stops the copy even while the guest
     /// command is quiet and nothing reads or writes the stream. Closes `done`.
-    static func watch(_ interrupt: Int32, until done: Int32) async -> Part {
+    public static func watch(_ interrupt: Int32, until done: Int32) async -> Part {
         defer { close(done) }
         guard interrupt >= 0 else { return .finished }
         do {
@@ -272,7 +272,7 @@ private final class ExtractorBox: @unchecked Sendable {
 }
 
 /// The outcome of `body` as a value, so that a task group's children all run to their end.
-func capture<T>(_ body: () async throws -> T) async -> Result<T, any Error> {
+public func capture<T>(_ body: () async throws -> T) async -> Result<T, any Error> {
     do { return .success(try await body()) } catch { return .failure(error) }
 }
 

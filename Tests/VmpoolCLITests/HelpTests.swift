@@ -38,6 +38,8 @@ struct HelpTests {
                   lease                   Take one ready VM of a pool for yourself alone; the
                                           pool refills.
                   release                 End leases: stop the leased VMs.
+                  run                     Run one command in a fresh VM of a pool: lease it,
+                                          copy in, run, copy out, release it.
                   fork                    Copy a running leased VM, memory, disks and devices,
                                           into new leased VMs.
                   exec                    Run a command in a VM through its guest agent.
@@ -68,7 +70,8 @@ struct HelpTests {
             Vmpool.Validate.self, Vmpool.PlanCommand.self, Vmpool.Apply.self, Vmpool.Reconcile.self,
             Vmpool.Get.Pools.self, Vmpool.Get.VMs.self, Vmpool.Delete.self, Vmpool.Image.Build.self,
             Vmpool.Exec.self, Vmpool.Cp.self, Vmpool.Logs.self, Vmpool.Console.self, Vmpool.LeaseCommand.self,
-            Vmpool.Release.self, Vmpool.Describe.PoolCommand.self, Vmpool.Describe.VMCommand.self, Vmpool.Events.self,
+            Vmpool.Release.self, Vmpool.Run.self, Vmpool.Describe.PoolCommand.self, Vmpool.Describe.VMCommand.self,
+            Vmpool.Events.self,
         ] as [any ParsableCommand.Type] {
             let help = Vmpool.helpMessage(for: command, columns: 120)
             for option in [

@@ -114,6 +114,29 @@ struct SmallAnswersTests {
         #expect(try box.binary.run(["get", "vms", "--bogus"]).status == 1)
     }
 
+    @Test func runOnTheSimDriverAndItsUsageErrorsAre125AndLeaseNothing() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 1))).status == 0)
+        let leased = { try box.json("get", "vms").filter { $0["lease"] is [String: Any] } }
+        for arguments in [
+            ["run", "a", "-e", "=x", "--", "true"], ["run", "a"], ["run", "a", "--in", "nocolon", "--", "true"],
+            ["run", "a", "--out", ":/tmp/x", "--", "true"], ["run", "a", "--bogus", "--", "true"],
+            ["run", "a", "--in", box.dir.path + "/absent:/x", "--", "true"],
+        ] {
+            let result = try box.binary.run(arguments + ["--state-dir", box.state])
+            #expect(result.status == 125, "\(arguments): exit \(result.status) \(result.stderr)")
+            #expect(!result.stderr.isEmpty)
+        }
+        let sim = try box.run("run", "a", "-o", "json", "--", "true")
+        #expect(sim.status == 125, "exit \(sim.status) \(sim.stderr)")
+        #expect(sim.stderr.contains("runs no guests; this needs --driver qemu"), "\(sim.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(sim.stdout.utf8)) as? [String: Any]
+        #expect(report?["exitStatus"] as? Int == 125 && report?["id"] is NSNull, "\(sim.stdout)")
+        #expect(try leased().isEmpty, "a refused run leased a VM")
+        #expect(try box.binary.run(["run", "--help"]).status == 0)
+    }
+
     @Test func anEmptyLogOfACloneSaysItsBootWasTheTemplates() {
         let shape = VMShape(pool: pool("t", size: 1, boot: .template), image: testImage)
         let clone = VMRecord(
