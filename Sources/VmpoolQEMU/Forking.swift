@@ -118,6 +118,7 @@ extension QemuDriver: ForkAccess {
             shape: shape, memory: .templateShared(paths.memoryFile(template: id)), incoming: true,
             disks: helperDisks, nic: Self.nic(shape.network, vm: id), pool: source.vm.pool)
         spec.ramID = ramID
+        spec.preallocate = true
         try helper.start(spec)
         phases.mark("helper")
 
@@ -179,6 +180,17 @@ extension QemuDriver: ForkAccess {
         try helper.save(to: paths.stateFile(template: id))
         Undo.run { helper.stop() }
         phases.mark("save")
+        // The helper had every page of the file allocated; the zero ones (most of a guest's
+        // RAM) go back before any fork maps the file.
+        let memoryFile = paths.memoryFile(template: id)
+        _ = Self.freeZeroPages(memoryFile)
+        var info = stat()
+        if stat(memoryFile, &info) == 0 {
+            logger.debug(
+                "fork snapshot: \((Int64(info.st_blocks) * 512) >> 20) MiB of saved memory",
+                metadata: ["vm": "\(source.vm.id)"])
+        }
+        phases.mark("trim")
         return ForkSnapshot(
             template: template, underlay: source.template, ramID: ramID, pause: pause, phases: phases.phases)
     }

@@ -81,6 +81,10 @@ struct MachineSpec {
     /// matches: `QemuVM.ramID` for templates and clones; a fork of a cold-booted VM uses the
     /// name QEMU gives anonymous RAM (`QemuVM.anonymousRAMID`).
     var ramID = QemuVM.ramID
+    /// Every page of the RAM file allocated and mapped at start (a fork's helper: the pages an
+    /// incoming migration reads and writes are then there, not faulted in one by one while the
+    /// source stands paused).
+    var preallocate = false
 }
 
 /// The descriptor numbers, in QEMU, of the files and sockets vmpool opened and passed to it:
@@ -147,7 +151,8 @@ struct QemuVM {
     /// element or a JSON value; paths inside `key=value` option lists are comma-escaped.
     func arguments(_ machine: MachineSpec, files: QemuFiles) -> [String] {
         identityArguments(files) + acceleratorArguments()
-            + memoryArguments(machine.shape, machine.memory, files, ramID: machine.ramID)
+            + memoryArguments(
+                machine.shape, machine.memory, files, ramID: machine.ramID, preallocate: machine.preallocate)
             + bootArguments(machine.shape, machine.memory, files) + channelArguments(files) + consoleArguments()
             + diskArguments(machine.disks, files) + nicArguments(machine.nic, tap: files.tap)
             + processArguments(incoming: machine.incoming)
@@ -175,9 +180,10 @@ struct QemuVM {
         }
     }
 
-    func memoryArguments(_ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles, ramID: String = Self.ramID)
-        -> [String]
-    {
+    func memoryArguments(
+        _ shape: VMShape, _ memory: MemoryMode, _ files: QemuFiles, ramID: String = Self.ramID,
+        preallocate: Bool = false
+    ) -> [String] {
         var args: [String] = []
         var machine = "pc"
         var memoryOption = "size=\(shape.memoryMiB)M"
@@ -197,7 +203,7 @@ struct QemuVM {
                 "-object",
                 QemuOpts.json([
                     "qom-type": "memory-backend-file", "id": ramID, "size": shape.memoryMiB << 20,
-                    "mem-path": "/proc/self/fd/\(files.memory ?? -1)", "share": shared, "prealloc": false,
+                    "mem-path": "/proc/self/fd/\(files.memory ?? -1)", "share": shared, "prealloc": preallocate,
                 ]),
             ]
             machine += ",memory-backend=\(ramID)"

@@ -95,8 +95,13 @@ extension Reconciler {
         }
 
         // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
+        // Read again after the hypervisor was asked: a lease or fork that began since the first
+        // read (they take no lock) recorded its VMs before it started them.
+        let known = Set(try store.vms().map(\.id)).union(try Self.lockless(store))
         for found in discovered
-        where records[found.id] == nil && !standbys.contains(found.id) && !inProgress.contains(found.id) {
+        where records[found.id] == nil && !known.contains(found.id) && !standbys.contains(found.id)
+            && !inProgress.contains(found.id)
+        {
             let pool = VMID.pool(of: found.id) ?? ""
 
             try? await driver.stop(VMRef(id: found.id, pool: pool, pid: found.pid))
@@ -117,12 +122,24 @@ extension Reconciler {
                     metadata: ["pool": "\(record.pool)", "vm": "\(id)", "pid": "\(entry.ownerPID)"])
             }
         }
-        let knownTemplates = Set(try store.templates().map(\.ref.id))
-        for id in await driver.discoverTemplates() where !knownTemplates.contains(id) && !inProgress.contains(id) {
+        let found = await driver.discoverTemplates()
+        let knownTemplates = Set(try store.templates().map(\.ref.id)).union(try Self.lockless(store))
+        for id in found where !knownTemplates.contains(id) && !inProgress.contains(id) {
             try? await driver.deleteTemplate(id: id)
             report.templatesRemoved.append(id)
         }
         return report
+    }
+
+    /// The VMs and snapshots of lockless operations whose vmpool still runs.
+    static func lockless(_ store: StateStore) throws(StoreError) -> Set<String> {
+        var ids = Set<String>()
+        for entry in try store.unfinishedOperations()
+        where locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH) {
+            if let vm = entry.vm { ids.insert(vm) }
+            if let template = entry.template { ids.insert(template) }
+        }
+        return ids
     }
 
     /// Operations journaled by a vmpool that does not hold the state-dir lock.
