@@ -169,57 +169,78 @@ struct ForkTests {
         #expect(made == 8)
     }
 
-    /// SIGKILL of `fork` at instants spread over its run; after one `reconcile` every QEMU is a
-    /// recorded VM's and every record's VM runs, no snapshot or helper is left, no journal
-    /// entry is open, and the source answers.
+    /// SIGKILL of `fork` at each stage of its run, as each is seen from outside (its journal
+    /// entry, the helper's QEMU, the copied disks, the saved state, the forks' QEMUs); after one `reconcile` every QEMU is a recorded VM's and every record's
+    /// VM runs, no snapshot or helper is left, no journal entry is open, and the source answers.
     @Test func aForkKilledAtAnyInstantIsRepairedByOneReconcile() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         let source = try setUp(box)
-        let started = Date()
-        let first = try box.run(["fork", source, "--count", "2"])
-        #expect(first.status == 0, "\(first.stderr)")
-        let duration = Date().timeIntervalSince(started)
-        let firstForks = first.stdout.split(separator: "\n").map(String.init)
-        _ = try box.run(["release"] + firstForks)
-
-        // A kill point counts once its SIGKILL found the fork still running; one that came after
-        // the fork had ended is tried again with the kills spread over a shorter time.
-        let points = 8
-        var landed = 0
+        let store = try StateStore(directory: box.state)
+        let paths = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+        let templates = Set(try store.templates().map(\.ref.id))
+        func snapshotFile(_ suffix: String) -> Bool {
+            ((try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []).contains { name in
+                name.hasSuffix(suffix) && !templates.contains(String(name.prefix { $0 != "." }))
+            }
+        }
+        var before: Set<String> = []
+        var baseline = 0
+        /// QEMUs running for VMs recorded since the fork began (its forks, not its helper).
+        func forkQEMUs() throws -> Int {
+            let forks = try store.vms().map(\.id).filter { !before.contains($0) }
+            return box.qemuProcesses().filter { pid in
+                let command = String(
+                    decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+                return forks.contains { command.contains("guest=\($0)\u{0}") }
+            }.count
+        }
+        let stages: [(name: String, reached: () throws -> Bool)] = [
+            ("at once", { true }),
+            (
+                "journaled",
+                { try store.unfinishedOperations().contains { $0.operation == StateStore.forkOperation } }
+            ),
+            ("helper started", { box.qemuProcesses().count > baseline }),
+            ("disks copied", { snapshotFile(".qcow2") }),
+            ("state saved", { snapshotFile(".state") }),
+            ("a fork's QEMU started", { try forkQEMUs() >= 1 }),
+            ("both forks' QEMUs started", { try forkQEMUs() >= 2 }),
+        ]
+        // A kill counts once it found the fork still running at its stage; a stage the fork
+        // passed unseen (it ended first) is tried again.
+        var landed: [String: Int] = [:]
         var survived = 0
         var tries = 0
-        var scale = 1.0
-        while landed < points && tries < 3 * points {
-            let point = tries
+        while Set(landed.keys).count < stages.count && tries < 4 * stages.count {
+            let stage = stages[tries % stages.count]
             tries += 1
+            before = Set(try box.ids())
+            baseline = box.qemuProcesses().count
             let run = try RunningCommand(
                 path: box.binary.path, arguments: ["fork", source, "--count", "2", "--state-dir", box.state],
                 environment: box.binary.environment)
-            usleep(useconds_t(duration * scale * Double(point % points + 1) / Double(points + 1) * 1_000_000))
+            _ = try eventually(timeout: .seconds(60)) { try stage.reached() || run.exited(within: 0) }
             run.kill(SIGKILL)
-            if run.wait().status == 128 + SIGKILL {
-                landed += 1
-            } else {
-                scale = max(0.1, scale * 0.8)
-            }
+            if run.wait().status == 128 + SIGKILL { landed[stage.name, default: 0] += 1 }
             let repair = try box.run(["reconcile"], environment: ["VMPOOL_STANDBY": "0"])
             var problems = try inconsistencies(box, source: source)
             if repair.status != 0 { problems.append("reconcile failed: \(repair.stderr.suffix(2000))") }
-            #expect(problems.isEmpty, "kill point \(point): \(problems)")
+            #expect(problems.isEmpty, "killed at \(stage.name): \(problems)")
             if problems.isEmpty { survived += 1 }
             // Forks that were handed over before the kill are the caller's: released here.
-            let forks = try box.ids().filter { $0 != source }
             let leasedForks = try box.vms().filter {
-                forks.contains($0["id"] as? String ?? "") && $0["lease"] is [String: Any]
+                !before.contains($0["id"] as? String ?? "") && $0["lease"] is [String: Any]
             }.compactMap { $0["id"] as? String }
             if !leasedForks.isEmpty { _ = try box.run(["release"] + leasedForks) }
         }
         #expect(survived == tries)
-        #expect(landed == points, "only \(landed) of \(tries) kills found the fork still running")
+        let missed = stages.map(\.name).filter { landed[$0] == nil }
+        #expect(missed.isEmpty, "no kill found the fork still running at: \(missed)")
         print(
-            "fork crash safety (qemu): \(landed) kills inside a running fork, \(survived) of \(tries) tries repaired"
-                + " by one reconcile")
+            "fork crash safety (qemu): killed at \(landed.count) of \(stages.count) stages"
+                + " (\(stages.map(\.name).filter { landed[$0] != nil }.joined(separator: ", "))),"
+                + " \(survived) of \(tries) tries repaired by one reconcile")
     }
 
     func inconsistencies(_ box: QemuSandbox, source: String) throws -> [String] {
