@@ -25,6 +25,27 @@ func duration(_ option: String, allowZero: Bool = true) -> @Sendable (String) th
     }
 }
 
+/// How a command runs in a guest: its environment, working directory and time limit
+/// (`exec`, `run`).
+struct GuestCommandOptions: ParsableArguments {
+    @Option(name: .shortAndLong, help: "Set an environment variable in the guest (KEY=VALUE, repeatable).")
+    var env: [String] = []
+
+    @Option(name: .shortAndLong, help: "Working directory in the guest (default: the image's WorkingDir, else /).")
+    var workdir: String?
+
+    @Option(
+        parsing: .unconditional, help: "Kill the command after this long (30s, 5m).",
+        transform: duration("--timeout", allowZero: false))
+    var timeout: Duration?
+
+    func validate() throws {
+        for pair in env where !pair.contains("=") || pair.hasPrefix("=") {
+            throw ValidationError("--env: expected KEY=VALUE, got \"\(pair)\"")
+        }
+    }
+}
+
 /// The manifests a command reads.
 struct ManifestOptions: ParsableArguments {
     @Option(

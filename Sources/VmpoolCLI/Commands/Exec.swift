@@ -31,16 +31,7 @@ extension Vmpool {
         @Flag(name: .shortAndLong, help: "Give the command a pseudo-terminal.")
         var tty = false
 
-        @Option(name: .shortAndLong, help: "Set an environment variable in the guest (KEY=VALUE, repeatable).")
-        var env: [String] = []
-
-        @Option(name: .shortAndLong, help: "Working directory in the guest (default: the image's WorkingDir, else /).")
-        var workdir: String?
-
-        @Option(
-            parsing: .unconditional, help: "Kill the command after this long (30s, 5m).",
-            transform: duration("--timeout", allowZero: false))
-        var timeout: Duration?
+        @OptionGroup var guest: GuestCommandOptions
 
         @Argument(help: "The VM's id (see `vmpool get vms`).", completion: Completions.vms)
         var vm: String
@@ -52,17 +43,14 @@ extension Vmpool {
             if command.isEmpty {
                 throw ValidationError("give the command to run after --: vmpool exec VM -- CMD [ARG...]")
             }
-            for pair in env where !pair.contains("=") || pair.hasPrefix("=") {
-                throw ValidationError("--env: expected KEY=VALUE, got \"\(pair)\"")
-            }
         }
 
         func run() async throws {
             let argv = command
             let tty = self.tty
-            let timeout = self.timeout
+            let timeout = guest.timeout
             let request = ExecRequest(
-                argv: argv, environment: env, directory: workdir, stdin: interactive,
+                argv: argv, environment: guest.env, directory: guest.workdir, stdin: interactive,
                 tty: tty ? (TerminalSize.current() ?? (24, 80)) : nil,
                 timeout: timeout)
             let code = await GuestCommand.run(options: options, vm: vm, entering: "exec") { access, record in

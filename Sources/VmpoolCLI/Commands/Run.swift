@@ -62,16 +62,7 @@ extension Vmpool {
             help: "Copy a file or directory of the VM to the host after the command (VMPATH:DST, repeatable).")
         var outputs: [String] = []
 
-        @Option(name: .shortAndLong, help: "Set an environment variable in the guest (KEY=VALUE, repeatable).")
-        var env: [String] = []
-
-        @Option(name: .shortAndLong, help: "Working directory in the guest (default: the image's WorkingDir, else /).")
-        var workdir: String?
-
-        @Option(
-            parsing: .unconditional, help: "Kill the command after this long (30s, 5m).",
-            transform: duration("--timeout", allowZero: false))
-        var timeout: Duration?
+        @OptionGroup var guest: GuestCommandOptions
 
         @Option(help: "Who holds the lease, as shown by get vms (default: run:USER@HOST).")
         var holder: String?
@@ -91,9 +82,6 @@ extension Vmpool {
             if command.isEmpty {
                 throw ValidationError("give the command to run after --: vmpool run POOL -- CMD [ARG...]")
             }
-            for pair in env where !pair.contains("=") || pair.hasPrefix("=") {
-                throw ValidationError("--env: expected KEY=VALUE, got \"\(pair)\"")
-            }
             for text in inputs where RunJob.Transfer(input: text) == nil {
                 throw ValidationError(
                     "--in: expected SRC:VMPATH (a host path, a colon, a path in the VM), got \"\(text)\"")
@@ -111,10 +99,11 @@ extension Vmpool {
             let job = RunJob(
                 options: options, pool: pool,
                 holder: holder ?? "run:" + Leases.defaultHolder(),
-                ttl: ttl ?? timeout.map { $0 + Self.ttlMargin } ?? Self.defaultTTL, wait: wait ?? .zero,
+                ttl: ttl ?? guest.timeout.map { $0 + Self.ttlMargin } ?? Self.defaultTTL, wait: wait ?? .zero,
                 inputs: inputs.compactMap { RunJob.Transfer(input: $0) },
                 outputs: outputs.compactMap { RunJob.Transfer(output: $0) },
-                request: ExecRequest(argv: command, environment: env, directory: workdir, timeout: timeout),
+                request: ExecRequest(
+                    argv: command, environment: guest.env, directory: guest.workdir, timeout: guest.timeout),
                 relaysStdout: output == .json)
             let report = await job.run()
             // A stdout whose reader is gone has already failed the command; the object is dropped.
