@@ -7,19 +7,9 @@ import VmpoolStore
 /// a lease, a fork runs without the state dir lock: every VM it launches is recorded (state
 /// `creating`, leased to the caller) and journaled before the driver starts it, so a vmpool
 /// killed at any instant leaves what the next pass's recovery undoes (`Reconciler.recover`).
-public struct Forks: Sendable {
-    public let store: StateStore
-    public let driver: any HypervisorDriver
-    public let stateDirectory: String
-
-    public init(store: StateStore, driver: any HypervisorDriver, stateDirectory: String) {
-        self.store = store
-        self.driver = driver
-        self.stateDirectory = stateDirectory
-    }
-
+extension Leases {
     /// Why no fork was made.
-    public struct Failure: Error, CustomStringConvertible, Sendable {
+    public struct ForkFailure: Error, CustomStringConvertible, Sendable {
         public var description: String
         /// The request itself is wrong (no such VM, not leased, not running, busy): 4xx over HTTP.
         public var isConflict: Bool
@@ -33,7 +23,7 @@ public struct Forks: Sendable {
     }
 
     /// What a fork made.
-    public struct Made: Sendable {
+    public struct Forked: Sendable {
         /// The new VMs, running and leased to the caller, in the order they were recorded.
         public var vms: [VMRecord]
         /// How long the source stood paused.
@@ -43,7 +33,7 @@ public struct Forks: Sendable {
     }
 
     /// The most copies one fork makes.
-    public static let maxCount = 64
+    public static let maxForks = 64
 
     /// Makes `count` VMs from the leased, running VM `id` and gives them to `handOver` (which
     /// prints their ids, or answers the request); until `handOver` returns, their leases are
@@ -52,20 +42,20 @@ public struct Forks: Sendable {
     /// some forks fail, the others are kept and `failures` says why.
     public func fork(
         _ id: String, count: Int, holder: String, ttl: Duration?, requiredHolder: String?,
-        handOver: (Made) async throws -> Void = { _ in }
-    ) async throws -> Made {
-        guard (1...Self.maxCount).contains(count) else {
-            throw Failure(description: "the count must be 1 to \(Self.maxCount), not \(count)", isConflict: true)
+        handOver: (Forked) async throws -> Void = { _ in }
+    ) async throws -> Forked {
+        guard (1...Self.maxForks).contains(count) else {
+            throw ForkFailure(description: "the count must be 1 to \(Self.maxForks), not \(count)", isConflict: true)
         }
         guard let forking = driver as? any ForkAccess else {
-            throw Failure(description: "the \(driver.name) driver cannot fork VMs", isConflict: true)
+            throw ForkFailure(description: "the \(driver.name) driver cannot fork VMs", isConflict: true)
         }
         guard let current = try store.vm(id) else {
-            throw Failure(
+            throw ForkFailure(
                 description: "no VM named \"\(id)\" (see vmpool get vms)", isConflict: false, isNotFound: true)
         }
         guard current.lease != nil else {
-            throw Failure(
+            throw ForkFailure(
                 description:
                     "VM \(id) is not leased: a pool's VM is its pool's; lease one (vmpool lease POOL) and fork that",
                 isConflict: true)
@@ -79,7 +69,7 @@ public struct Forks: Sendable {
                 portIsFree: LocalPorts.isFree)
         } catch {
             guard error.code == .conflict || error.code == .notFound else { throw error }
-            throw Failure(description: error.message, isConflict: true, isNotFound: error.code == .notFound)
+            throw ForkFailure(description: error.message, isConflict: true, isNotFound: error.code == .notFound)
         }
         let source = ForkSource(vm: begun.source.ref, shape: begun.source.shape, template: begun.source.templateID)
         let requests = begun.forks.map { fork in
@@ -97,7 +87,7 @@ public struct Forks: Sendable {
                 Event(pool: begun.source.pool, vm: id, kind: "fork-failed", message: "\(error)"))
             throw error
         }
-        var made = Made(vms: [], pause: outcome.pause, failures: [])
+        var made = Forked(vms: [], pause: outcome.pause, failures: [])
         for (fork, result) in zip(begun.forks, outcome.vms) {
             switch result {
             case .success(let launched):
@@ -118,16 +108,15 @@ public struct Forks: Sendable {
             error: made.failures.isEmpty ? nil : made.failures.joined(separator: "; "))
         Wake.send(directory: stateDirectory)
         guard !made.vms.isEmpty else {
-            throw Failure(
+            throw ForkFailure(
                 description: "no fork of \(id) started: \(made.failures.first ?? "unknown reason")", isConflict: false)
         }
-        let leases = Leases(store: store, driver: driver, stateDirectory: stateDirectory)
         let launched = Dictionary(uniqueKeysWithValues: begun.forks.map { ($0.record.id, $0.journal) })
         do {
             try await handOver(made)
         } catch {
             for vm in made.vms {
-                try? await leases.release(vm.id)
+                try? await release(vm.id)
                 if let journal = launched[vm.id] { try? store.finish(journal, outcome: .failed, error: "\(error)") }
             }
             throw error

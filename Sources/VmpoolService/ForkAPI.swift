@@ -23,9 +23,9 @@ extension APIServer {
             struct Counted: Decodable { var count: Int? }
             // JSONDecoder takes a whole JSON number only: not 2.5, not true, not "2".
             guard let counted = try? JSONDecoder().decode(Counted.self, from: Data(buffer: body)),
-                (1...Forks.maxCount).contains(counted.count ?? 1)
+                (1...Leases.maxForks).contains(counted.count ?? 1)
             else {
-                return try Self.error(.badRequest, "count: expected a whole number from 1 to \(Forks.maxCount)")
+                return try Self.error(.badRequest, "count: expected a whole number from 1 to \(Leases.maxForks)")
             }
             count = counted.count ?? 1
             if let value = fields["ttl"] {
@@ -44,20 +44,19 @@ extension APIServer {
                 holder = text
             }
         }
-        let forks = Forks(store: leases.store, driver: leases.driver, stateDirectory: leases.stateDirectory)
         let channel = context.channel
         do {
             let source = try leases.store.vm(vm)
-            let made = try await forks.fork(
+            let made = try await leases.fork(
                 vm, count: count, holder: holder ?? source?.lease?.holder ?? "http", ttl: ttl, requiredHolder: holder
             ) { _ in
                 // A client that went away gets no forks: they are released again.
                 guard channel.isActive else {
-                    throw Forks.Failure(description: "the caller went away", isConflict: true)
+                    throw Leases.ForkFailure(description: "the caller went away", isConflict: true)
                 }
             }
             return try Self.json(.array(made.vms.map { JSONValue.object(Leases.json($0)) }), status: .created)
-        } catch let failure as Forks.Failure {
+        } catch let failure as Leases.ForkFailure {
             return try Self.error(failure.isNotFound ? .notFound : .conflict, failure.description)
         } catch let error as DriverError {
             return try Self.error(.conflict, "cannot fork \(vm): \(error.message)")

@@ -27,7 +27,7 @@ extension Vmpool {
         @Argument(help: "The leased VM to copy.", completion: Completions.vms)
         var vm: String
 
-        @Option(help: "How many copies to make (1 to \(Forks.maxCount)).")
+        @Option(help: "How many copies to make (1 to \(Leases.maxForks)).")
         var count = 1
 
         @Option(
@@ -42,8 +42,8 @@ extension Vmpool {
         var output: OutputFormat = .text
 
         func validate() throws {
-            guard (1...Forks.maxCount).contains(count) else {
-                throw ValidationError("--count: expected 1 to \(Forks.maxCount), got \(count)")
+            guard (1...Leases.maxForks).contains(count) else {
+                throw ValidationError("--count: expected 1 to \(Leases.maxForks), got \(count)")
             }
             if let holder, let problem = Leases.holderProblem(holder) {
                 throw ValidationError("--holder: \(problem)")
@@ -52,12 +52,12 @@ extension Vmpool {
 
         func run() async throws {
             let session = try await Session(options, locking: nil, create: false)
-            let forks = Forks(
+            let leases = Leases(
                 store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
             let source = try session.store.vm(vm)
             let output = self.output
             do {
-                let made = try await forks.fork(
+                let made = try await leases.fork(
                     vm, count: count, holder: holder ?? source?.lease?.holder ?? Leases.defaultHolder(), ttl: ttl,
                     requiredHolder: holder
                 ) { made in
@@ -68,7 +68,7 @@ extension Vmpool {
                     }
                 }
                 if !made.failures.isEmpty { throw ExitCode.failure }
-            } catch let failure as Forks.Failure {
+            } catch let failure as Leases.ForkFailure {
                 throw CommandFailure(description: failure.description)
             } catch let error as DriverError {
                 throw CommandFailure(description: "cannot fork \(vm): \(error.message)")
