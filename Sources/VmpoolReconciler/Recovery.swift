@@ -25,17 +25,9 @@ extension Reconciler {
     /// those run without the lock, and one whose vmpool still runs is not finished yet.
     public func recover() async throws(StoreError) -> RecoveryReport {
         var report = RecoveryReport()
-        var open: [JournalEntry] = []
-        var inProgress = Set<String>()
-        for entry in try store.unfinishedOperations() {
-            if Self.locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH) {
-                if let vm = entry.vm { inProgress.insert(vm) }
-                // A fork's snapshot, and the helper VM that receives the source's memory.
-                if let template = entry.template { inProgress.insert(template) }
-            } else {
-                open.append(entry)
-            }
-        }
+        let unfinished = try store.unfinishedOperations()
+        let open = unfinished.filter { !Self.isRunningLockless($0) }
+        let inProgress = Self.subjects(of: unfinished)
         report.unfinished = open.count
         var records = Dictionary(uniqueKeysWithValues: try store.vms().map { ($0.id, $0) })
 
@@ -84,6 +76,10 @@ extension Reconciler {
 
         // Standbys whose start was interrupted, or whose process is gone.
         let discovered = await driver.discover()
+        let foundTemplates = await driver.discoverTemplates()
+        // Read again after the hypervisor was asked: a lease or fork that began since the first
+        // read (they take no lock) recorded its VMs and snapshot before it started them.
+        let since = Self.subjects(of: try store.unfinishedOperations())
         let alive = Set(discovered.map(\.id))
         var standbys = Set<String>()
         for standby in try store.standbys() {
@@ -95,9 +91,7 @@ extension Reconciler {
         }
 
         // VMs the hypervisor runs for this state dir that no record knows: stopped, never leaked.
-        // Read again after the hypervisor was asked: a lease or fork that began since the first
-        // read (they take no lock) recorded its VMs before it started them.
-        let known = Set(try store.vms().map(\.id)).union(try Self.lockless(store))
+        let known = Set(try store.vms().map(\.id)).union(since)
         for found in discovered
         where records[found.id] == nil && !known.contains(found.id) && !standbys.contains(found.id)
             && !inProgress.contains(found.id)
@@ -122,24 +116,23 @@ extension Reconciler {
                     metadata: ["pool": "\(record.pool)", "vm": "\(id)", "pid": "\(entry.ownerPID)"])
             }
         }
-        let found = await driver.discoverTemplates()
-        let knownTemplates = Set(try store.templates().map(\.ref.id)).union(try Self.lockless(store))
-        for id in found where !knownTemplates.contains(id) && !inProgress.contains(id) {
+        let knownTemplates = Set(try store.templates().map(\.ref.id)).union(since)
+        for id in foundTemplates where !knownTemplates.contains(id) && !inProgress.contains(id) {
             try? await driver.deleteTemplate(id: id)
             report.templatesRemoved.append(id)
         }
         return report
     }
 
-    /// The VMs and snapshots of lockless operations whose vmpool still runs.
-    static func lockless(_ store: StateStore) throws(StoreError) -> Set<String> {
-        var ids = Set<String>()
-        for entry in try store.unfinishedOperations()
-        where locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH) {
-            if let vm = entry.vm { ids.insert(vm) }
-            if let template = entry.template { ids.insert(template) }
-        }
-        return ids
+    /// Whether `entry` is a lockless operation whose vmpool still runs: not finished yet.
+    static func isRunningLockless(_ entry: JournalEntry) -> Bool {
+        locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH)
+    }
+
+    /// The VMs, and the fork snapshots (also the id of the helper VM that receives a source's
+    /// memory), of the lockless operations among `entries` that are still running.
+    static func subjects(of entries: [JournalEntry]) -> Set<String> {
+        Set(entries.filter(isRunningLockless).flatMap { [$0.vm, $0.template].compactMap { $0 } })
     }
 
     /// Operations journaled by a vmpool that does not hold the state-dir lock.
