@@ -37,11 +37,11 @@ extension Leases {
 
     /// Makes `count` VMs from the leased, running VM `id` and gives them to `handOver` (which
     /// prints their ids, or answers the request); until `handOver` returns, their leases are
-    /// journaled, so a vmpool that dies before ends them. `requiredHolder`: the source must be
-    /// leased to this holder. Fails, making nothing, when the source cannot be saved; when only
-    /// some forks fail, the others are kept and `failures` says why.
+    /// journaled, so a vmpool that dies before ends them. The forks are leased to the source's
+    /// holder; `holder`, when given, must be it. Fails, making nothing, when the source cannot
+    /// be saved; when only some forks fail, the others are kept and `failures` says why.
     public func fork(
-        _ id: String, count: Int, holder: String, ttl: Duration?, requiredHolder: String?,
+        _ id: String, count: Int, ttl: Duration?, holder: String?,
         handOver: (Forked) async throws -> Void = { _ in }
     ) async throws -> Forked {
         guard (1...Self.maxForks).contains(count) else {
@@ -54,18 +54,12 @@ extension Leases {
             throw ForkFailure(
                 description: "no VM named \"\(id)\" (see vmpool get vms)", isConflict: false, isNotFound: true)
         }
-        guard current.lease != nil else {
-            throw ForkFailure(
-                description:
-                    "VM \(id) is not leased: a pool's VM is its pool's; lease one (vmpool lease POOL) and fork that",
-                isConflict: true)
-        }
         // The snapshot is named as a template of the pool: recovery removes one a dead vmpool left.
         let snapshot = VMID.template(pool: current.pool)
         let begun: StateStore.ForkBegun
         do {
             begun = try store.beginFork(
-                id, count: count, holder: holder, ttl: ttl, requiredHolder: requiredHolder, snapshot: snapshot,
+                id, count: count, ttl: ttl, holder: holder, snapshot: snapshot,
                 portIsFree: LocalPorts.isFree)
         } catch {
             guard error.code == .conflict || error.code == .notFound else { throw error }

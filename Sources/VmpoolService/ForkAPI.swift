@@ -46,10 +46,7 @@ extension APIServer {
         }
         let channel = context.channel
         do {
-            let source = try leases.store.vm(vm)
-            let made = try await leases.fork(
-                vm, count: count, holder: holder ?? source?.lease?.holder ?? "http", ttl: ttl, requiredHolder: holder
-            ) { _ in
+            let made = try await leases.fork(vm, count: count, ttl: ttl, holder: holder) { _ in
                 // A client that went away gets no forks: they are released again.
                 guard channel.isActive else {
                     throw Leases.ForkFailure(description: "the caller went away", isConflict: true)

@@ -23,12 +23,12 @@ extension StateStore {
     /// The journal operation of each new VM a fork launches.
     public static let forkLaunchOperation = "fork-launch"
 
-    /// Records a fork of VM `id` into `count` new VMs leased to `holder`, in one transaction:
-    /// the source must be a running VM of this host that no operation is acting on (and, when
-    /// `requiredHolder` is given, leased to that holder). Each fork gets the network the
-    /// source's pool gives a VM (its own forwarded ports, its own address).
+    /// Records a fork of VM `id` into `count` new VMs leased to the source's holder, in one
+    /// transaction: the source must be a leased, running VM of this host that no operation is
+    /// acting on (and, when `holder` is given, leased to that holder). Each fork gets the
+    /// network the source's pool gives a VM (its own forwarded ports, its own address).
     public func beginFork(
-        _ id: String, count: Int, holder: String, ttl: Duration?, requiredHolder: String?, snapshot: String,
+        _ id: String, count: Int, ttl: Duration?, holder: String?, snapshot: String,
         portIsFree: @escaping @Sendable (Int) -> Bool = { _ in true }
     ) throws(StoreError) -> ForkBegun {
         try write { db in
@@ -43,13 +43,13 @@ extension StateStore {
             guard source.state == .running else {
                 throw StoreError(.conflict, "VM \(id) is \(source.state.rawValue); only a running VM can be forked")
             }
-            if let requiredHolder {
-                guard let lease = source.lease else {
-                    throw StoreError(.conflict, "VM \(id) is not leased; --holder names the holder of a leased VM")
-                }
-                guard lease.holder == requiredHolder else {
-                    throw StoreError(.conflict, "VM \(id) is leased to another holder, not to \"\(requiredHolder)\"")
-                }
+            guard let held = source.lease else {
+                throw StoreError(
+                    .conflict,
+                    "VM \(id) is not leased: a pool's VM is its pool's; lease one (vmpool lease POOL) and fork that")
+            }
+            if let holder, held.holder != holder {
+                throw StoreError(.conflict, "VM \(id) is leased to another holder, not to \"\(holder)\"")
             }
             if let busy = try db.queryOne(
                 "SELECT operation FROM journal WHERE vm = ? AND finishedAt IS NULL ORDER BY id LIMIT 1", [id])
@@ -62,7 +62,8 @@ extension StateStore {
                 db, operation: Self.forkOperation, pool: source.pool, vm: id, template: snapshot)
             let network = source.shape.network.map(NetworkRequest.init)
             let now = Date()
-            let lease = Lease(holder: holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
+            let lease = Lease(
+                holder: held.holder, leasedAt: now, expiresAt: ttl.map { now.addingTimeInterval($0.seconds) })
             var forks: [(VMRecord, Int64)] = []
             for _ in 0..<count {
                 var fork = VMRecord(

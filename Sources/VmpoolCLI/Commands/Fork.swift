@@ -54,12 +54,10 @@ extension Vmpool {
             let session = try await Session(options, locking: nil, create: false)
             let leases = Leases(
                 store: session.store, driver: session.reconciler.driver, stateDirectory: session.stateDirectory)
-            let source = try session.store.vm(vm)
             let output = self.output
             do {
                 let made = try await leases.fork(
-                    vm, count: count, holder: holder ?? source?.lease?.holder ?? Leases.defaultHolder(), ttl: ttl,
-                    requiredHolder: holder
+                    vm, count: count, ttl: ttl, holder: holder
                 ) { made in
                     for failure in made.failures { printError("vmpool: a fork did not start: \(failure)") }
                     switch output {
