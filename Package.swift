@@ -18,6 +18,7 @@ let package = Package(
         .library(name: "VmpoolCopy", targets: ["VmpoolCopy"]),
         .library(name: "VmpoolOCI", targets: ["VmpoolOCI"]),
         .library(name: "VmpoolCLI", targets: ["VmpoolCLI"]),
+        .library(name: "VmpoolStatus", targets: ["VmpoolStatus"]),
     ],
     dependencies: [
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
@@ -70,13 +71,20 @@ let package = Package(
             name: "VmpoolService",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolReconciler", "VmpoolArchive", "VmpoolCopy",
-                "CVmpoolSys", .product(name: "Hummingbird", package: "hummingbird"),
+                "VmpoolStatus", "CVmpoolSys", .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             resources: [.embedInCode("openapi.json")]
+        ),
+        // The operator's status page: a snapshot of the store and the hypervisor rendered as
+        // HTML (pure: no HTTP), its stylesheet and script, and the service's hour of history.
+        .target(
+            name: "VmpoolStatus",
+            dependencies: ["VmpoolDriver", "VmpoolStore", "VmpoolReconciler"],
+            resources: [.embedInCode("Assets/status.css"), .embedInCode("Assets/status.js")]
         ),
         // The simulated hypervisor (CI fixtures, tests, dry experiments).
         .target(
@@ -125,7 +133,8 @@ let package = Package(
             name: "VmpoolCLI",
             dependencies: [
                 "VmpoolSpec", "VmpoolDriver", "VmpoolStore", "VmpoolPlanner", "VmpoolReconciler",
-                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStorePostgres", "VmpoolArchive",
+                "VmpoolSim", "VmpoolQEMU", "VmpoolImage", "VmpoolService", "VmpoolStatus", "VmpoolStorePostgres",
+                "VmpoolArchive",
                 "VmpoolOCI", "VmpoolCopy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -158,6 +167,9 @@ let package = Package(
         ),
         .testTarget(
             name: "VmpoolCLITests", dependencies: ["VmpoolCLI", "VmpoolArchive", "VmpoolCopy", "VmpoolTestSupport"]),
+        .testTarget(
+            name: "VmpoolStatusTests",
+            dependencies: ["VmpoolStatus", "VmpoolReconciler", "VmpoolStore", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolArchiveTests", dependencies: ["VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(name: "VmpoolOCITests", dependencies: ["VmpoolOCI", "VmpoolArchive", "VmpoolTestSupport"]),
         .testTarget(

@@ -6,6 +6,7 @@ import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
 import VmpoolService
+import VmpoolStatus
 import VmpoolStore
 
 /// `reconcile --every`: a pass per interval until graceful shutdown.
@@ -26,6 +27,8 @@ struct ReconcileService: Service {
     var changes: (any ChangeWatch)?
     /// Set with `--listen`: pool gauges and pass durations are recorded after each pass.
     var metrics: ServiceMetrics?
+    /// Set with `--listen`: what the status page's charts draw, sampled after each pass.
+    var history: PoolHistory?
     static let maxBackoff: Duration = .seconds(600)
 
     func run() async throws {
@@ -70,12 +73,20 @@ struct ReconcileService: Service {
         guard let metrics else { return }
         Timer(label: "vmpool_pass_duration_seconds").record(duration: ContinuousClock.now - started)
         guard let observation = try? await reconciler.observe(depth: .hypervisor) else { return }
-        let alive = Set(await reconciler.driver.discover().map(\.id))
-        var standbys: [String: Int] = [:]
-        for standby in (try? reconciler.store.standbys()) ?? [] where standby.ready && alive.contains(standby.id) {
-            standbys[standby.pool, default: 0] += 1
-        }
+        let standbys = (try? await reconciler.liveStandbyCounts()) ?? [:]
         metrics.record(observation, standbys: standbys)
+        // The status page's hour: this host's view of each pool after the pass.
+        if let history {
+            let readiness = observation.readiness()
+            let waiters = (try? reconciler.store.leaseWaiters()) ?? [:]
+            var counts: [String: (ready: Int, size: Int, waiting: Int)] = [:]
+            for pool in observation.pools {
+                counts[pool.spec.name] = (
+                    readiness[pool.spec.name]?.ready ?? 0, pool.spec.size, waiters[pool.spec.name] ?? 0
+                )
+            }
+            history.record(counts)
+        }
     }
 
     /// Waits for the state dir lock, without blocking a thread, until shutdown.

@@ -10,6 +10,17 @@ import VmpoolStore
 /// hypervisor's start-up; the next pass starts replacements. They are not VMs: plans and
 /// `get vms` do not show them, but they are recorded like VMs so that a crash never leaks one.
 extension Reconciler {
+    /// Ready standbys whose process lives, per pool: what `get pools`, the service's gauges
+    /// and the status page count.
+    public func liveStandbyCounts() async throws(StoreError) -> [String: Int] {
+        let alive = Set(await driver.discover().map(\.id))
+        var counts: [String: Int] = [:]
+        for standby in try store.standbys() where standby.ready && alive.contains(standby.id) {
+            counts[standby.pool, default: 0] += 1
+        }
+        return counts
+    }
+
     /// Keeps `configuration.standbys` ready standbys for the current template of every
     /// template pool in `desired`, and stops the standbys of other templates and of pools that
     /// no longer boot from a template.

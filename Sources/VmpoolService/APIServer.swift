@@ -4,6 +4,7 @@ import Foundation
 import Hummingbird
 import Logging
 import Metrics
+import VmpoolStatus
 import NIOCore
 import VmpoolDriver
 import VmpoolReconciler
@@ -239,24 +240,28 @@ public struct APIServer: Sendable {
     let logger: Logger
     /// The VMs with what the hypervisor says about them (observers' depth).
     let observe: @Sendable () async throws -> Observation
+    /// The status page at `/`, when served.
+    let status: StatusService?
 
     public init(
         leases: Leases, store: StateStore, metrics: ServiceMetrics, token: String?, logger: Logger,
-        observe: @escaping @Sendable () async throws -> Observation
+        status: StatusService? = nil, observe: @escaping @Sendable () async throws -> Observation
     ) {
         self.leases = leases
         self.store = store
         self.metrics = metrics
         self.token = token
         self.logger = logger
+        self.status = status
         self.observe = observe
     }
 
     /// The Hummingbird application, a `Service` to run in the service group.
     public func application(listening address: BoundAddress) -> some ApplicationProtocol {
         let router = Router(context: APIRequestContext.self)
-        router.middlewares.add(BearerMiddleware(token: token))
+        router.middlewares.add(BearerMiddleware(token: token, status: status))
         router.middlewares.add(MethodNotAllowedMiddleware())
+        status?.register(on: router, token: token)
         router.get("/openapi.json") { _, _ in
             Response(
                 status: .ok, headers: [.contentType: "application/json"],
@@ -379,8 +384,9 @@ public struct APIServer: Sendable {
         do {
             let record = try await leases.take(
                 pool: pool, holder: holder, ttl: ttl, wait: wait, abandoned: { !channel.isActive })
-            Timer(label: "vmpool_lease_duration_seconds", dimensions: [("via", "http")])
-                .record(duration: ContinuousClock.now - started)
+            let took = ContinuousClock.now - started
+            Timer(label: "vmpool_lease_duration_seconds", dimensions: [("via", "http")]).record(duration: took)
+            status?.history?.recordLease(pool: pool, waited: took.seconds)
             return try Self.json(.object(Leases.json(record)), status: .created)
         } catch let error as StoreError where error.code == .notFound {
             return try Self.error(.notFound, error.message)
@@ -450,7 +456,10 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
     static func allowed(_ path: String) -> [HTTPRequest.Method] {
         let parts = path.split(separator: "/", omittingEmptySubsequences: false)
         switch (parts.count, parts.dropFirst().first, parts.dropFirst(2).first, parts.last) {
-        case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _): return [.get]
+        case (2, "openapi.json", _, _), (2, "metrics", _, _), (3, "v1", "vms", _), (2, "", _, _): return [.get]
+        case (3, "ui", "live", _), (3, "ui", "status.css", _), (3, "ui", "status.js", _): return [.get]
+        case (3, "ui", "login", _): return [.get, .post]
+        case (3, "ui", "logout", _): return [.post]
         case (5, "v1", "pools", "leases") where !parts[3].isEmpty: return [.post]
         case (4, "v1", "leases", _) where !parts[3].isEmpty: return [.delete]
         case (5, "v1", "vms", "exec") where !parts[3].isEmpty, (5, "v1", "vms", "forks") where !parts[3].isEmpty:
@@ -483,15 +492,22 @@ struct MethodNotAllowedMiddleware<Context: RequestContext>: RouterMiddleware {
 
 /// Requires `Authorization: Bearer TOKEN` when a token is configured (compared in constant time).
 /// The scheme's name is case-insensitive (RFC 7235 section 2.1), so `bearer TOKEN` is accepted too.
+/// With a status page, its sign-in form and assets are open, and its session cookie opens the
+/// page (GET) and nothing else.
 struct BearerMiddleware<Context: RequestContext>: RouterMiddleware {
     let token: String?
+    var status: StatusService?
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
         -> Response
     {
         guard let token else { return try await next(request, context) }
+        if let status, StatusService.openPaths.contains(request.uri.path) || status.admitsBySession(request) {
+            return try await next(request, context)
+        }
         let given = Self.credentials(request.headers[.authorization] ?? "")
         guard let given, Self.equal(Array(given.utf8), Array(token.utf8)) else {
+            if status != nil, let page = StatusService.unauthorized(request) { return page }
             var response = try APIServer.error(.unauthorized, "a bearer token is required (Authorization: Bearer ...)")
             response.headers[.wwwAuthenticate] = "Bearer"
             return response

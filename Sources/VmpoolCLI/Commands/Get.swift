@@ -40,11 +40,7 @@ extension Vmpool {
                 }
                 let readiness = observation.readiness()
                 // Standbys count only while their process lives.
-                let alive = Set(await session.reconciler.driver.discover().map(\.id))
-                var standbys: [String: Int] = [:]
-                for standby in try session.store.standbys() where standby.ready && alive.contains(standby.id) {
-                    standbys[standby.pool, default: 0] += 1
-                }
+                let standbys = try await session.reconciler.liveStandbyCounts()
                 let rows = pools.map { pool in
                     PoolRow(
                         spec: pool.spec, generation: pool.generation,

@@ -5,6 +5,7 @@ import ServiceLifecycle
 import VmpoolDriver
 import VmpoolReconciler
 import VmpoolService
+import VmpoolStatus
 import VmpoolSpec
 import VmpoolStore
 
@@ -124,15 +125,20 @@ extension Vmpool {
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
             if let address = bound {
                 let metrics = ServiceMetrics()
+                let history = PoolHistory()
                 service.metrics = metrics
+                service.history = history
                 let reconciler = session.reconciler
                 let server = APIServer(
                     leases: Leases(
                         store: session.store, driver: reconciler.driver, stateDirectory: session.stateDirectory),
                     store: session.store, metrics: metrics, token: token, logger: session.logger,
+                    status: StatusService(history: history) {
+                        try await StatusSnapshot.read(reconciler: reconciler, history: history)
+                    },
                     observe: { try await reconciler.observe(depth: .hypervisor, allHosts: true) })
                 services.append(.init(service: server.application(listening: address)))
-                session.logger.notice("serving the lease API and /metrics on \(address)")
+                session.logger.notice("serving the status page, the lease API and /metrics on \(address)")
             }
             services.insert(.init(service: service), at: 0)
             let group = ServiceGroup(
