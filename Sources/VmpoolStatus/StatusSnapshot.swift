@@ -110,7 +110,8 @@ public struct StatusSnapshot: Sendable {
             failures[event.pool] = Problem(at: event.at, vm: event.vm, text: event.message)
         }
         let rows = VMRow.rows(observation)
-        for row in rows.reversed() {
+        // A VM being created or stopped now is not a failure; one that is failed says why.
+        for row in rows.reversed() where row.state == "failed" {
             guard failures[row.record.pool] == nil, let problem = row.problem ?? row.record.lastError else { continue }
             failures[row.record.pool] = Problem(at: nil, vm: row.record.id, text: problem)
         }

@@ -10,6 +10,8 @@
   const period = 2000;
   let failures = 0;
   let shown = null;
+  // The page's times are UTC, as the server writes them.
+  function utc() { return new Date().toISOString().slice(11, 19) + " UTC"; }
   async function refresh() {
     try {
       const response = await fetch(main.dataset.live, { credentials: "same-origin", cache: "no-store" });
@@ -24,11 +26,11 @@
       }
       failures = 0;
       live.className = "live";
-      live.textContent = "live · " + new Date().toLocaleTimeString();
+      live.textContent = "live · " + utc();
     } catch (error) {
       failures += 1;
       live.className = "stale";
-      live.textContent = "not updating (" + failures + " failed) · " + new Date().toLocaleTimeString();
+      live.textContent = "not updating (" + failures + " failed) · " + utc();
     }
     setTimeout(refresh, period);
   }
