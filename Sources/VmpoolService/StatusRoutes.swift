@@ -48,7 +48,7 @@ public final class StatusService: Sendable {
             return try await self.timed(request) { StatusPage.render($0, filter: $1, signedIn: signedIn) }
         }
         router.get("/ui/live") { request, _ in
-            try await self.timed(request) { StatusPage.fragment($0, filter: $1) }
+            Self.html(try await self.snapshots.fragment(Self.filter(request)))
         }
         router.get("/ui/status.css") { _, _ in Self.asset(StatusAssets.stylesheet, "text/css; charset=utf-8") }
         router.get("/ui/status.js") { _, _ in
@@ -69,8 +69,7 @@ public final class StatusService: Sendable {
     /// The page or its live part for `request`'s filter, with how long the snapshot and the
     /// HTML took in a `Server-Timing` header (browsers' developer tools show it).
     func timed(_ request: Request, _ render: (StatusSnapshot, StatusFilter) -> String) async throws -> Response {
-        let query = request.uri.queryParameters
-        let filter = StatusFilter(pool: query["pool"].map(String.init), state: query["state"].map(String.init))
+        let filter = Self.filter(request)
         let started = ContinuousClock.now
         let snapshot = try await snapshots.snapshot()
         let read = ContinuousClock.now
@@ -80,6 +79,11 @@ public final class StatusService: Sendable {
         response.headers[HTTPField.Name("Server-Timing")!] =
             "snapshot;dur=\(milliseconds(read - started)), render;dur=\(milliseconds(ContinuousClock.now - read))"
         return response
+    }
+
+    static func filter(_ request: Request) -> StatusFilter {
+        let query = request.uri.queryParameters
+        return StatusFilter(pool: query["pool"].map(String.init), state: query["state"].map(String.init))
     }
 
     /// Checks the form's token in constant time; right, a session begins.
@@ -177,13 +181,16 @@ final class StatusSessions: Sendable {
     func end(_ id: String) { _ = sessions.withLock { $0.removeValue(forKey: id) } }
 }
 
-/// The newest snapshot, shared by every request for `freshness`; requests that arrive while
-/// one is being read wait for that one instead of reading another.
+/// The newest snapshot, shared by every request for `freshness` (the live updates' period, so
+/// that any number of open pages cost one read per period); requests that arrive while one
+/// is being read wait for that one instead of reading another.
 actor SnapshotCache {
-    static let freshness: Duration = .seconds(1)
+    static let freshness: Duration = .seconds(2)
     let read: @Sendable () async throws -> StatusSnapshot
     private var latest: (at: ContinuousClock.Instant, snapshot: StatusSnapshot)?
     private var reading: Task<StatusSnapshot, any Error>?
+    /// The live part of the latest snapshot, per filter: open pages with one filter share it.
+    private var fragments: [StatusFilter: (at: Date, html: String)] = [:]
 
     init(read: @escaping @Sendable () async throws -> StatusSnapshot) { self.read = read }
 
@@ -196,5 +203,15 @@ actor SnapshotCache {
         let snapshot = try await task.value
         latest = (ContinuousClock.now, snapshot)
         return snapshot
+    }
+
+    func fragment(_ filter: StatusFilter) async throws -> String {
+        let snapshot = try await snapshot()
+        if let cached = fragments[filter], cached.at == snapshot.generatedAt { return cached.html }
+        let html = StatusPage.fragment(snapshot, filter: filter)
+        // Filters are the visitors' choice: keep a few.
+        if fragments.count >= 16 { fragments = fragments.filter { $0.value.at == snapshot.generatedAt } }
+        if fragments.count < 16 { fragments[filter] = (snapshot.generatedAt, html) }
+        return html
     }
 }

@@ -13,6 +13,8 @@
   // The page's times are UTC, as the server writes them.
   function utc() { return new Date().toISOString().slice(11, 19) + " UTC"; }
   async function refresh() {
+    // A tab in the background asks nothing; it catches up when shown again.
+    if (document.hidden) { setTimeout(refresh, period); return; }
     try {
       const response = await fetch(main.dataset.live, { credentials: "same-origin", cache: "no-store" });
       if (response.status === 401) { window.location.reload(); return; }
