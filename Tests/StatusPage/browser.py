@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 
 import websocket
 
@@ -128,19 +127,23 @@ class Browser:
                 self.close()
                 raise RuntimeError("chromium did not start its DevTools endpoint")
             time.sleep(0.1)
-        self.port = int(open(port_file).read().split()[0])
+        self.port, browser_path = open(port_file).read().split()[:2]
+        self.browser = Page(f"ws://127.0.0.1:{self.port}{browser_path}")
 
     def open(self, url):
-        """A new tab at `url`, with its requests, logs and exceptions recorded."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
-        target = json.load(urllib.request.urlopen(request, timeout=30))
-        page = Page(target["webSocketDebuggerUrl"])
+        """A new window at `url` (each its own window, so that every page is visible and its
+        script runs as in a browser in front of someone), with its requests, logs and
+        exceptions recorded."""
+        target = self.browser.call("Target.createTarget", url="about:blank", newWindow=True)["targetId"]
+        page = Page(f"ws://127.0.0.1:{self.port}/devtools/page/{target}")
         for domain in ("Network", "Page", "Runtime", "Log"):
             page.call(f"{domain}.enable")
         page.call("Page.navigate", url=url)
         return page
 
     def close(self):
+        if getattr(self, "browser", None):
+            self.browser.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -27,7 +27,7 @@ extension Vmpool {
 
         @OptionGroup var format: OutputOptions
 
-        @Option(help: "With --every: serve the lease API and /metrics on host:port or unix:PATH.")
+        @Option(help: "With --every: serve the status page, the lease API and /metrics on host:port or unix:PATH.")
         var listen: String?
 
         @Option(
