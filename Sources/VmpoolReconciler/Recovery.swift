@@ -126,7 +126,7 @@ extension Reconciler {
 
     /// Whether `entry` is a lockless operation whose vmpool still runs: not finished yet.
     static func isRunningLockless(_ entry: JournalEntry) -> Bool {
-        locklessOperations.contains(entry.operation) && !(kill(entry.ownerPID, 0) != 0 && errno == ESRCH)
+        locklessOperations.contains(entry.operation) && !LocalProcess.isGone(entry.ownerPID)
     }
 
     /// The VMs, and the fork snapshots (also the id of the helper VM that receives a source's
