@@ -205,4 +205,57 @@ struct SmallAnswersTests {
         let text = try box.run("describe", "pool", "t")
         #expect(text.stdout.contains("saved \(template["savedAt"] as? String ?? "?")"), "\(text.stdout)")
     }
+
+    @Test func planNotesPoolsThatWantMoreThanTheHostHas() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let small = ["VMPOOL_CAPACITY": "vcpus=2,memory=4Gi"]
+        // Within the host: no note.
+        let fits = box.write(pool("a", size: 2), as: "fits.yaml")
+        let quiet = try box.run("plan", "-f", fits, environment: small)
+        #expect(quiet.status == 0 && !quiet.stderr.contains("want more"), "\(quiet.stderr)")
+        // The new user's pool: 1000 VMs and 1000 warm ones, 64 vCPUs and 9999Gi each.
+        let huge = box.dir.write(
+            "huge.yaml",
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: huge}
+            spec: {size: 1000, warm: 1000, vcpus: 64, memory: 9999Gi}
+            """)
+        let planned = try box.run("plan", "-f", huge, environment: small)
+        #expect(planned.status == 0, "a note, not a refusal: \(planned.stderr)")
+        #expect(
+            planned.stderr.contains(
+                "note: the pools' 2000 VMs want more than this host has: 128000 vCPUs on 2 CPUs,"
+                    + " 19529.3 TiB of memory on 4 GiB (VMPOOL_CAPACITY)"), "\(planned.stderr)")
+        #expect(planned.stdout.contains("VM 2000 of 2000"), "the plan itself is printed: \(planned.stdout)")
+        // Only what is short is named, and the pools already applied count too: 2 + 3 VMs of
+        // 1 vCPU fit on 5 CPUs, 5 x 1Gi do not fit in 4Gi.
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 2, memoryMiB: 1024), as: "a.yaml")).status == 0)
+        let more = box.write(pool("b", size: 3, memoryMiB: 1024), as: "b.yaml")
+        let memory = try box.run("plan", "-f", more, environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(
+            memory.stderr.contains("note: the pools' 5 VMs want more than this host has: 5 GiB of memory on 4 GiB"),
+            "\(memory.stderr)")
+        #expect(!memory.stderr.contains("vCPUs on"), "\(memory.stderr)")
+        // apply goes ahead, and says so too; a pruned pool no longer counts.
+        let applied = try box.run("apply", "-f", more, environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(applied.status == 0 && applied.stderr.contains("want more than this host has"), "\(applied.stderr)")
+        let pruned = try box.run("plan", "-f", more, "--prune", environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(!pruned.stderr.contains("want more"), "\(pruned.stderr)")
+        // The machine's own capacity is named as such.
+        let machine = try box.run("plan", "-f", huge)
+        #expect(machine.stderr.contains("(the machine's; VMPOOL_CAPACITY declares another)"), "\(machine.stderr)")
+    }
+
+    @Test func hostDemandCountsEveryVMAndNamesOnlyWhatIsShort() {
+        let demand = HostDemand([pool("a", size: 2, vcpus: 2, memoryMiB: 512, warm: 1), pool("b", size: 1)])
+        #expect(demand.vms == 4 && demand.vcpus == 7 && demand.memoryMiB == 1792, "\(demand)")
+        #expect(demand.overcommitNote(HostCapacity(vcpus: 7, memoryMiB: 1792), configured: true) == nil)
+        let note = demand.overcommitNote(HostCapacity(vcpus: 6, memoryMiB: 4096), configured: true)
+        #expect(note?.contains("7 vCPUs on 6 CPUs (VMPOOL_CAPACITY)") == true, "\(note ?? "nil")")
+        #expect(HostDemand.size(512) == "512 MiB" && HostDemand.size(1024) == "1 GiB")
+        #expect(HostDemand.size(23_995) == "23.4 GiB" && HostDemand.size(3 * 1024 * 1024) == "3 TiB")
+    }
 }
