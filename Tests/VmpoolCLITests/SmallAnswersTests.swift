@@ -142,10 +142,33 @@ struct SmallAnswersTests {
         let clone = VMRecord(
             id: "t-000001", pool: "t", state: .running, boot: .template, shape: shape, templateID: "t-tmpl-000001",
             createdAt: Date())
-        let hint = Vmpool.Logs.emptyCloneHint(clone)
-        #expect(hint?.contains("t-tmpl-000001") == true && hint?.contains("template") == true, "\(hint ?? "nil")")
+        let hint = Vmpool.Logs.emptyCloneHint(clone, templateLogKept: true)
+        #expect(
+            hint
+                == "vmpool logs: VM t-000001 was cloned from template t-tmpl-000001 and has printed nothing since;"
+                + " its boot output is the template's: vmpool logs t-tmpl-000001")
+        let replaced = Vmpool.Logs.emptyCloneHint(clone, templateLogKept: false)
+        #expect(replaced?.contains("has been replaced since") == true, "\(replaced ?? "nil")")
+        #expect(replaced?.contains("vmpool logs t-tmpl") == false, "no pointer to a log that is gone")
         let cold = VMRecord(id: "c-000001", pool: "c", state: .running, boot: .cold, shape: shape, createdAt: Date())
-        #expect(Vmpool.Logs.emptyCloneHint(cold) == nil, "a VM that booted itself needs no hint")
+        #expect(Vmpool.Logs.emptyCloneHint(cold, templateLogKept: true) == nil, "a VM that booted itself needs no hint")
+    }
+
+    @Test func logsOfATemplateIdIsTheTemplatesBootNotAnUnknownVM() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("t", size: 1, boot: .template))).status == 0)
+        let described = try box.binary.run(["describe", "pool", "t", "-o", "json", "--state-dir", box.state])
+        let object = try JSONSerialization.jsonObject(with: Data(described.stdout.utf8)) as? [String: Any]
+        let template = try #require(
+            (object?["templates"] as? [[String: Any]])?.first?["id"] as? String, "\(described.stdout)")
+        // The sim driver runs no guests: logs says so for a template as for a VM.
+        let logs = try box.run("logs", template)
+        #expect(logs.status == 1, "\(logs.stderr)")
+        #expect(logs.stderr.contains("runs no guests"), "\(logs.stderr)")
+        #expect(!logs.stderr.contains("no VM named"), "a template's id is known: \(logs.stderr)")
+        let unknown = try box.run("logs", "t-nosuch")
+        #expect(unknown.status == 1 && unknown.stderr.contains("no VM named \"t-nosuch\""), "\(unknown.stderr)")
     }
 
     @Test func aBadLogLevelOrFormatFromTheEnvironmentNamesTheVariable() throws {
