@@ -95,6 +95,16 @@ struct SmallAnswersTests {
         #expect(hosts.first?["vms"] as? Int == 2)
         #expect(hosts.first?["state"] as? String == "ready")
         #expect(((hosts.first?["used"] as? [String: Any])?["vcpus"] as? Int) == 2)
+        let machine = hosts.first?["capacity"] as? [String: Any]
+        #expect(machine?["vcpus"] as? Int == ProcessInfo.processInfo.activeProcessorCount, "\(hosts)")
+        #expect(hosts.first?["name"] as? String == ProcessInfo.processInfo.hostName, "\(hosts)")
+        // The name and the capacity it is given, as a shared store's host would declare them.
+        let declaring = ["VMPOOL_HOST": "box-1", "VMPOOL_CAPACITY": "vcpus=3,memory=2Gi"]
+        let declared = try box.run("get", "hosts", "-o", "json", environment: declaring)
+        let host = try JSONSerialization.jsonObject(with: Data(declared.stdout.utf8)) as? [[String: Any]]
+        #expect(host?.first?["name"] as? String == "box-1", "\(declared.stdout)\(declared.stderr)")
+        let capacity = host?.first?["capacity"] as? [String: Any]
+        #expect(capacity?["vcpus"] as? Int == 3 && capacity?["memoryMiB"] as? Int == 2048, "\(declared.stdout)")
     }
 
     @Test func execUsageErrorsAreVmpoolsOwnFailure125() throws {
