@@ -87,7 +87,11 @@ struct QemuSafetyTests {
         #expect(eventually(timeout: .seconds(30)) { !box.qemuProcesses().isEmpty }, "the apply started no QEMU")
         let signalled = Date()
         waiting.kill(SIGTERM)
-        usleep(200_000)
+        // The second once the first was taken (two pending SIGTERMs would be one).
+        let shuttingDown = eventually(timeout: .seconds(10)) {
+            ((try? String(contentsOfFile: waiting.errPath, encoding: .utf8)) ?? "").contains("signal again")
+        }
+        #expect(shuttingDown, "the first SIGTERM was not taken as a shutdown")
         waiting.kill(SIGTERM)
         let interrupted = waiting.wait()
         #expect(Date().timeIntervalSince(signalled) < 15, "two SIGTERMs took \(Date().timeIntervalSince(signalled)) s")
