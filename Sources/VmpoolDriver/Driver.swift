@@ -338,4 +338,7 @@ public protocol GuestAccess: Sendable {
     /// The host file holding the output of the setup steps of template `id` (or, when
     /// `template` is false, of the cold VM `id`), if it has one.
     func setupLog(of id: String, template: Bool) -> String?
+    /// The host file holding template `id`'s serial console output up to its save (the boot
+    /// its clones share but never print themselves), if it has one.
+    func bootLog(ofTemplate id: String) -> String?
 }

@@ -47,6 +47,22 @@ enum ConsoleLog {
         }
     }
 
+    /// Copies the console output of `machine` (what is still in the ring, then the log) to
+    /// `path`, before the machine's run dir goes: a template's boot, which its clones never
+    /// print. Best effort: a template without its boot log is still a template.
+    static func keep(_ machine: QemuVM, as path: String) {
+        _ = try? drain(machine)
+        let bytes = history(machine)
+        let temporary = path + ".tmp"
+        unlink(temporary)
+        do throws(DriverError) {
+            try append(bytes, to: temporary)
+            guard rename(temporary, path) == 0 else { throw DriverError(.io, "cannot move \(temporary)") }
+        } catch {
+            unlink(temporary)
+        }
+    }
+
     /// The older part, then the current one.
     static func history(_ machine: QemuVM) -> [UInt8] {
         let path = machine.paths.consoleLog(machine.id)

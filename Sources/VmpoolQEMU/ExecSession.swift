@@ -401,6 +401,11 @@ extension QemuDriver: GuestAccess {
         return access(path, R_OK) == 0 ? path : nil
     }
 
+    public func bootLog(ofTemplate id: String) -> String? {
+        let path = paths.bootLog(template: id)
+        return access(path, R_OK) == 0 ? path : nil
+    }
+
     public func exec(_ vm: VMRef, _ request: ExecRequest, streams: ExecStreams) async throws(DriverError)
         -> ExecOutcome
     {

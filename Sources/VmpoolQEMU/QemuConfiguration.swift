@@ -143,6 +143,9 @@ struct QemuPaths: Sendable {
     func stateFile(template id: String) -> String { templateRoot + "/" + id + ".state" }
     /// The output of a template's setup steps, kept as long as the template.
     func setupLog(template id: String) -> String { templateRoot + "/" + id + ".setup.log" }
+    /// A template's serial console output up to its save (its clones' boot), kept as long as
+    /// the template: its process and run dir go once its memory is saved.
+    func bootLog(template id: String) -> String { templateRoot + "/" + id + ".boot.log" }
     /// The output of a cold VM's setup steps, kept as long as the VM.
     func setupLog(_ id: String) -> String { vmDirectory(id) + "/setup.log" }
     /// A template's disk, frozen when its memory was saved; clones' overlays are made over it.

@@ -200,9 +200,11 @@ public final class QemuDriver: HypervisorDriver {
                 guard rename(stateFile + ".tmp", stateFile) == 0 else {
                     throw DriverError(.io, "cannot move the template state into place", vm: template.id)
                 }
+                ConsoleLog.keep(machine, as: self.paths.bootLog(template: template.id))
             } catch {
                 unlink(memoryFile)
                 unlink(stateFile + ".tmp")
+                unlink(self.paths.bootLog(template: template.id))
                 for disk in disks { unlink(disk.path) }
                 throw error
             }
@@ -424,6 +426,7 @@ public final class QemuDriver: HypervisorDriver {
         unlink(paths.stateFile(template: id))
         unlink(paths.stateFile(template: id) + ".tmp")
         unlink(paths.setupLog(template: id))
+        unlink(paths.bootLog(template: id))
         let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
         for file in files where file.hasPrefix(id + ".disk-") { unlink(paths.templateRoot + "/" + file) }
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone

@@ -121,10 +121,9 @@ extension Reconciler {
         }
     }
 
-    /// Runs one action, journaling each driver call before it happens.
-    /// Runs one action. `plannedLeased` says whether the plan saw its VM leased: an action on
-    /// a VM whose lease came or went since does nothing (the VM is its holder's now, or
-    /// stopping), and the next pass plans anew.
+    /// Runs one action, journaling each driver call before it happens. `plannedLeased` says
+    /// whether the plan saw its VM leased: an action on a VM whose lease came or went since
+    /// does nothing (the VM is its holder's now, or stopping), and the next pass plans anew.
     func run(_ action: Action, pool: DesiredPool?, plannedLeased: Bool) async -> ActionResult {
         var logger = self.logger
         logger[metadataKey: "pool"] = "\(action.pool)"
@@ -352,8 +351,6 @@ extension Reconciler {
             event: Event(pool: record.pool, vm: record.id, kind: "stopped", message: reason))
     }
 
-    /// Builds a new template, then retires the pool's older ones (running clones keep their
-    /// mapping of the old memory file; new clones use the new template).
     /// Makes what a network needs on the host (a bridge), recording a bridge vmpool made so
     /// that it goes when no pool uses it any more.
     func ensureNetwork(_ shape: NetworkShape?) async throws {
@@ -365,6 +362,8 @@ extension Reconciler {
         }
     }
 
+    /// Builds a new template, then retires the pool's older ones (running clones keep their
+    /// mapping of the old memory file; new clones use the new template).
     private func buildTemplate(_ pool: DesiredPool) async throws {
         try await ensureNetwork(pool.shape.network)
         let ref = TemplateRef(

@@ -95,6 +95,16 @@ struct SmallAnswersTests {
         #expect(hosts.first?["vms"] as? Int == 2)
         #expect(hosts.first?["state"] as? String == "ready")
         #expect(((hosts.first?["used"] as? [String: Any])?["vcpus"] as? Int) == 2)
+        let machine = hosts.first?["capacity"] as? [String: Any]
+        #expect(machine?["vcpus"] as? Int == ProcessInfo.processInfo.activeProcessorCount, "\(hosts)")
+        #expect(hosts.first?["name"] as? String == ProcessInfo.processInfo.hostName, "\(hosts)")
+        // The name and the capacity it is given, as a shared store's host would declare them.
+        let declaring = ["VMPOOL_HOST": "box-1", "VMPOOL_CAPACITY": "vcpus=3,memory=2Gi"]
+        let declared = try box.run("get", "hosts", "-o", "json", environment: declaring)
+        let host = try JSONSerialization.jsonObject(with: Data(declared.stdout.utf8)) as? [[String: Any]]
+        #expect(host?.first?["name"] as? String == "box-1", "\(declared.stdout)\(declared.stderr)")
+        let capacity = host?.first?["capacity"] as? [String: Any]
+        #expect(capacity?["vcpus"] as? Int == 3 && capacity?["memoryMiB"] as? Int == 2048, "\(declared.stdout)")
     }
 
     @Test func execUsageErrorsAreVmpoolsOwnFailure125() throws {
@@ -142,10 +152,33 @@ struct SmallAnswersTests {
         let clone = VMRecord(
             id: "t-000001", pool: "t", state: .running, boot: .template, shape: shape, templateID: "t-tmpl-000001",
             createdAt: Date())
-        let hint = Vmpool.Logs.emptyCloneHint(clone)
-        #expect(hint?.contains("t-tmpl-000001") == true && hint?.contains("template") == true, "\(hint ?? "nil")")
+        let hint = Vmpool.Logs.emptyCloneHint(clone, templateLogKept: true)
+        #expect(
+            hint
+                == "vmpool logs: VM t-000001 was cloned from template t-tmpl-000001 and has printed nothing since;"
+                + " its boot output is the template's: vmpool logs t-tmpl-000001")
+        let replaced = Vmpool.Logs.emptyCloneHint(clone, templateLogKept: false)
+        #expect(replaced?.contains("has been replaced since") == true, "\(replaced ?? "nil")")
+        #expect(replaced?.contains("vmpool logs t-tmpl") == false, "no pointer to a log that is gone")
         let cold = VMRecord(id: "c-000001", pool: "c", state: .running, boot: .cold, shape: shape, createdAt: Date())
-        #expect(Vmpool.Logs.emptyCloneHint(cold) == nil, "a VM that booted itself needs no hint")
+        #expect(Vmpool.Logs.emptyCloneHint(cold, templateLogKept: true) == nil, "a VM that booted itself needs no hint")
+    }
+
+    @Test func logsOfATemplateIdIsTheTemplatesBootNotAnUnknownVM() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        #expect(try box.run("apply", "-f", box.write(pool("t", size: 1, boot: .template))).status == 0)
+        let described = try box.binary.run(["describe", "pool", "t", "-o", "json", "--state-dir", box.state])
+        let object = try JSONSerialization.jsonObject(with: Data(described.stdout.utf8)) as? [String: Any]
+        let template = try #require(
+            (object?["templates"] as? [[String: Any]])?.first?["id"] as? String, "\(described.stdout)")
+        // The sim driver runs no guests: logs says so for a template as for a VM.
+        let logs = try box.run("logs", template)
+        #expect(logs.status == 1, "\(logs.stderr)")
+        #expect(logs.stderr.contains("runs no guests"), "\(logs.stderr)")
+        #expect(!logs.stderr.contains("no VM named"), "a template's id is known: \(logs.stderr)")
+        let unknown = try box.run("logs", "t-nosuch")
+        #expect(unknown.status == 1 && unknown.stderr.contains("no VM named \"t-nosuch\""), "\(unknown.stderr)")
     }
 
     @Test func aBadLogLevelOrFormatFromTheEnvironmentNamesTheVariable() throws {
@@ -204,5 +237,58 @@ struct SmallAnswersTests {
         #expect(abs(eventTime.timeIntervalSince(saved)) < 0.2, "saved \(saved), event \(eventTime)")
         let text = try box.run("describe", "pool", "t")
         #expect(text.stdout.contains("saved \(template["savedAt"] as? String ?? "?")"), "\(text.stdout)")
+    }
+
+    @Test func planNotesPoolsThatWantMoreThanTheHostHas() throws {
+        let box = Sandbox()
+        defer { box.dir.remove() }
+        let small = ["VMPOOL_CAPACITY": "vcpus=2,memory=4Gi"]
+        // Within the host: no note.
+        let fits = box.write(pool("a", size: 2), as: "fits.yaml")
+        let quiet = try box.run("plan", "-f", fits, environment: small)
+        #expect(quiet.status == 0 && !quiet.stderr.contains("want more"), "\(quiet.stderr)")
+        // The new user's pool: 1000 VMs and 1000 warm ones, 64 vCPUs and 9999Gi each.
+        let huge = box.dir.write(
+            "huge.yaml",
+            """
+            apiVersion: vmpool/v1
+            kind: Pool
+            metadata: {name: huge}
+            spec: {size: 1000, warm: 1000, vcpus: 64, memory: 9999Gi}
+            """)
+        let planned = try box.run("plan", "-f", huge, environment: small)
+        #expect(planned.status == 0, "a note, not a refusal: \(planned.stderr)")
+        #expect(
+            planned.stderr.contains(
+                "note: the pools' 2000 VMs want more than this host has: 128000 vCPUs on 2 CPUs,"
+                    + " 19529.3 TiB of memory on 4 GiB (VMPOOL_CAPACITY)"), "\(planned.stderr)")
+        #expect(planned.stdout.contains("VM 2000 of 2000"), "the plan itself is printed: \(planned.stdout)")
+        // Only what is short is named, and the pools already applied count too: 2 + 3 VMs of
+        // 1 vCPU fit on 5 CPUs, 5 x 1Gi do not fit in 4Gi.
+        #expect(try box.run("apply", "-f", box.write(pool("a", size: 2, memoryMiB: 1024), as: "a.yaml")).status == 0)
+        let more = box.write(pool("b", size: 3, memoryMiB: 1024), as: "b.yaml")
+        let memory = try box.run("plan", "-f", more, environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(
+            memory.stderr.contains("note: the pools' 5 VMs want more than this host has: 5 GiB of memory on 4 GiB"),
+            "\(memory.stderr)")
+        #expect(!memory.stderr.contains("vCPUs on"), "\(memory.stderr)")
+        // apply goes ahead, and says so too; a pruned pool no longer counts.
+        let applied = try box.run("apply", "-f", more, environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(applied.status == 0 && applied.stderr.contains("want more than this host has"), "\(applied.stderr)")
+        let pruned = try box.run("plan", "-f", more, "--prune", environment: ["VMPOOL_CAPACITY": "vcpus=5,memory=4Gi"])
+        #expect(!pruned.stderr.contains("want more"), "\(pruned.stderr)")
+        // The machine's own capacity is named as such.
+        let machine = try box.run("plan", "-f", huge)
+        #expect(machine.stderr.contains("(the machine's; VMPOOL_CAPACITY declares another)"), "\(machine.stderr)")
+    }
+
+    @Test func hostDemandCountsEveryVMAndNamesOnlyWhatIsShort() {
+        let demand = HostDemand([pool("a", size: 2, vcpus: 2, memoryMiB: 512, warm: 1), pool("b", size: 1)])
+        #expect(demand.vms == 4 && demand.vcpus == 7 && demand.memoryMiB == 1792, "\(demand)")
+        #expect(demand.overcommitNote(HostCapacity(vcpus: 7, memoryMiB: 1792), configured: true) == nil)
+        let note = demand.overcommitNote(HostCapacity(vcpus: 6, memoryMiB: 4096), configured: true)
+        #expect(note?.contains("7 vCPUs on 6 CPUs (VMPOOL_CAPACITY)") == true, "\(note ?? "nil")")
+        #expect(HostDemand.size(512) == "512 MiB" && HostDemand.size(1024) == "1 GiB")
+        #expect(HostDemand.size(23_995) == "23.4 GiB" && HostDemand.size(3 * 1024 * 1024) == "3 TiB")
     }
 }

@@ -87,7 +87,11 @@ struct QemuSafetyTests {
         #expect(eventually(timeout: .seconds(30)) { !box.qemuProcesses().isEmpty }, "the apply started no QEMU")
         let signalled = Date()
         waiting.kill(SIGTERM)
-        usleep(200_000)
+        // The second once the first was taken (two pending SIGTERMs would be one).
+        let shuttingDown = eventually(timeout: .seconds(10)) {
+            ((try? String(contentsOfFile: waiting.errPath, encoding: .utf8)) ?? "").contains("signal again")
+        }
+        #expect(shuttingDown, "the first SIGTERM was not taken as a shutdown")
         waiting.kill(SIGTERM)
         let interrupted = waiting.wait()
         #expect(Date().timeIntervalSince(signalled) < 15, "two SIGTERMs took \(Date().timeIntervalSince(signalled)) s")
@@ -220,16 +224,22 @@ struct QemuSafetyTests {
         #expect(box.qemuProcesses().count == 4, "2 VMs and 2 standbys, no more")
     }
 
-    @Test func theKVMProbeKilledHalfwayIsStoppedByTheNextRun() throws {
-        try #require(access("/dev/kvm", F_OK) == 0, "no /dev/kvm: the probe does not run here")
+    @Test(.enabled(if: QemuEnvironment.kvmSkipReason == nil, "\(QemuEnvironment.kvmSkipReason ?? "")"))
+    func theKVMProbeKilledHalfwayIsStoppedByTheNextRun() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }
         let file = box.write(pool("probe", size: 1, boot: "cold"))
         let first = try box.binary.start(
             ["apply", "-f", file, "--state-dir", box.state], environment: ["VMPOOL_ACCEL": "auto"])
-        usleep(600_000)
+        // Killed while the probe's QEMU runs (its run dir is on its command line).
+        let probeDirectory = QemuPaths(configuration: QemuConfiguration(stateDirectory: box.state))
+            .vmDirectory(AcceleratorProbe.probeID)
+        let probing = eventually(timeout: .seconds(60)) {
+            !GuestAgentTests.processes(containing: probeDirectory).isEmpty || first.wait(timeout: .zero) != nil
+        }
         first.kill(SIGKILL)
-        _ = first.wait()
+        #expect(first.wait().status == 128 + SIGKILL, "apply ended before the probe was seen")
+        #expect(probing, "no KVM probe within 60 s")
         let repair = try box.run(["reconcile"], environment: ["VMPOOL_ACCEL": "tcg"])
         #expect(repair.status == 0, "\(repair.stderr)")
         let store = try StateStore(directory: box.state)

@@ -124,6 +124,34 @@ struct UsableVMTests {
         #expect(!FileManager.default.fileExists(atPath: box.dir.path + "/x"))
     }
 
+    @Test func aClonesBootIsInItsTemplatesLog() throws {
+        let box = try QemuSandbox()
+        defer { box.tearDown() }
+        try apply(box, pool("cloned", size: 1, boot: "template"))
+        let vm = try #require(try box.ids().first)
+        let described = try box.run(["describe", "pool", "cloned", "-o", "json"])
+        let object = try JSONSerialization.jsonObject(with: Data(described.stdout.utf8)) as? [String: Any]
+        let template = try #require(
+            (object?["templates"] as? [[String: Any]])?.first?["id"] as? String, "\(described.stdout)")
+        // The clone never booted: its log holds only what it printed since, and says where
+        // its boot is.
+        let clone = try box.run(["logs", vm])
+        #expect(clone.status == 0, "\(clone.stderr)")
+        #expect(!clone.stdout.contains("vmpool-guest: ready"), "\(clone.stdout.prefix(500))")
+        #expect(clone.stderr.contains("its boot output is the template's: vmpool logs \(template)"), "\(clone.stderr)")
+        // The template's boot was kept when its memory was saved, its process gone.
+        let boot = try box.run(["logs", template])
+        #expect(boot.status == 0, "\(boot.stderr)")
+        #expect(boot.stdout.contains("vmpool-guest: ready"), "\(boot.stdout)")
+        let last = try box.run(["logs", template, "--tail", "1"])
+        #expect(last.status == 0 && last.stdout.split(separator: "\n").count == 1, "\(last.stdout)")
+        #expect(try box.run(["describe", "pool", "cloned"]).stdout.contains("Boot log:    vmpool logs \(template)"))
+        // A rebuilt template takes its log with it.
+        try apply(box, poolYAML("cloned", size: 1, memory: "320Mi", boot: "template"))
+        let gone = try box.run(["logs", template])
+        #expect(gone.status == 1 && gone.stderr.contains("no VM named"), "\(gone.stderr)")
+    }
+
     @Test func logsAreBoundedAndConsoleAnswers() throws {
         let box = try QemuSandbox()
         defer { box.tearDown() }

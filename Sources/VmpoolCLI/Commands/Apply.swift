@@ -52,6 +52,7 @@ extension Vmpool {
                     return
                 }
                 let plan = try await preview(session, manifests.pools, prune: prunable)
+                noteOvercommit(session, manifests: manifests, pruning: prunable)
                 switch output {
                 case .text:
                     printOut(PlanRenderer.text(plan, pools: manifests.pools))
@@ -73,6 +74,7 @@ extension Vmpool {
                 options, locking: "apply", parallelism: execution.parallel, timeout: timeout.timeout, showProgress: true
             )
             let prunable = prune ? try pruneSet(session, keeping: manifests) : []
+            noteOvercommit(session, manifests: manifests, pruning: prunable)
             let cancellation = Cancellation()
             let reconciler = session.reconciler
             let pools = manifests.pools

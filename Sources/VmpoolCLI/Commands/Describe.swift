@@ -42,6 +42,7 @@ extension Vmpool {
                 description.leaseWaiters = try session.store.leaseWaiters()[name] ?? 0
                 if let guest = session.reconciler.driver as? any GuestAccess {
                     description.setupLogs = templates.compactMap { guest.setupLog(of: $0.ref.id, template: true) }
+                    description.bootLogs = templates.map(\.ref.id).filter { guest.bootLog(ofTemplate: $0) != nil }
                 }
                 if session.cluster != nil {
                     description.placement = try session.store.placements().filter { $0.pool == name }
@@ -164,6 +165,8 @@ struct PoolDescription {
     var leaseWaiters = 0
     /// Where the output of the templates' setup steps is kept.
     var setupLogs: [String] = []
+    /// The templates whose boot output is kept (`vmpool logs TEMPLATE`).
+    var bootLogs: [String] = []
 
     var text: String {
         let spec = stored.spec
@@ -215,6 +218,7 @@ struct PoolDescription {
                     }
                     .joined(separator: "; ")))
         for log in setupLogs { lines.append("Setup log:   \(log)") }
+        for template in bootLogs { lines.append("Boot log:    vmpool logs \(template)") }
         lines.append(
             "Standbys:    \(standbys.filter(\.1).count) ready"
                 + (standbys.isEmpty ? "" : " (\(standbys.map(\.0.id).joined(separator: ", ")))"))

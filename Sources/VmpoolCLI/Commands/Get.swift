@@ -106,12 +106,10 @@ extension Vmpool.Get {
                 }
             } else {
                 // The store is this host's own (SQLite): the one host is this one, offering the
-                // machine's CPUs and memory.
+                // machine's CPUs and memory, or what VMPOOL_CAPACITY declares.
                 let record = HostRecord(
                     name: try options.resolvedHost(), epoch: 0,
-                    capacity: HostCapacity(
-                        vcpus: ProcessInfo.processInfo.activeProcessorCount,
-                        memoryMiB: Int(ProcessInfo.processInfo.physicalMemory >> 20)),
+                    capacity: try HostCapacity.resolve(flag: nil, environment: options.environment),
                     heartbeatAt: now, registeredAt: now)
                 rows = [HostRow(record: record, alive: true, vms: vms, now: now)]
             }

@@ -31,10 +31,19 @@ extension Vmpool {
         func run() async throws {
             let tail = self.tail
             let follow = self.follow
+            if let code = await Self.templateLog(options: options, id: vm, tail: tail) {
+                if code != 0 { throw ExitCode.failure }
+                return
+            }
             let code = await GuestCommand.run(options: options, vm: vm, requireRunning: false, entering: nil) {
                 access, record in
                 var history = try await access.consoleLog(record.ref)
-                if history.isEmpty, let hint = Self.emptyCloneHint(record) { printError(hint) }
+                if history.isEmpty,
+                    let hint = Self.emptyCloneHint(
+                        record, templateLogKept: record.templateID.flatMap(access.bootLog(ofTemplate:)) != nil)
+                {
+                    printError(hint)
+                }
                 if let tail { history = Self.lastLines(history, tail) }
                 try Self.emit(history)
                 while follow {
@@ -76,13 +85,48 @@ extension Vmpool {
         }
 
         /// Why a clone's log is empty: it never booted; its template did, and the template's
-        /// console is gone with the template's process. `nil` for a VM that booted itself.
-        static func emptyCloneHint(_ record: VMRecord) -> String? {
+        /// boot output is kept with the template (`vmpool logs TEMPLATE`) until the template is
+        /// rebuilt. `nil` for a VM that booted itself.
+        static func emptyCloneHint(_ record: VMRecord, templateLogKept: Bool) -> String? {
             guard let template = record.templateID else { return nil }
-            return "vmpool logs: \(record.id) was cloned from template \(template) of pool \(record.pool), so its boot"
-                + " output belongs to the template, whose console is not kept; this log holds only what the guest"
-                + " printed after the clone, and it has printed nothing yet (vmpool describe pool \(record.pool)"
-                + " shows the template; a boot: cold VM logs its own boot)"
+            let intro =
+                "vmpool logs: VM \(record.id) was cloned from template \(template) and has printed nothing since;"
+                + " its boot output is the template's"
+            guard templateLogKept else {
+                return intro + ", and that template has been replaced since (its log went with it;"
+                    + " vmpool describe pool \(record.pool) shows the current one)"
+            }
+            return intro + ": vmpool logs \(template)"
+        }
+
+        /// `logs` of a template's id: its boot, kept from before its save (a saved template
+        /// prints nothing more, so `--follow` has nothing to wait for). `nil` when `id` names no
+        /// template of this host, so that it is looked up as a VM; else the exit status.
+        static func templateLog(options: GlobalOptions, id: String, tail: Int?) async -> Int32? {
+            guard let session = try? await Session(options, locking: nil, create: false),
+                (try? session.store.vm(id)) == .some(nil),
+                let template = try? session.store.templates().first(where: { $0.ref.id == id })
+            else { return nil }
+            do {
+                guard let access = session.reconciler.driver as? any GuestAccess else {
+                    let driver = session.reconciler.driver.name
+                    throw CommandFailure(description: "the \(driver) driver runs no guests; this needs --driver qemu")
+                }
+                guard let path = access.bootLog(ofTemplate: id), let data = FileManager.default.contents(atPath: path)
+                else {
+                    throw CommandFailure(
+                        description: template.state == .building
+                            ? "template \(id) is being built; its boot output is kept once its memory is saved"
+                            : "template \(id) has no boot output kept (it was saved by an older vmpool)")
+                }
+                var bytes = [UInt8](data)
+                if let tail { bytes = lastLines(bytes, tail) }
+                try emit(bytes)
+                return 0
+            } catch {
+                printError("vmpool: \(error)")
+                return 1
+            }
         }
 
         static func lastLines(_ bytes: [UInt8], _ count: Int) -> [UInt8] {

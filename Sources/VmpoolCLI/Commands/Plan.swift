@@ -45,6 +45,7 @@ extension Vmpool {
             }
             let plan = try await preview(session, manifests.pools, prune: prunable)
             noteAbsentPools(session, manifests: manifests, pruning: prune)
+            noteOvercommit(session, manifests: manifests, pruning: prunable)
             switch output {
             case .text: printOut(PlanRenderer.text(plan, pools: manifests.pools))
             case .json: printOut(try PlanRenderer.json(plan, results: nil))

@@ -41,35 +41,9 @@ extension Vmpool {
             help: "Bearer token the HTTP API requires (a file of mode 0600); needed to listen beyond loopback.")
         var tokenFile: String?
 
-        /// `--capacity`, or what the machine has.
+        /// `--capacity`, else `VMPOOL_CAPACITY`, else what the machine has.
         func resolvedCapacity() throws -> HostCapacity {
-            let fromEnvironment = capacity == nil
-            let name = fromEnvironment ? "VMPOOL_CAPACITY" : "--capacity"
-            var result = HostCapacity(
-                vcpus: ProcessInfo.processInfo.activeProcessorCount,
-                memoryMiB: Int(ProcessInfo.processInfo.physicalMemory / 1_048_576))
-            guard let text = capacity ?? ProcessInfo.processInfo.environment["VMPOOL_CAPACITY"], !text.isEmpty else {
-                return result
-            }
-            for part in text.split(separator: ",", omittingEmptySubsequences: false) {
-                let pair = part.split(separator: "=", maxSplits: 1).map(String.init)
-                switch (pair.first, pair.count == 2 ? pair[1] : nil) {
-                case ("vcpus", let value?):
-                    guard let n = Int(value), (1...100_000).contains(n) else {
-                        throw ValidationError("\(name): vcpus: expected an integer from 1 to 100000, got \"\(value)\"")
-                    }
-                    result.vcpus = n
-                case ("memory", let value?):
-                    guard let mib = MemoryQuantity.parse(value) ?? Int(value).flatMap({ $0 >= 64 ? $0 : nil }) else {
-                        throw ValidationError("\(name): memory: \(MemoryQuantity.expectation), got \"\(value)\"")
-                    }
-                    result.memoryMiB = mib
-                default:
-                    throw ValidationError(
-                        "\(name): expected vcpus=N,memory=SIZE (like vcpus=16,memory=64Gi), got \"\(text)\"")
-                }
-            }
-            return result
+            try HostCapacity.resolve(flag: capacity, environment: options.environment)
         }
 
         func validate() throws {
