@@ -161,9 +161,7 @@ struct ServiceAPITests {
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
         let token = "s3cret-" + UUID().uuidString
-        let tokenFile = box.dir.write("token", token + "\n")
-        chmod(tokenFile, 0o600)
-        let service = try APIService(box, extra: ["--token-file", tokenFile])
+        let service = try APIService(box, token: token)
         defer { service.stop() }
         let http = try service.connect()
 
@@ -343,6 +341,13 @@ final class APIService {
             let result = command.wait()
             throw HTTPError("the service did not answer on \(listen): exit \(result.status), \(result.stderr)")
         }
+    }
+
+    /// The service requiring `token`, given in a file of mode 0600.
+    convenience init(_ box: Sandbox, token: String) throws {
+        let file = box.dir.write("token", token + "\n")
+        chmod(file, 0o600)
+        try self.init(box, extra: ["--token-file", file])
     }
 
     func connect() throws -> HTTPConnection {

@@ -52,9 +52,7 @@ struct StatusPageServiceTests {
         defer { box.dir.remove() }
         #expect(try box.run("apply", "-f", box.write(pool(size: 1))).status == 0)
         let token = "s3cret-" + UUID().uuidString
-        let tokenFile = box.dir.write("token", token + "\n")
-        chmod(tokenFile, 0o600)
-        let service = try APIService(box, extra: ["--token-file", tokenFile])
+        let service = try APIService(box, token: token)
         defer { service.stop() }
         let http = try service.connect()
 
