@@ -97,23 +97,29 @@ public struct StatusSnapshot: Sendable {
     ]
 
     /// The snapshot of `observation`. `standbyCounts`: the ready standbys whose process lives;
+    /// `failures`: the newest events of `failureKinds` (each pool's last error), when read
+    /// apart from `events`;
     /// `hosts` the shared store's hosts (empty on a store of one host); `events` newest last,
     /// as the store gives them.
     public init(
         observation: Observation, standbyCounts: [String: Int], hosts: [HostRecord], hostTimeout: Duration?,
-        events: [Event], waiters: [String: Int], history: PoolHistory?, host: String, now: Date = Date()
+        events: [Event], failures: [Event]? = nil, waiters: [String: Int], history: PoolHistory?, host: String,
+        now: Date = Date()
     ) {
         let readiness = observation.readiness()
         let templates = Dictionary(grouping: observation.templates, by: \.ref.pool)
-        var failures: [String: Problem] = [:]
-        for event in events.reversed() where Self.failureKinds.contains(event.kind) && failures[event.pool] == nil {
-            failures[event.pool] = Problem(at: event.at, vm: event.vm, text: event.message)
+        var lastErrors: [String: Problem] = [:]
+        for event in (failures ?? events).reversed()
+        where Self.failureKinds.contains(event.kind) && lastErrors[event.pool] == nil {
+            lastErrors[event.pool] = Problem(at: event.at, vm: event.vm, text: event.message)
         }
         let rows = VMRow.rows(observation)
         // A VM being created or stopped now is not a failure; one that is failed says why.
         for row in rows.reversed() where row.state == "failed" {
-            guard failures[row.record.pool] == nil, let problem = row.problem ?? row.record.lastError else { continue }
-            failures[row.record.pool] = Problem(at: nil, vm: row.record.id, text: problem)
+            guard lastErrors[row.record.pool] == nil, let problem = row.problem ?? row.record.lastError else {
+                continue
+            }
+            lastErrors[row.record.pool] = Problem(at: nil, vm: row.record.id, text: problem)
         }
         pools = observation.pools.sorted { $0.spec.name < $1.spec.name }.map { stored in
             let spec = stored.spec
@@ -122,7 +128,7 @@ public struct StatusSnapshot: Sendable {
                 boot: spec.boot.rawValue, readiness: readiness[spec.name] ?? Readiness(),
                 standbys: standbyCounts[spec.name] ?? 0, waiting: waiters[spec.name] ?? 0,
                 template: Self.template(templates[spec.name] ?? [], present: observation.templatesPresent),
-                lastError: failures[spec.name], deleting: stored.deleting,
+                lastError: lastErrors[spec.name], deleting: stored.deleting,
                 history: history?.samples(spec.name, now: now) ?? [])
         }
         vms = rows.sorted {
@@ -168,9 +174,8 @@ public struct StatusSnapshot: Sendable {
 }
 
 extension StatusSnapshot {
-    /// How many of the newest events a snapshot reads: the page lists `StatusPage.maxEvents`
-    /// of them, and a pool's last error is looked for in all of them.
-    public static let eventsRead = 1000
+    /// How many of the newest failure events a snapshot reads for the pools' last errors.
+    public static let failuresRead = 500
 
     /// Reads a snapshot of the whole store (every host's VMs on a shared store) as the
     /// service sees it now.
@@ -181,7 +186,9 @@ extension StatusSnapshot {
         return StatusSnapshot(
             observation: observation, standbyCounts: try await reconciler.liveStandbyCounts(),
             hosts: cluster == nil ? [] : try store.hosts(), hostTimeout: cluster?.hostTimeout,
-            events: try store.events(limit: eventsRead), waiters: try store.leaseWaiters(), history: history,
+            events: try store.events(limit: StatusPage.maxEvents),
+            failures: try store.events(kinds: failureKinds, limit: failuresRead), waiters: try store.leaseWaiters(),
+            history: history,
             host: store.host.isEmpty ? ProcessInfo.processInfo.hostName : store.host)
     }
 }

@@ -32,7 +32,8 @@ extension StateStore {
     /// Events in the order they happened: of `pool` or `vm` (or all), at or after `since`, after
     /// the event `afterID` (to follow new ones), at most `limit` of the newest.
     public func events(
-        pool: String? = nil, vm: String? = nil, since: Date? = nil, afterID: Int64 = 0, limit: Int = 1000
+        pool: String? = nil, vm: String? = nil, kinds: Set<String>? = nil, since: Date? = nil, afterID: Int64 = 0,
+        limit: Int = 1000
     ) throws(StoreError) -> [Event] {
         try read { db in
             var conditions = ["id > ?"]
@@ -44,6 +45,10 @@ extension StateStore {
             if let vm {
                 conditions.append("vm = ?")
                 arguments.append(vm)
+            }
+            if let kinds {
+                conditions.append("kind IN (\(kinds.map { _ in "?" }.joined(separator: ", ")))")
+                arguments += kinds.sorted().map { $0 as any SQLBindable }
             }
             if let since {
                 conditions.append("at >= ?")

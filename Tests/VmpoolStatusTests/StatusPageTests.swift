@@ -139,6 +139,23 @@ struct StatusPageTests {
         #expect(filtered.contains("No VMs match the filter."))
     }
 
+    /// The page lists the newest events; a pool's last error is read apart, so a failure older
+    /// than every listed event is still the pool's last error.
+    @Test func aPoolsLastErrorOutlivesTheListedEvents() async throws {
+        let h = try SimHarness()
+        defer { h.directory.remove() }
+        _ = try await h.reconciler.apply([pool("web", size: 1)], prune: [])
+        try h.store.record(Event(pool: "web", kind: "launch-failed", message: "the disk is full"))
+        for index in 0..<(StatusPage.maxEvents + 50) {
+            try h.store.record(Event(pool: "web", kind: "note", message: "event \(index)"))
+        }
+        let snapshot = try await StatusSnapshot.read(reconciler: h.reconciler, history: nil)
+        #expect(snapshot.events.count == StatusPage.maxEvents)
+        #expect(snapshot.events.first?.message == "event \(StatusPage.maxEvents + 49)", "newest first")
+        #expect(!snapshot.events.contains { $0.kind == "launch-failed" })
+        #expect(snapshot.pools.first?.lastError?.text == "the disk is full")
+    }
+
     @Test func theFilterListsOnlyItsVMs() async throws {
         let h = try SimHarness()
         defer { h.directory.remove() }
