@@ -1,3 +1,4 @@
+// vmpool guest agent, control requests (Q frames) and hello (see agent.h).
 #include "agent.h"
 
 #include <sched.h>
@@ -5,46 +6,72 @@
 // ---------------------------------------------------------------------------------------------
 // Control requests
 
-static void hello(struct port *p, const char *id, char **args, int nargs) {
-    const char *time_s = NULL, *seed_s = NULL, *name_s = NULL, *machine_s = NULL, *net_s = NULL;
+// The arguments of hello, pointing into the request; NULL when not given.
+struct hello_args {
+    const char *time, *seed, *name, *machine, *net;
+};
+
+// Sorts hello's arguments (KEY=VALUE, or the older positional `SEC.FRAC HEX`) into `a`; NULL,
+// or the error to answer (possibly written to `msg`).
+static const char *hello_args(char **args, int nargs, struct hello_args *a, char *msg, size_t size) {
     int positional = 0;
     for (int i = 0; i < nargs; i++) {
         char *eq = strchr(args[i], '=');
         const char **slot = NULL;
         if (!eq) {
             // The older form: `hello SEC.FRAC HEX`.
-            slot = positional == 0 ? &time_s : positional == 1 ? &seed_s : NULL;
+            slot = positional == 0 ? &a->time : positional == 1 ? &a->seed : NULL;
             positional++;
-            if (!slot) {
-                answer(p, id, "error", "too many arguments");
-                return;
-            }
+            if (!slot) return "too many arguments";
             *slot = args[i];
             continue;
         }
         *eq = 0;
         const char *key = args[i], *value = eq + 1;
-        if (strcmp(key, "time") == 0) slot = &time_s;
-        else if (strcmp(key, "seed") == 0) slot = &seed_s;
-        else if (strcmp(key, "name") == 0) slot = &name_s;
-        else if (strcmp(key, "machine") == 0) slot = &machine_s;
-        else if (strcmp(key, "net") == 0) slot = &net_s;
+        if (strcmp(key, "time") == 0) slot = &a->time;
+        else if (strcmp(key, "seed") == 0) slot = &a->seed;
+        else if (strcmp(key, "name") == 0) slot = &a->name;
+        else if (strcmp(key, "machine") == 0) slot = &a->machine;
+        else if (strcmp(key, "net") == 0) slot = &a->net;
         if (!slot) {
-            char msg[80];
-            snprintf(msg, sizeof msg, "unknown key %.40s", key);
-            answer(p, id, "error", msg);
-            return;
+            snprintf(msg, size, "unknown key %.40s", key);
+            return msg;
         }
         *slot = value;
     }
+    return NULL;
+}
+
+// Validates every argument before anything is applied; NULL or the error to answer.
+static const char *hello_check(const struct hello_args *a, struct timespec *ts, struct netconf *nc) {
+    if (a->time && parse_time(a->time, ts) != 0) return "invalid time";
+    if (a->seed && !valid_hex(a->seed)) return "invalid hex";
+    if (a->name && !valid_hostname(a->name)) return "invalid name";
+    if (a->machine && !valid_machine_id(a->machine)) return "invalid machine id";
+    if (a->net && parse_net(a->net, nc) != 0) return "invalid net";
+    return NULL;
+}
+
+// Applies the arguments in order, stopping at the first that fails (its error in `err`).
+static void hello_apply(const struct hello_args *a, const struct timespec *ts, const struct netconf *nc,
+                        int *announce_at, char *err, size_t errlen) {
+    if (a->time && clock_settime(CLOCK_REALTIME, ts) != 0)
+        snprintf(err, errlen, "cannot set the clock: %s", strerror(errno));
+    else if (a->seed && seed(a->seed) != 0)
+        snprintf(err, errlen, "cannot seed the RNG");
+    else if (a->name && set_hostname(a->name, err, errlen) != 0) {
+    } else if (a->machine && set_machine_id(a->machine, err, errlen) != 0) {
+    } else if (a->net && configure_net(nc, announce_at, err, errlen) != 0) {
+    }
+}
+
+static void hello(struct port *p, const char *id, char **args, int nargs) {
+    struct hello_args a = {0};
     struct timespec ts;
     struct netconf nc;
-    const char *invalid = NULL;
-    if (time_s && parse_time(time_s, &ts) != 0) invalid = "invalid time";
-    else if (seed_s && !valid_hex(seed_s)) invalid = "invalid hex";
-    else if (name_s && !valid_hostname(name_s)) invalid = "invalid name";
-    else if (machine_s && !valid_machine_id(machine_s)) invalid = "invalid machine id";
-    else if (net_s && parse_net(net_s, &nc) != 0) invalid = "invalid net";
+    char msg[80];
+    const char *invalid = hello_args(args, nargs, &a, msg, sizeof msg);
+    if (!invalid) invalid = hello_check(&a, &ts, &nc);
     if (invalid) {
         answer(p, id, "error", invalid);
         return;
@@ -58,14 +85,7 @@ static void hello(struct port *p, const char *id, char **args, int nargs) {
     // right after the answer. Commands are never started from here (and would not inherit it).
     struct sched_param first = {.sched_priority = 1};
     int raised = sched_setscheduler(0, SCHED_FIFO | SCHED_RESET_ON_FORK, &first) == 0;
-    if (time_s && clock_settime(CLOCK_REALTIME, &ts) != 0)
-        snprintf(err, sizeof err, "cannot set the clock: %s", strerror(errno));
-    else if (seed_s && seed(seed_s) != 0)
-        snprintf(err, sizeof err, "cannot seed the RNG");
-    else if (name_s && set_hostname(name_s, err, sizeof err) != 0) {
-    } else if (machine_s && set_machine_id(machine_s, err, sizeof err) != 0) {
-    } else if (net_s && configure_net(&nc, &announce_at, err, sizeof err) != 0) {
-    }
+    hello_apply(&a, &ts, &nc, &announce_at, err, sizeof err);
     if (*err) answer(p, id, "error", err);
     else answer(p, id, "ok", "pong");
     port_flush(p);  // the answer first: the host counts the clone ready on it

@@ -1,3 +1,4 @@
+// vmpool guest agent, commands: the C request, fork and exec, pty, stdin, output, exit status (see agent.h).
 #include "agent.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -211,94 +212,87 @@ static const char *parse_request(unsigned char *payload, size_t len, struct requ
     return NULL;
 }
 
-// Forks the command of `rq`; fills `j` or returns why not.
-static const char *launch(struct request *rq, struct job *j) {
-    int status[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, in[2] = {-1, -1};
-    int master = -1;
-    char slave[64] = "";
-    const char *fail = NULL;
-    if (pipe2(status, O_CLOEXEC) != 0) {
-        fail = "pipe";
-    } else if (rq->tty) {
-        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
-        if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 || ptsname_r(master, slave, sizeof slave) != 0)
-            fail = "pty";
-        else
-            ioctl(master, TIOCSWINSZ, &rq->ws);
-    } else if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 ||
-               (rq->want_stdin && pipe2(in, O_CLOEXEC) != 0)) {
-        fail = "pipe";
+// The descriptors a command is started with: the exec status pipe, then the pty master and
+// its slave's name, or pipes for stdout, stderr and (when forwarded) stdin.
+struct channels {
+    int status[2], out[2], err[2], in[2];
+    int master;
+    char slave[64];
+};
+
+// Opens the channels `rq` asks for; NULL or what failed.
+static const char *channels_open(struct request *rq, struct channels *c) {
+    if (pipe2(c->status, O_CLOEXEC) != 0) return "pipe";
+    if (rq->tty) {
+        c->master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (c->master < 0 || grantpt(c->master) != 0 || unlockpt(c->master) != 0 ||
+            ptsname_r(c->master, c->slave, sizeof c->slave) != 0)
+            return "pty";
+        ioctl(c->master, TIOCSWINSZ, &rq->ws);
+        return NULL;
     }
-    pid_t pid = -1;
-    if (!fail) {
-        pid = fork();
-        if (pid < 0) fail = "fork";
+    if (pipe2(c->out, O_CLOEXEC) != 0 || pipe2(c->err, O_CLOEXEC) != 0 ||
+        (rq->want_stdin && pipe2(c->in, O_CLOEXEC) != 0))
+        return "pipe";
+    return NULL;
+}
+
+// In the forked child: the command's signals, session, terminal or pipes, directory and address
+// layout, then exec. Does not return.
+static void child_run(struct request *rq, struct channels *c) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    // Every disposition back to its default: a signal the agent was started with ignored
+    // (SIGINT and SIGQUIT are, under a shell's background job) must reach the command.
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
     }
-    if (pid == 0) {
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        // Every disposition back to its default: a signal the agent was started with ignored
-        // (SIGINT and SIGQUIT are, under a shell's background job) must reach the command.
-        for (int sig = 1; sig < NSIG; sig++) {
-            if (sig != SIGKILL && sig != SIGSTOP) signal(sig, SIG_DFL);
-        }
-        struct sched_param sp = {0};
-        sched_setscheduler(0, SCHED_OTHER, &sp);
-        setsid();
-        if (rq->tty) {
-            int fd = open(slave, O_RDWR);  // the session's controlling terminal
-            if (fd < 0) child_fail(status[1], 1);
-            ioctl(fd, TIOCSCTTY, 0);
-            dup2(fd, 0);
-            dup2(fd, 1);
-            dup2(fd, 2);
-            if (fd > 2) close(fd);
-        } else {
-            int fd0 = rq->want_stdin ? in[0] : open("/dev/null", O_RDONLY | O_CLOEXEC);
-            if (fd0 < 0) child_fail(status[1], 1);
-            dup2(fd0, 0);
-            dup2(out[1], 1);
-            dup2(err[1], 2);
-        }
-        if (chdir(rq->cwd) != 0 && (!rq->cwd_default || chdir("/") != 0)) child_fail(status[1], 3);
-        // Under TCG commands (and what they start) get a fixed address-space layout, unless
-        // the request asks for randomization (VMPOOL_ASLR=1): see under_tcg.
-        if (fixed_layout && !rq->keep_layout) {
-            int persona = personality(0xffffffff);
-            if (persona != -1) personality((unsigned long)persona | ADDR_NO_RANDOMIZE);
-        }
-        environ = rq->envp;  // execvp searches the PATH of the new environment
-        execvp(rq->argv[0], rq->argv);
-        child_fail(status[1], 2);
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_OTHER, &sp);
+    setsid();
+    if (rq->tty) {
+        int fd = open(c->slave, O_RDWR);  // the session's controlling terminal
+        if (fd < 0) child_fail(c->status[1], 1);
+        ioctl(fd, TIOCSCTTY, 0);
+        dup2(fd, 0);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        if (fd > 2) close(fd);
+    } else {
+        int fd0 = rq->want_stdin ? c->in[0] : open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd0 < 0) child_fail(c->status[1], 1);
+        dup2(fd0, 0);
+        dup2(c->out[1], 1);
+        dup2(c->err[1], 2);
     }
-    int saved = errno;
-    close_fd(&status[1]);
-    close_fd(&out[1]);
-    close_fd(&err[1]);
-    close_fd(&in[0]);
-    if (fail) {
-        close_fd(&status[0]);
-        close_fd(&out[0]);
-        close_fd(&err[0]);
-        close_fd(&in[1]);
-        close_fd(&master);
-        errno = saved;
-        return fail;
+    if (chdir(rq->cwd) != 0 && (!rq->cwd_default || chdir("/") != 0)) child_fail(c->status[1], 3);
+    // Under TCG commands (and what they start) get a fixed address-space layout, unless
+    // the request asks for randomization (VMPOOL_ASLR=1): see under_tcg.
+    if (fixed_layout && !rq->keep_layout) {
+        int persona = personality(0xffffffff);
+        if (persona != -1) personality((unsigned long)persona | ADDR_NO_RANDOMIZE);
     }
+    environ = rq->envp;  // execvp searches the PATH of the new environment
+    execvp(rq->argv[0], rq->argv);
+    child_fail(c->status[1], 2);
+}
+
+// In the agent, once the command is forked: its ends of the channels become the job's.
+static void job_attach(struct job *j, struct request *rq, pid_t pid, struct channels *c) {
     j->pid = pid;
-    j->status_fd = status[0];
+    j->status_fd = c->status[0];
     j->pty = rq->tty != NULL;
     if (j->pty) {
-        j->out_fd = master;
+        j->out_fd = c->master;
         j->err_fd = -1;
-        j->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        j->in_fd = fcntl(c->master, F_DUPFD_CLOEXEC, 3);
     } else {
-        j->out_fd = out[0];
-        j->err_fd = err[0];
-        j->in_fd = in[1];
-        fcntl(out[0], F_SETPIPE_SZ, PIPE_SIZE);
-        fcntl(err[0], F_SETPIPE_SZ, PIPE_SIZE);
+        j->out_fd = c->out[0];
+        j->err_fd = c->err[0];
+        j->in_fd = c->in[1];
+        fcntl(c->out[0], F_SETPIPE_SZ, PIPE_SIZE);
+        fcntl(c->err[0], F_SETPIPE_SZ, PIPE_SIZE);
     }
     set_nonblock(j->status_fd);
     set_nonblock(j->out_fd);
@@ -306,6 +300,33 @@ static const char *launch(struct request *rq, struct job *j) {
     if (j->in_fd >= 0) set_nonblock(j->in_fd);
     snprintf(j->argv0, sizeof j->argv0, "%s", rq->argv[0]);
     snprintf(j->cwd, sizeof j->cwd, "%s", rq->cwd);
+}
+
+// Forks the command of `rq`; fills `j` or returns why not.
+static const char *launch(struct request *rq, struct job *j) {
+    struct channels c = {.status = {-1, -1}, .out = {-1, -1}, .err = {-1, -1}, .in = {-1, -1}, .master = -1};
+    const char *fail = channels_open(rq, &c);
+    pid_t pid = -1;
+    if (!fail) {
+        pid = fork();
+        if (pid < 0) fail = "fork";
+    }
+    if (pid == 0) child_run(rq, &c);
+    int saved = errno;
+    close_fd(&c.status[1]);
+    close_fd(&c.out[1]);
+    close_fd(&c.err[1]);
+    close_fd(&c.in[0]);
+    if (fail) {
+        close_fd(&c.status[0]);
+        close_fd(&c.out[0]);
+        close_fd(&c.err[0]);
+        close_fd(&c.in[1]);
+        close_fd(&c.master);
+        errno = saved;
+        return fail;
+    }
+    job_attach(j, rq, pid, &c);
     return NULL;
 }
 

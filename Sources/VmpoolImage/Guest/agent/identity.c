@@ -1,3 +1,4 @@
+// vmpool guest agent, guest facts and identity: CPUs, memory, clock, RNG seed, hostname, machine id (see agent.h).
 #include "agent.h"
 
 #include <ctype.h>

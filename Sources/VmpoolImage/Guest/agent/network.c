@@ -1,3 +1,4 @@
+// vmpool guest agent, interface configuration over rtnetlink (see agent.h).
 #include "agent.h"
 
 #include <arpa/inet.h>

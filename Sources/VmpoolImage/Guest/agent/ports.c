@@ -1,3 +1,4 @@
+// vmpool guest agent, finding and opening the virtio-serial ports; testing mode's notices (see agent.h).
 #include "agent.h"
 
 #include <ctype.h>

@@ -1,3 +1,4 @@
+// vmpool guest agent, frames: the output ring, answers, the frame parser, reading and writing ports (see agent.h).
 #include "agent.h"
 
 #include <sys/ioctl.h>
@@ -60,6 +61,9 @@ void exit_error(struct port *p, int code, const char *message) {
     out_frame(p, 'X', text, (size_t)n);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The frame parser, and reading and writing the port
+
 // Handles one complete non-I frame.
 static void dispatch(struct port *p) {
     unsigned char *payload = p->payload;
@@ -101,103 +105,122 @@ static void dispatch(struct port *p) {
     free(payload);
 }
 
+// What a step of the parser tells its loop: go on, or wait for input, room or the command.
+enum { PARSE_MORE, PARSE_STOP };
+
+// A frame was refused (too large, or no memory for it): in-band, input is skipped up to the
+// next H frame; otherwise it is ignored until the session ends.
+static void parse_refuse(struct port *p) {
+    if (p->inband) {
+        parser_restart(p);
+        p->resync = 1;
+    } else {
+        p->discard = 1;
+    }
+}
+
+// PHASE_HEADER: collects the frame's header.
+static int parse_header(struct port *p) {
+    if (p->resync && p->hdr_len == 0 && !resync(p)) return PARSE_STOP;
+    size_t avail = p->in_end - p->in_start;
+    unsigned char *data = p->in + p->in_start;
+    if (avail == 0) return PARSE_STOP;
+    size_t n = FRAME_HEADER - p->hdr_len < avail ? FRAME_HEADER - p->hdr_len : avail;
+    memcpy(p->hdr + p->hdr_len, data, n);
+    p->hdr_len += n;
+    p->in_start += n;
+    if (p->hdr_len < FRAME_HEADER) return PARSE_STOP;
+    p->type = p->hdr[0];
+    p->len = get32(p->hdr + 1);
+    p->got = 0;
+    p->hdr_len = 0;
+    p->phase = PHASE_CHECK;
+    return PARSE_MORE;
+}
+
+// PHASE_CHECK: refuses a frame that is too large, and makes room for a payload to collect.
+static int parse_check(struct port *p) {
+    if (p->len > MAX_IN_PAYLOAD) {
+        if (out_free(p) < OUT_RESERVE) {
+            p->blocked = BLOCK_OUTPUT;
+            return PARSE_STOP;
+        }
+        answer(p, "0", "error", "frame too large");
+        parse_refuse(p);
+        return PARSE_MORE;
+    }
+    if (p->type != 'I' && p->len > 0) {
+        p->payload = malloc(p->len + 1);
+        if (!p->payload) {
+            parse_refuse(p);
+            return PARSE_MORE;
+        }
+    }
+    p->phase = PHASE_PAYLOAD;
+    return PARSE_MORE;
+}
+
+// An I frame's payload: stdin bytes go straight from the input buffer to the command's stdin.
+static int parse_stdin(struct port *p) {
+    size_t avail = p->in_end - p->in_start;
+    unsigned char *data = p->in + p->in_start;
+    struct job *j = p->job;
+    size_t n = p->len - p->got < avail ? p->len - p->got : avail;
+    if (n > 0 && j && j->in_fd >= 0) {
+        ssize_t w = write(j->in_fd, data, n);
+        if (w < 0) {
+            if (errno == EAGAIN) {
+                p->blocked = BLOCK_STDIN;
+                return PARSE_STOP;
+            }
+            if (errno == EINTR) return PARSE_MORE;
+            close_fd(&j->in_fd);  // the command closed its stdin: drop the rest
+        } else {
+            n = (size_t)w;
+        }
+    }
+    p->in_start += n;
+    p->got += (uint32_t)n;
+    if (p->got < p->len) return n == 0 ? PARSE_STOP : PARSE_MORE;
+    if (p->len == 0 && j) job_stdin_close(j);
+    p->phase = PHASE_HEADER;
+    return PARSE_MORE;
+}
+
+// Any other frame's payload: collected whole, then the frame is handled.
+static int parse_payload(struct port *p) {
+    size_t avail = p->in_end - p->in_start;
+    unsigned char *data = p->in + p->in_start;
+    if (p->got < p->len) {
+        if (avail == 0) return PARSE_STOP;
+        size_t n = p->len - p->got < avail ? p->len - p->got : avail;
+        memcpy(p->payload + p->got, data, n);
+        p->got += (uint32_t)n;
+        p->in_start += n;
+        if (p->got < p->len) return PARSE_STOP;
+    }
+    if (p->type != 'H' && out_free(p) < OUT_RESERVE) {  // an H empties the ring
+        p->blocked = BLOCK_OUTPUT;
+        return PARSE_STOP;
+    }
+    p->phase = PHASE_HEADER;
+    dispatch(p);
+    return PARSE_MORE;
+}
+
 // Consumes buffered input until it runs out or something downstream is full.
 static void parse(struct port *p) {
     while (p->state == PORT_ACTIVE && p->blocked == BLOCK_NONE) {
-        size_t avail = p->in_end - p->in_start;
-        unsigned char *data = p->in + p->in_start;
         if (p->discard) {
             p->in_start = p->in_end = 0;
             return;
         }
-        if (p->phase == PHASE_HEADER) {
-            if (p->resync && p->hdr_len == 0 && !resync(p)) break;
-            avail = p->in_end - p->in_start;
-            data = p->in + p->in_start;
-            if (avail == 0) break;
-            size_t n = FRAME_HEADER - p->hdr_len < avail ? FRAME_HEADER - p->hdr_len : avail;
-            memcpy(p->hdr + p->hdr_len, data, n);
-            p->hdr_len += n;
-            p->in_start += n;
-            if (p->hdr_len < FRAME_HEADER) break;
-            p->type = p->hdr[0];
-            p->len = get32(p->hdr + 1);
-            p->got = 0;
-            p->hdr_len = 0;
-            p->phase = PHASE_CHECK;
-            continue;
-        }
-        if (p->phase == PHASE_CHECK) {
-            if (p->len > MAX_IN_PAYLOAD) {
-                if (out_free(p) < OUT_RESERVE) {
-                    p->blocked = BLOCK_OUTPUT;
-                    break;
-                }
-                answer(p, "0", "error", "frame too large");
-                if (p->inband) {
-                    parser_restart(p);
-                    p->resync = 1;
-                } else {
-                    p->discard = 1;
-                }
-                continue;
-            }
-            if (p->type != 'I' && p->len > 0) {
-                p->payload = malloc(p->len + 1);
-                if (!p->payload) {
-                    if (p->inband) {
-                        parser_restart(p);
-                        p->resync = 1;
-                    } else {
-                        p->discard = 1;
-                    }
-                    continue;
-                }
-            }
-            p->phase = PHASE_PAYLOAD;
-            continue;
-        }
-        if (p->type == 'I') {
-            // Stdin bytes go straight from the input buffer to the command's stdin.
-            struct job *j = p->job;
-            size_t n = p->len - p->got < avail ? p->len - p->got : avail;
-            if (n > 0 && j && j->in_fd >= 0) {
-                ssize_t w = write(j->in_fd, data, n);
-                if (w < 0) {
-                    if (errno == EAGAIN) {
-                        p->blocked = BLOCK_STDIN;
-                        break;
-                    }
-                    if (errno == EINTR) continue;
-                    close_fd(&j->in_fd);  // the command closed its stdin: drop the rest
-                } else {
-                    n = (size_t)w;
-                }
-            }
-            p->in_start += n;
-            p->got += (uint32_t)n;
-            if (p->got < p->len) {
-                if (n == 0) break;
-                continue;
-            }
-            if (p->len == 0 && j) job_stdin_close(j);
-            p->phase = PHASE_HEADER;
-            continue;
-        }
-        if (p->got < p->len) {
-            if (avail == 0) break;
-            size_t n = p->len - p->got < avail ? p->len - p->got : avail;
-            memcpy(p->payload + p->got, data, n);
-            p->got += (uint32_t)n;
-            p->in_start += n;
-            if (p->got < p->len) break;
-        }
-        if (p->type != 'H' && out_free(p) < OUT_RESERVE) {  // an H empties the ring
-            p->blocked = BLOCK_OUTPUT;
-            break;
-        }
-        p->phase = PHASE_HEADER;
-        dispatch(p);
+        int step;
+        if (p->phase == PHASE_HEADER) step = parse_header(p);
+        else if (p->phase == PHASE_CHECK) step = parse_check(p);
+        else if (p->type == 'I') step = parse_stdin(p);
+        else step = parse_payload(p);
+        if (step == PARSE_STOP) break;
     }
     if (p->in_start == p->in_end) p->in_start = p->in_end = 0;
 }

@@ -1,3 +1,4 @@
+// vmpool guest agent, session boundaries: H frames, host connects and disconnects, settle (see agent.h).
 #include "agent.h"
 
 #include <signal.h>
@@ -6,7 +7,7 @@
 #define TOKEN_MAX 64
 
 // ---------------------------------------------------------------------------------------------
-// Sessions and the frame parser
+// Sessions
 
 static void parser_reset(struct port *p) {
     p->in_start = p->in_end = 0;

@@ -1,3 +1,4 @@
+// vmpool guest agent, small helpers (see agent.h).
 #include "agent.h"
 
 #include <ctype.h>
