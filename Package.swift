@@ -106,13 +106,18 @@ let package = Package(
             ]
         ),
         // The default guest image: Debian kernel + busybox initramfs with the agent, and the
-        // Debian root disk. The guest's own files (agent source, init, root disk builder) are
+        // Debian root disk. The guest's own files (agent sources, init, root disk builder) are
         // files of their own, embedded in the binary so that `image build` works anywhere.
         .target(
             name: "VmpoolImage", dependencies: ["VmpoolDriver", "CVmpoolSys"],
             resources: [
-                .embedInCode("Guest/vmpool-agent.c"), .embedInCode("Guest/guest-init.sh"),
-                .embedInCode("Guest/debian-rootfs.sh"), .embedInCode("Guest/fetch-kernel.sh"),
+                .embedInCode("Guest/agent/agent.h"), .embedInCode("Guest/agent/main.c"),
+                .embedInCode("Guest/agent/protocol.c"), .embedInCode("Guest/agent/session.c"),
+                .embedInCode("Guest/agent/ports.c"), .embedInCode("Guest/agent/exec.c"),
+                .embedInCode("Guest/agent/control.c"), .embedInCode("Guest/agent/identity.c"),
+                .embedInCode("Guest/agent/network.c"), .embedInCode("Guest/agent/util.c"),
+                .embedInCode("Guest/guest-init.sh"), .embedInCode("Guest/debian-rootfs.sh"),
+                .embedInCode("Guest/fetch-kernel.sh"),
             ]
         ),
         // Tar streams for `cp`: a guest's archive read without trusting it (bounded, nothing

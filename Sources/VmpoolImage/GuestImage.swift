@@ -164,17 +164,31 @@ public enum GuestImage {
         return cpio.data
     }
 
+    /// The agent's sources (Sources/VmpoolImage/Guest/agent) by file name: one C file per job,
+    /// sharing `agent.h`; every `.c` file is compiled into the one executable.
+    static let agentSources: [(name: String, bytes: [UInt8])] = [
+        ("agent.h", PackageResources.agent_h), ("main.c", PackageResources.main_c),
+        ("protocol.c", PackageResources.protocol_c), ("session.c", PackageResources.session_c),
+        ("ports.c", PackageResources.ports_c), ("exec.c", PackageResources.exec_c),
+        ("control.c", PackageResources.control_c), ("identity.c", PackageResources.identity_c),
+        ("network.c", PackageResources.network_c), ("util.c", PackageResources.util_c),
+    ]
+
     /// Compiles the agent into a static, stripped executable and returns its bytes.
     static func compileAgent(compiler: String) throws -> Data {
         let dir = NSTemporaryDirectory() + "vmpool-agent-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let source = dir + "/agent.c"
-        let binary = dir + "/vmpool-agent"
-        guard FileManager.default.createFile(atPath: source, contents: Data(PackageResources.vmpool_agent_c)) else {
-            throw ImageError("cannot write the agent source to \(source)")
+        var sources: [String] = []
+        for file in agentSources {
+            let path = dir + "/" + file.name
+            guard FileManager.default.createFile(atPath: path, contents: Data(file.bytes)) else {
+                throw ImageError("cannot write the agent source to \(path)")
+            }
+            if file.name.hasSuffix(".c") { sources.append(path) }
         }
-        let (status, output) = try run(compiler, ["-static", "-Os", "-s", "-o", binary, source])
+        let binary = dir + "/vmpool-agent"
+        let (status, output) = try run(compiler, ["-static", "-Os", "-s", "-o", binary] + sources)
         guard status == 0, let data = FileManager.default.contents(atPath: binary), isStaticELF(data) else {
             throw ImageError(
                 "cannot compile the guest agent with \(compiler) (install gcc and libc6-dev, or set CC):\n\(output)")

@@ -1,7 +1,7 @@
 import Foundation
 import VmpoolDriver
 
-/// Frame types of the guest agent protocol (see Sources/VmpoolImage/Guest/vmpool-agent.c).
+/// Frame types of the guest agent protocol (see Sources/VmpoolImage/Guest/agent/agent.h).
 enum AgentFrame {
     // Host to guest (and `session` back, as the agent's echo).
     static let session = UInt8(ascii: "H")

@@ -313,9 +313,13 @@ class Agent:
             self.proc.stderr.close()
 
 
-def compile_agent(source, output, cc=None):
+def compile_agent(directory, output, cc=None):
+    """Compiles every .c file in `directory` (the agent's sources) into the static `output`."""
     cc = cc or os.environ.get("CC", "gcc")
-    cmd = [cc, "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", output, source]
+    sources = sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".c"))
+    if not sources:
+        raise RuntimeError(f"no .c files in {directory}")
+    cmd = [cc, "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", output] + sources
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")

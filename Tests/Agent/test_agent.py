@@ -1,4 +1,4 @@
-"""Protocol tests of the vmpool guest agent (Sources/VmpoolImage/Guest/vmpool-agent.c).
+"""Protocol tests of the vmpool guest agent (Sources/VmpoolImage/Guest/agent).
 
 The agent is compiled once with gcc and run on the host in its testing mode
 (`vmpool-agent --fd NAME=N ...`), serving socketpairs instead of virtio-serial ports.
@@ -26,7 +26,8 @@ import pytest
 from agentproto import Agent, command_payload, compile_agent, frame
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SOURCE = os.environ.get("VMPOOL_AGENT_SOURCE") or os.path.join(ROOT, "Sources", "VmpoolImage", "Guest", "vmpool-agent.c")
+# The agent's source directory: every .c file in it is compiled into the one executable.
+SOURCES = os.environ.get("VMPOOL_AGENT_SOURCES") or os.path.join(ROOT, "Sources", "VmpoolImage", "Guest", "agent")
 MiB = 1 << 20
 
 
@@ -35,7 +36,7 @@ def agent_bin(tmp_path_factory):
     if not shutil.which(os.environ.get("CC", "gcc")):
         pytest.fail("gcc is required to build the agent")
     out = tmp_path_factory.mktemp("agent") / "vmpool-agent"
-    return compile_agent(SOURCE, str(out))
+    return compile_agent(SOURCES, str(out))
 
 
 @pytest.fixture
