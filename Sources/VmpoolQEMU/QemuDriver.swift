@@ -427,6 +427,7 @@ public final class QemuDriver: HypervisorDriver {
         unlink(paths.stateFile(template: id) + ".tmp")
         unlink(paths.setupLog(template: id))
         unlink(paths.bootLog(template: id))
+        unlink(paths.bootLog(template: id) + ".tmp")
         let files = (try? FileManager.default.contentsOfDirectory(atPath: paths.templateRoot)) ?? []
         for file in files where file.hasPrefix(id + ".disk-") { unlink(paths.templateRoot + "/" + file) }
         rmdir(paths.memoryRoot)  // only succeeds once the last template is gone
@@ -588,6 +589,9 @@ public final class QemuDriver: HypervisorDriver {
         var ids: [String] = files.filter { $0.hasSuffix(".state") }.map { String($0.dropLast(6)) }
         ids += files.filter { $0.hasSuffix(".state.tmp") }.map { String($0.dropLast(10)) }
         ids += files.filter { $0.hasSuffix(".setup.log") }.map { String($0.dropLast(10)) }
+        // A boot log, or its temporary copy, is a template's too (a build killed while keeping it).
+        ids += files.filter { $0.hasSuffix(".boot.log") }.map { String($0.dropLast(9)) }
+        ids += files.filter { $0.hasSuffix(".boot.log.tmp") }.map { String($0.dropLast(13)) }
         for file in files {
             if let range = file.range(of: ".disk-") { ids.append(String(file[..<range.lowerBound])) }
         }
