@@ -12,8 +12,8 @@ import VmpoolStatus
 /// A visitor proves the token once, in the form (POSTed: the token is never in a URL), and
 /// gets a session cookie (`HttpOnly`, `SameSite=Strict`) that opens the page and its live
 /// part only: the API still takes the token alone, so a page cannot be made to lease, exec
-/// or copy on its visitor's behalf. Snapshots are shared by every open page for a second, so
-/// five open pages read the store no more often than one.
+/// or copy on its visitor's behalf. Snapshots are shared by every open page for two seconds
+/// (the live updates' period), so five open pages read the store no more often than one.
 public final class StatusService: Sendable {
     let snapshots: SnapshotCache
     let sessions = StatusSessions()
@@ -66,8 +66,8 @@ public final class StatusService: Sendable {
         }
     }
 
-    /// The page or its live part for `request`'s filter, with how long the snapshot and the
-    /// HTML took in a `Server-Timing` header (browsers' developer tools show it).
+    /// The page for `request`'s filter, with how long the snapshot and the HTML took in a
+    /// `Server-Timing` header (browsers' developer tools show it).
     func timed(_ request: Request, _ render: (StatusSnapshot, StatusFilter) -> String) async throws -> Response {
         let filter = Self.filter(request)
         let started = ContinuousClock.now
