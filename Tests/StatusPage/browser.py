@@ -12,8 +12,36 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import websocket
+
+
+def wait_until(check, seconds, what, every=0.2):
+    """Calls `check` until it returns something truthy, and returns that; fails after
+    `seconds` naming `what` and the last value. The one poll of the page's tests and
+    benchmark: every condition waited for has its deadline, however loaded the machine."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds}s waiting for {what} (last: {value!r})")
+        time.sleep(every)
+
+
+def wait_for_service(origin, process, seconds=60):
+    """Waits until the service `process` answers on `origin`; fails at once if it exits."""
+    def answers():
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(origin + "/ui/status.css", timeout=5).read()
+            return True
+        except OSError:
+            return False
+    wait_until(answers, seconds, f"the service on {origin}")
 
 
 def chromium_binary():
@@ -52,18 +80,13 @@ class Page:
         return result["result"].get("value")
 
     def wait_for(self, expression, seconds, what):
-        """Evaluates `expression` until it is truthy; fails after `seconds` saying `what`."""
-        deadline = time.monotonic() + seconds
-        value = None
-        while time.monotonic() < deadline:
+        """Evaluates `expression` until it is true; fails after `seconds` saying `what`."""
+        def holds():
             try:
-                value = self.evaluate(expression)
-            except RuntimeError as error:  # a navigation replaced the context meanwhile
-                value = str(error)
-            if value is True:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {seconds}s waiting for {what} (last: {value!r})")
+                return self.evaluate(expression) is True
+            except RuntimeError:  # a navigation replaced the context meanwhile: ask again
+                return False
+        wait_until(holds, seconds, what)
 
     def drain(self, seconds=0.5):
         """Collects the events that arrive within `seconds`."""
@@ -121,13 +144,16 @@ class Browser:
         self.process = subprocess.Popen([binary, *flags, "about:blank"], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         port_file = os.path.join(self.profile, "DevToolsActivePort")
-        deadline = time.monotonic() + 60
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        self.port, browser_path = open(port_file).read().split()[:2]
+
+        def endpoint():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"chromium exited with {self.process.returncode}")
+            return os.path.exists(port_file) and open(port_file).read().split()[:2]
+        try:
+            self.port, browser_path = wait_until(endpoint, 60, "chromium's DevTools endpoint", every=0.1)
+        except (RuntimeError, AssertionError):
+            self.close()
+            raise
         self.browser = Page(f"ws://127.0.0.1:{self.port}{browser_path}")
 
     def open(self, url):

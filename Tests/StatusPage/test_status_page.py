@@ -12,11 +12,10 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 
 import pytest
 
-from browser import Browser, chromium_binary
+from browser import Browser, chromium_binary, wait_for_service
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 VMPOOL = os.environ.get("VMPOOL_BIN") or os.path.join(ROOT, ".build", "debug", "vmpool")
@@ -69,16 +68,11 @@ class Service:
             [VMPOOL, "reconcile", "--every", "2s", "--listen", self.origin.removeprefix("http://"),
              "--token-file", token_file, "--state-dir", self.state],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.origin + "/ui/status.css", timeout=5).read()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the service did not answer: {self.process.stderr.read()}")
-                time.sleep(0.2)
+        try:
+            wait_for_service(self.origin, self.process)
+        except (RuntimeError, AssertionError) as error:
+            self.stop()
+            raise RuntimeError(f"{error}: {self.process.stderr.read()}") from error
 
     def stop(self):
         if self.process.poll() is None:
