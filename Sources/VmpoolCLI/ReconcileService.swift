@@ -74,10 +74,10 @@ struct ReconcileService: Service {
         Timer(label: "vmpool_pass_duration_seconds").record(duration: ContinuousClock.now - started)
         guard let observation = try? await reconciler.observe(depth: .hypervisor) else { return }
         let standbys = (try? await reconciler.liveStandbyCounts()) ?? [:]
-        metrics.record(observation, standbys: standbys)
-        // The status page's hour: this host's view of each pool after the pass.
+        // One count of the pools' VMs for the gauges and for the status page's hour.
+        let readiness = observation.readiness()
+        metrics.record(observation, readiness: readiness, standbys: standbys)
         if let history {
-            let readiness = observation.readiness()
             let waiters = (try? reconciler.store.leaseWaiters()) ?? [:]
             var counts: [String: (ready: Int, size: Int, waiting: Int)] = [:]
             for pool in observation.pools {

@@ -23,9 +23,8 @@ public final class ServiceMetrics: Sendable {
         MetricsSystem.bootstrap(factory)
     }
 
-    /// Sets the per-pool gauges from an observation.
-    public func record(_ observation: Observation, standbys: [String: Int]) {
-        let readiness = observation.readiness()
+    /// Sets the per-pool gauges from an observation and its pools' readiness.
+    public func record(_ observation: Observation, readiness: [String: Readiness], standbys: [String: Int]) {
         for pool in observation.pools {
             let name = pool.spec.name
             let counts = readiness[name] ?? Readiness()
